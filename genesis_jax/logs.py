@@ -1,0 +1,165 @@
+"""Run logs: SQLite (WAL, kept across resumes), TensorBoard scalars and the console."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, TextIO
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS experiments (
+  run_id TEXT PRIMARY KEY, config_hash TEXT, model_shape TEXT, hyperparams TEXT, status TEXT,
+  started_at REAL, updated_at REAL, launches INTEGER, final_step INTEGER, final_loss REAL,
+  final_val_loss REAL, duration_s REAL);
+CREATE TABLE IF NOT EXISTS training_logs (
+  step INTEGER PRIMARY KEY, loss REAL, loss_ema REAL, grad_norm REAL, lr REAL, mask_prob REAL,
+  phase INTEGER, wwm_improvement REAL, span_improvement REAL, tokens_per_sec REAL, wall_time REAL);
+CREATE TABLE IF NOT EXISTS evaluation_logs (
+  step INTEGER, name TEXT, value REAL, wall_time REAL, PRIMARY KEY (step, name));
+CREATE TABLE IF NOT EXISTS language_logs (
+  step INTEGER, locale TEXT, ema_loss REAL, val_loss REAL, PRIMARY KEY (step, locale));
+CREATE TABLE IF NOT EXISTS grokking_signals (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, step INTEGER, type TEXT, value REAL, description TEXT);
+"""
+
+
+class MetricsDB:
+    """One SQLite database per run directory; rows keyed by step are replaced on a resume, so
+    steps replayed after a crash keep one (identical) row."""
+
+    def __init__(self, path: Path):
+        self.con = sqlite3.connect(path, timeout=30)
+        self.con.execute("PRAGMA journal_mode=WAL")
+        self.con.executescript(SCHEMA)
+        self.con.commit()
+        self.launch_time = time.time()
+        row = self.con.execute("SELECT run_id, duration_s FROM experiments LIMIT 1").fetchone()
+        self.run_id = row[0] if row else uuid.uuid4().hex[:12]
+        self.prior_duration = float(row[1] or 0.0) if row else 0.0
+
+    def start(self, config_hash: str, model_shape: dict[str, Any], hyperparams: dict[str, Any]) -> None:
+        now = time.time()
+        self.con.execute(
+            "INSERT INTO experiments (run_id, config_hash, model_shape, hyperparams, status, started_at, updated_at,"
+            " launches, duration_s) VALUES (?, ?, ?, ?, 'running', ?, ?, 1, ?) ON CONFLICT(run_id) DO UPDATE SET"
+            " config_hash=excluded.config_hash, model_shape=excluded.model_shape, hyperparams=excluded.hyperparams,"
+            " status='running', updated_at=excluded.updated_at, launches=launches+1",
+            (self.run_id, config_hash, json.dumps(model_shape), json.dumps(hyperparams), now, now, self.prior_duration))
+        self.con.commit()
+
+    def finish(self, status: str, step: int, loss: float | None, val_loss: float | None) -> None:
+        self.con.execute(
+            "UPDATE experiments SET status=?, updated_at=?, final_step=?, final_loss=COALESCE(?, final_loss),"
+            " final_val_loss=COALESCE(?, final_val_loss), duration_s=? WHERE run_id=?",
+            (status, time.time(), step, loss, val_loss, self.prior_duration + time.time() - self.launch_time, self.run_id))
+        self.con.commit()
+
+    def log_train(self, row: dict[str, Any]) -> None:
+        cols = ["step", "loss", "loss_ema", "grad_norm", "lr", "mask_prob", "phase", "wwm_improvement",
+                "span_improvement", "tokens_per_sec", "wall_time"]
+        self.con.execute(f"INSERT OR REPLACE INTO training_logs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                         [row.get(c) for c in cols])
+        self.con.commit()
+
+    def log_eval(self, step: int, values: dict[str, float]) -> None:
+        now = time.time()
+        self.con.executemany("INSERT OR REPLACE INTO evaluation_logs VALUES (?, ?, ?, ?)",
+                             [(step, k, v, now) for k, v in values.items()])
+        self.con.commit()
+
+    def log_languages(self, step: int, rows: dict[str, tuple[float | None, float | None]]) -> None:
+        self.con.executemany("INSERT OR REPLACE INTO language_logs VALUES (?, ?, ?, ?)",
+                             [(step, loc, ema, val) for loc, (ema, val) in rows.items()])
+        self.con.commit()
+
+    def log_signal(self, step: int, kind: str, value: float, description: str) -> None:
+        self.con.execute("INSERT INTO grokking_signals (step, type, value, description) VALUES (?, ?, ?, ?)",
+                         (step, kind, value, description))
+        self.con.commit()
+
+    def close(self) -> None:
+        self.con.close()
+
+
+class TensorBoard:
+    """Scalars through the `tensorboard` package's own writer (no TensorFlow needed)."""
+
+    def __init__(self, directory: Path | None):
+        self.writer = None
+        if directory is not None:
+            from tensorboard.summary import Writer
+
+            self.writer = Writer(str(directory))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for tag, v in values.items():
+            self.writer.add_scalar(tag, float(v), step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _duration(seconds: float) -> str:
+    s = int(max(seconds, 0))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Console:
+    """One line per log interval; on a terminal, a progress bar redrawn on its own last line."""
+
+    def __init__(self, max_steps: int, mode: str, stream: TextIO = sys.stdout):
+        self.stream, self.max_steps = stream, max_steps
+        self.bar = mode == "bar" or (mode == "auto" and stream.isatty())
+        self.bar_shown = False
+        self.last_draw = 0.0
+
+    def _clear_bar(self) -> None:
+        if self.bar_shown:
+            self.stream.write("\r\x1b[K")
+            self.bar_shown = False
+
+    def print(self, text: str) -> None:
+        self._clear_bar()
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def progress(self, done: int, eta_s: float | None) -> None:
+        if not self.bar:
+            return
+        now = time.monotonic()
+        if now - self.last_draw < 0.1 and done < self.max_steps:
+            return
+        self.last_draw = now
+        width = 30
+        frac = done / max(self.max_steps, 1)
+        fill = int(frac * width)
+        eta = f" ETA {_duration(eta_s)}" if eta_s is not None else ""
+        self.stream.write(f"\r\x1b[K[{'#' * fill}{'.' * (width - fill)}] {done}/{self.max_steps} {frac:6.1%}{eta}")
+        self.stream.flush()
+        self.bar_shown = True
+
+    def close(self) -> None:
+        self._clear_bar()
+        self.stream.flush()
+
+
+def format_line(m: dict[str, Any], max_steps: int, eta_s: float | None) -> str:
+    eta = _duration(eta_s) if eta_s is not None else "-"
+    tps = m.get("tokens_per_sec")
+    tps_s = f"{tps / 1000:7.1f}k tok/s" if tps else "      - tok/s"
+    return (f"step {m['step']:>7d}/{max_steps} | loss {m['loss']:.4f} | ema {m['loss_ema']:.4f} | "
+            f"lr {m['lr']:.2e} | gnorm {m['grad_norm']:6.3f} | {m.get('phase_name', 'BYTE')} mask {100 * m.get('mask_prob', 0.0):4.1f}% | "
+            f"{tps_s} | ETA {eta}")

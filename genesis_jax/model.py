@@ -1,0 +1,213 @@
+"""The Llama decoder (SPEC 3) in Flax NNX, with its blocks stacked and run by `lax.scan`.
+
+Stacking keeps compile time flat in depth (the 144-layer preset compiles like a 1-layer one).
+
+Initialisation (documented choice): the tied embedding is N(0, embed_init_std^2), 0.02 by
+default, so initial logits of the unit-RMS final hidden state have std ~0.02 * sqrt(dim) and
+the initial loss is close to ln 260. Linear layers: rmsnorm uses truncated-normal fan-in
+scaling with the residual-output projections (wo, w2) divided by sqrt(2 * n_layers);
+deepnorm uses Xavier-normal with gain beta = (8N)^(-1/4) on w1, w2, w3, wv and wo when
+`deepnorm_beta_init` is on (the PyTorch engine documented beta but never applied it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels import reference_attention
+
+from .config import ModelConfig
+from .errors import ConfigError
+from .tokenizer import VOCAB_SIZE
+
+AttentionFn = Callable[..., jax.Array]
+
+
+def deepnorm_alpha(n_layers: int) -> float:
+    return (2.0 * n_layers) ** 0.25
+
+
+def deepnorm_beta(n_layers: int) -> float:
+    return (8.0 * n_layers) ** -0.25
+
+
+def attention_backend(name: str, platform: str | None = None) -> AttentionFn:
+    """Resolve `model.attention` to a function with the kernel's signature."""
+    platform = platform or jax.default_backend()
+    if name == "auto":
+        # The Pallas kernel (issue 3) is not built yet: auto means xla everywhere until it is.
+        name = "xla"
+    if name == "xla":
+        return reference_attention
+    if name == "cudnn":
+        if platform != "gpu":
+            raise ConfigError(f"model.attention = 'cudnn' needs an NVIDIA GPU; this backend is {platform!r}")
+
+        def cudnn(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+                  segment_ids: jax.Array | None = None, sm_scale: float | None = None, **_: object) -> jax.Array:
+            if segment_ids is not None:
+                raise ValueError("cudnn backend: segment_ids are not supported")
+            return jax.nn.dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale, implementation="cudnn")
+
+        return cudnn
+    if name == "pallas":
+        raise ConfigError("model.attention = 'pallas': the Pallas flash-attention kernel is not built yet; use 'xla' or 'cudnn'")
+    raise ConfigError(f"model.attention = {name!r}: unknown backend")
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotary embedding on interleaved pairs (x[2i], x[2i+1]) of `[batch, seq, heads, head_dim]`."""
+    d = x.shape[-1]
+    inv_freq = base ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, D/2]
+    cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    xe, xo = xf[..., 0::2], xf[..., 1::2]
+    out = jnp.stack([xe * cos - xo * sin, xe * sin + xo * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mu = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
+        y = (xf - mu) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+def _linear(din: int, dout: int, init: nnx.Initializer, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=False, kernel_init=init, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def _inits(cfg: ModelConfig) -> tuple[nnx.Initializer, nnx.Initializer, nnx.Initializer]:
+    """(plain, scaled-input, residual-output) initialisers for the norm type."""
+    n = cfg.n_layers
+    assert n is not None
+    if cfg.norm_type == "deepnorm":
+        plain = nnx.initializers.variance_scaling(1.0, "fan_avg", "normal")
+        beta = deepnorm_beta(n) if cfg.deepnorm_beta_init else 1.0
+        scaled = nnx.initializers.variance_scaling(beta**2, "fan_avg", "normal")
+        return plain, scaled, scaled
+    plain = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    out = nnx.initializers.variance_scaling(1.0 / (2.0 * n), "fan_in", "truncated_normal")
+    return plain, plain, out
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, attn_fn: AttentionFn, dtype: jnp.dtype, rngs: nnx.Rngs):
+        dim, nh, nkv = cfg.dim, cfg.n_heads, cfg.n_kv_heads
+        assert dim is not None and nh is not None and nkv is not None
+        self.n_heads, self.n_kv_heads, self.head_dim = nh, nkv, dim // nh
+        self.rope_base = cfg.rope_base
+        self.attn_fn = attn_fn
+        plain, scaled, out = _inits(cfg)
+        self.wq = _linear(dim, nh * self.head_dim, plain, dtype, rngs)
+        self.wk = _linear(dim, nkv * self.head_dim, plain, dtype, rngs)
+        self.wv = _linear(dim, nkv * self.head_dim, scaled, dtype, rngs)
+        self.wo = _linear(nh * self.head_dim, dim, out, dtype, rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        b, l, _ = x.shape
+        q = self.wq(x).reshape(b, l, self.n_heads, self.head_dim)
+        k = self.wk(x).reshape(b, l, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).reshape(b, l, self.n_kv_heads, self.head_dim)
+        q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+        o = self.attn_fn(q, k, v, causal=True, segment_ids=segment_ids)
+        return self.wo(o.reshape(b, l, self.n_heads * self.head_dim))
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        dim, hidden = cfg.dim, cfg.intermediate_size
+        assert isinstance(dim, int) and isinstance(hidden, int)
+        _, scaled, out = _inits(cfg)
+        self.w1 = _linear(dim, hidden, scaled, dtype, rngs)
+        self.w3 = _linear(dim, hidden, scaled, dtype, rngs)
+        self.w2 = _linear(hidden, dim, out, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nnx.Module):
+    """One decoder block: post-norm DeepNet (`deepnorm`) or pre-norm RMSNorm (`rmsnorm`)."""
+
+    def __init__(self, cfg: ModelConfig, attn_fn: AttentionFn, dtype: jnp.dtype, rngs: nnx.Rngs):
+        assert cfg.dim is not None and cfg.n_layers is not None
+        self.deepnorm = cfg.norm_type == "deepnorm"
+        self.alpha = deepnorm_alpha(cfg.n_layers)
+        self.attn = Attention(cfg, attn_fn, dtype, rngs)
+        self.mlp = SwiGLU(cfg, dtype, rngs)
+        norm = LayerNorm if self.deepnorm else RMSNorm
+        self.norm1 = norm(cfg.dim)
+        self.norm2 = norm(cfg.dim)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        if self.deepnorm:
+            x = self.norm1(self.alpha * x + self.attn(x, positions, segment_ids))
+            return self.norm2(self.alpha * x + self.mlp(x))
+        x = x + self.attn(self.norm1(x), positions, segment_ids)
+        return x + self.mlp(self.norm2(x))
+
+
+class Llama(nnx.Module):
+    """Token ids `[batch, seq]` -> float32 logits `[batch, seq, 260]` (and final hidden states)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attn_fn: AttentionFn | None = None):
+        assert cfg.dim is not None and cfg.n_layers is not None
+        self.cfg = cfg
+        self.dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
+        attn = attn_fn or attention_backend(cfg.attention)
+        self.embed = nnx.Param(cfg.embed_init_std * jax.random.normal(rngs.params(), (VOCAB_SIZE, cfg.dim), jnp.float32))
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(r: nnx.Rngs) -> Block:
+            return Block(cfg, attn, self.dtype, r)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = RMSNorm(cfg.dim)
+
+    def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        b, l = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(h: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, None]:
+            return nnx.merge(graphdef, layer_state)(h, positions, segment_ids), None
+
+        if self.cfg.remat:
+            body = jax.checkpoint(body)
+        x, _ = jax.lax.scan(body, x, state)
+        return self.final_norm(x)
+
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        h = self.hidden(tokens, segment_ids)
+        return jnp.einsum("bld,vd->blv", h, self.embed[...].astype(self.dtype), preferred_element_type=jnp.float32)
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

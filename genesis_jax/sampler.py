@@ -1,0 +1,141 @@
+"""Device-resident corpus and jitted batch sampling (SPEC 2).
+
+The training split lives on the accelerator as `uint8` bytes (token id - 4) with per-byte
+word-start flags and locale ids. A batch is a pure function of a PRNG key, so the batch of
+step s depends on (seed, s) alone and a resumed run draws exactly the same batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .tokenizer import BYTE_OFFSET
+
+MASK_NONE, MASK_RANDOM, MASK_WWM, MASK_SPAN = 0, 1, 2, 3
+MASK_KINDS = {"none": MASK_NONE, "random": MASK_RANDOM, "wwm": MASK_WWM, "span": MASK_SPAN}
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class DeviceCorpus:
+    """One split of the corpus on the device; locales laid end to end."""
+
+    tokens: jax.Array  # [N] uint8 byte values
+    word_starts: jax.Array  # [N] uint8 1 at the first byte of a word
+    locale_ids: jax.Array  # [N] uint8 locale of each byte
+    locale_starts: jax.Array  # [n_locales + 1] int32 offsets of each locale's range
+    valid_cum: jax.Array  # [n_locales + 1] int32 cumulative count of window starts per locale
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class MaskParams:
+    """Masking settings as runtime values: changing them never retraces the step."""
+
+    kind: jax.Array  # int32: MASK_NONE, MASK_RANDOM, MASK_WWM or MASK_SPAN
+    prob: jax.Array  # float32 target masked fraction p
+    span_min: jax.Array  # int32 shortest span, in words
+    span_max: jax.Array  # int32 longest span, in words
+    mask_id: jax.Array  # int32 id written over masked inputs
+
+    @staticmethod
+    def make(kind: str = "none", prob: float = 0.0, span_min: int = 1, span_max: int = 1, mask_id: int = 0) -> "MaskParams":
+        return MaskParams(jnp.int32(MASK_KINDS[kind]), jnp.float32(prob), jnp.int32(span_min),
+                          jnp.int32(span_max), jnp.int32(mask_id))
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Batch:
+    inputs: jax.Array  # [..., L] int32 token ids, masked positions replaced by the mask id
+    labels: jax.Array  # [..., L] int32 clean next tokens
+    locale: jax.Array  # [...] int32 locale of each window
+    masked: jax.Array  # [..., L] bool which inputs were masked
+
+
+def build_device_corpus(tokens: np.ndarray, word_starts: np.ndarray, locale_starts: np.ndarray,
+                        seq_len: int, device: jax.sharding.Sharding | None = None) -> DeviceCorpus:
+    """Put one split on the device; a locale shorter than seq_len + 1 bytes gets no windows."""
+    starts = np.asarray(locale_starts, dtype=np.int64)
+    lengths = np.diff(starts)
+    valid = np.maximum(lengths - seq_len, 0)
+    if starts[-1] >= 2**31:
+        raise ValueError(f"corpus split of {starts[-1]} bytes exceeds the int32 index range")
+    locale_ids = np.repeat(np.arange(len(lengths), dtype=np.uint8), lengths)
+    arrays = DeviceCorpus(
+        tokens=np.asarray(tokens, dtype=np.uint8), word_starts=np.asarray(word_starts, dtype=np.uint8),
+        locale_ids=locale_ids, locale_starts=starts.astype(np.int32),
+        valid_cum=np.concatenate([[0], np.cumsum(valid)]).astype(np.int32))
+    return jax.device_put(arrays, device) if device is not None else jax.tree.map(jnp.asarray, arrays)
+
+
+def window_starts(corpus: DeviceCorpus, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """n window starts drawn uniformly over every valid start, and their locales."""
+    total = corpus.valid_cum[-1]
+    u = jax.random.randint(key, (n,), 0, jnp.maximum(total, 1), dtype=jnp.int32)
+    loc = jnp.searchsorted(corpus.valid_cum, u, side="right").astype(jnp.int32) - 1
+    return corpus.locale_starts[loc] + (u - corpus.valid_cum[loc]), loc
+
+
+def locale_window_starts(corpus: DeviceCorpus, key: jax.Array, n: int, locale: jax.Array) -> jax.Array:
+    """n starts inside one locale, clamped so a window never reads past the locale's end."""
+    count = corpus.valid_cum[locale + 1] - corpus.valid_cum[locale]
+    u = jax.random.randint(key, (n,), 0, jnp.maximum(count, 1), dtype=jnp.int32)
+    return corpus.locale_starts[locale] + u
+
+
+def _gather(arr: jax.Array, starts: jax.Array, length: int) -> jax.Array:
+    idx = starts[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+    return jnp.take(arr, idx, axis=0, mode="clip")
+
+
+def _word_ids(starts_BxL: jax.Array) -> jax.Array:
+    return jnp.cumsum(starts_BxL.astype(jnp.int32), axis=-1)
+
+
+def _mask_random(key: jax.Array, words: jax.Array, p: MaskParams) -> jax.Array:
+    return jax.random.uniform(key, words.shape) < p.prob
+
+
+def _mask_wwm(key: jax.Array, words: jax.Array, p: MaskParams) -> jax.Array:
+    wid = _word_ids(words)
+    chosen = jax.random.uniform(key, words.shape) < p.prob  # one draw per word id
+    return jnp.take_along_axis(chosen, wid, axis=-1)
+
+
+def _mask_span(key: jax.Array, words: jax.Array, p: MaskParams) -> jax.Array:
+    k_len, k_seed = jax.random.split(key)
+    k = jax.random.randint(k_len, (), p.span_min, p.span_max + 1)
+    seeds = jax.random.uniform(k_seed, words.shape) < p.prob / k.astype(jnp.float32)
+    c = jnp.cumsum(seeds.astype(jnp.int32), axis=-1)
+    n = words.shape[-1]
+    idx = jnp.arange(n, dtype=jnp.int32)
+    before = jnp.where(idx >= k, jnp.take(c, jnp.clip(idx - k, 0, n - 1), axis=-1), 0)
+    covered = (c - before) > 0  # a seed within the k words ending at this word id
+    return jnp.take_along_axis(covered, _word_ids(words), axis=-1)
+
+
+def make_mask(key: jax.Array, words: jax.Array, params: MaskParams) -> jax.Array:
+    """Bool mask over input positions for the runtime-selected masking kind."""
+    branches = [lambda k, w, p: jnp.zeros(w.shape, bool), _mask_random, _mask_wwm, _mask_span]
+    return jax.lax.switch(params.kind, branches, key, words, params)
+
+
+def lm_batch(corpus: DeviceCorpus, key: jax.Array, n: int, seq_len: int, mask: MaskParams,
+             locale: jax.Array | None = None) -> Batch:
+    """n LM windows (optionally from one locale): inputs x[t:t+L] (masked), labels x[t+1:t+L+1]."""
+    k_start, k_mask = jax.random.split(key)
+    if locale is None:
+        starts, loc = window_starts(corpus, k_start, n)
+    else:
+        starts = locale_window_starts(corpus, k_start, n, locale)
+        loc = jnp.full((n,), locale, jnp.int32)
+    ids = _gather(corpus.tokens, starts, seq_len + 1).astype(jnp.int32) + BYTE_OFFSET
+    words = _gather(corpus.word_starts, starts, seq_len)
+    masked = make_mask(k_mask, words, mask)
+    inputs = jnp.where(masked, mask.mask_id, ids[:, :-1])
+    return Batch(inputs=inputs, labels=ids[:, 1:], locale=loc, masked=masked)

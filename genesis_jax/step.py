@@ -1,0 +1,106 @@
+"""The jitted train and eval steps over one state pytree (nanodo style)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from .config import Config
+from .model import Llama
+from .optim import lr_schedule, make_optimizer, set_lr_multiplier
+from .sampler import Batch, DeviceCorpus, MaskParams, lm_batch
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class TrainState:
+    params: Any  # nnx.State of the model's Params, float32
+    opt_state: Any
+    step: jax.Array  # int32 number of updates done
+    loss_ema: jax.Array  # float32 0.99 * ema + 0.01 * loss (first value = first loss)
+
+
+def make_mesh(n_devices: int | None = None) -> Mesh:
+    """A 1-D mesh with a `data` axis over the devices; batches are sharded along it."""
+    n = n_devices or jax.device_count()
+    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def init_model(cfg: Config, attn_fn: Callable[..., jax.Array] | None = None) -> Llama:
+    return Llama(cfg.model, nnx.Rngs(params=cfg.training.seed), attn_fn=attn_fn)
+
+
+def init_state(cfg: Config, model: Llama) -> TrainState:
+    params = nnx.state(model, nnx.Param)
+    tx = make_optimizer(cfg.optim, cfg.training.max_steps)
+    # Strongly typed leaves, so the state returned by the step never retraces it.
+    opt_state = set_lr_multiplier(tx.init(params), jnp.float32(1.0))
+    return TrainState(params=params, opt_state=opt_state, step=jnp.asarray(0, jnp.int32),
+                      loss_ema=jnp.asarray(0.0, jnp.float32))
+
+
+def lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean next-byte cross-entropy over every position."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """Build `step(state, corpus, seed_key, lr_mult, mask) -> (state, metrics)` (not yet jitted).
+
+    The batch of update s is drawn from fold_in(seed_key, s) as accum x B windows, so an
+    accumulated step sees exactly the windows of one big batch of accum * B.
+    """
+    t = cfg.training
+    tx = make_optimizer(cfg.optim, t.max_steps)
+    schedule = lr_schedule(cfg.optim, t.max_steps)
+    accum, micro, seq_len = t.grad_accum_steps, t.batch_size, cfg.data.seq_len
+    batch_sharding = NamedSharding(mesh, P(None, "data"))
+
+    def loss_fn(params: Any, batch: Batch) -> jax.Array:
+        model = nnx.merge(graphdef, params)
+        return lm_loss(model(batch.inputs), batch.labels)
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def step(state: TrainState, corpus: DeviceCorpus, seed_key: jax.Array, lr_mult: jax.Array,
+             mask: MaskParams) -> tuple[TrainState, dict[str, jax.Array]]:
+        key = jax.random.fold_in(seed_key, state.step)
+        flat = lm_batch(corpus, key, accum * micro, seq_len, mask)
+        batches = jax.tree.map(lambda x: x.reshape(accum, micro, *x.shape[1:]), flat)
+        batches = jax.lax.with_sharding_constraint(batches, jax.tree.map(lambda _: batch_sharding, batches))
+
+        def micro_step(carry: tuple[Any, jax.Array], batch: Batch) -> tuple[tuple[Any, jax.Array], None]:
+            g_acc, l_acc = carry
+            loss, g = grad_fn(state.params, batch)
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, loss_sum), _ = jax.lax.scan(micro_step, (zeros, jnp.float32(0.0)), batches)
+        grads = jax.tree.map(lambda g: g / accum, grads)
+        loss = loss_sum / accum
+        grad_norm = optax.global_norm(grads)
+        opt_state = set_lr_multiplier(state.opt_state, lr_mult)
+        updates, opt_state = tx.update(grads, opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = jnp.where(state.step == 0, loss, 0.99 * state.loss_ema + 0.01 * loss)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step) * lr_mult,
+                   "loss_ema": ema, "step": state.step, "mask_frac": flat.masked.mean()}
+        return TrainState(params=params, opt_state=opt_state, step=state.step + 1, loss_ema=ema), metrics
+
+    return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    """`eval(params, inputs, labels) -> per-window mean cross-entropy` (float32)."""
+
+    def evaluate(params: Any, inputs: jax.Array, labels: jax.Array) -> jax.Array:
+        logits = nnx.merge(graphdef, params)(inputs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(axis=-1)
+
+    return evaluate
