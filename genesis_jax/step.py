@@ -50,6 +50,28 @@ def lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def make_loss_fn(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], jax.Array]:
+    def loss_fn(params: Any, batch: Batch) -> jax.Array:
+        return lm_loss(nnx.merge(graphdef, params)(batch.inputs), batch.labels)
+
+    return loss_fn
+
+
+def accumulate_grads(grad_fn: Callable[[Any, Batch], tuple[jax.Array, Any]], params: Any,
+                     batches: Batch) -> tuple[jax.Array, Any]:
+    """Mean loss and gradient over the leading micro-batch axis: one update for all of them."""
+
+    def micro_step(carry: tuple[jax.Array, Any], batch: Batch) -> tuple[tuple[jax.Array, Any], None]:
+        l_acc, g_acc = carry
+        loss, g = grad_fn(params, batch)
+        return (l_acc + loss, jax.tree.map(jnp.add, g_acc, g)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss_sum, grads), _ = jax.lax.scan(micro_step, (jnp.float32(0.0), zeros), batches)
+    n = jax.tree.leaves(batches)[0].shape[0]
+    return loss_sum / n, jax.tree.map(lambda g: g / n, grads)
+
+
 def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """Build `step(state, corpus, seed_key, lr_mult, mask) -> (state, metrics)` (not yet jitted).
 
@@ -62,11 +84,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh) -> Callable
     accum, micro, seq_len = t.grad_accum_steps, t.batch_size, cfg.data.seq_len
     batch_sharding = NamedSharding(mesh, P(None, "data"))
 
-    def loss_fn(params: Any, batch: Batch) -> jax.Array:
-        model = nnx.merge(graphdef, params)
-        return lm_loss(model(batch.inputs), batch.labels)
-
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(make_loss_fn(graphdef))
 
     def step(state: TrainState, corpus: DeviceCorpus, seed_key: jax.Array, lr_mult: jax.Array,
              mask: MaskParams) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -75,16 +93,8 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh) -> Callable
         batches = jax.tree.map(lambda x: x.reshape(accum, micro, *x.shape[1:]), flat)
         batches = jax.lax.with_sharding_constraint(batches, jax.tree.map(lambda _: batch_sharding, batches))
 
-        def micro_step(carry: tuple[Any, jax.Array], batch: Batch) -> tuple[tuple[Any, jax.Array], None]:
-            g_acc, l_acc = carry
-            loss, g = grad_fn(state.params, batch)
-            return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss), None
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, loss_sum), _ = jax.lax.scan(micro_step, (zeros, jnp.float32(0.0)), batches)
-        grads = jax.tree.map(lambda g: g / accum, grads)
-        loss = loss_sum / accum
-        grad_norm = optax.global_norm(grads)
+        loss, grads = accumulate_grads(grad_fn, state.params, batches)
+        grad_norm = optax.tree.norm(grads)
         opt_state = set_lr_multiplier(state.opt_state, lr_mult)
         updates, opt_state = tx.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

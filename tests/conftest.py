@@ -1,0 +1,51 @@
+"""Shared fixtures: fast CPU compilation and a small multilingual fixture corpus."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import pytest
+
+jax.config.update("jax_disable_most_optimizations", True)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Parallel verses: the same key in each locale is the same sentence in another language.
+FIXTURE_TEXT = {
+    "en": ["In the beginning God created the heaven and the earth.", "And the earth was without form, and void.",
+           "And God said, Let there be light: and there was light.", "And God saw the light, that it was good.",
+           "And God called the light Day, and the darkness he called Night.", "Don't fear; it’s the evening and the morning."],
+    "fr": ["Au commencement, Dieu créa les cieux et la terre.", "La terre était informe et vide.",
+           "Dieu dit: Que la lumière soit! Et la lumière fut.", "Dieu vit que la lumière était bonne.",
+           "Dieu appela la lumière jour, et il appela les ténèbres nuit.", "Ainsi, il y eut un soir, et il y eut un matin."],
+    "ru": ["В начале сотворил Бог небо и землю.", "Земля же была безвидна и пуста.",
+           "И сказал Бог: да будет свет. И стал свет.", "И увидел Бог свет, что он хорош.",
+           "И назвал Бог свет днем, а тьму ночью.", "И был вечер, и было утро: день один."],
+}
+
+
+def write_textdir(directory: Path, repeat: int = 40) -> Path:
+    """Keyed text files; repeated chapters make enough bytes for training windows."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for loc, verses in FIXTURE_TEXT.items():
+        lines = []
+        for ch in range(repeat):
+            for v, text in enumerate(verses, start=1):
+                lines.append(f"01.{ch + 1:03d}.{v:03d}\t{text}")
+        (directory / f"{loc}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def fixture_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from genesis_jax.corpus.importers import import_textdir
+    from genesis_jax.corpus.store import CorpusWriter
+
+    base = tmp_path_factory.mktemp("corpus")
+    writer = CorpusWriter()
+    import_textdir(writer, write_textdir(base / "src"))
+    return writer.write(base / "corpus", val_fraction=0.1, split_seed=0)

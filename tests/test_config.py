@@ -1,0 +1,73 @@
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from genesis_jax import config as C
+from genesis_jax.errors import ConfigError
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = C.load(path)
+    assert cfg.model.dim % cfg.model.n_heads == 0
+    # The resolved config written into a run directory loads back to the same config.
+    assert C.from_dict(__import__("tomllib").loads(C.to_toml(cfg))) == cfg
+
+
+def test_presets_and_overrides():
+    cfg = C.from_dict({"model": {"preset": "microscope"}})
+    assert (cfg.model.dim, cfg.model.n_layers, cfg.model.n_heads, cfg.model.intermediate_size) == (288, 144, 12, 768)
+    cfg = C.from_dict(C.apply_overrides({"model": {"preset": "standard"}},
+                                        ["model.intermediate_size=auto", "model.n_kv_heads=2", "optim.lr=1",
+                                         "data.locales=[\"en\", \"fr\"]", "model.remat=true", "data.corpus=123"]))
+    assert cfg.model.intermediate_size == 4 * 512 and cfg.model.n_kv_heads == 2
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.data.locales == ["en", "fr"] and cfg.model.remat is True
+    assert cfg.data.corpus == "123"  # a string key keeps a numeric-looking path as text
+
+
+@pytest.mark.parametrize("raw, overrides, message", [
+    ({"modle": {}}, [], "unknown config section [modle] (did you mean 'model'?)"),
+    ({"model": {"dimm": 3}}, [], "unknown config key model.dimm (did you mean 'dim'?)"),
+    ({}, ["training.max_step=5"], "unknown config key training.max_step (did you mean 'max_steps'?)"),
+    ({}, ["training.max_steps=ten"], "training.max_steps = 'ten': expected an integer"),
+    ({}, ["training.max_steps=1.5"], "training.max_steps = 1.5: expected an integer"),
+    ({"model": {"remat": "yes"}}, [], "model.remat = 'yes': expected true or false"),
+    ({}, ["model.attention=flash"], "model.attention = 'flash': expected one of"),
+    ({}, ["model.n_heads=5"], "model.n_heads = 5 does not divide model.dim = 64"),
+    ({}, ["model.n_kv_heads=3"], "model.n_kv_heads = 3 does not divide model.n_heads = 4"),
+    ({}, ["training.batch_size=0"], "training.batch_size = 0: must be positive"),
+    ({}, ["optim.beta2=1.0"], "optim.beta2 = 1.0: must be within [0, 1)"),
+    ({}, ["model.preset=huge"], "model.preset = 'huge': unknown preset"),
+    ({}, ["nodot=1"], "expected section.key=value"),
+])
+def test_config_errors_name_the_key(raw, overrides, message):
+    with pytest.raises(ConfigError) as e:
+        C.from_dict(C.apply_overrides(raw, overrides))
+    assert message in str(e.value)
+
+
+def test_batch_not_divisible_by_devices():
+    cfg = C.from_dict({"training": {"batch_size": 6}})
+    with pytest.raises(ConfigError, match="not divisible by the device count 4"):
+        C.check_devices(cfg, 4)
+
+
+def test_diff_lists_changes():
+    a = C.to_dict(C.from_dict({}))
+    b = C.to_dict(C.from_dict({"optim": {"lr": 0.5}}))
+    assert C.diff(a, b) == ["optim.lr: 0.003 -> 0.5"]
+
+
+def test_cli_config_error_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nn_layer = 2\n")
+    r = subprocess.run([sys.executable, "-m", "genesis_jax.train", "--config", str(bad), "--run-dir", str(tmp_path / "r")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: unknown config key model.n_layer (did you mean 'n_layers'?)"
+    r = subprocess.run([sys.executable, "-m", "genesis_jax.train", "--config", str(tmp_path / "none.toml")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "config file not found" in r.stderr

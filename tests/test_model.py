@@ -1,0 +1,146 @@
+"""Model shapes, deepnorm constants and initialisation, RoPE, GQA and the reference attention."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from genesis_jax import config as C
+from genesis_jax.model import Llama, deepnorm_alpha, deepnorm_beta, rope
+from kernels import reference_attention
+
+
+def np_attention(q, k, v, causal=True, segment_ids=None):
+    """Float64 NumPy attention written independently of the code under test."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    out = np.zeros_like(q)
+    for bi in range(b):
+        for h in range(hq):
+            kh = h // (hq // hkv)
+            logits = q[bi, :, h] @ k[bi, :, kh].T / math.sqrt(d)
+            allowed = np.ones((s, s), bool)
+            if causal:
+                allowed &= np.tril(np.ones((s, s), bool))
+            if segment_ids is not None:
+                allowed &= segment_ids[bi][:, None] == segment_ids[bi][None, :]
+            for i in range(s):
+                if not allowed[i].any():
+                    continue
+                w = np.exp(logits[i][allowed[i]] - logits[i][allowed[i]].max())
+                out[bi, i, h] = (w / w.sum()) @ v[bi, :, kh][allowed[i]]
+    return out
+
+
+@pytest.mark.parametrize("hq, hkv, causal, segments", [(4, 4, True, False), (4, 2, True, True), (4, 1, False, True)])
+def test_reference_attention_matches_float64(hq, hkv, causal, segments):
+    rng = np.random.default_rng(0)
+    b, s, d = 2, 9, 8
+    q = rng.normal(size=(b, s, hq, d)).astype(np.float32)
+    k = rng.normal(size=(b, s, hkv, d)).astype(np.float32)
+    v = rng.normal(size=(b, s, hkv, d)).astype(np.float32)
+    seg = rng.integers(0, 3, size=(b, s)).astype(np.int32) if segments else None
+    if segments and not causal:
+        seg[0, 0] = 7  # a lone segment still sees itself
+    got = reference_attention(q, k, v, causal=causal, segment_ids=None if seg is None else jnp.asarray(seg))
+    want = np_attention(q, k, v, causal, seg)
+    assert np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want) < 1e-5
+
+
+def test_reference_attention_fully_masked_rows_are_zero():
+    q = jnp.ones((1, 4, 2, 4))
+    seg = jnp.array([[0, 1, 1, 1]])
+    out = reference_attention(q, q, q, causal=False, segment_ids=seg)
+    assert np.isfinite(np.asarray(out)).all()
+    # With a query that has no key, the row is zeros rather than NaN.
+    empty = reference_attention(q[:, :2], q[:, :1] * 0 + 1, q[:, :1], causal=True)
+    assert np.isfinite(np.asarray(empty)).all()
+
+
+def test_rope_interleaved_pairs_against_numpy():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(1, 5, 1, 6)).astype(np.float32)
+    pos = np.arange(5)[None]
+    got = np.asarray(rope(jnp.asarray(x), jnp.asarray(pos), 10000.0))
+    want = np.empty_like(x)
+    for t in range(5):
+        for i in range(3):
+            theta = t * 10000.0 ** (-2 * i / 6)
+            a, b = x[0, t, 0, 2 * i], x[0, t, 0, 2 * i + 1]
+            want[0, t, 0, 2 * i] = a * math.cos(theta) - b * math.sin(theta)
+            want[0, t, 0, 2 * i + 1] = a * math.sin(theta) + b * math.cos(theta)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _model(**model_keys):
+    cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32", **model_keys}})
+    return cfg, Llama(cfg.model, nnx.Rngs(0))
+
+
+def test_shapes_tied_embedding_and_initial_loss():
+    cfg, m = _model(n_kv_heads=2)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(4, 260, size=(3, 11)), jnp.int32)
+    logits = m(tokens)
+    assert logits.shape == (3, 11, 260) and logits.dtype == jnp.float32
+    params = nnx.state(m, nnx.Param)
+    names = {"/".join(map(str, p)) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert not any("bias" in n for n in names if "norm" not in n)  # no biases in linear layers
+    assert not any("lm_head" in n or "unembed" in n for n in names)  # tied output
+    assert m.blocks.attn.wk.kernel.shape == (2, 32, 2 * 8)  # stacked layers, GQA width
+    labels = jnp.asarray(np.random.default_rng(1).integers(4, 260, size=(3, 11)))
+    loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], axis=-1).mean()
+    # Sensible init: near-uniform predictions (an N(0, 1) tied embedding gives logit std ~ sqrt(dim)).
+    assert float(jnp.std(logits)) < 0.5
+    assert abs(float(loss) - math.log(260)) < 0.2
+
+
+def test_deepnorm_constants_and_beta_init():
+    n = 144
+    assert deepnorm_alpha(n) == pytest.approx((2 * n) ** 0.25) and deepnorm_alpha(n) == pytest.approx(4.1195, abs=1e-4)
+    assert deepnorm_beta(n) == pytest.approx((8 * n) ** -0.25) and deepnorm_beta(n) == pytest.approx(0.17166, abs=1e-4)
+    _, on = _model(norm_type="deepnorm", n_layers=8, dim=128, n_heads=4, intermediate_size=512)
+    _, off = _model(norm_type="deepnorm", n_layers=8, dim=128, n_heads=4, intermediate_size=512, deepnorm_beta_init=False)
+    beta = deepnorm_beta(8)
+    xavier = math.sqrt(2.0 / (128 + 512))
+    for name in ("w1", "w2", "w3"):
+        std_on = float(jnp.std(getattr(on.blocks.mlp, name).kernel[...]))
+        std_off = float(jnp.std(getattr(off.blocks.mlp, name).kernel[...]))
+        assert std_off == pytest.approx(xavier, rel=0.05)
+        assert std_on == pytest.approx(beta * xavier, rel=0.05)
+    q_on = float(jnp.std(on.blocks.attn.wq.kernel[...]))
+    assert q_on == pytest.approx(math.sqrt(2.0 / 256), rel=0.05)  # query projection is not scaled
+    assert float(jnp.std(on.blocks.attn.wv.kernel[...])) == pytest.approx(beta * math.sqrt(2.0 / 256), rel=0.05)
+    assert on.blocks.alpha == pytest.approx(deepnorm_alpha(8))
+
+
+def test_gqa_equals_repeated_kv_heads():
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(1, 7, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, 7, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(1, 7, 2, 8)), jnp.float32)
+    grouped = reference_attention(q, k, v)
+    repeated = reference_attention(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2))
+    np.testing.assert_allclose(grouped, repeated, rtol=1e-6, atol=1e-6)
+
+
+def test_remat_and_bf16_give_the_same_function():
+    tokens = jnp.asarray(np.random.default_rng(3).integers(4, 260, size=(2, 9)), jnp.int32)
+    _, plain = _model()
+    _, remat = _model(remat=True)
+    np.testing.assert_allclose(plain(tokens), remat(tokens), rtol=1e-6, atol=1e-6)
+    _, bf16 = _model(compute_dtype="bfloat16")
+    assert bf16.blocks.attn.wq.kernel[...].dtype == jnp.float32  # master weights stay float32
+    np.testing.assert_allclose(plain(tokens), bf16(tokens), atol=0.1)
+
+
+def test_causality():
+    _, m = _model()
+    a = jnp.asarray([[10, 20, 30, 40, 50]], jnp.int32)
+    b = a.at[0, 3].set(99)
+    la, lb = m(a), m(b)
+    np.testing.assert_allclose(la[:, :3], lb[:, :3], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(la[:, 3], lb[:, 3])
