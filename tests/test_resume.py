@@ -1,0 +1,157 @@
+"""End to end: a run killed with SIGKILL, or stopped by SIGTERM, resumes exactly; a failure
+inside training saves what is valid and exits non-zero with one line."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS = 300
+
+
+def write_config(path: Path, corpus: Path) -> Path:
+    path.write_text(f"""
+[model]
+preset = "test"
+compute_dtype = "float32"
+[data]
+corpus = "{corpus}"
+seq_len = 32
+[training]
+max_steps = {MAX_STEPS}
+batch_size = 4
+log_interval = 1
+val_interval = 100
+val_windows = 4
+[optim]
+warmup_steps = 5
+[checkpoint]
+save_interval = 50
+keep = 2
+[logging]
+tensorboard = true
+""")
+    return path
+
+
+def command(cfg: Path, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "genesis_jax.train", "--config", str(cfg), "--run-dir", str(run_dir)]
+
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+
+
+def logged(run_dir: Path, table: str = "training_logs", cols: str = "step, loss, loss_ema, grad_norm, lr") -> list[tuple]:
+    db = run_dir / "metrics.sqlite"
+    if not db.exists():
+        return []
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        return con.execute(f"SELECT {cols} FROM {table} ORDER BY 1").fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        con.close()
+
+
+def run_until(cfg: Path, run_dir: Path, min_step: int, sig: int) -> subprocess.Popen:
+    """Start training, wait until `min_step` is logged, send `sig`."""
+    proc = subprocess.Popen(command(cfg, run_dir), env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        rows = logged(run_dir, cols="step")
+        if rows and rows[-1][0] >= min_step:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=240)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, fixture_corpus):
+    base = tmp_path_factory.mktemp("resume")
+    cfg = write_config(base / "run.toml", fixture_corpus)
+    run = base / "uninterrupted"
+    r = subprocess.run(command(cfg, run), env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return cfg, run
+
+
+def assert_same_logs(a: Path, b: Path) -> None:
+    ra, rb = logged(a), logged(b)
+    assert [r[0] for r in ra] == [r[0] for r in rb] == list(range(MAX_STEPS))
+    np.testing.assert_allclose(np.array(rb)[:, 1:], np.array(ra)[:, 1:], rtol=1e-6, atol=1e-7)
+    va = sorted(logged(a, "evaluation_logs", "step, name, value"))
+    vb = sorted(logged(b, "evaluation_logs", "step, name, value"))
+    assert [v[:2] for v in va] == [v[:2] for v in vb]
+    np.testing.assert_allclose([v[2] for v in vb], [v[2] for v in va], rtol=1e-6)
+
+
+def test_run_directory_layout(reference):
+    _, run = reference
+    assert (run / "config.toml").is_file() and (run / "metrics.sqlite").is_file()
+    assert any((run / "tensorboard").iterdir())
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [250, 300]  # keep = 2
+    status = logged(run, "experiments", "status, final_step")
+    assert status == [("completed", MAX_STEPS)]
+
+
+def test_sigkill_then_resume_is_exact(reference, tmp_path):
+    cfg, ref = reference
+    run = tmp_path / "killed"
+    proc = run_until(cfg, run, 120, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    r = subprocess.run(command(cfg, run), env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" in r.stderr
+    assert_same_logs(ref, run)
+    assert logged(run, "experiments", "status, launches") == [("completed", 2)]
+
+
+def test_sigterm_saves_current_step_and_resumes(reference, tmp_path):
+    cfg, ref = reference
+    run = tmp_path / "terminated"
+    proc = run_until(cfg, run, 70, signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    saved = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved > 70  # a checkpoint at the step where it stopped, not the last periodic one
+    assert logged(run, "experiments", "status") == [("interrupted",)]
+    r = subprocess.run(command(cfg, run), env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"from step {saved}" in r.stderr
+    assert_same_logs(ref, run)
+
+
+def test_failure_inside_training_saves_and_exits_nonzero(fixture_corpus, tmp_path, monkeypatch, capsys):
+    from genesis_jax import logs, train
+
+    cfg = write_config(tmp_path / "run.toml", fixture_corpus)
+    original = logs.MetricsDB.log_train
+
+    def failing(self, row):
+        if row["step"] == 65:
+            raise OSError("disk full (injected)")
+        original(self, row)
+
+    monkeypatch.setattr(logs.MetricsDB, "log_train", failing)
+    code = train.main(["--config", str(cfg), "--run-dir", str(tmp_path / "run"), "--set", "checkpoint.async_save=false"])
+    err = capsys.readouterr().err
+    assert code == 1
+    line = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and "disk full (injected)" in line[0] and "saved step 67" in line[0]
+    assert "Traceback" not in err
+    assert logged(tmp_path / "run", "experiments", "status") == [("failed",)]
+    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 67 and 50 in steps  # the step dispatched when logging step 65 failed
