@@ -316,6 +316,11 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     return {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
 
 
+def to_dict_for_overrides(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Raw data that `from_dict` accepts back (None values dropped)."""
+    return {name: {k: v for k, v in body.items() if v is not None} for name, body in to_dict(cfg).items()}
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

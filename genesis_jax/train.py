@@ -10,6 +10,7 @@ import math
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import config as config_lib
 from .checkpoint import SHAPE_KEYS, Checkpointer, check_shape
 from .config import Config
-from .data import open_configured, selected_locales, val_windows
+from .data import ValWindows, open_configured, selected_locales, val_windows
 from .errors import UserError
+from .flops import peak_flops, train_flops_per_token
 from .logs import Console, MetricsDB, TensorBoard, format_line
-from .model import count_params
-from .sampler import MaskParams, build_device_corpus
+from .sampler import DeviceCorpus, MaskParams, build_device_corpus
 from .step import TrainState, init_model, init_state, make_eval_step, make_mesh, make_train_step
 
 
@@ -85,29 +86,42 @@ def _print_err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path) -> list[str]:
-    """Create the run directory; on a resume, list what differs from the stored config."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def config_changes(cfg: Config, run_dir: Path) -> list[str]:
+    """On a resume, what differs from the run directory's stored config."""
     stored = run_dir / "config.toml"
-    diffs: list[str] = []
-    if stored.is_file():
-        try:
-            old = config_lib.load(stored)
-            diffs = config_lib.diff(config_lib.to_dict(old), config_lib.to_dict(cfg))
-        except UserError as e:
-            diffs = [f"(stored config.toml unreadable: {e})"]
+    if not stored.is_file():
+        return []
+    try:
+        old = config_lib.load(stored)
+    except UserError as e:
+        return [f"(stored config.toml unreadable: {e})"]
+    return config_lib.diff(config_lib.to_dict(old), config_lib.to_dict(cfg))
+
+
+def write_config(cfg: Config, run_dir: Path) -> None:
     tmp = run_dir / "config.toml.tmp"
     tmp.write_text(config_lib.to_toml(cfg), encoding="utf-8")
-    tmp.replace(stored)
-    return diffs
+    tmp.replace(run_dir / "config.toml")
 
 
-def train(cfg: Config, run_dir: Path) -> int:
-    """Run or resume training in `run_dir`; returns the process exit code."""
-    t_start = time.time()
+@dataclass
+class Setup:
+    """Everything the loop needs, built the same way for training and for benchmarks."""
+
+    mesh: Mesh
+    locales: list[str]
+    corpus_path: Path
+    device_corpus: DeviceCorpus
+    windows: ValWindows
+    graphdef: nnx.GraphDef
+    state: TrainState
+    replicated: NamedSharding
+
+
+def build(cfg: Config) -> Setup:
+    """Open the corpus, put its training split on the devices, initialise the state."""
     mesh = make_mesh()
     config_lib.check_devices(cfg, mesh.size)
-    tc = cfg.training
     corpus = open_configured(cfg.data)
     locales = selected_locales(corpus, cfg.data)
     tokens, words, starts = corpus.stream(locales, heldout=False)
@@ -116,14 +130,30 @@ def train(cfg: Config, run_dir: Path) -> int:
     if int(device_corpus.valid_cum[-1]) == 0:
         raise UserError(f"data.seq_len = {cfg.data.seq_len}: longer than every locale's training text in {corpus.path}")
     vt, _, vs = corpus.stream(locales, heldout=True)
-    windows = val_windows(vt, vs, locales, cfg.data.seq_len, tc.val_windows)
-
-    diffs = prepare_run_dir(cfg, run_dir)
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    windows = val_windows(vt, vs, locales, cfg.data.seq_len, cfg.training.val_windows)
     model = init_model(cfg)
     graphdef = nnx.graphdef(model)
     state = jax.device_put(init_state(cfg, model), replicated)
-    del model
+    return Setup(mesh, locales, corpus.path, device_corpus, windows, graphdef, state, replicated)
+
+
+def compile_step(cfg: Config, s: Setup, mask: MaskParams) -> Any:
+    """Ahead-of-time compiled train step with the state donated."""
+    return jax.jit(make_train_step(cfg, s.graphdef, s.mesh), donate_argnums=0).lower(
+        s.state, s.device_corpus, jax.random.key(cfg.training.seed), jnp.float32(1.0), mask).compile()
+
+
+def train(cfg: Config, run_dir: Path) -> int:
+    """Run or resume training in `run_dir`; returns the process exit code."""
+    t_start = time.time()
+    tc = cfg.training
+    setup = build(cfg)
+    mesh, locales, device_corpus, windows, graphdef = (setup.mesh, setup.locales, setup.device_corpus,
+                                                        setup.windows, setup.graphdef)
+    state = setup.state
+    run_dir.mkdir(parents=True, exist_ok=True)
+    diffs = config_changes(cfg, run_dir)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     latest = ckpt.latest_step()
     if latest is not None:
         meta = ckpt.read_meta(latest)
@@ -132,6 +162,7 @@ def train(cfg: Config, run_dir: Path) -> int:
         _print_err(f"resuming {run_dir} from step {latest}")
         for line in diffs:
             _print_err(f"  changed since the last launch: {line}")
+    write_config(cfg, run_dir)  # only once the resume is known to be possible
 
     db = MetricsDB(run_dir / "metrics.sqlite")
     db.start(config_lib.config_hash(cfg), model_shape(cfg),
@@ -146,12 +177,13 @@ def train(cfg: Config, run_dir: Path) -> int:
     lr_mult = jnp.float32(1.0)
     mask = MaskParams.make(mask_id=cfg.data.mask_id)
     t_compile = time.time()
-    step_fn = jax.jit(make_train_step(cfg, graphdef, mesh), donate_argnums=0).lower(
-        state, device_corpus, seed_key, lr_mult, mask).compile()
+    step_fn = compile_step(cfg, setup, mask)
     compile_s = time.time() - t_compile
     validator = Validator(windows, tc.batch_size, graphdef, NamedSharding(mesh, P("data")))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     tokens_per_step = tc.batch_size * tc.grad_accum_steps * cfg.data.seq_len
+    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = peak_flops()
     console.print(f"run {run_dir} | {n_params:,} parameters | {len(locales)} locales | {int(device_corpus.valid_cum[-1]):,} "
                   f"train windows | {len(windows.locale)} val windows | {mesh.size} {jax.default_backend()} device(s) | "
                   f"step compiled in {compile_s:.1f}s")
@@ -161,6 +193,7 @@ def train(cfg: Config, run_dir: Path) -> int:
     last_val: float | None = None
     pending: tuple[int, dict[str, jax.Array]] | None = None
     t_mark, s_mark = time.time(), start
+    rate: float | None = None
     status, code = "completed", 0
 
     def meta_now(step: int) -> dict[str, Any]:
@@ -168,13 +201,15 @@ def train(cfg: Config, run_dir: Path) -> int:
                 "seed": tc.seed, "sampler": {"kind": "fold_in(seed, step)", "next_step": step}}
 
     def flush(p: tuple[int, dict[str, jax.Array]]) -> None:
-        nonlocal t_mark, s_mark, last_loss
+        nonlocal t_mark, s_mark, last_loss, rate
         s, dev = p
         m = {k: float(v) for k, v in jax.device_get(dev).items()}
         now = time.time()
         steps_done = s + 1 - s_mark
-        tps = steps_done * tokens_per_step / (now - t_mark) if steps_done > 0 and now > t_mark else None
-        rate = steps_done / (now - t_mark) if steps_done > 0 and now > t_mark else None
+        # The first step after a (re)start carries dispatch warm-up: no rate from it alone.
+        measured = steps_done > 0 and now > t_mark and s > start
+        tps = steps_done * tokens_per_step / (now - t_mark) if measured else None
+        rate = steps_done / (now - t_mark) if measured else rate
         t_mark, s_mark = now, s + 1
         eta = (tc.max_steps - s - 1) / rate if rate else None
         last_loss = m["loss"]
@@ -183,7 +218,8 @@ def train(cfg: Config, run_dir: Path) -> int:
         db.log_train(row)
         tb.scalars(s, {"Train/Loss": m["loss"], "Train/LossEMA": m["loss_ema"], "Train/LR": m["lr"],
                        "Train/GradNorm": m["grad_norm"], "Train/MaskProb": 0.0, "Train/Phase": 1.0,
-                       **({"System/TokensPerSec": tps} if tps else {})})
+                       **({"System/TokensPerSec": tps} if tps else {}),
+                       **({"System/MFU": tps * flops_per_token / (peak * mesh.size)} if tps and peak else {})})
         console.print(format_line({**row, "phase_name": "BYTE"}, tc.max_steps, eta))
 
     def validate(done: int) -> None:
@@ -211,7 +247,7 @@ def train(cfg: Config, run_dir: Path) -> int:
                 pending = None
             if s % tc.log_interval == 0 or done == tc.max_steps:
                 pending = (s, metrics)
-            console.progress(done, None)
+            console.progress(done, (tc.max_steps - done) / rate if rate else None)
             if tc.val_interval and (done % tc.val_interval == 0 or done == tc.max_steps):
                 if pending is not None:
                     flush(pending)

@@ -155,3 +155,19 @@ def test_failure_inside_training_saves_and_exits_nonzero(fixture_corpus, tmp_pat
     assert logged(tmp_path / "run", "experiments", "status") == [("failed",)]
     steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 67 and 50 in steps  # the step dispatched when logging step 65 failed
+
+
+def test_resume_refuses_another_shape_and_lists_changed_settings(fixture_corpus, tmp_path, capsys):
+    from genesis_jax import train
+
+    cfg = write_config(tmp_path / "run.toml", fixture_corpus)
+    run = ["--config", str(cfg), "--run-dir", str(tmp_path / "run")]
+    assert train.main(run + ["--set", "training.max_steps=3", "--set", "training.val_interval=0"]) == 0
+    capsys.readouterr()
+    assert train.main(run + ["--set", "training.max_steps=5", "--set", "model.dim=64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1
+    assert "model.dim: checkpoint 32, config 64" in err
+    assert train.main(run + ["--set", "training.max_steps=5", "--set", "training.val_interval=0", "--set", "optim.lr=0.01"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming" in err and "optim.lr: 0.003 -> 0.01" in err and "training.max_steps: 3 -> 5" in err

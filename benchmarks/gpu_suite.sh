@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One-shot GPU suite for a lent H200 (see README "GPU suite"). Runs from the checkout with
+# PYTHONPATH=. (nothing is pip-installed there) on a synthetic corpus, and writes its tables
+# under $OUT (default ./gpu_out). Budget: well under 8 minutes including compiles.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+STAMP=$(date -u +%Y-%m-%d)
+status=0
+
+{
+  echo "# genesis-jax GPU suite, $STAMP"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  python -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__); print(jax.devices())"
+} 2>&1 | tee "$OUT/env.txt"
+
+echo "== correctness: model forward/backward per attention backend vs xla"
+timeout 150 python benchmarks/gpu_check.py --out "$OUT/gpu_check.csv" 2>&1 | tee "$OUT/gpu_check.txt" || status=1
+
+echo "== train step: bare jitted step vs training loop, two model sizes, bf16"
+timeout 300 python benchmarks/train_step.py --config configs/gpu_bench.toml --steps 20 --loop-steps 60 \
+  --variant "deep_narrow_40:model.preset=deep_narrow_40" \
+  --variant "microscope:model.preset=microscope" \
+  --variant "deep_narrow_40-gqa3:model.preset=deep_narrow_40,model.n_kv_heads=4" \
+  --out "$OUT/train_step.csv" 2>&1 | grep -v -E '^(step|val) ' | tee "$OUT/train_step.txt" || status=1
+
+echo "suite finished with status $status; tables in $OUT"
+exit $status

@@ -1,0 +1,133 @@
+"""Train-step throughput: compile time, bare jitted step vs the full training loop, per variant.
+
+  python benchmarks/train_step.py --config configs/tiny.toml [--set k=v ...]
+      [--variant NAME:key=value,key=value ...] [--steps 30] [--loop-steps 60] [--out results.csv]
+
+Each variant reports: compile time, step time and tokens/s of the bare AOT-compiled step
+(timed over `--steps` steps, median of 3 repeats, one device sync per repeat), the training
+loop's tokens/s for the same config (median of its logged intervals, first and last dropped:
+they hold compilation and the final checkpoint), the loop/bare ratio, MFU where the device's
+peak is known, and XLA's memory estimate. A CPU time is not a GPU kernel speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks.synthetic import synthetic_corpus  # noqa: E402
+from genesis_jax import config as C  # noqa: E402
+from genesis_jax.flops import peak_flops, train_flops_per_token  # noqa: E402
+from genesis_jax.sampler import MaskParams  # noqa: E402
+from genesis_jax.train import build, compile_step, train  # noqa: E402
+
+
+def bare_step(cfg: C.Config, steps: int, mask: MaskParams) -> dict[str, Any]:
+    setup = build(cfg)
+    t0 = time.perf_counter()
+    step = compile_step(cfg, setup, mask)
+    compile_s = time.perf_counter() - t0
+    mem = step.memory_analysis()
+    state, key, mult = setup.state, jax.random.key(cfg.training.seed), jnp.float32(1.0)
+    for _ in range(3):
+        state, m = step(state, setup.device_corpus, key, mult, mask)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, m = step(state, setup.device_corpus, key, mult, mask)
+        jax.block_until_ready((state, m))
+        times.append((time.perf_counter() - t0) / steps)
+    step_s = statistics.median(times)
+    temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
+    args = getattr(mem, "argument_size_in_bytes", None) if mem is not None else None
+    return {"compile_s": compile_s, "step_ms": 1000 * step_s, "temp_mib": temp / 2**20 if temp else None,
+            "args_mib": args / 2**20 if args else None}
+
+
+def loop_tokens_per_sec(cfg: C.Config, steps: int) -> float | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        cfg = C.from_dict(C.apply_overrides(C.to_dict_for_overrides(cfg), [
+            f"training.max_steps={steps}", f"training.log_interval={max(steps // 10, 1)}", "training.val_interval=0",
+            f"checkpoint.save_interval={steps}"]))
+        if train(cfg, run) != 0:
+            return None
+        con = sqlite3.connect(run / "metrics.sqlite")
+        rates = [r[0] for r in con.execute("SELECT tokens_per_sec FROM training_logs ORDER BY step") if r[0]]
+        con.close()
+    rates = rates[1:-1] if len(rates) > 3 else rates
+    return statistics.median(rates) if rates else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.toml"))
+    ap.add_argument("--set", action="append", default=[], help="override applied to every variant")
+    ap.add_argument("--variant", action="append", default=[], help="NAME:key=value,key=value (default: one, as configured)")
+    ap.add_argument("--mask", default="none", choices=["none", "random", "wwm", "span"], help="masking for every variant")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--loop-steps", type=int, default=60, help="0 skips the training-loop measurement")
+    ap.add_argument("--corpus", default="synthetic", help="'synthetic', 'config' (the config's corpus) or a corpus path")
+    ap.add_argument("--out", type=Path, help="CSV file to write")
+    args = ap.parse_args()
+
+    base = list(args.set)
+    if args.corpus == "synthetic":
+        path = synthetic_corpus(Path(tempfile.gettempdir()) / "genesis_jax_bench_corpus")
+        base.append(f"data.corpus={path}")
+    elif args.corpus != "config":
+        base.append(f"data.corpus={args.corpus}")
+    variants = [v.split(":", 1) for v in args.variant] or [["default", ""]]
+    device = jax.devices()[0]
+    print(f"# {device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)), jax {jax.__version__}")
+    rows = []
+    for name, sets in variants:
+        overrides = base + [s for s in sets.split(",") if s]
+        cfg = C.load(args.config, overrides)
+        tokens = cfg.training.batch_size * cfg.training.grad_accum_steps * cfg.data.seq_len
+        mask = MaskParams.make(args.mask, 0.15, 1, 3, cfg.data.mask_id)
+        r = bare_step(cfg, args.steps, mask)
+        tps = tokens / (r["step_ms"] / 1000)
+        loop = loop_tokens_per_sec(cfg, args.loop_steps) if args.loop_steps else None
+        peak = peak_flops(device)
+        m = cfg.model
+        rows.append({
+            "variant": name, "model": f"{m.dim}d x {m.n_layers}L h{m.n_heads}/{m.n_kv_heads} ffn{m.intermediate_size}",
+            "dtype": m.compute_dtype, "attention": m.attention, "mask": args.mask, "tokens_per_step": tokens,
+            "compile_s": round(r["compile_s"], 2), "step_ms": round(r["step_ms"], 3), "tokens_per_s": round(tps),
+            "loop_tokens_per_s": round(loop) if loop else None,
+            "loop_over_bare": round(loop / tps, 3) if loop else None,
+            "mfu": round(tps * train_flops_per_token(m, cfg.data.seq_len) / (peak * jax.device_count()), 4) if peak else None,
+            "temp_mib": round(r["temp_mib"], 1) if r["temp_mib"] else None,
+        })
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print(" | ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print(" | ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
