@@ -120,9 +120,9 @@ def _duration(seconds: float) -> str:
 class Console:
     """One line per log interval; on a terminal, a progress bar redrawn on its own last line."""
 
-    def __init__(self, max_steps: int, mode: str, stream: TextIO = sys.stdout):
-        self.stream, self.max_steps = stream, max_steps
-        self.bar = mode == "bar" or (mode == "auto" and stream.isatty())
+    def __init__(self, max_steps: int, mode: str, stream: TextIO | None = None):
+        self.stream, self.max_steps = stream or sys.stdout, max_steps
+        self.bar = mode == "bar" or (mode == "auto" and self.stream.isatty())
         self.bar_shown = False
         self.last_draw = 0.0
 
