@@ -19,10 +19,14 @@ status=0
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== correctness: model forward/backward per attention backend vs xla"
-timeout 150 python benchmarks/gpu_check.py --out "$OUT/gpu_check.csv" 2>&1 | tee "$OUT/gpu_check.txt" || status=1
+timeout 120 python benchmarks/gpu_check.py --out "$OUT/gpu_check.csv" 2>&1 | tee "$OUT/gpu_check.txt" || status=1
+
+echo "== attention kernels: ours vs XLA, cuDNN, bundled mha, PyTorch SDPA (bf16)"
+timeout 300 python benchmarks/attention.py --seqs 512,2048,8192 --head-dims 64,128 --iters 20 \
+  --out "$OUT" 2>&1 | tee "$OUT/attention.txt" || status=1
 
 echo "== train step: bare jitted step vs training loop, two model sizes, bf16"
-timeout 300 python benchmarks/train_step.py --config configs/gpu_bench.toml --steps 20 --loop-steps 60 \
+timeout 200 python benchmarks/train_step.py --config configs/gpu_bench.toml --steps 20 --loop-steps 60 \
   --variant "deep_narrow_40:model.preset=deep_narrow_40" \
   --variant "microscope:model.preset=microscope" \
   --variant "deep_narrow_40-gqa3:model.preset=deep_narrow_40,model.n_kv_heads=4" \

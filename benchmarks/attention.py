@@ -1,0 +1,252 @@
+"""Attention kernels side by side: ours (Pallas), XLA, cuDNN, JAX's bundled Pallas `mha`, and
+PyTorch SDPA (flash, cuDNN) in a separate process. Forward and forward+backward.
+
+  PYTHONPATH=. python benchmarks/attention.py [--shapes model,paper] [--seqs 512,1024,2048,4096,8192]
+      [--head-dims 64,128] [--iters 20] [--out DIR] [--no-torch]
+  python benchmarks/attention.py --dry-run     # CPU: checks every path on tiny shapes, times nothing
+
+Conventions: forward FLOPs = 4 * batch * heads_q * seq_q * seq_kv * head_dim, halved when
+causal; forward+backward = 3.5x forward (the FlashAttention-2 convention: backward = 2.5x).
+Each row is the median of `--iters` timed runs after warm-up, with fresh random inputs rotated
+between runs; "% matmul" compares with a bf16 8192^3 matmul timed in the same process; the
+error is the relative L2 error against a float32 XLA attention of the same inputs (for
+forward+backward, the largest over dq, dk, dv). A backend that refuses a shape reports its
+error message in place of a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for the PyTorch process
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kernels import flash_attention, reference_attention  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    seq: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    causal: bool
+
+    def fwd_flops(self) -> float:
+        f = 4.0 * self.batch * self.heads_q * self.seq * self.seq * self.head_dim
+        return f / 2 if self.causal else f
+
+
+def model_shapes(seq: int = 512, tokens: int = 16384) -> list[Shape]:
+    """Our presets' attention (and GQA variants) at `tokens` tokens per call."""
+    b = max(tokens // seq, 1)
+    out = []
+    for name, heads, dim in [("microscope", 12, 288), ("deep_narrow_40", 12, 384), ("standard", 8, 512)]:
+        d = dim // heads
+        out.append(Shape(f"{name}", b, seq, heads, heads, d, True))
+        out.append(Shape(f"{name}-gqa", b, seq, heads, heads // (4 if heads % 4 == 0 else 2), d, True))
+    return out
+
+
+def paper_shapes(seqs: list[int], head_dims: list[int], tokens: int = 16384, hidden: int = 2048) -> list[Shape]:
+    """The FlashAttention paper grid: 16k tokens per call, hidden 2048."""
+    return [Shape(f"fa-grid", max(tokens // s, 1), s, hidden // d, hidden // d, d, causal)
+            for d in head_dims for causal in (True, False) for s in seqs]
+
+
+def jax_backends() -> dict[str, Callable[..., jax.Array]]:
+    def ours(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
+        return flash_attention(q, k, v, causal=causal)
+
+    def xla(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+
+    def cudnn(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+
+    def bundled_mha(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
+        from jax.experimental.pallas.ops.gpu import attention as mha_lib
+
+        group = q.shape[2] // k.shape[2]  # the bundled kernel is wrong for GQA: repeat KV heads
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+        return mha_lib.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=causal,
+                           interpret=jax.default_backend() != "gpu")
+
+    return {"ours": ours, "xla": xla, "cudnn": cudnn, "jax_mha": bundled_mha}
+
+
+def rel(a: jax.Array, b: jax.Array) -> float:
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(b64), 1e-30))
+
+
+def make_inputs(s: Shape, dtype: Any, n: int, seed: int = 0) -> list[tuple[jax.Array, ...]]:
+    keys = jax.random.split(jax.random.key(seed), n)
+    out = []
+    for key in keys:
+        kq, kk, kv, kd = jax.random.split(key, 4)
+        q = jax.random.normal(kq, (s.batch, s.seq, s.heads_q, s.head_dim), dtype)
+        k = jax.random.normal(kk, (s.batch, s.seq, s.heads_kv, s.head_dim), dtype)
+        v = jax.random.normal(kv, (s.batch, s.seq, s.heads_kv, s.head_dim), dtype)
+        do = jax.random.normal(kd, (s.batch, s.seq, s.heads_q, s.head_dim), dtype)
+        out.append((q, k, v, do))
+    return out
+
+
+def timed(fn: Callable[..., Any], inputs: list[tuple[jax.Array, ...]], iters: int, warmup: int) -> float:
+    for i in range(warmup):
+        jax.block_until_ready(fn(*inputs[i % len(inputs)]))
+    times = []
+    for i in range(iters):
+        args = inputs[i % len(inputs)]
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(name: str, attn: Callable[..., jax.Array], s: Shape, inputs: list[tuple[jax.Array, ...]],
+            iters: int, warmup: int, do_time: bool) -> list[dict[str, Any]]:
+    fwd = jax.jit(lambda q, k, v, do: attn(q, k, v, s.causal))
+
+    def loss(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array) -> jax.Array:
+        return jnp.sum(attn(q, k, v, s.causal).astype(jnp.float32) * do.astype(jnp.float32))
+
+    bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+    def ref_loss(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array) -> jax.Array:
+        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+        return jnp.sum(reference_attention(*f32, causal=s.causal) * do.astype(jnp.float32))
+
+    rows = []
+    for mode, fn, flops in (("fwd", fwd, s.fwd_flops()), ("fwd+bwd", bwd, 3.5 * s.fwd_flops())):
+        row: dict[str, Any] = {"backend": name, "mode": mode, **asdict(s)}
+        try:
+            q, k, v, do = inputs[0]
+            got = fn(q, k, v, do)
+            if mode == "fwd":
+                ref = reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), causal=s.causal)
+                row["rel_err"] = rel(got, ref)
+            else:
+                ref = jax.jit(jax.grad(ref_loss, argnums=(0, 1, 2)))(q, k, v, do)
+                row["rel_err"] = max(rel(a, b) for a, b in zip(got, ref))
+            if do_time:
+                t = timed(fn, inputs, iters, warmup)
+                row["ms"] = 1000 * t
+                row["tflops"] = flops / t / 1e12
+        except Exception as e:  # noqa: BLE001 - a refusal is a result
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        rows.append(row)
+    return rows
+
+
+def matmul_tflops(dtype: Any, n: int = 8192, iters: int = 20) -> float:
+    a = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(2), (n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    t = timed(f, [(a, b), (b, a)], iters, 3)
+    return 2.0 * n**3 / t / 1e12
+
+
+def torch_rows(shapes: list[Shape], iters: int) -> list[dict[str, Any]]:
+    """PyTorch SDPA in its own process (it must not share the GPU allocator with JAX)."""
+    script = ROOT / "benchmarks" / "attention_torch.py"
+    try:
+        r = subprocess.run([sys.executable, str(script), json.dumps([asdict(s) for s in shapes]), str(iters)],
+                           capture_output=True, text=True, timeout=400)
+    except subprocess.TimeoutExpired:
+        return [{"backend": "torch", "error": "timed out"}]
+    if r.returncode != 0:
+        return [{"backend": "torch", "error": (r.stderr.strip().splitlines() or ["failed"])[-1][:200]}]
+    return json.loads(r.stdout)
+
+
+COLS = ["backend", "mode", "name", "batch", "seq", "heads_q", "heads_kv", "head_dim", "causal", "ms", "tflops",
+        "pct_matmul", "rel_err", "error"]
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    fmt = {"ms": "{:.3f}", "tflops": "{:.1f}", "pct_matmul": "{:.1f}", "rel_err": "{:.1e}"}
+    cells = [[(fmt[c].format(r[c]) if c in fmt and isinstance(r.get(c), float) else str(r.get(c, "")))
+              for c in COLS] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(COLS)]
+    widths[-1] = min(widths[-1], 60)
+    print(" | ".join(c.ljust(w) for c, w in zip(COLS, widths)))
+    for x in cells:
+        print(" | ".join(v[:w].ljust(w) for v, w in zip(x, widths)))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="model,paper")
+    ap.add_argument("--seqs", default="512,1024,2048,4096,8192")
+    ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--backends", default="ours,xla,cudnn,jax_mha")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes, every path, no timing (CPU)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+
+    on_gpu = jax.default_backend() == "gpu"
+    dtype = jnp.dtype(args.dtype)
+    if args.dry_run:
+        shapes = [Shape("dry", 1, 40, 4, 2, 16, True), Shape("dry", 1, 32, 2, 2, 32, False)]
+        dtype = jnp.float32
+    else:
+        if not on_gpu:
+            print("error: timing needs a GPU (interpret-mode times are not kernel speeds); use --dry-run", file=sys.stderr)
+            return 2
+        wanted = set(args.shapes.split(","))
+        shapes = (model_shapes() if "model" in wanted else []) + (
+            paper_shapes([int(x) for x in args.seqs.split(",")], [int(x) for x in args.head_dims.split(",")])
+            if "paper" in wanted else [])
+    dev = jax.devices()[0]
+    print(f"# {dev.device_kind}, jax {jax.__version__}, {args.dtype if not args.dry_run else 'float32 (dry run)'}")
+    peak = None if args.dry_run else matmul_tflops(dtype)
+    if peak:
+        print(f"# bf16 matmul 8192^3: {peak:.1f} TFLOP/s (same process)")
+    backends = {k: v for k, v in jax_backends().items() if k in args.backends.split(",")}
+    rows: list[dict[str, Any]] = []
+    for s in shapes:
+        inputs = make_inputs(s, dtype, 1 if args.dry_run else 3)
+        for name, fn in backends.items():
+            rows += measure(name, fn, s, inputs, args.iters, args.warmup, do_time=not args.dry_run)
+        del inputs
+    if not args.no_torch and not args.dry_run:
+        rows += torch_rows(shapes, args.iters)
+    for r in rows:
+        if peak and isinstance(r.get("tflops"), float):
+            r["pct_matmul"] = 100.0 * r["tflops"] / peak
+    print_table(rows)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with open(args.out / "attention.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    bad = [r for r in rows if r.get("backend") == "ours" and "error" in r]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
