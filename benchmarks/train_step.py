@@ -1,13 +1,15 @@
 """Train-step throughput: compile time, bare jitted step vs the full training loop, per variant.
 
   python benchmarks/train_step.py --config configs/tiny.toml [--set k=v ...]
-      [--variant NAME:key=value,key=value ...] [--steps 30] [--loop-steps 60] [--out results.csv]
+      [--variant NAME:key=value,mask=wwm ...] [--steps 30] [--loop-steps 60] [--out results.csv]
 
 Each variant reports: compile time, step time and tokens/s of the bare AOT-compiled step
 (timed over `--steps` steps, median of 3 repeats, one device sync per repeat), the training
 loop's tokens/s for the same config (median of its logged intervals, first and last dropped:
 they hold compilation and the final checkpoint), the loop/bare ratio, MFU where the device's
-peak is known, and XLA's memory estimate. A CPU time is not a GPU kernel speed.
+peak is known, XLA's memory estimate, and each variant's step time relative to the first
+(masking rows: WWM/span mask probability from the config's [curriculum]). A CPU time is not a
+GPU kernel speed.
 """
 
 from __future__ import annotations
@@ -32,24 +34,27 @@ from benchmarks.synthetic import synthetic_corpus  # noqa: E402
 from genesis_jax import config as C  # noqa: E402
 from genesis_jax.flops import peak_flops, train_flops_per_token  # noqa: E402
 from genesis_jax.sampler import MaskParams  # noqa: E402
-from genesis_jax.train import build, compile_step, train  # noqa: E402
+from genesis_jax.runtime import build, compile_step  # noqa: E402
+from genesis_jax.step import StepControls  # noqa: E402
+from genesis_jax.train import train  # noqa: E402
 
 
 def bare_step(cfg: C.Config, steps: int, mask: MaskParams) -> dict[str, Any]:
     setup = build(cfg)
     t0 = time.perf_counter()
-    step = compile_step(cfg, setup, mask)
+    controls = StepControls.make(mask=mask)
+    step = compile_step(cfg, setup, controls)
     compile_s = time.perf_counter() - t0
     mem = step.memory_analysis()
-    state, key, mult = setup.state, jax.random.key(cfg.training.seed), jnp.float32(1.0)
+    state, key = setup.state, jax.random.key(cfg.training.seed)
     for _ in range(3):
-        state, m = step(state, setup.device_corpus, key, mult, mask)
+        state, m = step(state, setup.device_corpus, key, controls)
     jax.block_until_ready(m)
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
         for _ in range(steps):
-            state, m = step(state, setup.device_corpus, key, mult, mask)
+            state, m = step(state, setup.device_corpus, key, controls)
         jax.block_until_ready((state, m))
         times.append((time.perf_counter() - t0) / steps)
     step_s = statistics.median(times)
@@ -78,8 +83,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.toml"))
     ap.add_argument("--set", action="append", default=[], help="override applied to every variant")
-    ap.add_argument("--variant", action="append", default=[], help="NAME:key=value,key=value (default: one, as configured)")
-    ap.add_argument("--mask", default="none", choices=["none", "random", "wwm", "span"], help="masking for every variant")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME:key=value,... with config keys and optionally mask=none|random|wwm|span (default: one, as configured)")
+    ap.add_argument("--mask", default="none", choices=["none", "random", "wwm", "span"], help="default masking of a variant")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--loop-steps", type=int, default=60, help="0 skips the training-loop measurement")
     ap.add_argument("--corpus", default="synthetic", help="'synthetic', 'config' (the config's corpus) or a corpus path")
@@ -97,10 +103,14 @@ def main() -> int:
     print(f"# {device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)), jax {jax.__version__}")
     rows = []
     for name, sets in variants:
-        overrides = base + [s for s in sets.split(",") if s]
+        items = [s for s in sets.split(",") if s]
+        kind = next((i.split("=", 1)[1] for i in items if i.startswith("mask=")), args.mask)
+        overrides = base + [i for i in items if not i.startswith("mask=")]
         cfg = C.load(args.config, overrides)
         tokens = cfg.training.batch_size * cfg.training.grad_accum_steps * cfg.data.seq_len
-        mask = MaskParams.make(args.mask, 0.15, 1, 3, cfg.data.mask_id)
+        k = cfg.curriculum
+        mask = MaskParams.make(kind, k.span_mask_prob if kind == "span" else k.wwm_mask_prob, k.span_min_len,
+                               k.span_max_len, cfg.data.mask_id)
         r = bare_step(cfg, args.steps, mask)
         tps = tokens / (r["step_ms"] / 1000)
         loop = loop_tokens_per_sec(cfg, args.loop_steps) if args.loop_steps else None
@@ -108,8 +118,9 @@ def main() -> int:
         m = cfg.model
         rows.append({
             "variant": name, "model": f"{m.dim}d x {m.n_layers}L h{m.n_heads}/{m.n_kv_heads} ffn{m.intermediate_size}",
-            "dtype": m.compute_dtype, "attention": m.attention, "mask": args.mask, "tokens_per_step": tokens,
-            "compile_s": round(r["compile_s"], 2), "step_ms": round(r["step_ms"], 3), "tokens_per_s": round(tps),
+            "dtype": m.compute_dtype, "attention": m.attention, "mask": kind, "tokens_per_step": tokens,
+            "compile_s": round(r["compile_s"], 2), "step_ms": round(r["step_ms"], 3),
+            "step_vs_first": round(r["step_ms"] / rows[0]["step_ms"], 3) if rows else 1.0, "tokens_per_s": round(tps),
             "loop_tokens_per_s": round(loop) if loop else None,
             "loop_over_bare": round(loop / tps, 3) if loop else None,
             "mfu": round(tps * train_flops_per_token(m, cfg.data.seq_len) / (peak * jax.device_count()), 4) if peak else None,

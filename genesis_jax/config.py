@@ -101,6 +101,32 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class CurriculumConfig:
+    enabled: bool = True  # run the phase machine BYTE -> WWM -> SPAN
+    wwm_trigger_steps: int = 2000  # earliest step for the Phase 1 -> 2 test
+    wwm_window: int = 500  # steps between the baseline and the improvement test
+    wwm_threshold: float = 0.01  # relative loss-EMA improvement below which WWM starts
+    wwm_mask_prob: float = 0.15  # target fraction of words masked in Phase 2
+    wwm_ramp_steps: int = 500  # steps to ramp the mask probability up to the target
+    span_trigger_steps: int = 2000  # steps in Phase 2 before the Phase 2 -> 3 test
+    span_window: int = 500
+    span_threshold: float = 0.01
+    span_mask_prob: float = 0.15  # target masked density in Phase 3
+    span_ramp_steps: int = 500
+    span_min_len: int = 2  # span length k ~ uniform{min..max} words, one per batch
+    span_max_len: int = 5
+    mask_ramp_start: float = 0.05  # mask probability at the start of each ramp
+    analytics_window: int = 100  # loss analytics window; EMA alpha = 2 / (window + 1)
+    locale_ema_decay: float = 0.99  # per-locale EMA of per-sequence loss
+    plateau_lr_patience: int = 0  # steps without a new phase-local EMA minimum before a stun (0 = off)
+    plateau_lr_drop: float = 0.5  # stun: LR multiplier and Adam first moment scaled by this
+    plateau_min_delta: float = 1e-3  # a loss-EMA minimum counts only if it beats the last by this fraction
+    stun_max_count: int = 1  # stuns allowed in a run
+    stun_cooldown_steps: int = 0  # steps between two stuns
+    stun_recovery_steps: int = 0  # ramp the multiplier back to 1 over this many steps (0 = permanent)
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -108,6 +134,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
 
 SECTIONS: dict[str, type] = {
@@ -117,6 +144,7 @@ SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
+    "curriculum": CurriculumConfig,
 }
 
 
@@ -269,6 +297,26 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} = {value}: must be within [0, 1)")
     if not 0 <= d.mask_id < 260:
         raise ConfigError(f"data.mask_id = {d.mask_id}: must be a token id in [0, 260)")
+    validate_curriculum(cfg.curriculum)
+
+
+def validate_curriculum(k: CurriculumConfig) -> None:
+    for key in ("wwm_mask_prob", "span_mask_prob", "mask_ramp_start", "locale_ema_decay"):
+        value = getattr(k, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"curriculum.{key} = {value}: must be within [0, 1]")
+    if not 0.0 <= k.plateau_min_delta < 1.0:
+        raise ConfigError(f"curriculum.plateau_min_delta = {k.plateau_min_delta}: must be within [0, 1)")
+    if not 0.0 < k.plateau_lr_drop <= 1.0:
+        raise ConfigError(f"curriculum.plateau_lr_drop = {k.plateau_lr_drop}: must be within (0, 1]")
+    for key in ("wwm_window", "span_window", "analytics_window", "span_min_len"):
+        _positive(f"curriculum.{key}", getattr(k, key))
+    for key in ("wwm_trigger_steps", "span_trigger_steps", "wwm_ramp_steps", "span_ramp_steps", "plateau_lr_patience",
+                "stun_max_count", "stun_cooldown_steps", "stun_recovery_steps"):
+        if getattr(k, key) < 0:
+            raise ConfigError(f"curriculum.{key} = {getattr(k, key)}: must not be negative")
+    if k.span_max_len < k.span_min_len:
+        raise ConfigError(f"curriculum.span_max_len = {k.span_max_len} is below curriculum.span_min_len = {k.span_min_len}")
 
 
 def check_devices(cfg: Config, n_devices: int) -> None:

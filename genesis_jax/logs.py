@@ -72,8 +72,11 @@ class MetricsDB:
         self.con.commit()
 
     def log_languages(self, step: int, rows: dict[str, tuple[float | None, float | None]]) -> None:
-        self.con.executemany("INSERT OR REPLACE INTO language_logs VALUES (?, ?, ?, ?)",
-                             [(step, loc, ema, val) for loc, (ema, val) in rows.items()])
+        """Upsert (ema_loss, val_loss) per locale; a None leaves the stored value alone."""
+        self.con.executemany(
+            "INSERT INTO language_logs VALUES (?, ?, ?, ?) ON CONFLICT(step, locale) DO UPDATE SET"
+            " ema_loss=COALESCE(excluded.ema_loss, ema_loss), val_loss=COALESCE(excluded.val_loss, val_loss)",
+            [(step, loc, ema, val) for loc, (ema, val) in rows.items()])
         self.con.commit()
 
     def log_signal(self, step: int, kind: str, value: float, description: str) -> None:
@@ -156,10 +159,18 @@ class Console:
         self.stream.flush()
 
 
+def print_err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def format_line(m: dict[str, Any], max_steps: int, eta_s: float | None) -> str:
+    """step, loss, EMA, LR, phase and mask %, phase-anchored improvement, stun state, tokens/s, ETA."""
     eta = _duration(eta_s) if eta_s is not None else "-"
     tps = m.get("tokens_per_sec")
     tps_s = f"{tps / 1000:7.1f}k tok/s" if tps else "      - tok/s"
+    imp = m.get("improvement")
+    imp_s = f" {imp:+5.1f}%" if imp is not None else ""
+    stun = f" | lr x{m['lr_mult']:.2f} (stun {m['stuns']}/{m['stun_max']})" if m.get("stuns") else ""
     return (f"step {m['step']:>7d}/{max_steps} | loss {m['loss']:.4f} | ema {m['loss_ema']:.4f} | "
-            f"lr {m['lr']:.2e} | gnorm {m['grad_norm']:6.3f} | {m.get('phase_name', 'BYTE')} mask {100 * m.get('mask_prob', 0.0):4.1f}% | "
-            f"{tps_s} | ETA {eta}")
+            f"lr {m['lr']:.2e} | gnorm {m['grad_norm']:6.3f} | {m.get('phase_name', 'BYTE'):4s} mask "
+            f"{100 * m.get('mask_prob', 0.0):4.1f}%{imp_s}{stun} | {tps_s} | ETA {eta}")

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from genesis_jax import config as C
 from genesis_jax.sampler import MaskParams, build_device_corpus
-from genesis_jax.step import init_model, init_state, make_mesh, make_train_step
+from genesis_jax.step import StepControls, init_model, init_state, make_mesh, make_train_step
 
 
 def losses(n_devices: int, steps: int = 4) -> list[float]:
@@ -32,7 +32,7 @@ def losses(n_devices: int, steps: int = 4) -> list[float]:
     step = jax.jit(make_train_step(cfg, nnx.graphdef(model), mesh), donate_argnums=0)
     out = []
     for _ in range(steps):
-        state, m = step(state, corpus, jax.random.key(3), jnp.float32(1.0), MaskParams.make("wwm", 0.2))
+        state, m = step(state, corpus, jax.random.key(3), StepControls.make(mask=MaskParams.make("wwm", 0.2)))
         out.append(float(m["loss"]))
     return out
 

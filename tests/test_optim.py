@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from genesis_jax import config as C
 from genesis_jax.optim import decay_mask, lr_schedule
 from genesis_jax.sampler import MaskParams, build_device_corpus
-from genesis_jax.step import init_model, init_state, make_mesh, make_train_step
+from genesis_jax.step import StepControls, init_model, init_state, make_mesh, make_train_step
 
 
 def test_warmup_then_cosine_hand_computed():
@@ -69,10 +69,36 @@ def test_multiplier_is_runtime_one_trace_and_zero_freezes(stepper):
     before = jax.tree.map(np.asarray, state.params)
     schedule = lr_schedule(cfg.optim, cfg.training.max_steps)
     for i, mult in enumerate((1.0, 0.5, 0.25, 0.0)):
-        state, m = step(state, dc, key, jnp.float32(mult), MaskParams.make("random", 0.1))
+        state, m = step(state, dc, key, StepControls.make(mult, mask=MaskParams.make("random", 0.1)))
         assert float(m["lr"]) == pytest.approx(float(schedule(i)) * mult)
     assert len(traces) == 1
     frozen = fresh_state()
-    after, _ = step(frozen, dc, key, jnp.float32(0.0), MaskParams.make())
+    after, _ = step(frozen, dc, key, StepControls.make(0.0))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), before, after.params)
+    assert len(traces) == 1
+
+
+def _adam_mu(opt_state):
+    import optax
+
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByAdamState))
+             if isinstance(s, optax.ScaleByAdamState)]
+    assert len(found) == 1
+    return found[0].mu
+
+
+def test_stun_scales_adam_first_moment_without_retracing(stepper):
+    cfg, fresh_state, dc, step, traces = stepper
+    key = jax.random.key(0)
+    state, _ = step(fresh_state(), dc, key, StepControls.make())
+    mu_old = jax.tree.map(np.asarray, _adam_mu(state.opt_state))
+    one, _ = step(state, dc, key, StepControls.make(1.0, 1.0))
+    step(state, dc, key, StepControls.make(0.5, 0.5, MaskParams.make("span", 0.2, 1, 3)))  # other mask: no retrace
+    # Same step index and mask, so the same batch and gradient:
+    # mu_new = b1 * scale * mu_old + (1 - b1) * g, so the difference is b1 * (1 - 0.5) * mu_old.
+    b1 = cfg.optim.beta1
+    same, _ = step(state, dc, key, StepControls.make(0.5, 0.5))
+    for m1, ms, m0 in zip(jax.tree.leaves(_adam_mu(one.opt_state)), jax.tree.leaves(_adam_mu(same.opt_state)),
+                          jax.tree.leaves(mu_old)):
+        np.testing.assert_allclose(np.asarray(m1) - np.asarray(ms), b1 * 0.5 * m0, rtol=1e-4, atol=1e-8)
     assert len(traces) == 1

@@ -71,3 +71,118 @@ def test_masks_corrupt_inputs_only(setup):
         assert masked.any()
         assert np.array_equal(m.labels, clean.labels)
         assert np.array_equal(np.where(masked, 0, clean.inputs), m.inputs)
+
+
+def _corpus_from_text(text: str, seq_len: int):
+    from genesis_jax.words import word_starts
+
+    data = np.frombuffer(text.encode("utf-8"), np.uint8)
+    return build_device_corpus(data, word_starts(text), np.array([0, len(data)]), seq_len)
+
+
+def _word_decisions(masked: np.ndarray, words: np.ndarray, skip_first: int = 1) -> np.ndarray:
+    """One masked/unmasked decision per word (word id >= skip_first), checking it is the same for
+    every byte of the word and the separators that follow it."""
+    out = []
+    for m_row, w_row in zip(masked, words):
+        ids = np.cumsum(w_row)
+        for wid in range(skip_first, ids.max() + 1):
+            flags = m_row[ids == wid]
+            assert flags.all() or not flags.any(), "a word was partly masked"
+            out.append(bool(flags[0]))
+    return np.array(out)
+
+
+@pytest.fixture(scope="module")
+def latin():
+    rng = np.random.default_rng(0)
+    vocab = ["".join(rng.choice(list("abcdefghij"), size=rng.integers(1, 8))) for _ in range(300)]
+    text = " ".join(rng.choice(vocab, size=20000)) + "."
+    return _corpus_from_text(text, 64)
+
+
+def _window_words(corpus, b):
+    # Recover each window's word-start flags from its start offset (labels are x[t+1:]).
+    tokens = np.asarray(corpus.tokens).astype(np.int64) + 4
+    flags = np.asarray(corpus.word_starts)
+    out = []
+    for row in np.asarray(b.labels):
+        t = _find_start(tokens, row)
+        out.append(flags[t:t + 64])
+    return np.array(out)
+
+
+def _find_start(tokens, labels):
+    cand = np.flatnonzero(tokens[1:len(tokens) - 63] == labels[0])
+    for c in cand:
+        if np.array_equal(tokens[c + 1:c + 65], labels):
+            return c
+    raise AssertionError("window not found")
+
+
+@pytest.mark.parametrize("p", [0.15, 0.4])
+def test_wwm_masks_whole_words_with_probability_p(latin, p):
+    b = jax.jit(lm_batch, static_argnums=(2, 3))(latin, jax.random.key(1), 400, 64, MaskParams.make("wwm", p))
+    words = _window_words(latin, b)
+    decisions = _word_decisions(np.asarray(b.masked), words)
+    sigma = np.sqrt(p * (1 - p) / len(decisions))
+    assert abs(decisions.mean() - p) < 4 * sigma, (decisions.mean(), p, len(decisions))
+
+
+@pytest.mark.parametrize("p, k", [(0.15, 3), (0.3, 2)])
+def test_span_masks_expected_word_fraction(latin, p, k):
+    b = jax.jit(lm_batch, static_argnums=(2, 3))(latin, jax.random.key(2), 400, 64, MaskParams.make("span", p, k, k))
+    words = _window_words(latin, b)
+    # Words with id >= k have all k possible seeds inside the window.
+    decisions = _word_decisions(np.asarray(b.masked), words, skip_first=k)
+    expected = 1 - (1 - p / k) ** k
+    sigma = np.sqrt(expected * (1 - expected) / len(decisions))
+    # Neighbouring words share seeds, so allow a wider band than for independent draws.
+    assert abs(decisions.mean() - expected) < 8 * sigma, (decisions.mean(), expected)
+
+
+def test_span_length_is_one_draw_per_batch(latin):
+    # lm_batch splits its key into (start, mask) keys and the span masker splits the mask key
+    # into (length, seeds): recompute this batch's k and check that every masked run of words
+    # away from the window edges is at least k long in every window of the batch. A k drawn per
+    # window would leave shorter runs.
+    seen = set()
+    for seed in range(8):
+        key = jax.random.key(seed)
+        k_len = jax.random.split(jax.random.split(key)[1])[0]
+        k = int(jax.random.randint(k_len, (), 1, 5))
+        seen.add(k)
+        b = jax.jit(lm_batch, static_argnums=(2, 3))(latin, key, 64, 64, MaskParams.make("span", 0.3, 1, 4))
+        words = _window_words(latin, b)
+        runs = []
+        for m_row, w_row in zip(np.asarray(b.masked), words):
+            dec = _word_decisions(m_row[None], w_row[None], skip_first=1)
+            r = 0
+            for i, d in enumerate(dec):
+                if d:
+                    r += 1
+                    continue
+                if r and i - r > 0:  # a finished run that does not touch the window start
+                    runs.append(r)
+                r = 0
+        assert runs and min(runs) >= k, (k, sorted(runs)[:5])
+    assert len(seen) > 1
+
+
+def test_cjk_characters_are_masked_one_by_one():
+    text = "日本語のテキストです。" * 400
+    c = _corpus_from_text(text, 64)
+    b = jax.jit(lm_batch, static_argnums=(2, 3))(c, jax.random.key(3), 300, 64, MaskParams.make("wwm", 0.3))
+    words = _window_words(c, b)
+    decisions = _word_decisions(np.asarray(b.masked), words)
+    assert int(words.sum(axis=1).mean()) >= 19  # ~21 one-character words in 64 bytes
+    sigma = np.sqrt(0.3 * 0.7 / len(decisions))
+    assert abs(decisions.mean() - 0.3) < 4 * sigma
+
+
+def test_masks_are_a_function_of_the_key(latin):
+    f = jax.jit(lm_batch, static_argnums=(2, 3))
+    m = MaskParams.make("wwm", 0.3)
+    a, b = f(latin, jax.random.key(9), 32, 64, m), f(latin, jax.random.key(9), 32, 64, m)
+    c = f(latin, jax.random.key(10), 32, 64, m)
+    assert np.array_equal(a.masked, b.masked) and not np.array_equal(a.masked, c.masked)

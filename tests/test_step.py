@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from conftest import ROOT
 from genesis_jax import config as C
 from genesis_jax.sampler import MaskParams, build_device_corpus, lm_batch
-from genesis_jax.step import accumulate_grads, init_model, init_state, make_loss_fn, make_mesh, make_train_step
+from genesis_jax.step import StepControls, accumulate_grads, init_model, init_state, make_loss_fn, make_mesh, make_train_step
 
 SEQ = 16
 
@@ -36,11 +36,12 @@ def test_accumulation_4x2_equals_one_batch_of_8():
     model = init_model(cfg)
     params = nnx.state(model, nnx.Param)
     flat = lm_batch(synthetic_corpus(), jax.random.key(0), 8, SEQ, MaskParams.make())
-    grad_fn = jax.value_and_grad(make_loss_fn(nnx.graphdef(model)))
+    loss_fn = make_loss_fn(nnx.graphdef(model))
+    grad_fn = jax.value_and_grad(lambda p, b: (loss_fn(p, b), None), has_aux=True)
     as_one = jax.tree.map(lambda x: x.reshape(1, 8, *x.shape[1:]), flat)
     as_four = jax.tree.map(lambda x: x.reshape(4, 2, *x.shape[1:]), flat)
-    loss1, g1 = jax.jit(accumulate_grads, static_argnums=0)(grad_fn, params, as_one)
-    loss4, g4 = jax.jit(accumulate_grads, static_argnums=0)(grad_fn, params, as_four)
+    loss1, g1, _ = jax.jit(accumulate_grads, static_argnums=0)(grad_fn, params, as_one)
+    loss4, g4, _ = jax.jit(accumulate_grads, static_argnums=0)(grad_fn, params, as_four)
     assert float(loss1) == pytest.approx(float(loss4), rel=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
@@ -51,7 +52,7 @@ def test_accumulation_4x2_equals_one_batch_of_8():
     for cfg in (s8, s42):
         state = jax.device_put(init_state(cfg, model), NamedSharding(make_mesh(), P()))
         step = jax.jit(make_train_step(cfg, nnx.graphdef(model), make_mesh()))
-        state, m = step(state, corpus, key, jnp.float32(1.0), MaskParams.make())
+        state, m = step(state, corpus, key, StepControls.make())
         outs.append((float(m["loss"]), float(m["grad_norm"])))
     assert outs[0] == pytest.approx(outs[1], rel=1e-5)
 
@@ -67,8 +68,8 @@ def test_golden_train_step():
     before = jax.tree.map(np.asarray, state.params)
     step = jax.jit(make_train_step(cfg, nnx.graphdef(model), make_mesh()))
     corpus, key = synthetic_corpus(), jax.random.key(0)
-    state, m0 = step(state, corpus, key, jnp.float32(1.0), MaskParams.make())
-    state, m1 = step(state, corpus, key, jnp.float32(1.0), MaskParams.make())
+    state, m0 = step(state, corpus, key, StepControls.make())
+    state, m1 = step(state, corpus, key, StepControls.make())
     got = {"loss": float(m0["loss"]), "grad_norm": float(m0["grad_norm"]),
            "update_norm": float(np.sqrt(sum(np.sum((np.asarray(a) - b) ** 2) for a, b in
                                              zip(jax.tree.leaves(state.params), jax.tree.leaves(before))))), "loss_step1": float(m1["loss"])}

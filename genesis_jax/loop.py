@@ -1,0 +1,238 @@
+"""The training loop: dispatch, one-step-late metrics, curriculum, validation, logs, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from . import config as config_lib
+from .analytics import LocaleEMA
+from .checkpoint import SHAPE_KEYS, Checkpointer
+from .config import Config
+from .curriculum import PHASE_NAMES, Controls, Curriculum, Signal
+from .data import ValWindows
+from .flops import peak_flops, train_flops_per_token
+from .logs import Console, MetricsDB, TensorBoard, format_line, print_err
+from .runtime import Setup
+from .sampler import MaskParams
+from .step import StepControls, TrainState, make_eval_step
+
+
+def model_shape(cfg: Config) -> dict[str, Any]:
+    return {k: getattr(cfg.model, k) for k in SHAPE_KEYS}
+
+
+class Validator:
+    """Scores the fixed held-out windows: global and per-locale CE, perplexity, bits per byte."""
+
+    def __init__(self, windows: ValWindows, batch_size: int, graphdef: nnx.GraphDef, sharding: NamedSharding):
+        self.w, self.batch = windows, batch_size
+        self.fn = jax.jit(make_eval_step(graphdef))
+        self.sharding = sharding
+
+    def __call__(self, params: Any) -> dict[str, float]:
+        n = len(self.w.locale)
+        if n == 0:
+            return {}
+        losses = []
+        for lo in range(0, n, self.batch):
+            idx = np.arange(lo, lo + self.batch) % n  # pad the last batch by wrapping; extra rows dropped
+            x = jax.device_put(self.w.inputs[idx], self.sharding)
+            y = jax.device_put(self.w.labels[idx], self.sharding)
+            losses.append(np.asarray(self.fn(params, x, y))[: min(self.batch, n - lo)])
+        per = np.concatenate(losses)
+        out = {"val/loss": float(per.mean())}
+        for i, loc in enumerate(self.w.locales):
+            sel = per[self.w.locale == i]
+            if len(sel):
+                out[f"val/loss/{loc}"] = float(sel.mean())
+        for key in list(out):
+            ce = out[key]
+            out[key.replace("val/loss", "val/ppl")] = math.exp(min(ce, 50.0))
+            out[key.replace("val/loss", "val/bpb")] = ce / math.log(2.0)
+        return out
+
+
+def step_controls(ctl: Controls, cfg: Config) -> StepControls:
+    k = cfg.curriculum
+    mask = MaskParams.make(ctl.mask_kind, ctl.mask_prob, k.span_min_len, k.span_max_len, cfg.data.mask_id)
+    return StepControls.make(ctl.lr_mult, ctl.mu_scale, mask)
+
+
+class TrainLoop:
+    """Owns the host side of a run; `run` returns the exit code and sets `status`."""
+
+    def __init__(self, cfg: Config, run_dir: Path, setup: Setup, ckpt: Checkpointer, meta: dict[str, Any]):
+        self.cfg, self.setup, self.ckpt = cfg, setup, ckpt
+        tc = cfg.training
+        self.curriculum = Curriculum(cfg.curriculum, tc.log_interval, setup.has_words)
+        self.locale_ema = LocaleEMA(setup.locales, cfg.curriculum.locale_ema_decay)
+        if "curriculum" in meta:
+            self.curriculum.load_state_dict(meta["curriculum"])
+        if "locale_ema" in meta:
+            self.locale_ema.load_state_dict(meta["locale_ema"])
+        self.db = MetricsDB(run_dir / "metrics.sqlite")
+        self.db.start(config_lib.config_hash(cfg), model_shape(cfg),
+                      {"lr": cfg.optim.lr, "batch_size": tc.batch_size, "grad_accum_steps": tc.grad_accum_steps,
+                       "seq_len": cfg.data.seq_len, "max_steps": tc.max_steps, "seed": tc.seed})
+        self.tb = TensorBoard(run_dir / "tensorboard" if cfg.logging.tensorboard else None)
+        self.console = Console(tc.max_steps, cfg.logging.progress)
+        self.validator = Validator(setup.windows, tc.batch_size, setup.graphdef, NamedSharding(setup.mesh, P("data")))
+        self.tokens_per_step = tc.batch_size * tc.grad_accum_steps * cfg.data.seq_len
+        self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak = peak_flops()
+        self.status, self.done = "completed", 0
+        self.last_loss: float | None = None
+        self.last_val: float | None = None
+        self.rate: float | None = None
+        self.t_mark, self.s_mark, self.start = time.time(), 0, 0
+        self.pending: tuple[int, dict[str, jax.Array], Controls] | None = None
+
+    # -- per-step host work -------------------------------------------------------------
+    def observe(self, s: int, dev: dict[str, jax.Array], ctl: Controls) -> None:
+        """Metrics of step s (fetched one step late): curriculum, telemetry, logs at log steps."""
+        m = jax.device_get(dev)
+        loss, ema = float(m["loss"]), float(m["loss_ema"])
+        self.last_loss = loss
+        self.locale_ema.update([float(x) for x in m["locale_loss_sum"]], [float(x) for x in m["locale_count"]])
+        for sig in self.curriculum.observe(s, loss, ema):
+            self.signal(sig)
+        tc = self.cfg.training
+        if s % tc.log_interval == 0 or s + 1 == tc.max_steps:
+            self.log(s, m, ctl)
+
+    def signal(self, sig: Signal) -> None:
+        self.db.log_signal(sig.step, sig.kind, sig.value, sig.description)
+        self.tb.scalars(sig.step, {f"Signals/{sig.kind}": sig.value})
+        self.console.print(f"signal {sig.kind} at step {sig.step}: {sig.description}")
+
+    def log(self, s: int, m: dict[str, Any], ctl: Controls) -> None:
+        tc = self.cfg.training
+        now = time.time()
+        steps_done = s + 1 - self.s_mark
+        # The first step after a (re)start carries dispatch warm-up: no rate from it alone.
+        measured = steps_done > 0 and now > self.t_mark and s > self.start
+        tps = steps_done * self.tokens_per_step / (now - self.t_mark) if measured else None
+        self.rate = steps_done / (now - self.t_mark) if measured else self.rate
+        self.t_mark, self.s_mark = now, s + 1
+        eta = (tc.max_steps - s - 1) / self.rate if self.rate else None
+        status = self.curriculum.status(s)
+        row = {"step": s, "loss": float(m["loss"]), "loss_ema": float(m["loss_ema"]), "grad_norm": float(m["grad_norm"]),
+               "lr": float(m["lr"]), "mask_prob": ctl.mask_prob, "phase": ctl.phase,
+               "wwm_improvement": status["wwm_improvement"], "span_improvement": status["span_improvement"],
+               "tokens_per_sec": tps, "wall_time": now}
+        self.db.log_train(row)
+        emas = {loc: v for loc, v in self.locale_ema.ema.items() if v is not None}
+        self.db.log_languages(s, {loc: (v, None) for loc, v in emas.items()})
+        analytics = self.curriculum.analytics["lifetime"].window_stats()
+        scalars = {"Train/Loss": row["loss"], "Train/LossEMA": row["loss_ema"], "Train/LR": row["lr"],
+                   "Train/GradNorm": row["grad_norm"], "Train/MaskProb": ctl.mask_prob, "Train/Phase": float(ctl.phase),
+                   "Train/LRMultiplier": ctl.lr_mult,
+                   **{f"Research/EMA_Loss_{loc}": v for loc, v in emas.items()},
+                   **{f"Research/{k}": v for k, v in (("LossSlope", analytics["slope"]),
+                                                      ("NoiseFraction", analytics["noise_fraction"]),
+                                                      ("OscillationRate", analytics["oscillation_rate"])) if v is not None}}
+        if status["wwm_improvement"] is not None:
+            scalars["Research/WWM_Improvement"] = status["wwm_improvement"]
+        if status["span_improvement"] is not None:
+            scalars["Research/Span_Improvement"] = status["span_improvement"]
+        if tps:
+            scalars["System/TokensPerSec"] = tps
+            if self.peak:
+                scalars["System/MFU"] = tps * self.flops_per_token / (self.peak * self.setup.mesh.size)
+        self.tb.scalars(s, scalars)
+        extra = {"phase_name": PHASE_NAMES[ctl.phase], "improvement": status["wwm_improvement"] if ctl.phase == 2
+                 else status["span_improvement"], "lr_mult": ctl.lr_mult, "stuns": status["stuns"],
+                 "stun_max": self.cfg.curriculum.stun_max_count}
+        self.console.print(format_line({**row, **extra}, tc.max_steps, eta))
+
+    def validate(self, params: Any, done: int) -> None:
+        vals = self.validator(params)
+        if not vals:
+            return
+        tc, locales = self.cfg.training, self.setup.locales
+        self.last_val = vals["val/loss"]
+        self.db.log_eval(done, vals)
+        self.db.log_languages(done, {loc: (None, vals[f"val/loss/{loc}"]) for loc in locales if f"val/loss/{loc}" in vals})
+        self.tb.scalars(done, {"Eval/" + k.split("/", 1)[1].replace("/", "_"): v for k, v in vals.items()})
+        self.console.print(f"val  {done:>7d}/{tc.max_steps} | loss {vals['val/loss']:.4f} | ppl {vals['val/ppl']:.2f} | "
+                           f"bpb {vals['val/bpb']:.3f} | " + " ".join(f"{loc} {vals[f'val/loss/{loc}']:.3f}"
+                                                                   for loc in locales if f"val/loss/{loc}" in vals))
+
+    def meta(self, step: int) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"step": step, "model_shape": model_shape(cfg), "config": config_lib.to_dict(cfg),
+                "seed": cfg.training.seed, "sampler": {"kind": "fold_in(seed, step)", "next_step": step},
+                "curriculum": self.curriculum.state_dict(), "locale_ema": self.locale_ema.state_dict()}
+
+    # -- the loop -----------------------------------------------------------------------
+    def run(self, state: TrainState, step_fn: Any, stop: Any) -> int:
+        cfg, tc = self.cfg, self.cfg.training
+        seed_key = jax.random.key(tc.seed)
+        corpus = self.setup.device_corpus
+        self.start = self.done = self.s_mark = int(state.step)
+        self.pending = None
+        code = 0
+        if self.start == 0 and tc.val_interval:
+            self.validate(state.params, 0)
+        try:
+            for s in range(self.start, tc.max_steps):
+                ctl = self.curriculum.controls(s)
+                state, metrics = step_fn(state, corpus, seed_key, step_controls(ctl, cfg))
+                self.done = s + 1
+                if self.pending is not None:
+                    self.observe(*self.pending)
+                self.pending = (s, metrics, ctl)
+                self.console.progress(self.done, (tc.max_steps - self.done) / self.rate if self.rate else None)
+                val_due = tc.val_interval and (self.done % tc.val_interval == 0 or self.done == tc.max_steps)
+                save_due = (self.done % cfg.checkpoint.save_interval == 0 or self.done == tc.max_steps
+                            or stop.signum is not None)
+                if val_due or save_due:
+                    # Decisions from step s only act from step s + 2, so observing it now is safe.
+                    self.observe(*self.pending)
+                    self.pending = None
+                if val_due:
+                    self.validate(state.params, self.done)
+                if save_due:
+                    self.ckpt.save(self.done, state, self.meta(self.done))
+                if stop.signum is not None:
+                    self.status, code = "interrupted", 128 + stop.signum
+                    break
+            if self.pending is not None:
+                self.observe(*self.pending)
+                self.pending = None
+        except Exception as e:  # noqa: BLE001 - report in one line, keep what is valid
+            self.status, code = "failed", 1
+            saved = self._save_after_failure(state)
+            print_err(f"error: training failed after step {self.done}: {type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}{saved}; latest checkpoint: {self.ckpt.latest_step()}")
+        finally:
+            self.ckpt.close()
+            self.console.close()
+            self.db.finish(self.status, self.done, self.last_loss, self.last_val)
+            self.db.close()
+            self.tb.close()
+        return code
+
+    def _save_after_failure(self, state: TrainState) -> str:
+        leaves = jax.tree.leaves(state)
+        if self.done <= self.start or any(getattr(x, "is_deleted", lambda: False)() for x in leaves):
+            self.ckpt.wait()
+            return ""
+        try:
+            step = int(state.step)
+            if self.pending is not None:  # the checkpoint's research state covers every step before it
+                pending, self.pending = self.pending, None
+                self.observe(*pending)
+            self.ckpt.save(step, state, self.meta(step))
+            self.ckpt.wait()
+            return f"; saved step {step}"
+        except Exception:  # noqa: BLE001
+            return ""

@@ -1,0 +1,61 @@
+"""Building a run: corpus on the devices, initial state, the compiled step (shared with benchmarks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from . import config as config_lib
+from .config import Config
+from .data import ValWindows, open_configured, selected_locales, val_windows
+from .errors import UserError
+from .sampler import DeviceCorpus, build_device_corpus
+from .step import StepControls, TrainState, init_model, init_state, make_mesh, make_train_step
+
+
+@dataclass
+class Setup:
+    """Everything the loop needs, built the same way for training and for benchmarks."""
+
+    mesh: Mesh
+    locales: list[str]
+    corpus_path: Path
+    device_corpus: DeviceCorpus
+    windows: ValWindows
+    graphdef: nnx.GraphDef
+    state: TrainState
+    replicated: NamedSharding
+    has_words: bool
+
+
+def build(cfg: Config) -> Setup:
+    """Open the corpus, put its training split on the devices, initialise the state."""
+    mesh = make_mesh()
+    config_lib.check_devices(cfg, mesh.size)
+    corpus = open_configured(cfg.data)
+    locales = selected_locales(corpus, cfg.data)
+    tokens, words, starts = corpus.stream(locales, heldout=False)
+    replicated = NamedSharding(mesh, P())
+    device_corpus = build_device_corpus(tokens, words, starts, cfg.data.seq_len, replicated)
+    if int(device_corpus.valid_cum[-1]) == 0:
+        raise UserError(f"data.seq_len = {cfg.data.seq_len}: longer than every locale's training text in {corpus.path}")
+    vt, _, vs = corpus.stream(locales, heldout=True)
+    windows = val_windows(vt, vs, locales, cfg.data.seq_len, cfg.training.val_windows)
+    model = init_model(cfg)
+    graphdef = nnx.graphdef(model)
+    state = jax.device_put(init_state(cfg, model), replicated)
+    return Setup(mesh, locales, corpus.path, device_corpus, windows, graphdef, state, replicated, bool(words.any()))
+
+
+def compile_step(cfg: Config, s: Setup, controls: StepControls) -> Any:
+    """Ahead-of-time compiled train step with the state donated."""
+    step = make_train_step(cfg, s.graphdef, s.mesh, n_locales=len(s.locales))
+    return jax.jit(step, donate_argnums=0).lower(
+        s.state, s.device_corpus, jax.random.key(cfg.training.seed), controls).compile()
+
+
