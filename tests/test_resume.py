@@ -19,8 +19,28 @@ pytestmark = pytest.mark.slow
 MAX_STEPS = 300
 
 
-def write_config(path: Path, corpus: Path) -> Path:
-    path.write_text(f"""
+CURRICULUM = """
+[curriculum]
+wwm_trigger_steps = 40
+wwm_window = 20
+wwm_threshold = 1.0
+wwm_ramp_steps = 100
+span_trigger_steps = 60
+span_window = 20
+span_threshold = 1.0
+span_ramp_steps = 50
+span_min_len = 1
+span_max_len = 3
+plateau_lr_patience = 30
+plateau_min_delta = 0.5
+stun_max_count = 2
+stun_cooldown_steps = 100
+stun_recovery_steps = 40
+"""
+
+
+def write_config(path: Path, corpus: Path, extra: str = "") -> Path:
+    path.write_text(extra + f"""
 [model]
 preset = "test"
 compute_dtype = "float32"
@@ -88,10 +108,10 @@ def reference(tmp_path_factory, fixture_corpus):
     return cfg, run
 
 
-def assert_same_logs(a: Path, b: Path) -> None:
-    ra, rb = logged(a), logged(b)
+def assert_same_logs(a: Path, b: Path, cols: str = "step, loss, loss_ema, grad_norm, lr") -> None:
+    ra, rb = logged(a, cols=cols), logged(b, cols=cols)
     assert [r[0] for r in ra] == [r[0] for r in rb] == list(range(MAX_STEPS))
-    np.testing.assert_allclose(np.array(rb)[:, 1:], np.array(ra)[:, 1:], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.array(rb, dtype=float)[:, 1:], np.array(ra, dtype=float)[:, 1:], rtol=1e-6, atol=1e-7)
     va = sorted(logged(a, "evaluation_logs", "step, name, value"))
     vb = sorted(logged(b, "evaluation_logs", "step, name, value"))
     assert [v[:2] for v in va] == [v[:2] for v in vb]
@@ -171,3 +191,41 @@ def test_resume_refuses_another_shape_and_lists_changed_settings(fixture_corpus,
     assert train.main(run + ["--set", "training.max_steps=5", "--set", "training.val_interval=0", "--set", "optim.lr=0.01"]) == 0
     err = capsys.readouterr().err
     assert "resuming" in err and "optim.lr: 0.003 -> 0.01" in err and "training.max_steps: 3 -> 5" in err
+
+
+@pytest.fixture(scope="module")
+def curriculum_reference(tmp_path_factory, fixture_corpus):
+    base = tmp_path_factory.mktemp("curriculum")
+    cfg = write_config(base / "run.toml", fixture_corpus, CURRICULUM)
+    run = base / "uninterrupted"
+    r = subprocess.run(command(cfg, run), env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    signals = logged(run, "grokking_signals", "step, type, value")
+    kinds = [(s, k) for s, k, _ in signals]
+    # Hand-derived schedule (log_interval = 1): stun when 30 steps pass without a 50% better
+    # minimum (step 30), WWM tested at 40 -> 60, active from 62, ramp to 162; second stun after
+    # the 100-step cooldown (130); SPAN eligible from 122, tested 122 -> 142, active from 144.
+    assert (30, "lr_stun") in kinds and (130, "lr_stun") in kinds
+    assert (60, "wwm_activation") in kinds and (142, "span_activation") in kinds
+    return cfg, run
+
+
+@pytest.mark.parametrize("kill_at", [110, 175], ids=["mid-wwm-ramp", "after-second-stun"])
+def test_curriculum_resume_after_sigkill_is_exact(curriculum_reference, tmp_path, kill_at):
+    cfg, ref = curriculum_reference
+    run = tmp_path / "killed"
+    proc = run_until(cfg, run, kill_at, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    r = subprocess.run(command(cfg, run), env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_logs(ref, run, cols="step, loss, loss_ema, grad_norm, lr, mask_prob, phase, wwm_improvement, span_improvement")
+    rows = logged(run, cols="step, mask_prob, phase, lr")
+    assert {p for _, _, p, _ in rows} == {1, 2, 3}
+    assert 0.05 < rows[112][1] < 0.15  # mid-ramp mask probability was logged
+    sig = lambda d: sorted(logged(d, "grokking_signals", "step, type, value"))  # noqa: E731
+    assert [x[:2] for x in sig(run)] == [x[:2] for x in sig(ref)]
+    np.testing.assert_allclose([x[2] for x in sig(run)], [x[2] for x in sig(ref)], rtol=1e-6)
+    lang = lambda d: logged(d, "language_logs", "step, locale, ema_loss")  # noqa: E731
+    la, lb = lang(ref), lang(run)
+    assert [x[:2] for x in la] == [x[:2] for x in lb]
+    np.testing.assert_allclose([x[2] or 0 for x in lb], [x[2] or 0 for x in la], rtol=1e-6)
