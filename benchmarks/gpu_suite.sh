@@ -30,6 +30,8 @@ timeout 200 python benchmarks/train_step.py --config configs/gpu_bench.toml --st
   --variant "deep_narrow_40:model.preset=deep_narrow_40" \
   --variant "microscope:model.preset=microscope" \
   --variant "deep_narrow_40-gqa3:model.preset=deep_narrow_40,model.n_kv_heads=4" \
+  --variant "deep_narrow_40-wwm:model.preset=deep_narrow_40,mask=wwm" \
+  --variant "deep_narrow_40-span:model.preset=deep_narrow_40,mask=span" \
   --out "$OUT/train_step.csv" 2>&1 | grep -v -E '^(step|val) ' | tee "$OUT/train_step.txt" || status=1
 
 echo "suite finished with status $status; tables in $OUT"

@@ -93,16 +93,21 @@ class TrainLoop:
         self.last_val: float | None = None
         self.rate: float | None = None
         self.t_mark, self.s_mark, self.start = time.time(), 0, 0
-        self.pending: tuple[int, dict[str, jax.Array], Controls] | None = None
+        self.queue: list[tuple[int, dict[str, jax.Array], Controls]] = []  # dispatched, not yet observed
+        self.observed = -1
 
     # -- per-step host work -------------------------------------------------------------
     def observe(self, s: int, dev: dict[str, jax.Array], ctl: Controls) -> None:
         """Metrics of step s (fetched one step late): curriculum, telemetry, logs at log steps."""
         m = jax.device_get(dev)
         loss, ema = float(m["loss"]), float(m["loss_ema"])
-        self.last_loss = loss
-        self.locale_ema.update([float(x) for x in m["locale_loss_sum"]], [float(x) for x in m["locale_count"]])
-        for sig in self.curriculum.observe(s, loss, ema):
+        signals = []
+        if s > self.observed:  # research state first, so a failure in logging cannot lose it
+            self.observed = s
+            self.last_loss = loss
+            self.locale_ema.update([float(x) for x in m["locale_loss_sum"]], [float(x) for x in m["locale_count"]])
+            signals = self.curriculum.observe(s, loss, ema)
+        for sig in signals:
             self.signal(sig)
         tc = self.cfg.training
         if s % tc.log_interval == 0 or s + 1 == tc.max_steps:
@@ -178,7 +183,7 @@ class TrainLoop:
         seed_key = jax.random.key(tc.seed)
         corpus = self.setup.device_corpus
         self.start = self.done = self.s_mark = int(state.step)
-        self.pending = None
+        self.observed = self.start - 1
         code = 0
         if self.start == 0 and tc.val_interval:
             self.validate(state.params, 0)
@@ -187,17 +192,17 @@ class TrainLoop:
                 ctl = self.curriculum.controls(s)
                 state, metrics = step_fn(state, corpus, seed_key, step_controls(ctl, cfg))
                 self.done = s + 1
-                if self.pending is not None:
-                    self.observe(*self.pending)
-                self.pending = (s, metrics, ctl)
+                self.queue.append((s, metrics, ctl))
+                while len(self.queue) > 1:  # metrics one step late: step s - 1 is done by now
+                    self.observe(*self.queue.pop(0))
                 self.console.progress(self.done, (tc.max_steps - self.done) / self.rate if self.rate else None)
                 val_due = tc.val_interval and (self.done % tc.val_interval == 0 or self.done == tc.max_steps)
                 save_due = (self.done % cfg.checkpoint.save_interval == 0 or self.done == tc.max_steps
                             or stop.signum is not None)
                 if val_due or save_due:
                     # Decisions from step s only act from step s + 2, so observing it now is safe.
-                    self.observe(*self.pending)
-                    self.pending = None
+                    while self.queue:
+                        self.observe(*self.queue.pop(0))
                 if val_due:
                     self.validate(state.params, self.done)
                 if save_due:
@@ -205,9 +210,8 @@ class TrainLoop:
                 if stop.signum is not None:
                     self.status, code = "interrupted", 128 + stop.signum
                     break
-            if self.pending is not None:
-                self.observe(*self.pending)
-                self.pending = None
+            while self.queue:
+                self.observe(*self.queue.pop(0))
         except Exception as e:  # noqa: BLE001 - report in one line, keep what is valid
             self.status, code = "failed", 1
             saved = self._save_after_failure(state)
@@ -228,9 +232,12 @@ class TrainLoop:
             return ""
         try:
             step = int(state.step)
-            if self.pending is not None:  # the checkpoint's research state covers every step before it
-                pending, self.pending = self.pending, None
-                self.observe(*pending)
+            for item in self.queue:  # the checkpoint's research state covers every step before it
+                try:
+                    self.observe(*item)
+                except Exception:  # noqa: BLE001 - its research state is updated before logging
+                    pass
+            self.queue = []
             self.ckpt.save(step, state, self.meta(step))
             self.ckpt.wait()
             return f"; saved step {step}"
