@@ -18,8 +18,8 @@ status=0
   python -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__); print(jax.devices())"
 } 2>&1 | tee "$OUT/env.txt"
 
-echo "== correctness: model forward/backward per attention backend vs xla"
-timeout 120 python benchmarks/gpu_check.py --out "$OUT/gpu_check.csv" 2>&1 | tee "$OUT/gpu_check.txt" || status=1
+echo "== correctness: model forward/backward per attention backend vs xla (python -m genesis_jax.verify)"
+timeout 120 python -m genesis_jax.verify --out "$OUT/verify.csv" 2>&1 | tee "$OUT/verify.txt" || status=1
 
 echo "== attention kernels: ours vs XLA, cuDNN, bundled mha, PyTorch SDPA (bf16)"
 timeout 300 python benchmarks/attention.py --seqs 512,2048,8192 --head-dims 64,128 --iters 20 \

@@ -128,14 +128,35 @@ class Attention(nnx.Module):
         self.wv = _linear(dim, nkv * self.head_dim, scaled, dtype, rngs)
         self.wo = _linear(nh * self.head_dim, dim, out, dtype, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         b, l, _ = x.shape
         q = self.wq(x).reshape(b, l, self.n_heads, self.head_dim)
         k = self.wk(x).reshape(b, l, self.n_kv_heads, self.head_dim)
         v = self.wv(x).reshape(b, l, self.n_kv_heads, self.head_dim)
-        q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+        return rope(q, positions, self.rope_base), rope(k, positions, self.rope_base), v
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        b, l, _ = x.shape
+        q, k, v = self.qkv(x, positions)
         o = self.attn_fn(q, k, v, causal=True, segment_ids=segment_ids)
         return self.wo(o.reshape(b, l, self.n_heads * self.head_dim))
+
+    def cached(self, x: jax.Array, start: jax.Array, cache: tuple[jax.Array, jax.Array]
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """New tokens at positions start.. attend to the cache and themselves; the cache is updated."""
+        b, l, _ = x.shape
+        positions = start + jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+        q, k, v = self.qkv(x, positions)
+        ck = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, start, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, start, 0, 0))
+        group = self.n_heads // self.n_kv_heads
+        qg = q.reshape(b, l, self.n_kv_heads, group, self.head_dim)
+        s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, ck.astype(q.dtype), preferred_element_type=jnp.float32)
+        s = s * self.head_dim**-0.5
+        visible = jnp.arange(ck.shape[1])[None, :] <= (start + jnp.arange(l))[:, None]  # [l, max_len]
+        p = jax.nn.softmax(jnp.where(visible, s, -jnp.inf), axis=-1)
+        o = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(cv.dtype), cv, preferred_element_type=jnp.float32)
+        return self.wo(o.reshape(b, l, self.n_heads * self.head_dim).astype(x.dtype)), (ck, cv)
 
 
 class SwiGLU(nnx.Module):
@@ -171,6 +192,16 @@ class Block(nnx.Module):
         x = x + self.attn(self.norm1(x), positions, segment_ids)
         return x + self.mlp(self.norm2(x))
 
+    def cached(self, x: jax.Array, start: jax.Array, cache: tuple[jax.Array, jax.Array]
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        if self.deepnorm:
+            a, cache = self.attn.cached(x, start, cache)
+            x = self.norm1(self.alpha * x + a)
+            return self.norm2(self.alpha * x + self.mlp(x)), cache
+        a, cache = self.attn.cached(self.norm1(x), start, cache)
+        x = x + a
+        return x + self.mlp(self.norm2(x)), cache
+
 
 class Llama(nnx.Module):
     """Token ids `[batch, seq]` -> float32 logits `[batch, seq, 260]` (and final hidden states)."""
@@ -205,8 +236,35 @@ class Llama(nnx.Module):
         return self.final_norm(x)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-        h = self.hidden(tokens, segment_ids)
+        return self.logits(self.hidden(tokens, segment_ids))
+
+    def logits(self, h: jax.Array) -> jax.Array:
         return jnp.einsum("bld,vd->blv", h, self.embed[...].astype(self.dtype), preferred_element_type=jnp.float32)
+
+    def init_cache(self, batch: int, max_len: int) -> tuple[jax.Array, jax.Array]:
+        """Empty KV cache `[n_layers, batch, max_len, n_kv_heads, head_dim]` (keys, values)."""
+        cfg = self.cfg
+        assert cfg.n_layers is not None and cfg.dim is not None and cfg.n_heads is not None and cfg.n_kv_heads is not None
+        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.dim // cfg.n_heads)
+        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+
+    def cached(self, tokens: jax.Array, start: jax.Array, cache: tuple[jax.Array, jax.Array]
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Logits of `tokens` placed at positions start.. after the cached prefix, and the new cache.
+
+        A prompt is one call from start 0 (prefill); each generated token is one more call, so
+        generating n tokens costs n single-token steps rather than n full forwards.
+        """
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(h: jax.Array, layer: tuple[nnx.State, jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            layer_state, ck, cv = layer
+            h, (ck, cv) = nnx.merge(graphdef, layer_state).cached(h, start, (ck, cv))
+            return h, (ck, cv)
+
+        x, new_cache = jax.lax.scan(body, x, (state, cache[0], cache[1]))
+        return self.logits(self.final_norm(x)), new_cache
 
 
 def count_params(model: nnx.Module) -> int:

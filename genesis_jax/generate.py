@@ -1,0 +1,48 @@
+"""`python -m genesis_jax.generate --run DIR [--step N] --prompt TEXT`: sample text from a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import UserError
+from .inference import generate, load_run
+from .logs import print_err
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m genesis_jax.generate", description=__doc__)
+    ap.add_argument("--run", type=Path, required=True, help="run directory")
+    ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--max-tokens", type=int, default=200, help="bytes to generate at most")
+    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=0, help="keep the k most likely bytes (0 = all)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with this much mass")
+    ap.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable); it is cut off")
+    ap.add_argument("--num-samples", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        if args.max_tokens <= 0 or args.num_samples <= 0:
+            raise UserError("--max-tokens and --num-samples must be positive")
+        if args.temperature < 0 or not 0.0 < args.top_p <= 1.0 or args.top_k < 0:
+            raise UserError("--temperature must be >= 0, --top-p within (0, 1], --top-k >= 0")
+        run = load_run(args.run, args.step)
+        outs = generate(run.model, args.prompt.encode("utf-8"), max_tokens=args.max_tokens,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop=args.stop,
+                        seed=args.seed, num_samples=args.num_samples)
+    except UserError as e:
+        print_err(f"error: {e}")
+        return e.exit_code
+    print_err(f"# {args.run} step {run.step}")
+    for i, out in enumerate(outs):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt + out.decode("utf-8", errors="replace"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Loading a trained model from a run directory, and sampling from it with a KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import config as config_lib
+from .checkpoint import Checkpointer, check_shape
+from .config import Config
+from .errors import UserError
+from .model import Llama
+from .step import init_model, init_state
+from .tokenizer import BYTE_OFFSET, VOCAB_SIZE
+
+
+@dataclass
+class LoadedRun:
+    cfg: Config
+    model: Llama
+    step: int
+    meta: dict[str, Any]
+
+
+def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
+    """The run's resolved config and the model weights of checkpoint `step` (default: latest)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.toml)")
+    cfg = config_lib.load(run_dir / "config.toml")
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    try:
+        steps = ckpt.manager.all_steps()
+        if not steps:
+            raise UserError(f"{run_dir}: no checkpoints yet")
+        chosen = max(steps) if step is None else step
+        if chosen not in steps:
+            raise UserError(f"--step {step}: no such checkpoint in {run_dir} (have {', '.join(map(str, sorted(steps)))})")
+        meta = ckpt.read_meta(chosen)
+        from .loop import model_shape
+
+        check_shape(meta.get("model_shape", {}), model_shape(cfg), run_dir)
+        model = init_model(cfg)
+        state = ckpt.restore(chosen, init_state(cfg, model))
+    finally:
+        ckpt.close()
+    nnx.update(model, state.params)
+    return LoadedRun(cfg=cfg, model=model, step=chosen, meta=meta)
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                  top_p: jax.Array) -> jax.Array:
+    """One byte token per row: greedy at temperature 0, else softmax sampling after top-k and
+    top-p (nucleus) filtering; special ids are never produced."""
+    logits = logits.astype(jnp.float32).at[:, :BYTE_OFFSET].set(-jnp.inf)
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    order = jnp.sort(scaled, axis=-1)[:, ::-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, VOCAB_SIZE - BYTE_OFFSET), VOCAB_SIZE)
+    kth = jnp.take_along_axis(order, (k - 1)[None, None].repeat(order.shape[0], 0), axis=-1)
+    scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
+    probs = jax.nn.softmax(jnp.sort(scaled, axis=-1)[:, ::-1], axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+    cutoff_idx = jnp.sum(before < top_p, axis=-1, keepdims=True) - 1  # keep while mass before < p
+    sorted_scaled = jnp.sort(scaled, axis=-1)[:, ::-1]
+    cutoff = jnp.take_along_axis(sorted_scaled, jnp.maximum(cutoff_idx, 0), axis=-1)
+    scaled = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+    sampled = jax.random.categorical(key, scaled, axis=-1)
+    return jnp.where(temperature <= 0.0, greedy, sampled).astype(jnp.int32)
+
+
+def generate(model: Llama, prompt: bytes, *, max_tokens: int, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, stop: list[str | bytes] | None = None, seed: int = 0,
+             num_samples: int = 1) -> list[bytes]:
+    """Continue `prompt` with a KV cache; each sample stops at its first stop sequence (which is
+    cut off) or after `max_tokens` bytes."""
+    if not prompt:
+        raise UserError("--prompt must not be empty")
+    ids = np.frombuffer(prompt, np.uint8).astype(np.int32) + BYTE_OFFSET
+    tokens = jnp.asarray(np.tile(ids, (num_samples, 1)))
+    graphdef, params = nnx.split(model)
+    cache = model.init_cache(num_samples, len(ids) + max_tokens)
+    knobs = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+
+    @jax.jit
+    def advance(params: Any, toks: jax.Array, start: jax.Array, cache: Any, key: jax.Array) -> tuple[jax.Array, Any]:
+        logits, cache = nnx.merge(graphdef, params).cached(toks, start, cache)
+        return sample_logits(logits[:, -1], key, *knobs), cache
+
+    base = jax.random.key(seed)
+    stops = [s if isinstance(s, bytes) else s.encode("utf-8") for s in (stop or []) if s]
+    out = [bytearray() for _ in range(num_samples)]
+    done = np.zeros(num_samples, bool)
+    nxt, cache = advance(params, tokens, jnp.int32(0), cache, jax.random.fold_in(base, 0))
+    for t in range(max_tokens):
+        host = np.asarray(nxt)
+        for i in range(num_samples):
+            if done[i]:
+                continue
+            out[i].append(int(host[i]) - BYTE_OFFSET)
+            hit = [bytes(out[i]).find(s) for s in stops if s in out[i]]
+            if hit:
+                del out[i][min(hit):]
+                done[i] = True
+        if done.all() or t == max_tokens - 1:
+            break
+        nxt, cache = advance(params, nxt[:, None], jnp.int32(len(ids) + t), cache, jax.random.fold_in(base, t + 1))
+    return [bytes(o) for o in out]

@@ -1,0 +1,112 @@
+"""`python -m genesis_jax.verify`: is this machine ready to train?
+
+Prints devices and versions, then for each attention backend: whether it is available, a tiny
+model forward and backward against the `xla` reference, and a short timing. Exit 0 only if
+every available check passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.metadata
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import config as config_lib
+from .errors import ConfigError
+from .model import Llama, attention_backend
+
+# Relative L2 error bounds for logits and every parameter gradient (float32 accumulation).
+TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+BACKENDS = ("xla", "pallas", "cudnn", "auto")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorboard", "numpy"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def _rel(a: Any, b: Any) -> float:
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(b64), 1e-30))
+
+
+def check_backend(backend: str, dtype: str, preset: str, seq: int) -> dict[str, Any]:
+    """Model logits and gradients with `backend` against `xla`, plus a forward+backward time."""
+    row: dict[str, Any] = {"backend": backend, "dtype": dtype}
+    try:
+        fn = attention_backend(backend)
+    except ConfigError as e:
+        return {**row, "status": "unavailable", "detail": str(e)}
+    cfg = config_lib.from_dict({"model": {"preset": preset, "n_kv_heads": 2, "compute_dtype": dtype}})
+    tokens = jnp.asarray(np.random.default_rng(0).integers(4, 260, size=(2, seq)), jnp.int32)
+
+    def loss_and_grads(attn: Any) -> tuple[jax.Array, jax.Array, Any, Any]:
+        g, params = nnx.split(Llama(cfg.model, nnx.Rngs(0), attn_fn=attn))
+
+        def loss(p: Any) -> tuple[jax.Array, jax.Array]:
+            logits = nnx.merge(g, p)(tokens)
+            logp = jax.nn.log_softmax(logits[:, :-1])
+            return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)), logits
+
+        f = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        (val, logits), grads = f(params)
+        return val, logits, grads, lambda: jax.block_until_ready(f(params))
+
+    try:
+        _, logits_r, grads_r, _ = loss_and_grads(attention_backend("xla"))
+        _, logits_t, grads_t, rerun = loss_and_grads(fn)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            rerun()
+        ms = (time.perf_counter() - t0) / 3 * 1000
+    except Exception as e:  # noqa: BLE001 - a failing backend is a result
+        return {**row, "status": "FAIL", "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+    out_err = _rel(logits_t, logits_r)
+    grad_err = max(_rel(a, b) for a, b in zip(jax.tree.leaves(grads_t), jax.tree.leaves(grads_r)))
+    ok = out_err <= TOLERANCE[dtype] and grad_err <= TOLERANCE[dtype]
+    interp = " (interpret mode: not a kernel speed)" if backend in ("pallas", "auto") and jax.default_backend() != "gpu" \
+        and fn is not attention_backend("xla") else ""
+    return {**row, "status": "pass" if ok else "FAIL", "logits_rel_err": f"{out_err:.2e}",
+            "max_grad_rel_err": f"{grad_err:.2e}", "fwd_bwd_ms": f"{ms:.2f}",
+            "detail": f"{preset} preset, 2 x {seq} tokens{interp}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m genesis_jax.verify", description=__doc__)
+    ap.add_argument("--out", type=Path, help="also write the table as CSV")
+    args = ap.parse_args(argv)
+    on_gpu = jax.default_backend() == "gpu"
+    print(f"backend {jax.default_backend()}: {', '.join(f'{d.device_kind} ({d.platform})' for d in jax.devices())}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+    preset, seq = ("small", 256) if on_gpu else ("test", 48)
+    dtypes = ("float32", "bfloat16") if on_gpu else ("float32",)
+    rows = [check_backend(b, d, preset, seq) for b in BACKENDS for d in dtypes]
+    cols = ["backend", "dtype", "status", "logits_rel_err", "max_grad_rel_err", "fwd_bwd_ms", "detail"]
+    for r in rows:
+        print(" | ".join(str(r.get(c, "")) for c in cols))
+    if args.out:
+        with open(args.out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
+    failed = [r for r in rows if r["status"] == "FAIL"]
+    print("all available checks passed" if not failed else f"{len(failed)} check(s) failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
