@@ -127,6 +127,20 @@ class CurriculumConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    interval: int = 0  # steps between quick evaluations during training (0 = never)
+    val_windows: int = 64  # held-out windows per locale (full suite; quick uses a quarter)
+    reconstruction_windows: int = 32  # held-out windows per locale and masking kind (full; quick: a quarter)
+    mask_prob: float = 0.15  # random and span masking probability in the reconstruction test
+    span_len: int = 3  # words per span in the reconstruction test
+    alignment_keys: int = 256  # held-out verse keys embedded per locale (full; quick: a quarter)
+    embed_len: int = 128  # bytes of a verse read for its embedding
+    max_val_ppl: float = 8.0  # go/no-go: validation perplexity at most this
+    max_train_val_gap: float = 0.3  # go/no-go: validation minus training cross-entropy at most this (nats)
+    min_alignment_acc: float = 0.02  # go/no-go: mean cross-lingual top-1 retrieval accuracy at least this
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -135,6 +149,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 SECTIONS: dict[str, type] = {
@@ -145,6 +160,7 @@ SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
     "curriculum": CurriculumConfig,
+    "eval": EvalConfig,
 }
 
 
@@ -298,6 +314,13 @@ def validate(cfg: Config) -> None:
     if not 0 <= d.mask_id < 260:
         raise ConfigError(f"data.mask_id = {d.mask_id}: must be a token id in [0, 260)")
     validate_curriculum(cfg.curriculum)
+    e = cfg.eval
+    for key in ("val_windows", "reconstruction_windows", "span_len", "alignment_keys", "embed_len", "max_val_ppl"):
+        _positive(f"eval.{key}", getattr(e, key))
+    if e.interval < 0:
+        raise ConfigError(f"eval.interval = {e.interval}: must not be negative")
+    if not 0.0 < e.mask_prob < 1.0:
+        raise ConfigError(f"eval.mask_prob = {e.mask_prob}: must be within (0, 1)")
 
 
 def validate_curriculum(k: CurriculumConfig) -> None:

@@ -18,6 +18,7 @@ from .checkpoint import SHAPE_KEYS, Checkpointer
 from .config import Config
 from .curriculum import PHASE_NAMES, Controls, Curriculum, Signal
 from .data import ValWindows
+from .evaluation import EvalSuite, go_no_go
 from .flops import peak_flops, train_flops_per_token
 from .logs import Console, MetricsDB, TensorBoard, format_line, print_err
 from .runtime import Setup
@@ -85,6 +86,7 @@ class TrainLoop:
         self.tb = TensorBoard(run_dir / "tensorboard" if cfg.logging.tensorboard else None)
         self.console = Console(tc.max_steps, cfg.logging.progress)
         self.validator = Validator(setup.windows, tc.batch_size, setup.graphdef, NamedSharding(setup.mesh, P("data")))
+        self.suite = EvalSuite(cfg, setup.corpus, setup.locales, setup.graphdef) if cfg.eval.interval else None
         self.tokens_per_step = tc.batch_size * tc.grad_accum_steps * cfg.data.seq_len
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = peak_flops()
@@ -171,6 +173,19 @@ class TrainLoop:
                            f"bpb {vals['val/bpb']:.3f} | " + " ".join(f"{loc} {vals[f'val/loss/{loc}']:.3f}"
                                                                    for loc in locales if f"val/loss/{loc}" in vals))
 
+    def evaluate(self, params: Any, done: int) -> None:
+        """The quick evaluation suite during training: evaluation_logs and TensorBoard Eval/*."""
+        assert self.suite is not None
+        results = self.suite.run(params, quick=True)
+        failed = go_no_go(results, self.cfg)
+        results["go"] = float(not failed)
+        self.db.log_eval(done, {f"quick/{k}": v for k, v in results.items()})
+        self.tb.scalars(done, {"Eval/quick_" + k.replace("/", "_"): v for k, v in results.items()})
+        self.console.print(f"eval {done:>7d}/{self.cfg.training.max_steps} | quick suite: "
+                           + ("GO" if not failed else "NO-GO (" + "; ".join(failed) + ")")
+                           + (f" | recon random acc {results['recon/random/accuracy']:.3f}" if "recon/random/accuracy" in results else "")
+                           + (f" | align top-1 {results['align/top1']:.3f}" if "align/top1" in results else ""))
+
     def meta(self, step: int) -> dict[str, Any]:
         cfg = self.cfg
         return {"step": step, "model_shape": model_shape(cfg), "config": config_lib.to_dict(cfg),
@@ -205,6 +220,8 @@ class TrainLoop:
                         self.observe(*self.queue.pop(0))
                 if val_due:
                     self.validate(state.params, self.done)
+                if self.suite is not None and self.done % cfg.eval.interval == 0:
+                    self.evaluate(state.params, self.done)
                 if save_due:
                     self.ckpt.save(self.done, state, self.meta(self.done))
                 if stop.signum is not None:

@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import config as config_lib
 from .config import Config
+from .corpus.store import Corpus
 from .data import ValWindows, open_configured, selected_locales, val_windows
 from .errors import UserError
 from .sampler import DeviceCorpus, build_device_corpus
@@ -31,6 +32,7 @@ class Setup:
     state: TrainState
     replicated: NamedSharding
     has_words: bool
+    corpus: Corpus
 
 
 def build(cfg: Config) -> Setup:
@@ -49,7 +51,8 @@ def build(cfg: Config) -> Setup:
     model = init_model(cfg)
     graphdef = nnx.graphdef(model)
     state = jax.device_put(init_state(cfg, model), replicated)
-    return Setup(mesh, locales, corpus.path, device_corpus, windows, graphdef, state, replicated, bool(words.any()))
+    return Setup(mesh, locales, corpus.path, device_corpus, windows, graphdef, state, replicated, bool(words.any()),
+                 corpus)
 
 
 def compile_step(cfg: Config, s: Setup, controls: StepControls) -> Any:

@@ -1,0 +1,70 @@
+"""`python -m genesis_jax.eval --run DIR [--step N] [--suite full|quick]`: evaluate a checkpoint.
+
+Writes DIR/reports/eval_<step>.json and a short table; exits 0 for go and 1 for no-go against
+the thresholds in the run's `[eval]` config, naming each threshold that failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from flax import nnx
+
+from .data import open_configured, selected_locales
+from .errors import UserError
+from .evaluation import EvalSuite, go_no_go
+from .inference import load_run
+from .logs import print_err
+
+
+def format_table(results: dict[str, float], locales: list[str]) -> str:
+    lines = []
+    if "val/loss" in results:
+        lines.append(f"validation  loss {results['val/loss']:.4f}  ppl {results['val/ppl']:.3f}  bpb {results['val/bpb']:.3f}"
+                     f"  | train loss {results.get('train/loss', float('nan')):.4f}  gap {results.get('gap/val_minus_train', float('nan')):+.4f}")
+        lines.append("  " + "  ".join(f"{loc} {results[f'val/loss/{loc}']:.3f}" for loc in locales if f"val/loss/{loc}" in results))
+    for kind in ("random", "span", "verse"):
+        if f"recon/{kind}/accuracy" in results:
+            lines.append(f"reconstruction {kind:6s} accuracy {results[f'recon/{kind}/accuracy']:.3f}  "
+                         f"CER {results[f'recon/{kind}/cer']:.3f}  (masked {100 * results[f'recon/{kind}/masked_fraction']:.1f}%)")
+    if "align/top1" in results:
+        lines.append(f"alignment   top-1 {results['align/top1']:.3f} (chance {results['align/chance']:.3f}, "
+                     f"{int(results['align/keys'])} keys)  procrustes {results['align/procrustes']:.3f}  CKA {results['align/cka']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m genesis_jax.eval", description=__doc__)
+    ap.add_argument("--run", type=Path, required=True)
+    ap.add_argument("--step", type=int)
+    ap.add_argument("--suite", choices=["full", "quick"], default="full")
+    args = ap.parse_args(argv)
+    try:
+        t0 = time.time()
+        run = load_run(args.run, args.step)
+        corpus = open_configured(run.cfg.data)
+        locales = selected_locales(corpus, run.cfg.data)
+        graphdef, params = nnx.split(run.model)
+        results = EvalSuite(run.cfg, corpus, locales, graphdef).run(params, quick=args.suite == "quick")
+    except UserError as e:
+        print_err(f"error: {e}")
+        return e.exit_code
+    failed = go_no_go(results, run.cfg)
+    report = {"run": str(args.run), "step": run.step, "suite": args.suite, "seconds": time.time() - t0,
+              "go": not failed, "failed": failed, "results": results}
+    out = args.run / "reports" / f"eval_{run.step}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"{args.suite} evaluation of {args.run} at step {run.step} ({report['seconds']:.0f}s)")
+    print(format_table(results, locales))
+    print("GO" if not failed else "NO-GO: " + "; ".join(failed))
+    print(f"report: {out}")
+    return 0 if not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

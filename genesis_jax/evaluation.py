@@ -1,0 +1,208 @@
+"""The evaluation suite (SPEC 7): validation, masked reconstruction, cross-lingual alignment, go/no-go."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import Config
+from .corpus.store import Corpus
+from .data import ValWindows, val_windows
+from .metrics import char_error_rate, linear_cka, procrustes_residual, retrieval_top1
+from .sampler import MaskParams, make_mask
+from .tokenizer import BYTE_OFFSET, PAD_ID
+
+NEWLINE = ord("\n")
+
+
+@dataclass
+class Streams:
+    """Per-split byte streams of the evaluated locales (from `Corpus.stream`)."""
+
+    train: tuple[np.ndarray, np.ndarray, np.ndarray]
+    heldout: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+class EvalSuite:
+    def __init__(self, cfg: Config, corpus: Corpus, locales: list[str], graphdef: nnx.GraphDef):
+        self.cfg, self.corpus, self.locales, self.graphdef = cfg, corpus, locales, graphdef
+        self.streams = Streams(corpus.stream(locales, heldout=False), corpus.stream(locales, heldout=True))
+        self.forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+        self.hidden = jax.jit(lambda p, x: nnx.merge(graphdef, p).hidden(x))
+        self.mask_fn = jax.jit(make_mask)
+
+    # -- cross-entropy --------------------------------------------------------------------
+    def _ce(self, params: Any, w: ValWindows, batch: int) -> np.ndarray:
+        out = []
+        for lo in range(0, len(w.locale), batch):
+            logits = self.forward(params, jnp.asarray(w.inputs[lo:lo + batch]))
+            logp = jax.nn.log_softmax(logits, axis=-1)
+            nll = -jnp.take_along_axis(logp, jnp.asarray(w.labels[lo:lo + batch])[..., None], axis=-1)[..., 0]
+            out.append(np.asarray(nll.mean(axis=-1)))
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def cross_entropy(self, params: Any, per_locale: int) -> dict[str, float]:
+        """Held-out CE, perplexity and bits per byte (global and per locale), and the training
+        split's CE on as many windows, for the train/validation gap."""
+        L, batch = self.cfg.data.seq_len, self.cfg.training.batch_size
+        out: dict[str, float] = {}
+        vt, _, vs = self.streams.heldout
+        w = val_windows(vt, vs, self.locales, L, per_locale)
+        per = self._ce(params, w, batch)
+        if len(per):
+            out["val/loss"] = float(per.mean())
+            for i, loc in enumerate(self.locales):
+                if np.any(w.locale == i):
+                    out[f"val/loss/{loc}"] = float(per[w.locale == i].mean())
+            for key in [k for k in out if k.startswith("val/loss")]:
+                out[key.replace("val/loss", "val/ppl")] = math.exp(min(out[key], 50.0))
+                out[key.replace("val/loss", "val/bpb")] = out[key] / math.log(2.0)
+        tt, _, ts = self.streams.train
+        train = self._ce(params, val_windows(tt, ts, self.locales, L, per_locale), batch)
+        if len(train):
+            out["train/loss"] = float(train.mean())
+            if "val/loss" in out:
+                out["gap/val_minus_train"] = out["val/loss"] - out["train/loss"]
+        return out
+
+    # -- masked reconstruction --------------------------------------------------------------
+    def _windows(self, per_locale: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Held-out windows of L bytes with their word starts, evenly spaced in each locale."""
+        L = self.cfg.data.seq_len
+        tokens, words, starts = self.streams.heldout
+        rows, wrows, locs = [], [], []
+        for i in range(len(self.locales)):
+            lo, hi = int(starts[i]), int(starts[i + 1])
+            if hi - lo < L:
+                continue
+            for s in np.unique(np.linspace(lo, hi - L, min(per_locale, (hi - lo) // L)).astype(np.int64)):
+                rows.append(tokens[s:s + L])
+                wrows.append(words[s:s + L])
+                locs.append(i)
+        return np.array(rows, np.int32) + BYTE_OFFSET, np.array(wrows, np.uint8), np.array(locs, np.int32)
+
+    @staticmethod
+    def verse_mask(ids: np.ndarray) -> np.ndarray:
+        """Mask the first verse that lies wholly inside each window (between two newlines); if
+        none does, everything after the first newline."""
+        mask = np.zeros(ids.shape, bool)
+        for r, row in enumerate(ids):
+            nl = np.flatnonzero(row == NEWLINE + BYTE_OFFSET)
+            if len(nl) >= 2:
+                mask[r, nl[0] + 1:nl[1]] = True
+            elif len(nl) == 1:
+                mask[r, nl[0] + 1:] = True
+            else:
+                mask[r, 1:] = True
+        return mask
+
+    def reconstruction(self, params: Any, per_locale: int) -> dict[str, float]:
+        """Accuracy and character error rate of the original byte at each masked position,
+        predicted from the corrupted history (the logits one position earlier)."""
+        ids, words, _ = self._windows(per_locale)
+        if not len(ids):
+            return {}
+        e = self.cfg.eval
+        out: dict[str, float] = {}
+        key = jax.random.key(1234)
+        masks = {
+            "random": np.array(self.mask_fn(key, jnp.asarray(words), MaskParams.make("random", e.mask_prob))),
+            "span": np.array(self.mask_fn(key, jnp.asarray(words), MaskParams.make("span", e.mask_prob, e.span_len, e.span_len))),
+            "verse": self.verse_mask(ids),
+        }
+        batch = self.cfg.training.batch_size
+        for kind, mask in masks.items():
+            mask[:, 0] = False  # the first byte has no history to predict it from
+            corrupted = np.where(mask, self.cfg.data.mask_id, ids)
+            preds = np.concatenate([np.asarray(jnp.argmax(self.forward(params, jnp.asarray(corrupted[lo:lo + batch])), axis=-1))
+                                    for lo in range(0, len(ids), batch)])
+            pred_at = np.zeros_like(ids)
+            pred_at[:, 1:] = preds[:, :-1]  # prediction for position t comes from position t - 1
+            hits = (pred_at == ids)[mask]
+            out[f"recon/{kind}/accuracy"] = float(hits.mean()) if hits.size else 0.0
+            out[f"recon/{kind}/cer"] = char_error_rate(self._spans(pred_at, ids, mask))
+            out[f"recon/{kind}/masked_fraction"] = float(mask.mean())
+        return out
+
+    @staticmethod
+    def _spans(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> list[tuple[str, str]]:
+        pairs = []
+        for p_row, r_row, m_row in zip(pred, ref, mask):
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], m_row.astype(np.int8), [0]])))
+            for a, b in zip(edges[::2], edges[1::2]):
+                dec = lambda x: bytes(np.clip(x - BYTE_OFFSET, 0, 255).astype(np.uint8)).decode("utf-8", "replace")  # noqa: E731
+                pairs.append((dec(p_row[a:b]), dec(r_row[a:b])))
+        return pairs
+
+    # -- cross-lingual alignment ------------------------------------------------------------
+    def embed(self, params: Any, texts: list[bytes]) -> np.ndarray:
+        """Mean-pooled final hidden states over each text's bytes (padding excluded)."""
+        n = self.cfg.eval.embed_len
+        ids = np.full((len(texts), n), PAD_ID, np.int32)
+        for i, t in enumerate(texts):
+            b = np.frombuffer(t[:n], np.uint8)
+            ids[i, :len(b)] = b.astype(np.int32) + BYTE_OFFSET
+        valid = ids != PAD_ID
+        out = []
+        for lo in range(0, len(ids), self.cfg.training.batch_size):
+            h = np.asarray(self.hidden(params, jnp.asarray(ids[lo:lo + self.cfg.training.batch_size])), np.float64)
+            v = valid[lo:lo + len(h)][..., None]
+            out.append((h * v).sum(axis=1) / np.maximum(v.sum(axis=1), 1))
+        return np.concatenate(out)
+
+    def alignment(self, params: Any, n_keys: int) -> dict[str, float]:
+        """For held-out keys present in every locale: top-1 retrieval of the same verse across
+        each pair of locales (both directions), orthogonal-Procrustes residual and linear CKA."""
+        c = self.corpus
+        by_key: dict[int, dict[str, int]] = {}
+        for row_i in np.flatnonzero(c.records["heldout"] == 1):
+            r = c.records[row_i]
+            by_key.setdefault(int(r["key"]), {})[c.locales[int(r["locale"])]] = int(row_i)
+        keys = sorted(k for k, locs in by_key.items() if all(loc in locs for loc in self.locales))
+        if len(self.locales) < 2 or len(keys) < 2:
+            return {}
+        keys = keys[:: max(1, len(keys) // n_keys)][:n_keys]
+        emb = {loc: self.embed(params, [c.record_text(by_key[k][loc]).encode("utf-8") for k in keys])
+               for loc in self.locales}
+        out: dict[str, float] = {"align/keys": float(len(keys))}
+        accs, res, ckas = [], [], []
+        for a, b in itertools.combinations(self.locales, 2):
+            acc = 0.5 * (retrieval_top1(emb[a], emb[b]) + retrieval_top1(emb[b], emb[a]))
+            out[f"align/top1/{a}-{b}"] = acc
+            accs.append(acc)
+            res.append(procrustes_residual(emb[a], emb[b]))
+            ckas.append(linear_cka(emb[a], emb[b]))
+        out.update({"align/top1": float(np.mean(accs)), "align/procrustes": float(np.mean(res)),
+                    "align/cka": float(np.mean(ckas)), "align/chance": 1.0 / len(keys)})
+        return out
+
+    # -- suites ---------------------------------------------------------------------------
+    def run(self, params: Any, quick: bool) -> dict[str, float]:
+        e = self.cfg.eval
+        scale = 4 if quick else 1
+        out = self.cross_entropy(params, max(1, e.val_windows // scale))
+        out.update(self.reconstruction(params, max(1, e.reconstruction_windows // scale)))
+        out.update(self.alignment(params, max(2, e.alignment_keys // scale)))
+        return out
+
+
+def go_no_go(results: dict[str, float], cfg: Config) -> list[str]:
+    """The thresholds that failed (empty: go)."""
+    e, failed = cfg.eval, []
+    ppl = results.get("val/ppl")
+    if ppl is None or ppl > e.max_val_ppl:
+        failed.append(f"validation perplexity {ppl if ppl is None else round(ppl, 3)} > eval.max_val_ppl = {e.max_val_ppl}")
+    gap = results.get("gap/val_minus_train")
+    if gap is None or gap > e.max_train_val_gap:
+        failed.append(f"train/validation gap {gap if gap is None else round(gap, 4)} > eval.max_train_val_gap = {e.max_train_val_gap}")
+    acc = results.get("align/top1")
+    if acc is None or acc < e.min_alignment_acc:
+        failed.append(f"alignment top-1 {acc if acc is None else round(acc, 4)} < eval.min_alignment_acc = {e.min_alignment_acc}")
+    return failed

@@ -1,0 +1,94 @@
+"""The evaluation suite: masks and spans by hand, a constant-prediction oracle, the CLI's go/no-go."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from genesis_jax import config as C
+from genesis_jax.corpus.store import open_corpus
+from genesis_jax.evaluation import EvalSuite, go_no_go
+
+NL = ord("\n") + 4
+
+
+def test_verse_mask_masks_one_whole_verse():
+    ids = np.array([[10, NL, 20, 21, 22, NL, 30, NL], [10, 11, NL, 20, 21, 22, 23, 24], [40, 41, 42, 43, 44, 45, 46, 47]])
+    m = EvalSuite.verse_mask(ids)
+    assert m[0].tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
+    assert m[1].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert m[2].tolist() == [0, 1, 1, 1, 1, 1, 1, 1]
+
+
+def test_spans_pair_predictions_with_references():
+    pred = np.array([[4 + 97, 4 + 120, 4 + 99, 4 + 100]])
+    ref = np.array([[4 + 97, 4 + 98, 4 + 99, 4 + 100]])
+    mask = np.array([[False, True, True, False]])
+    assert EvalSuite._spans(pred, ref, mask) == [("xc", "bc")]
+
+
+@pytest.fixture(scope="module")
+def suite(fixture_corpus):
+    cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32"}, "data": {"seq_len": 32},
+                       "training": {"batch_size": 4}, "eval": {"reconstruction_windows": 4, "val_windows": 4,
+                                                                "alignment_keys": 8, "embed_len": 32}})
+    from genesis_jax.step import init_model
+
+    corpus = open_corpus(fixture_corpus)
+    model = init_model(cfg)
+    graphdef, params = nnx.split(model)
+    return cfg, EvalSuite(cfg, corpus, corpus.locales, graphdef), params
+
+
+def test_reconstruction_scores_a_constant_predictor_exactly(suite):
+    cfg, s, params = suite
+    e_id = ord("e") + 4
+    s.forward = lambda p, x: jnp.broadcast_to(jnp.eye(260)[e_id], (*x.shape, 260))  # always predicts "e"
+    out = s.reconstruction(params, 4)
+    ids, _, _ = s._windows(4)
+    mask = EvalSuite.verse_mask(ids)
+    mask[:, 0] = False
+    assert out["recon/verse/accuracy"] == pytest.approx(np.mean(ids[mask] == e_id))
+    for kind in ("random", "span", "verse"):
+        assert 0.0 <= out[f"recon/{kind}/accuracy"] <= 1.0 and out[f"recon/{kind}/cer"] >= 0.0
+
+
+def test_alignment_and_cross_entropy_shapes(suite):
+    cfg, s, params = suite
+    s2 = EvalSuite(cfg, s.corpus, s.locales, s.graphdef)
+    align = s2.alignment(params, 8)
+    pairs = [k for k in align if k.startswith("align/top1/")]
+    assert len(pairs) == 3 and 0.0 <= align["align/top1"] <= 1.0 and align["align/keys"] >= 2
+    ce = s2.cross_entropy(params, 4)
+    assert ce["val/ppl"] == pytest.approx(np.exp(ce["val/loss"])) and "gap/val_minus_train" in ce
+
+
+def test_go_no_go_names_each_failed_threshold():
+    cfg = C.from_dict({"eval": {"max_val_ppl": 5.0, "max_train_val_gap": 0.1, "min_alignment_acc": 0.5}})
+    ok = {"val/ppl": 4.0, "gap/val_minus_train": 0.05, "align/top1": 0.6}
+    assert go_no_go(ok, cfg) == []
+    bad = go_no_go({"val/ppl": 6.0, "gap/val_minus_train": 0.2, "align/top1": 0.1}, cfg)
+    assert len(bad) == 3 and "eval.max_val_ppl" in bad[0] and "eval.max_train_val_gap" in bad[1] and "eval.min_alignment_acc" in bad[2]
+
+
+def test_eval_cli_quick_go_and_no_go(fixture_corpus, tmp_path, capsys):
+    from genesis_jax import eval as eval_cli, train
+
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'[model]\npreset = "test"\ncompute_dtype = "float32"\n[data]\ncorpus = "{fixture_corpus}"\nseq_len = 32\n'
+                   '[training]\nmax_steps = 4\nbatch_size = 4\nlog_interval = 2\nval_interval = 0\n'
+                   '[eval]\nmax_val_ppl = 1e9\nmax_train_val_gap = 1e9\nmin_alignment_acc = 0.0\nalignment_keys = 8\n')
+    run = tmp_path / "run"
+    assert train.main(["--config", str(cfg), "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert eval_cli.main(["--run", str(run), "--suite", "quick"]) == 0
+    out = capsys.readouterr().out
+    assert "GO" in out and "reconstruction verse" in out and "alignment" in out
+    report = json.loads((run / "reports" / "eval_4.json").read_text())
+    assert report["go"] and report["step"] == 4 and "val/loss/en" in report["results"]
+    text = (run / "config.toml").read_text().replace("max_val_ppl = 1000000000.0", "max_val_ppl = 1.0")
+    (run / "config.toml").write_text(text)
+    assert eval_cli.main(["--run", str(run), "--suite", "quick"]) == 1
+    assert "NO-GO: validation perplexity" in capsys.readouterr().out
