@@ -133,7 +133,7 @@ class EvalConfig:
     reconstruction_windows: int = 32  # held-out windows per locale and masking kind (full; quick: a quarter)
     mask_prob: float = 0.15  # random and span masking probability in the reconstruction test
     span_len: int = 3  # words per span in the reconstruction test
-    alignment_keys: int = 256  # held-out verse keys embedded per locale (full; quick: a quarter)
+    alignment_keys: int = 256  # held-out verse keys embedded per locale (both suites: chance = 1 / keys)
     embed_len: int = 128  # bytes of a verse read for its embedding
     max_val_ppl: float = 8.0  # go/no-go: validation perplexity at most this
     max_train_val_gap: float = 0.3  # go/no-go: validation minus training cross-entropy at most this (nats)
