@@ -110,3 +110,13 @@ class LocaleEMA:
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.ema = {loc: d["ema"].get(loc) for loc in self.locales}
+
+
+def validation_drop(history: list[tuple[int, float]], step: int, loss: float, window: int) -> float | None:
+    """Relative fall of validation loss from the highest value seen in the `window` steps
+    before `step` (None without earlier validations in the window)."""
+    earlier = [v for s, v in history if step - window <= s < step]
+    if not earlier:
+        return None
+    peak = max(earlier)
+    return (peak - loss) / peak if peak > 0 else None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from .config import CheckpointConfig
 from .errors import ResumeError
@@ -15,20 +17,44 @@ from .errors import ResumeError
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "norm_type")
 
 
+@dataclasses.dataclass
+class PinnedSteps(pp.PreservationPolicy):
+    """Keeps the steps in a set that grows during the run (grokking checkpoints)."""
+
+    pinned: set[int]
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> Sequence[bool]:
+        return [c.step in self.pinned for c in checkpoints]
+
+
 class Checkpointer:
     """Step directories under `<run>/checkpoints`; Orbax writes to a temporary directory and
-    renames it when complete, so an interrupted write never replaces a good checkpoint."""
+    renames it when complete, so an interrupted write never replaces a good checkpoint.
+    Retention keeps the last `keep`, every multiple of `permanent_interval`, and pinned steps
+    (listed in `checkpoints/pinned.json`, so they survive resumes)."""
 
     def __init__(self, directory: Path, cfg: CheckpointConfig):
+        self.directory = Path(directory).absolute()
+        self.pinned_file = self.directory / "pinned.json"
+        self.pinned: set[int] = set(json.loads(self.pinned_file.read_text())) if self.pinned_file.is_file() else set()
+        policies: list[Any] = [pp.LatestN(cfg.keep), PinnedSteps(self.pinned)]
+        if cfg.permanent_interval:
+            policies.append(pp.EveryNSteps(cfg.permanent_interval))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep,
-            keep_period=cfg.permanent_interval or None,
+            preservation_policy=pp.AnyPreservationPolicy(policies),
             save_interval_steps=1,
             cleanup_tmp_directories=True,
             enable_async_checkpointing=cfg.async_save,
         )
-        self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"), options=options)
+
+    def pin(self, step: int) -> None:
+        """Never delete `step` (it must be saved, now or already)."""
+        self.pinned.add(step)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.pinned_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sorted(self.pinned)))
+        tmp.replace(self.pinned_file)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -138,6 +138,9 @@ class EvalConfig:
     max_val_ppl: float = 8.0  # go/no-go: validation perplexity at most this
     max_train_val_gap: float = 0.3  # go/no-go: validation minus training cross-entropy at most this (nats)
     min_alignment_acc: float = 0.02  # go/no-go: mean cross-lingual top-1 retrieval accuracy at least this
+    grokking_drop: float = 0.1  # validation loss falling by this fraction within the window: a grokking signal (0 = off)
+    grokking_window: int = 1000  # steps over which the drop is measured
+    grokking_min_step: int = 2000  # no grokking signal before this step (early training always drops fast)
 
 
 @dataclass(frozen=True)
@@ -317,6 +320,8 @@ def validate(cfg: Config) -> None:
     e = cfg.eval
     for key in ("val_windows", "reconstruction_windows", "span_len", "alignment_keys", "embed_len", "max_val_ppl"):
         _positive(f"eval.{key}", getattr(e, key))
+    if e.grokking_drop < 0 or e.grokking_window <= 0 or e.grokking_min_step < 0:
+        raise ConfigError("eval.grokking_drop and eval.grokking_min_step must not be negative, eval.grokking_window must be positive")
     if e.interval < 0:
         raise ConfigError(f"eval.interval = {e.interval}: must not be negative")
     if not 0.0 < e.mask_prob < 1.0:

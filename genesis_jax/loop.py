@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import config as config_lib
-from .analytics import LocaleEMA
+from .analytics import LocaleEMA, validation_drop
 from .checkpoint import SHAPE_KEYS, Checkpointer
 from .config import Config
 from .curriculum import PHASE_NAMES, Controls, Curriculum, Signal
@@ -79,6 +79,8 @@ class TrainLoop:
             self.curriculum.load_state_dict(meta["curriculum"])
         if "locale_ema" in meta:
             self.locale_ema.load_state_dict(meta["locale_ema"])
+        self.val_history: list[tuple[int, float]] = [(int(s), float(v)) for s, v in meta.get("val_history", [])]
+        self.last_grokking = int(meta.get("last_grokking", -(10**12)))
         self.db = MetricsDB(run_dir / "metrics.sqlite")
         self.db.start(config_lib.config_hash(cfg), model_shape(cfg),
                       {"lr": cfg.optim.lr, "batch_size": tc.batch_size, "grad_accum_steps": tc.grad_accum_steps,
@@ -160,18 +162,34 @@ class TrainLoop:
                  "stun_max": self.cfg.curriculum.stun_max_count}
         self.console.print(format_line({**row, **extra}, tc.max_steps, eta))
 
-    def validate(self, params: Any, done: int) -> None:
+    def validate(self, params: Any, done: int) -> bool:
+        """Run validation; True when it raised a grokking signal (that step must be saved and pinned)."""
         vals = self.validator(params)
         if not vals:
-            return
+            return False
         tc, locales = self.cfg.training, self.setup.locales
         self.last_val = vals["val/loss"]
+        grokked = self._grokking(done, vals["val/loss"])
+        self.val_history.append((done, vals["val/loss"]))
         self.db.log_eval(done, vals)
         self.db.log_languages(done, {loc: (None, vals[f"val/loss/{loc}"]) for loc in locales if f"val/loss/{loc}" in vals})
         self.tb.scalars(done, {"Eval/" + k.split("/", 1)[1].replace("/", "_"): v for k, v in vals.items()})
         self.console.print(f"val  {done:>7d}/{tc.max_steps} | loss {vals['val/loss']:.4f} | ppl {vals['val/ppl']:.2f} | "
                            f"bpb {vals['val/bpb']:.3f} | " + " ".join(f"{loc} {vals[f'val/loss/{loc}']:.3f}"
                                                                    for loc in locales if f"val/loss/{loc}" in vals))
+        return grokked
+
+    def _grokking(self, done: int, loss: float) -> bool:
+        e = self.cfg.eval
+        if e.grokking_drop <= 0 or done < e.grokking_min_step or done - self.last_grokking < e.grokking_window:
+            return False
+        drop = validation_drop(self.val_history, done, loss, e.grokking_window)
+        if drop is None or drop < e.grokking_drop:
+            return False
+        self.last_grokking = done
+        self.signal(Signal(done, "grokking", drop, f"validation loss fell {100 * drop:.1f}% within {e.grokking_window} "
+                           f"steps (>= {100 * e.grokking_drop:.0f}%); checkpoint {done} pinned"))
+        return True
 
     def evaluate(self, params: Any, done: int) -> None:
         """The quick evaluation suite during training: evaluation_logs and TensorBoard Eval/*."""
@@ -190,7 +208,8 @@ class TrainLoop:
         cfg = self.cfg
         return {"step": step, "model_shape": model_shape(cfg), "config": config_lib.to_dict(cfg),
                 "seed": cfg.training.seed, "sampler": {"kind": "fold_in(seed, step)", "next_step": step},
-                "curriculum": self.curriculum.state_dict(), "locale_ema": self.locale_ema.state_dict()}
+                "curriculum": self.curriculum.state_dict(), "locale_ema": self.locale_ema.state_dict(),
+                "val_history": self.val_history, "last_grokking": self.last_grokking}
 
     # -- the loop -----------------------------------------------------------------------
     def run(self, state: TrainState, step_fn: Any, stop: Any) -> int:
@@ -218,8 +237,9 @@ class TrainLoop:
                     # Decisions from step s only act from step s + 2, so observing it now is safe.
                     while self.queue:
                         self.observe(*self.queue.pop(0))
-                if val_due:
-                    self.validate(state.params, self.done)
+                if val_due and self.validate(state.params, self.done):
+                    self.ckpt.pin(self.done)
+                    save_due = True
                 if self.suite is not None and self.done % cfg.eval.interval == 0:
                     self.evaluate(state.params, self.done)
                 if save_due:

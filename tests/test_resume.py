@@ -1,6 +1,7 @@
 """End to end: a run killed with SIGKILL, or stopped by SIGTERM, resumes exactly; a failure
 inside training saves what is valid and exits non-zero with one line."""
 
+import json
 import os
 import signal
 import sqlite3
@@ -241,3 +242,25 @@ def test_curriculum_resume_after_sigkill_is_exact(curriculum_reference, tmp_path
     la, lb = lang(ref), lang(run)
     assert [x[:2] for x in la] == [x[:2] for x in lb]
     np.testing.assert_allclose([x[2] or 0 for x in lb], [x[2] or 0 for x in la], rtol=1e-6)
+
+
+def test_grokking_signal_pins_its_checkpoint(fixture_corpus, tmp_path):
+    from genesis_jax.analytics import validation_drop
+
+    assert validation_drop([(0, 4.0), (5, 5.0), (9, 3.0)], 10, 4.0, 10) == pytest.approx(0.2)
+    assert validation_drop([(0, 4.0)], 20, 1.0, 10) is None  # nothing inside the window
+    cfg = write_config(tmp_path / "run.toml", fixture_corpus)
+    run = tmp_path / "run"
+    r = subprocess.run(command(cfg, run) + ["--set", "training.max_steps=60", "--set", "training.val_interval=10",
+                                            "--set", "checkpoint.keep=1", "--set", "checkpoint.save_interval=20",
+                                            "--set", "eval.grokking_min_step=15", "--set", "eval.grokking_window=100",
+                                            "--set", "eval.grokking_drop=0.05"],
+                       env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    signals = logged(run, "grokking_signals", "step, type, value")
+    grok = [s for s in signals if s[1] == "grokking"]
+    assert len(grok) == 1 and grok[0][0] >= 15 and grok[0][2] >= 0.05  # one signal per window
+    pinned = grok[0][0]
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == sorted({pinned, 60})  # keep = 1, plus the pinned one
+    assert json.loads((run / "checkpoints" / "pinned.json").read_text()) == [pinned]
