@@ -1,0 +1,161 @@
+"""`python -m genesis_jax.report --run DIR`: PNG plots of a run from its SQLite logs, in DIR/reports/.
+
+- training.png: loss and loss EMA with the learning rate on a second axis, phases shaded,
+  signals (activations, stuns, grokking) marked;
+- locales.png: per-locale training EMA and validation loss;
+- evaluation.png: evaluation metrics over steps (validation, reconstruction, alignment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .logs import print_err
+
+PHASE_COLOURS = {1: None, 2: "#fde9c9", 3: "#d9ecf7"}
+SIGNAL_COLOURS = {"wwm_activation": "#d98b00", "span_activation": "#1f77b4", "lr_stun": "#c0392b", "grokking": "#2e8b57"}
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("plots need matplotlib: pip install 'genesis-jax[report]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _rows(con: sqlite3.Connection, sql: str) -> list[tuple[Any, ...]]:
+    try:
+        return con.execute(sql).fetchall()
+    except sqlite3.OperationalError:
+        return []
+
+
+def _shade_phases(ax: Any, steps: list[int], phases: list[int]) -> None:
+    start = 0
+    for i in range(1, len(steps) + 1):
+        if i == len(steps) or phases[i] != phases[start]:
+            colour = PHASE_COLOURS.get(phases[start])
+            if colour:
+                ax.axvspan(steps[start], steps[i - 1], color=colour, alpha=0.8, lw=0,
+                           label={2: "WWM", 3: "SPAN"}[phases[start]])
+            start = i
+
+
+def plot_training(plt: Any, con: sqlite3.Connection, out: Path) -> Path | None:
+    rows = _rows(con, "SELECT step, loss, loss_ema, lr, phase FROM training_logs ORDER BY step")
+    if not rows:
+        return None
+    steps = [r[0] for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 5))
+    _shade_phases(ax, steps, [int(r[4] or 1) for r in rows])
+    ax.plot(steps, [r[1] for r in rows], lw=0.8, alpha=0.5, label="loss")
+    ax.plot(steps, [r[2] for r in rows], lw=1.6, label="loss EMA")
+    for step, kind in _rows(con, "SELECT step, type FROM grokking_signals ORDER BY step"):
+        if kind in SIGNAL_COLOURS:
+            ax.axvline(step, color=SIGNAL_COLOURS[kind], ls="--", lw=1)
+            ax.annotate(kind, (step, ax.get_ylim()[1]), rotation=90, va="top", ha="right", fontsize=7,
+                        color=SIGNAL_COLOURS[kind])
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/byte)")
+    lr_ax = ax.twinx()
+    lr_ax.plot(steps, [r[3] for r in rows], color="grey", lw=1, label="learning rate")
+    lr_ax.set_ylabel("learning rate")
+    handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper right", fontsize=8)
+    ax.set_title("training")
+    fig.tight_layout()
+    path = out / "training.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_locales(plt: Any, con: sqlite3.Connection, out: Path) -> Path | None:
+    rows = _rows(con, "SELECT step, locale, ema_loss, val_loss FROM language_logs ORDER BY step")
+    if not rows:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for loc in sorted({r[1] for r in rows}):
+        ema = [(r[0], r[2]) for r in rows if r[1] == loc and r[2] is not None]
+        val = [(r[0], r[3]) for r in rows if r[1] == loc and r[3] is not None]
+        if ema:
+            a.plot(*zip(*ema), lw=1, label=loc)
+        if val:
+            b.plot(*zip(*val), marker="o", ms=3, lw=1, label=loc)
+    a.set_title("training EMA of per-sequence loss, by locale")
+    b.set_title("validation loss, by locale")
+    for ax in (a, b):
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7, ncol=2)
+    a.set_ylabel("cross-entropy (nats/byte)")
+    fig.tight_layout()
+    path = out / "locales.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+EVAL_PANELS = [
+    ("validation loss", ("val/loss", "quick/val/loss")),
+    ("train/validation gap", ("quick/gap/val_minus_train",)),
+    ("reconstruction accuracy", ("quick/recon/random/accuracy", "quick/recon/span/accuracy", "quick/recon/verse/accuracy")),
+    ("alignment", ("quick/align/top1", "quick/align/cka")),
+]
+
+
+def plot_evaluation(plt: Any, con: sqlite3.Connection, out: Path) -> Path | None:
+    rows = _rows(con, "SELECT step, name, value FROM evaluation_logs ORDER BY step")
+    names = {r[1] for r in rows}
+    panels = [(title, [n for n in keys if n in names]) for title, keys in EVAL_PANELS]
+    panels = [p for p in panels if p[1]]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for key in keys:
+            pts = [(r[0], r[2]) for r in rows if r[1] == key]
+            ax.plot(*zip(*pts), marker="o", ms=3, lw=1, label=key.replace("quick/", ""))
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "evaluation.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m genesis_jax.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True)
+    args = ap.parse_args(argv)
+    try:
+        db = args.run / "metrics.sqlite"
+        if not db.is_file():
+            raise UserError(f"{args.run}: no metrics.sqlite (not a run directory, or it never logged)")
+        plt = _pyplot()
+        out = args.run / "reports"
+        out.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        written = [p for p in (plot_training(plt, con, out), plot_locales(plt, con, out), plot_evaluation(plt, con, out)) if p]
+        con.close()
+    except UserError as e:
+        print_err(f"error: {e}")
+        return e.exit_code
+    for p in written:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
