@@ -144,6 +144,25 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class MTLConfig:
+    enabled: bool = False  # mix auxiliary tasks into training
+    lm_weight: float = 0.70  # task mixture: probability that a micro-batch is this task
+    coherence_weight: float = 0.15
+    cross_ref_weight: float = 0.075
+    paraphrase_weight: float = 0.075
+    lm_loss_weight: float = 1.0  # per-task loss weights, separate from the mixture
+    coherence_loss_weight: float = 1.0
+    cross_ref_loss_weight: float = 1.0
+    paraphrase_loss_weight: float = 1.0
+    max_len: int = 128  # bytes of a verse read for a task example
+    head_dim: int = 128  # width of the task heads' MLPs and projections
+    triplet_margin: float = 0.5  # cross_ref: max(0, cos(a, neg) - cos(a, pos) + margin)
+    paraphrase_scale: float = 5.0  # paraphrase: logit = scale * cos
+    cross_ref_window: int = 5  # cross_ref positive: within +-window keys of the anchor
+    cross_ref_min_distance: int = 100  # cross_ref negative: at least this many keys away
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -153,6 +172,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    mtl: MTLConfig = field(default_factory=MTLConfig)
 
 
 SECTIONS: dict[str, type] = {
@@ -164,6 +184,7 @@ SECTIONS: dict[str, type] = {
     "logging": LoggingConfig,
     "curriculum": CurriculumConfig,
     "eval": EvalConfig,
+    "mtl": MTLConfig,
 }
 
 
@@ -320,6 +341,12 @@ def validate(cfg: Config) -> None:
     e = cfg.eval
     for key in ("val_windows", "reconstruction_windows", "span_len", "alignment_keys", "embed_len", "max_val_ppl"):
         _positive(f"eval.{key}", getattr(e, key))
+    mt = cfg.mtl
+    weights = [mt.lm_weight, mt.coherence_weight, mt.cross_ref_weight, mt.paraphrase_weight]
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError("mtl.*_weight: mixture weights must be non-negative with a positive sum")
+    for key in ("max_len", "head_dim", "cross_ref_window", "cross_ref_min_distance"):
+        _positive(f"mtl.{key}", getattr(mt, key))
     if e.grokking_drop < 0 or e.grokking_window <= 0 or e.grokking_min_step < 0:
         raise ConfigError("eval.grokking_drop and eval.grokking_min_step must not be negative, eval.grokking_window must be positive")
     if e.interval < 0:

@@ -24,6 +24,9 @@ from .logs import Console, MetricsDB, TensorBoard, format_line, print_err
 from .runtime import Setup
 from .sampler import MaskParams
 from .step import StepControls, TrainState, make_eval_step
+from .tasks import TASK_NAMES
+
+TASK_EMA_DECAY = 0.9  # host-side EMA of each auxiliary task's loss and accuracy over its micro-batches
 
 
 def model_shape(cfg: Config) -> dict[str, Any]:
@@ -80,6 +83,7 @@ class TrainLoop:
         if "locale_ema" in meta:
             self.locale_ema.load_state_dict(meta["locale_ema"])
         self.val_history: list[tuple[int, float]] = [(int(s), float(v)) for s, v in meta.get("val_history", [])]
+        self.task_ema: dict[str, float] = dict(meta.get("task_ema", {}))  # "coherence/loss" -> EMA over its micro-batches
         self.last_grokking = int(meta.get("last_grokking", -(10**12)))
         self.db = MetricsDB(run_dir / "metrics.sqlite")
         self.db.start(config_lib.config_hash(cfg), model_shape(cfg),
@@ -110,12 +114,20 @@ class TrainLoop:
             self.observed = s
             self.last_loss = loss
             self.locale_ema.update([float(x) for x in m["locale_loss_sum"]], [float(x) for x in m["locale_count"]])
+            self._update_tasks(m)
             signals = self.curriculum.observe(s, loss, ema)
         for sig in signals:
             self.signal(sig)
         tc = self.cfg.training
         if s % tc.log_interval == 0 or s + 1 == tc.max_steps:
             self.log(s, m, ctl)
+
+    def _update_tasks(self, m: dict[str, Any]) -> None:
+        for name in TASK_NAMES[1:]:
+            if float(m.get(f"task/{name}/count", 0.0)) > 0:
+                for what in ("loss", "acc"):
+                    v, k = float(m[f"task/{name}/{what}"]), f"{name}/{what}"
+                    self.task_ema[k] = v if k not in self.task_ema else TASK_EMA_DECAY * self.task_ema[k] + (1 - TASK_EMA_DECAY) * v
 
     def signal(self, sig: Signal) -> None:
         self.db.log_signal(sig.step, sig.kind, sig.value, sig.description)
@@ -156,11 +168,18 @@ class TrainLoop:
             scalars["System/TokensPerSec"] = tps
             if self.peak:
                 scalars["System/MFU"] = tps * self.flops_per_token / (self.peak * self.setup.mesh.size)
+        if self.task_ema:
+            scalars.update({f"Tasks/{k.replace('/', '_')}": v for k, v in self.task_ema.items()})
+            self.db.log_eval(s, {f"task/{k}_ema": v for k, v in self.task_ema.items()})
         self.tb.scalars(s, scalars)
         extra = {"phase_name": PHASE_NAMES[ctl.phase], "improvement": status["wwm_improvement"] if ctl.phase == 2
                  else status["span_improvement"], "lr_mult": ctl.lr_mult, "stuns": status["stuns"],
                  "stun_max": self.cfg.curriculum.stun_max_count}
-        self.console.print(format_line({**row, **extra}, tc.max_steps, eta))
+        line = format_line({**row, **extra}, tc.max_steps, eta)
+        if self.task_ema:
+            line += " | " + " ".join(f"{n[:4]} {self.task_ema[f'{n}/loss']:.3f}/{100 * self.task_ema[f'{n}/acc']:.0f}%"
+                                     for n in TASK_NAMES[1:] if f"{n}/loss" in self.task_ema)
+        self.console.print(line)
 
     def validate(self, params: Any, done: int) -> bool:
         """Run validation; True when it raised a grokking signal (that step must be saved and pinned)."""
@@ -209,7 +228,7 @@ class TrainLoop:
         return {"step": step, "model_shape": model_shape(cfg), "config": config_lib.to_dict(cfg),
                 "seed": cfg.training.seed, "sampler": {"kind": "fold_in(seed, step)", "next_step": step},
                 "curriculum": self.curriculum.state_dict(), "locale_ema": self.locale_ema.state_dict(),
-                "val_history": self.val_history, "last_grokking": self.last_grokking}
+                "val_history": self.val_history, "last_grokking": self.last_grokking, "task_ema": self.task_ema}
 
     # -- the loop -----------------------------------------------------------------------
     def run(self, state: TrainState, step_fn: Any, stop: Any) -> int:

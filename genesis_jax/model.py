@@ -206,7 +206,8 @@ class Block(nnx.Module):
 class Llama(nnx.Module):
     """Token ids `[batch, seq]` -> float32 logits `[batch, seq, 260]` (and final hidden states)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attn_fn: AttentionFn | None = None):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attn_fn: AttentionFn | None = None,
+                 heads: nnx.Module | None = None):
         assert cfg.dim is not None and cfg.n_layers is not None
         self.cfg = cfg
         self.dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
@@ -220,7 +221,7 @@ class Llama(nnx.Module):
 
         self.blocks = make_blocks(rngs)
         self.final_norm = RMSNorm(cfg.dim)
-
+        self.heads = heads  # multi-task heads (tasks.TaskHeads), trained with the decoder
     def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         b, l = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))

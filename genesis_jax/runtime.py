@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,11 @@ def build(cfg: Config) -> Setup:
     tokens, words, starts = corpus.stream(locales, heldout=False)
     replicated = NamedSharding(mesh, P())
     device_corpus = build_device_corpus(tokens, words, starts, cfg.data.seq_len, replicated)
+    if cfg.mtl.enabled:
+        from .tasks import build_verse_index
+
+        index = build_verse_index(corpus, locales, starts)
+        device_corpus = dataclasses.replace(device_corpus, verses=jax.device_put(index, replicated))
     if int(device_corpus.valid_cum[-1]) == 0:
         raise UserError(f"data.seq_len = {cfg.data.seq_len}: longer than every locale's training text in {corpus.path}")
     vt, _, vs = corpus.stream(locales, heldout=True)

@@ -8,6 +8,7 @@ step s depends on (seed, s) alone and a resumed run draws exactly the same batch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,7 @@ class DeviceCorpus:
     locale_ids: jax.Array  # [N] uint8 locale of each byte
     locale_starts: jax.Array  # [n_locales + 1] int32 offsets of each locale's range
     valid_cum: jax.Array  # [n_locales + 1] int32 cumulative count of window starts per locale
+    verses: Any = None  # tasks.VerseIndex when multi-task learning is on
 
 
 @jax.tree_util.register_dataclass

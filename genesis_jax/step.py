@@ -23,7 +23,7 @@ class TrainState:
     params: Any  # nnx.State of the model's Params, float32
     opt_state: Any
     step: jax.Array  # int32 number of updates done
-    loss_ema: jax.Array  # float32 0.99 * ema + 0.01 * loss (first value = first loss)
+    loss_ema: jax.Array  # float32 0.99 * ema + 0.01 * LM loss (first value = first loss; NaN before)
 
 
 def make_mesh(n_devices: int | None = None) -> Mesh:
@@ -33,7 +33,12 @@ def make_mesh(n_devices: int | None = None) -> Mesh:
 
 
 def init_model(cfg: Config, attn_fn: Callable[..., jax.Array] | None = None) -> Llama:
-    return Llama(cfg.model, nnx.Rngs(params=cfg.training.seed), attn_fn=attn_fn)
+    from .tasks import TaskHeads
+
+    rngs = nnx.Rngs(params=cfg.training.seed)
+    assert cfg.model.dim is not None
+    heads = TaskHeads(cfg.model.dim, cfg.mtl, nnx.Rngs(params=cfg.training.seed + 1)) if cfg.mtl.enabled else None
+    return Llama(cfg.model, rngs, attn_fn=attn_fn, heads=heads)
 
 
 def init_state(cfg: Config, model: Llama) -> TrainState:
@@ -41,8 +46,9 @@ def init_state(cfg: Config, model: Llama) -> TrainState:
     tx = make_optimizer(cfg.optim, cfg.training.max_steps)
     # Strongly typed leaves, so the state returned by the step never retraces it.
     opt_state = set_lr_multiplier(tx.init(params), jnp.float32(1.0))
+    # loss_ema starts as NaN: "no LM loss seen yet" (with multi-task learning a step may have none).
     return TrainState(params=params, opt_state=opt_state, step=jnp.asarray(0, jnp.int32),
-                      loss_ema=jnp.asarray(0.0, jnp.float32))
+                      loss_ema=jnp.asarray(jnp.nan, jnp.float32))
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, per_sequence: bool = False) -> Callable[[Any, Batch], jax.Array]:
@@ -120,6 +126,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh,
         return per_seq.mean(), per_seq
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    mixed = make_task_mixture(cfg, graphdef, grad_fn) if cfg.mtl.enabled else None
 
     def step(state: TrainState, corpus: DeviceCorpus, seed_key: jax.Array,
              controls: StepControls) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -128,20 +135,83 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh,
         batches = jax.tree.map(lambda x: x.reshape(accum, micro, *x.shape[1:]), flat)
         batches = jax.lax.with_sharding_constraint(batches, jax.tree.map(lambda _: batch_sharding, batches))
 
-        loss, grads, per_seq = accumulate_grads(grad_fn, state.params, batches)
+        task_metrics: dict[str, jax.Array] = {}
+        if mixed is None:
+            loss, grads, per_seq = accumulate_grads(grad_fn, state.params, batches)
+            is_lm = jnp.ones(per_seq.shape, jnp.float32)
+        else:
+            loss, grads, per_seq, is_lm, task_metrics = mixed(state.params, batches, corpus, key)
         grad_norm = optax.tree.norm(grads)
         opt_state = set_lr_multiplier(scale_first_moment(state.opt_state, controls.mu_scale), controls.lr_mult)
         updates, opt_state = tx.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = jnp.where(state.step == 0, loss, 0.99 * state.loss_ema + 0.01 * loss)
+        ema = jnp.where(jnp.isnan(loss), state.loss_ema,
+                        jnp.where(jnp.isnan(state.loss_ema), loss, 0.99 * state.loss_ema + 0.01 * loss))
         locale = batches.locale.reshape(-1)
+        lm_rows = is_lm.reshape(-1)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step) * controls.lr_mult,
                    "loss_ema": ema, "step": state.step, "mask_frac": flat.masked.mean(),
-                   "locale_loss_sum": jax.ops.segment_sum(per_seq.reshape(-1), locale, num_segments=n_locales),
-                   "locale_count": jax.ops.segment_sum(jnp.ones_like(per_seq.reshape(-1)), locale, num_segments=n_locales)}
+                   "locale_loss_sum": jax.ops.segment_sum(per_seq.reshape(-1) * lm_rows, locale, num_segments=n_locales),
+                   "locale_count": jax.ops.segment_sum(lm_rows, locale, num_segments=n_locales), **task_metrics}
         return TrainState(params=params, opt_state=opt_state, step=state.step + 1, loss_ema=ema), metrics
 
     return step
+
+
+def make_task_mixture(cfg: Config, graphdef: nnx.GraphDef, lm_grad_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Multi-task accumulation: each micro-batch is one task drawn by the mixture weights; the
+    update is the mean over micro-batches of (task loss weight x task loss) gradients."""
+    from .tasks import TASK_NAMES, task_loss
+
+    m = cfg.mtl
+    mixture = jnp.log(jnp.asarray([m.lm_weight, m.coherence_weight, m.cross_ref_weight, m.paraphrase_weight]))
+    loss_w = (m.lm_loss_weight, m.coherence_loss_weight, m.cross_ref_loss_weight, m.paraphrase_loss_weight)
+    micro = cfg.training.batch_size
+
+    def run(params: Any, batches: Batch, corpus: DeviceCorpus, key: jax.Array) -> Any:
+        accum = batches.inputs.shape[0]
+        k_task, k_ex = jax.random.split(jax.random.fold_in(key, 7))
+        tasks = jax.random.categorical(k_task, mixture, shape=(accum,))
+
+        def lm_branch(batch: Batch, k: jax.Array) -> Any:
+            (loss, per_seq), g = lm_grad_fn(params, batch)
+            return jax.tree.map(lambda x: x * loss_w[0], g), loss, jnp.float32(jnp.nan), per_seq
+
+        def aux_branch(task: int) -> Callable[..., Any]:
+            def branch(batch: Batch, k: jax.Array) -> Any:
+                def weighted(p: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                    loss, acc = task_loss(nnx.merge(graphdef, p), task, corpus, corpus.verses, k, micro, m)
+                    return loss_w[task] * loss, (loss, acc)
+
+                (_, (loss, acc)), g = jax.value_and_grad(weighted, has_aux=True)(params)
+                return g, loss, acc, jnp.zeros((micro,), jnp.float32)
+
+            return branch
+
+        branches = [lm_branch] + [aux_branch(t) for t in (1, 2, 3)]
+
+        def micro_step(g_acc: Any, x: tuple[Batch, jax.Array, jax.Array]) -> tuple[Any, Any]:
+            batch, task, k = x
+            g, loss, acc, per_seq = jax.lax.switch(task, branches, batch, k)
+            return jax.tree.map(jnp.add, g_acc, g), (loss, acc, per_seq)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, (losses, accs, per_seq) = jax.lax.scan(micro_step, zeros, (batches, tasks, jax.random.split(k_ex, accum)))
+        grads = jax.tree.map(lambda g: g / accum, grads)
+        onehot = jax.nn.one_hot(tasks, 4)
+        count = onehot.sum(axis=0)
+        is_lm = (tasks == 0).astype(jnp.float32)
+        lm_loss = jnp.where(count[0] > 0, (losses * is_lm).sum() / jnp.maximum(count[0], 1.0), jnp.nan)
+        metrics = {}
+        for i, name in enumerate(TASK_NAMES):
+            metrics[f"task/{name}/count"] = count[i]
+            metrics[f"task/{name}/loss"] = jnp.where(count[i] > 0, (losses * onehot[:, i]).sum() / jnp.maximum(count[i], 1.0), jnp.nan)
+            if i:
+                metrics[f"task/{name}/acc"] = jnp.where(count[i] > 0, (jnp.nan_to_num(accs) * onehot[:, i]).sum()
+                                                        / jnp.maximum(count[i], 1.0), jnp.nan)
+        return lm_loss, grads, per_seq, jnp.broadcast_to(is_lm[:, None], per_seq.shape), metrics
+
+    return run
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:

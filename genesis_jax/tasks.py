@@ -1,0 +1,194 @@
+"""Multi-task learning (SPEC 6): a device-resident verse index, example samplers, heads and losses.
+
+Tasks, on mean-pooled final hidden states (padding excluded):
+- coherence: are verses A and B consecutive (key + 1, same locale)? MLP on [a; b], BCE;
+- cross_ref: triplet max(0, cos(a, neg) - cos(a, pos) + margin) on projections; positive within
+  +-window keys of the anchor (not itself), negative at least min_distance keys away;
+- paraphrase: same key in two different locales (positive) or different keys (negative);
+  logit = scale * cos of projections, BCE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import MTLConfig
+from .corpus.store import Corpus
+from .sampler import DeviceCorpus
+from .tokenizer import BYTE_OFFSET, PAD_ID
+
+LM, COHERENCE, CROSS_REF, PARAPHRASE = 0, 1, 2, 3
+TASK_NAMES = ("lm", "coherence", "cross_ref", "paraphrase")
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class VerseIndex:
+    """The training split's records, addressing the device byte stream."""
+
+    start: jax.Array  # [R] int32 offset of each record's first byte in DeviceCorpus.tokens
+    length: jax.Array  # [R] int32 bytes (without the separator)
+    locale: jax.Array  # [R] int32
+    key: jax.Array  # [R] int32 index into the corpus's sorted key list
+    loc_first: jax.Array  # [n_locales + 1] int32: records of locale i are loc_first[i]:loc_first[i+1]
+    next_rec: jax.Array  # [R] int32 record of key + 1 in the same locale, or -1
+    has_next: jax.Array  # [H] int32 records whose next_rec exists
+    key_rec: jax.Array  # [n_locales, n_keys] int32 record of (locale, key), or -1
+
+
+def build_verse_index(corpus: Corpus, locales: list[str], locale_starts: np.ndarray) -> VerseIndex:
+    """Training records of `locales` in stream order (as `Corpus.stream` lays them out)."""
+    loc_of = {loc: i for i, loc in enumerate(corpus.locales)}
+    starts, lengths, locs, keys, first = [], [], [], [], [0]
+    for i, loc in enumerate(locales):
+        recs = corpus.records[(corpus.records["locale"] == loc_of[loc]) & (corpus.records["heldout"] == 0)]
+        ln = recs["length"].astype(np.int64)
+        starts.append(int(locale_starts[i]) + np.concatenate([[0], np.cumsum(ln + 1)[:-1]]))
+        lengths.append(ln)
+        locs.append(np.full(len(recs), i))
+        keys.append(recs["key"].astype(np.int64))
+        first.append(first[-1] + len(recs))
+    start, length = np.concatenate(starts), np.concatenate(lengths)
+    locale, key = np.concatenate(locs), np.concatenate(keys)
+    n_keys = len(corpus.keys)
+    key_rec = np.full((len(locales), n_keys), -1, np.int64)
+    key_rec[locale, key] = np.arange(len(key))
+    succ = np.where(key + 1 < n_keys, key_rec[locale, np.minimum(key + 1, n_keys - 1)], -1)
+    next_rec = np.where(key + 1 < n_keys, succ, -1)
+    arrays = dict(start=start, length=length, locale=locale, key=key, loc_first=np.array(first),
+                  next_rec=next_rec, has_next=np.flatnonzero(next_rec >= 0), key_rec=key_rec)
+    return VerseIndex(**{k: jnp.asarray(v, jnp.int32) for k, v in arrays.items()})
+
+
+def _random_in_locale(idx: VerseIndex, key: jax.Array, loc: jax.Array) -> jax.Array:
+    lo, hi = idx.loc_first[loc], idx.loc_first[loc + 1]
+    return lo + jax.random.randint(key, loc.shape, 0, jnp.maximum(hi - lo, 1))
+
+
+def coherence_examples(idx: VerseIndex, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(a, b, label): the first half consecutive pairs, the second half a random other verse."""
+    ka, kb = jax.random.split(key)
+    a = idx.has_next[jax.random.randint(ka, (n,), 0, idx.has_next.shape[0])]
+    loc = idx.locale[a]
+    lo, count = idx.loc_first[loc], idx.loc_first[loc + 1] - idx.loc_first[loc]
+    rand = _random_in_locale(idx, kb, loc)
+    clash = (rand == idx.next_rec[a]) | (rand == a)
+    rand = jnp.where(clash, lo + (rand - lo + 2) % jnp.maximum(count, 1), rand)
+    label = (jnp.arange(n) < n // 2).astype(jnp.float32)
+    return a, jnp.where(label > 0, idx.next_rec[a], rand), label
+
+
+def cross_ref_examples(idx: VerseIndex, key: jax.Array, n: int, window: int,
+                       min_distance: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(anchor, positive, negative, valid): positive 1..window keys away (either side),
+    negative at least min_distance records (hence keys) away in the same locale."""
+    ka, kd, ks, kn = jax.random.split(key, 4)
+    a = jax.random.randint(ka, (n,), 0, idx.locale.shape[0])
+    loc, k = idx.locale[a], idx.key[a]
+    d = jax.random.randint(kd, (n,), 1, window + 1) * jnp.where(jax.random.bernoulli(ks, 0.5, (n,)), 1, -1)
+    n_keys = idx.key_rec.shape[1]
+    pos, found = jnp.full((n,), -1), jnp.zeros((n,), bool)
+    for off in (d, -d, jnp.ones_like(d), -jnp.ones_like(d)):  # held-out neighbours: try the others
+        cand_key = k + off
+        ok = (cand_key >= 0) & (cand_key < n_keys)
+        cand = jnp.where(ok, idx.key_rec[loc, jnp.clip(cand_key, 0, n_keys - 1)], -1)
+        take = (~found) & (cand >= 0)
+        pos, found = jnp.where(take, cand, pos), found | take
+    lo, count = idx.loc_first[loc], idx.loc_first[loc + 1] - idx.loc_first[loc]
+    spread = jnp.maximum(count - 2 * min_distance, 1)
+    neg = lo + (a - lo + min_distance + jax.random.randint(kn, (n,), 0, 2**30) % spread) % jnp.maximum(count, 1)
+    valid = found & (count > 2 * min_distance)
+    return a, jnp.maximum(pos, 0), neg, valid
+
+
+def paraphrase_examples(idx: VerseIndex, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(a, b, label, valid): b is the same key in another locale (first half) or another key."""
+    ka, kl, kr = jax.random.split(key, 3)
+    n_loc = idx.key_rec.shape[0]
+    a = jax.random.randint(ka, (n,), 0, idx.locale.shape[0])
+    loc, k = idx.locale[a], idx.key[a]
+    other = (loc + jax.random.randint(kl, (n,), 1, max(n_loc, 2))) % n_loc
+    same_key = idx.key_rec[other, k]
+    rand = _random_in_locale(idx, kr, other)
+    lo, count = idx.loc_first[other], idx.loc_first[other + 1] - idx.loc_first[other]
+    rand = jnp.where(idx.key[rand] == k, lo + (rand - lo + 1) % jnp.maximum(count, 1), rand)
+    label = (jnp.arange(n) < n // 2).astype(jnp.float32)
+    b = jnp.where(label > 0, jnp.maximum(same_key, 0), rand)
+    valid = (n_loc > 1) & jnp.where(label > 0, same_key >= 0, count > 1)
+    return a, b, label, valid
+
+
+def verse_tokens(corpus: DeviceCorpus, idx: VerseIndex, recs: jax.Array, max_len: int) -> tuple[jax.Array, jax.Array]:
+    """Token ids `[n, max_len]` of records (truncated, PAD-filled) and their validity mask."""
+    pos = jnp.arange(max_len, dtype=jnp.int32)[None, :]
+    valid = pos < idx.length[recs][:, None]
+    ids = jnp.take(corpus.tokens, idx.start[recs][:, None] + pos, mode="clip").astype(jnp.int32) + BYTE_OFFSET
+    return jnp.where(valid, ids, PAD_ID), valid
+
+
+class TaskHeads(nnx.Module):
+    """Small MLPs on pooled hidden states; float32, outside the decoder."""
+
+    def __init__(self, dim: int, cfg: MTLConfig, rngs: nnx.Rngs):
+        h = cfg.head_dim
+        self.coh_in = nnx.Linear(2 * dim, h, rngs=rngs)
+        self.coh_out = nnx.Linear(h, 1, rngs=rngs)
+        self.xref_in = nnx.Linear(dim, h, rngs=rngs)
+        self.xref_out = nnx.Linear(h, h, rngs=rngs)
+        self.para_in = nnx.Linear(dim, h, rngs=rngs)
+        self.para_out = nnx.Linear(h, h, rngs=rngs)
+
+    def coherence(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        return self.coh_out(jax.nn.gelu(self.coh_in(jnp.concatenate([a, b], axis=-1))))[..., 0]
+
+    def cross_ref(self, x: jax.Array) -> jax.Array:
+        return self.xref_out(jax.nn.gelu(self.xref_in(x)))
+
+    def paraphrase(self, x: jax.Array) -> jax.Array:
+        return self.para_out(jax.nn.gelu(self.para_in(x)))
+
+
+def pooled(hidden: jax.Array, valid: jax.Array) -> jax.Array:
+    """Mean of the hidden states over valid (non-padding) positions, float32."""
+    v = valid[..., None].astype(jnp.float32)
+    return (hidden.astype(jnp.float32) * v).sum(axis=1) / jnp.maximum(v.sum(axis=1), 1.0)
+
+
+def _cos(a: jax.Array, b: jax.Array) -> jax.Array:
+    return (a * b).sum(-1) / jnp.maximum(jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), 1e-6)
+
+
+def _bce(logits: jax.Array, labels: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+    losses = jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    w = weight.astype(jnp.float32)
+    acc = ((logits > 0) == (labels > 0.5)).astype(jnp.float32)
+    return (losses * w).sum() / jnp.maximum(w.sum(), 1.0), (acc * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+
+def task_loss(model: nnx.Module, task: int, corpus: DeviceCorpus, idx: VerseIndex, key: jax.Array, n: int,
+              cfg: MTLConfig) -> tuple[jax.Array, jax.Array]:
+    """(loss, accuracy) of one auxiliary micro-batch of n examples built from `key`."""
+    heads: TaskHeads = model.heads  # type: ignore[attr-defined]
+
+    def embed(recs: jax.Array) -> jax.Array:
+        ids, valid = verse_tokens(corpus, idx, recs, cfg.max_len)
+        return pooled(model.hidden(ids), valid)  # type: ignore[attr-defined]
+
+    if task == COHERENCE:
+        a, b, label = coherence_examples(idx, key, n)
+        return _bce(heads.coherence(embed(a), embed(b)), label, jnp.ones_like(label))
+    if task == CROSS_REF:
+        a, p, q, valid = cross_ref_examples(idx, key, n, cfg.cross_ref_window, cfg.cross_ref_min_distance)
+        za, zp, zn = heads.cross_ref(embed(a)), heads.cross_ref(embed(p)), heads.cross_ref(embed(q))
+        cp, cn = _cos(za, zp), _cos(za, zn)
+        w = valid.astype(jnp.float32)
+        loss = (jnp.maximum(0.0, cn - cp + cfg.triplet_margin) * w).sum() / jnp.maximum(w.sum(), 1.0)
+        return loss, ((cp > cn).astype(jnp.float32) * w).sum() / jnp.maximum(w.sum(), 1.0)
+    a, b, label, valid = paraphrase_examples(idx, key, n)
+    logits = cfg.paraphrase_scale * _cos(heads.paraphrase(embed(a)), heads.paraphrase(embed(b)))
+    return _bce(logits, label, valid)

@@ -1,0 +1,129 @@
+"""Multi-task examples are what they claim to be; the mixed step trains all heads."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from genesis_jax import config as C
+from genesis_jax.corpus.store import open_corpus
+from genesis_jax.sampler import build_device_corpus
+from genesis_jax.step import StepControls, init_model, init_state, make_mesh, make_train_step
+from genesis_jax.tasks import (build_verse_index, coherence_examples, cross_ref_examples, paraphrase_examples,
+                               verse_tokens)
+
+
+@pytest.fixture(scope="module")
+def setup(fixture_corpus):
+    c = open_corpus(fixture_corpus)
+    tokens, words, starts = c.stream(c.locales, heldout=False)
+    dc = build_device_corpus(tokens, words, starts, 16)
+    idx = build_verse_index(c, c.locales, starts)
+    return c, dc, idx
+
+
+def record_info(c, idx, recs):
+    keys = np.asarray(idx.key)[recs]
+    locs = np.asarray(idx.locale)[recs]
+    return keys, locs
+
+
+def test_index_addresses_the_training_stream(setup):
+    c, dc, idx = setup
+    ids, valid = verse_tokens(dc, idx, jnp.arange(idx.key.shape[0]), 128)
+    for r in range(0, idx.key.shape[0], 17):
+        text = bytes((np.asarray(ids[r])[np.asarray(valid[r])] - 4).astype(np.uint8)).decode()
+        key = c.keys[int(idx.key[r])]
+        loc = c.locales[int(idx.locale[r])]
+        want = [c.record_text(i) for i, row in enumerate(c.records)
+                if c.keys[row["key"]] == key and c.locales[row["locale"]] == loc][0]
+        assert text == want and not any(c.records[i]["heldout"] for i in range(len(c.records))
+                                        if c.keys[c.records[i]["key"]] == key)
+
+
+def test_coherence_pairs(setup):
+    c, _, idx = setup
+    a, b, label = coherence_examples(idx, jax.random.key(0), 400)
+    ka, la = record_info(c, idx, np.asarray(a))
+    kb, lb = record_info(c, idx, np.asarray(b))
+    pos = np.asarray(label) > 0
+    assert pos.sum() == 200 and (la == lb).all()
+    assert (kb[pos] == ka[pos] + 1).all()  # consecutive keys, same locale
+    assert (kb[~pos] != ka[~pos] + 1).all() and (kb[~pos] != ka[~pos]).all()
+
+
+def test_cross_ref_triplets(setup):
+    c, _, idx = setup
+    a, p, n, valid = cross_ref_examples(idx, jax.random.key(1), 400, window=5, min_distance=100)
+    v = np.asarray(valid)
+    assert v.mean() > 0.9
+    ka, la = record_info(c, idx, np.asarray(a))
+    kp, lp = record_info(c, idx, np.asarray(p))
+    kn, ln = record_info(c, idx, np.asarray(n))
+    d = np.abs(kp - ka)[v]
+    assert (la == lp)[v].all() and (la == ln)[v].all()
+    assert (d >= 1).all() and (d <= 5).all() and len(set(d.tolist())) > 2  # near, never itself
+    assert (np.abs(kn - ka)[v] >= 100).all()
+
+
+def test_paraphrase_pairs(setup):
+    c, _, idx = setup
+    a, b, label, valid = paraphrase_examples(idx, jax.random.key(2), 400)
+    v = np.asarray(valid)
+    ka, la = record_info(c, idx, np.asarray(a))
+    kb, lb = record_info(c, idx, np.asarray(b))
+    pos = (np.asarray(label) > 0) & v
+    neg = (np.asarray(label) == 0) & v
+    assert pos.sum() > 150 and neg.sum() > 150
+    assert (ka[pos] == kb[pos]).all() and (la[pos] != lb[pos]).all()  # same verse, other language
+    assert (ka[neg] != kb[neg]).all()
+
+
+def test_mixed_step_one_trace_and_lm_only_matches_plain(setup, fixture_corpus):
+    c, _, _ = setup
+    tokens, words, starts = c.stream(c.locales, heldout=False)
+    base = {"model": {"preset": "test", "compute_dtype": "float32"}, "data": {"seq_len": 16},
+            "training": {"batch_size": 4, "grad_accum_steps": 4, "max_steps": 10}}
+    mesh = make_mesh()
+    rep = NamedSharding(mesh, P())
+    results = {}
+    for name, mtl in [("plain", {"enabled": False}), ("lm_only", {"enabled": True, "coherence_weight": 0.0,
+                                                                   "cross_ref_weight": 0.0, "paraphrase_weight": 0.0}),
+                      ("mixed", {"enabled": True, "lm_weight": 0.25, "coherence_weight": 0.25,
+                                 "cross_ref_weight": 0.25, "paraphrase_weight": 0.25, "max_len": 32,
+                                 "cross_ref_min_distance": 20})]:
+        cfg = C.from_dict({**base, "mtl": mtl})
+        dc = build_device_corpus(tokens, words, starts, 16)
+        if cfg.mtl.enabled:
+            import dataclasses
+            dc = dataclasses.replace(dc, verses=build_verse_index(c, c.locales, starts))
+        model = init_model(cfg)
+        traces = []
+        raw = make_train_step(cfg, nnx.graphdef(model), mesh, n_locales=3)
+
+        def counted(*args, raw=raw, traces=traces):
+            traces.append(1)
+            return raw(*args)
+
+        step = jax.jit(counted)
+        state = jax.device_put(init_state(cfg, model), rep)
+        out = []
+        for i in range(3):
+            state, m = step(state, dc, jax.random.key(0), StepControls.make())
+            out.append(jax.device_get(m))
+        assert len(traces) == 1
+        results[name] = (out, state)
+    plain, lm_only = results["plain"][0], results["lm_only"][0]
+    np.testing.assert_allclose([m["loss"] for m in lm_only], [m["loss"] for m in plain], rtol=1e-5)
+    mixed, state = results["mixed"]
+    counts = np.array([[m[f"task/{t}/count"] for t in ("lm", "coherence", "cross_ref", "paraphrase")] for m in mixed])
+    assert (counts.sum(axis=1) == 4).all() and (counts[:, 1:].sum() > 0)
+    heads = jax.tree.leaves(nnx.state(init_model(C.from_dict({**base, "mtl": {"enabled": True}})).heads))
+    trained = jax.tree.leaves(state.params["heads"])
+    assert any(not np.allclose(a, b) for a, b in zip(trained, heads))  # the heads were trained
+    for m in mixed:
+        for t in ("coherence", "cross_ref", "paraphrase"):
+            if m[f"task/{t}/count"] > 0:
+                assert np.isfinite(m[f"task/{t}/loss"]) and 0.0 <= m[f"task/{t}/acc"] <= 1.0
