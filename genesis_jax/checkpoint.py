@@ -91,8 +91,8 @@ class Checkpointer:
 
 def check_shape(saved_model: dict[str, Any], model: dict[str, Any], where: Path) -> None:
     """Refuse a resume whose checkpoint holds a model of another shape."""
-    diffs = [f"model.{k}: checkpoint {saved_model.get(k)!r}, config {model.get(k)!r}"
-             for k in SHAPE_KEYS if saved_model.get(k) != model.get(k)]
+    diffs = [f"{'model.' + k if k in SHAPE_KEYS else k}: checkpoint {saved_model.get(k)!r}, config {model.get(k)!r}"
+             for k in model if saved_model.get(k) != model.get(k)]
     if diffs:
         raise ResumeError(f"{where}: checkpoint has another model shape ({'; '.join(diffs)}); use a new --run-dir")
 

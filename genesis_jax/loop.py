@@ -30,7 +30,8 @@ TASK_EMA_DECAY = 0.9  # host-side EMA of each auxiliary task's loss and accuracy
 
 
 def model_shape(cfg: Config) -> dict[str, Any]:
-    return {k: getattr(cfg.model, k) for k in SHAPE_KEYS}
+    """What a checkpoint's parameter shapes depend on (a resume must match it)."""
+    return {**{k: getattr(cfg.model, k) for k in SHAPE_KEYS}, "mtl_head_dim": cfg.mtl.head_dim if cfg.mtl.enabled else 0}
 
 
 class Validator:
