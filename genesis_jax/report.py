@@ -39,6 +39,13 @@ def _rows(con: sqlite3.Connection, sql: str) -> list[tuple[Any, ...]]:
         return []
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _shade_phases(ax: Any, steps: list[int], phases: list[int]) -> None:
     start = 0
     for i in range(1, len(steps) + 1):
@@ -72,11 +79,7 @@ def plot_training(plt: Any, con: sqlite3.Connection, out: Path) -> Path | None:
     handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="upper right", fontsize=8)
     ax.set_title("training")
-    fig.tight_layout()
-    path = out / "training.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "training.png")
 
 
 def plot_locales(plt: Any, con: sqlite3.Connection, out: Path) -> Path | None:
@@ -97,11 +100,7 @@ def plot_locales(plt: Any, con: sqlite3.Connection, out: Path) -> Path | None:
         ax.set_xlabel("step")
         ax.legend(fontsize=7, ncol=2)
     a.set_ylabel("cross-entropy (nats/byte)")
-    fig.tight_layout()
-    path = out / "locales.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "locales.png")
 
 
 EVAL_PANELS = [
@@ -127,11 +126,7 @@ def plot_evaluation(plt: Any, con: sqlite3.Connection, out: Path) -> Path | None
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "evaluation.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "evaluation.png")
 
 
 def main(argv: list[str] | None = None) -> int:
