@@ -65,10 +65,11 @@ def model_shapes(seq: int = 512, tokens: int = 16384) -> list[Shape]:
     return out
 
 
-def paper_shapes(seqs: list[int], head_dims: list[int], tokens: int = 16384, hidden: int = 2048) -> list[Shape]:
+def paper_shapes(seqs: list[int], head_dims: list[int], causal: list[bool], tokens: int = 16384,
+                 hidden: int = 2048) -> list[Shape]:
     """The FlashAttention paper grid: 16k tokens per call, hidden 2048."""
-    return [Shape(f"fa-grid", max(tokens // s, 1), s, hidden // d, hidden // d, d, causal)
-            for d in head_dims for causal in (True, False) for s in seqs]
+    return [Shape("fa-grid", max(tokens // s, 1), s, hidden // d, hidden // d, d, c)
+            for d in head_dims for c in causal for s in seqs]
 
 
 def jax_backends() -> dict[str, Callable[..., jax.Array]]:
@@ -122,19 +123,26 @@ def timed(fn: Callable[..., Any], inputs: list[tuple[jax.Array, ...]], iters: in
     return statistics.median(times)
 
 
+def references(s: Shape, inputs: list[tuple[jax.Array, ...]]) -> tuple[jax.Array, Any]:
+    """Float32 XLA output and gradients for the first input set, computed once per shape."""
+    q, k, v, do = inputs[0]
+
+    def ref_loss(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+        return jnp.sum(reference_attention(*f32, causal=s.causal) * do.astype(jnp.float32))
+
+    out = jax.jit(lambda q, k, v: reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), causal=s.causal))(q, k, v)
+    return out, jax.jit(jax.grad(ref_loss, argnums=(0, 1, 2)))(q, k, v)
+
+
 def measure(name: str, attn: Callable[..., jax.Array], s: Shape, inputs: list[tuple[jax.Array, ...]],
-            iters: int, warmup: int, do_time: bool) -> list[dict[str, Any]]:
+            refs: tuple[jax.Array, Any], iters: int, warmup: int, do_time: bool) -> list[dict[str, Any]]:
     fwd = jax.jit(lambda q, k, v, do: attn(q, k, v, s.causal))
 
     def loss(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array) -> jax.Array:
         return jnp.sum(attn(q, k, v, s.causal).astype(jnp.float32) * do.astype(jnp.float32))
 
     bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-
-    def ref_loss(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array) -> jax.Array:
-        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-        return jnp.sum(reference_attention(*f32, causal=s.causal) * do.astype(jnp.float32))
-
     rows = []
     for mode, fn, flops in (("fwd", fwd, s.fwd_flops()), ("fwd+bwd", bwd, 3.5 * s.fwd_flops())):
         row: dict[str, Any] = {"backend": name, "mode": mode, **asdict(s)}
@@ -142,11 +150,9 @@ def measure(name: str, attn: Callable[..., jax.Array], s: Shape, inputs: list[tu
             q, k, v, do = inputs[0]
             got = fn(q, k, v, do)
             if mode == "fwd":
-                ref = reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), causal=s.causal)
-                row["rel_err"] = rel(got, ref)
+                row["rel_err"] = rel(got, refs[0])
             else:
-                ref = jax.jit(jax.grad(ref_loss, argnums=(0, 1, 2)))(q, k, v, do)
-                row["rel_err"] = max(rel(a, b) for a, b in zip(got, ref))
+                row["rel_err"] = max(rel(a, b) for a, b in zip(got, refs[1]))
             if do_time:
                 t = timed(fn, inputs, iters, warmup)
                 row["ms"] = 1000 * t
@@ -198,6 +204,7 @@ def main() -> int:
     ap.add_argument("--shapes", default="model,paper")
     ap.add_argument("--seqs", default="512,1024,2048,4096,8192")
     ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--causal", default="true,false", help="which masks of the paper grid")
     ap.add_argument("--backends", default="ours,xla,cudnn,jax_mha")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--iters", type=int, default=20)
@@ -218,7 +225,8 @@ def main() -> int:
             return 2
         wanted = set(args.shapes.split(","))
         shapes = (model_shapes() if "model" in wanted else []) + (
-            paper_shapes([int(x) for x in args.seqs.split(",")], [int(x) for x in args.head_dims.split(",")])
+            paper_shapes([int(x) for x in args.seqs.split(",")], [int(x) for x in args.head_dims.split(",")],
+                         [x.strip().lower() == "true" for x in args.causal.split(",")])
             if "paper" in wanted else [])
     dev = jax.devices()[0]
     print(f"# {dev.device_kind}, jax {jax.__version__}, {args.dtype if not args.dry_run else 'float32 (dry run)'}")
@@ -229,9 +237,10 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     for s in shapes:
         inputs = make_inputs(s, dtype, 1 if args.dry_run else 3)
+        refs = references(s, inputs)
         for name, fn in backends.items():
-            rows += measure(name, fn, s, inputs, args.iters, args.warmup, do_time=not args.dry_run)
-        del inputs
+            rows += measure(name, fn, s, inputs, refs, args.iters, args.warmup, do_time=not args.dry_run)
+        del inputs, refs
     if not args.no_torch and not args.dry_run:
         rows += torch_rows(shapes, args.iters)
     for r in rows:
