@@ -176,3 +176,41 @@ def test_bad_arguments_raise_value_error_naming_them(args, message):
     with pytest.raises(ValueError) as e:
         flash_attention(q, k, v, segment_ids=seg)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+def test_kernels_lower_to_triton_for_cuda(dtype):
+    """Without a GPU, lower for CUDA anyway: every kernel must pass Pallas's Triton lowering
+    (compiling that IR to machine code happens on a GPU only)."""
+    from jax import export
+
+    def loss(q, k, v, seg):
+        return flash_attention(q, k, v, causal=True, segment_ids=seg, interpret=False).astype(jnp.float32).sum()
+
+    q = jax.ShapeDtypeStruct((2, 200, 8, 64), dtype)
+    kv = jax.ShapeDtypeStruct((2, 200, 4, 64), dtype)
+    seg = jax.ShapeDtypeStruct((2, 200), jnp.int32)
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    for fn, kernels in ((loss, 1), (jax.grad(loss, argnums=(0, 1, 2)), 3)):
+        exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(q, kv, kv, seg)
+        assert exp.mlir_module().count("xla.gpu.triton") == kernels  # forward; forward + dq + dk/dv
+
+
+def test_model_train_loss_lowers_with_the_kernel_for_cuda():
+    """The scanned, rematerialised model with the kernel lowers for CUDA (bf16, GQA)."""
+    import functools
+
+    from jax import export
+
+    cfg = C.from_dict({"model": {"preset": "test", "n_kv_heads": 2, "remat": True, "compute_dtype": "bfloat16"}})
+    attn = functools.partial(flash_attention, interpret=False)
+    graphdef, params = nnx.split(Llama(cfg.model, nnx.Rngs(0), attn_fn=attn))
+
+    def loss(p, tokens):
+        logits = nnx.merge(graphdef, p)(tokens)
+        return -jnp.mean(jax.nn.log_softmax(logits)[..., 5])
+
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    tokens = jax.ShapeDtypeStruct((4, 96), jnp.int32)
+    exp = export.export(jax.jit(jax.grad(loss)), platforms=["cuda"], disabled_checks=[triton])(params, tokens)
+    assert exp.mlir_module().count("xla.gpu.triton") >= 3
