@@ -33,7 +33,9 @@ class Checkpointer:
     Retention keeps the last `keep`, every multiple of `permanent_interval`, and pinned steps
     (listed in `checkpoints/pinned.json`, so they survive resumes)."""
 
-    def __init__(self, directory: Path, cfg: CheckpointConfig):
+    def __init__(self, directory: Path, cfg: CheckpointConfig, read_only: bool = False):
+        """`read_only` for readers of a possibly live run (eval, generate): they must never clean
+        up the temporary directory of a checkpoint that the training process is writing."""
         self.directory = Path(directory).absolute()
         self.pinned_file = self.directory / "pinned.json"
         self.pinned: set[int] = set(json.loads(self.pinned_file.read_text())) if self.pinned_file.is_file() else set()
@@ -43,7 +45,9 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=pp.AnyPreservationPolicy(policies),
             save_interval_steps=1,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
+            create=not read_only,
             enable_async_checkpointing=cfg.async_save,
         )
         self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"), options=options)

@@ -34,7 +34,9 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
     if not (run_dir / "config.toml").is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.toml)")
     cfg = config_lib.load(run_dir / "config.toml")
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    if not (run_dir / "checkpoints").is_dir():
+        raise UserError(f"{run_dir}: no checkpoints yet")
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
     try:
         steps = ckpt.manager.all_steps()
         if not steps:
