@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print_err(f"error: {e}")
         return e.exit_code
     except KeyboardInterrupt:
-        print_err("interrupted before training started")
+        print_err("interrupted: stopped at once; the run directory keeps its latest complete checkpoint")
         return 130
 
 
