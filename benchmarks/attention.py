@@ -36,7 +36,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kernels import flash_attention, reference_attention  # noqa: E402
+from kernels import BlockSizes, flash_attention, reference_attention  # noqa: E402
+
+SWEEP = [BlockSizes(bq, bk, bqb, bkb, num_warps=w, num_stages=st)
+         for bq, bk in ((64, 64), (128, 64), (128, 128), (64, 32))
+         for bqb, bkb in ((64, 64), (32, 64))
+         for w, st in ((4, 2), (4, 3), (8, 2))]
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,40 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(" | ".join(v[:w].ljust(w) for v, w in zip(x, widths)))
 
 
+def sweep(shapes: list[Shape], dtype: Any, args: argparse.Namespace) -> int:
+    """Block-size search for our kernel: the table kernels/README.md keeps per shape."""
+    best: list[dict[str, Any]] = []
+    for s in shapes:
+        inputs = make_inputs(s, dtype, 1 if args.dry_run else 3)
+        refs = references(s, inputs)
+        for mode in ("fwd", "fwd+bwd"):
+            results = []
+            for bs in SWEEP:
+                fn = lambda q, k, v, causal, bs=bs: flash_attention(q, k, v, causal=causal, block_sizes=bs)  # noqa: E731
+                row = [r for r in measure("ours", fn, s, inputs, refs, args.iters, args.warmup, not args.dry_run)
+                       if r["mode"] == mode][0]
+                if "error" not in row:
+                    results.append((row.get("ms", 0.0), bs, row))
+            if results:
+                ms, bs, row = min(results, key=lambda x: x[0])
+                best.append({**row, "block_sizes": f"q{bs.block_q} k{bs.block_k} bq{bs.block_q_bwd} "
+                                                   f"bk{bs.block_k_bwd} w{bs.num_warps} s{bs.num_stages}",
+                             "tried": len(results)})
+        del inputs, refs
+    for r in best:
+        t = f"{r['ms']:.3f} ms {r['tflops']:.1f} TFLOP/s" if "ms" in r else "untimed (dry run)"
+        print(f"{r['mode']:8s} b{r['batch']} s{r['seq']} h{r['heads_q']}/{r['heads_kv']} d{r['head_dim']} "
+              f"{'causal' if r['causal'] else 'full'}: best {r['block_sizes']} ({t}, err {r['rel_err']:.1e}, "
+              f"{r['tried']} settings)")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with open(args.out / "attention_sweep.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLS + ["block_sizes", "tried"], extrasaction="ignore")
+            w.writeheader()
+            w.writerows(best)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="model,paper")
@@ -212,6 +251,8 @@ def main() -> int:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes, every path, no timing (CPU)")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--sweep", action="store_true",
+                    help="time our kernel with every block-size setting in SWEEP and print the best per shape and mode")
     args = ap.parse_args()
 
     on_gpu = jax.default_backend() == "gpu"
@@ -233,6 +274,8 @@ def main() -> int:
     peak = None if args.dry_run else matmul_tflops(dtype)
     if peak:
         print(f"# bf16 matmul 8192^3: {peak:.1f} TFLOP/s (same process)")
+    if args.sweep:
+        return sweep(shapes, dtype, args)
     backends = {k: v for k, v in jax_backends().items() if k in args.backends.split(",")}
     rows: list[dict[str, Any]] = []
     for s in shapes:
