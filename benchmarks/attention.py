@@ -212,7 +212,7 @@ def sweep(shapes: list[Shape], dtype: Any, args: argparse.Namespace) -> int:
         refs = references(s, inputs)
         for mode in ("fwd", "fwd+bwd"):
             results = []
-            for bs in SWEEP:
+            for bs in SWEEP[: args.sweep_limit or None]:
                 fn = lambda q, k, v, causal, bs=bs: flash_attention(q, k, v, causal=causal, block_sizes=bs)  # noqa: E731
                 row = [r for r in measure("ours", fn, s, inputs, refs, args.iters, args.warmup, not args.dry_run)
                        if r["mode"] == mode][0]
@@ -253,6 +253,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--sweep", action="store_true",
                     help="time our kernel with every block-size setting in SWEEP and print the best per shape and mode")
+    ap.add_argument("--sweep-limit", type=int, default=0, help="try only the first N settings (0 = all)")
     args = ap.parse_args()
 
     on_gpu = jax.default_backend() == "gpu"

@@ -27,6 +27,14 @@ def test_attention_benchmark_dry_run():
     assert r.returncode == 2 and "needs a GPU" in r.stderr
 
 
+def test_attention_sweep_dry_run(tmp_path):
+    r = subprocess.run([sys.executable, "benchmarks/attention.py", "--dry-run", "--sweep", "--sweep-limit", "2",
+                        "--out", str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("best q") == 4 and "2 settings" in r.stdout
+    assert (tmp_path / "attention_sweep.csv").read_text().count("\n") == 5
+
+
 def test_train_step_benchmark_runs(tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/train_step.py", "--set", "model.preset=test", "--set", "data.seq_len=32",
                         "--set", "training.batch_size=4", "--steps", "2", "--loop-steps", "8",
