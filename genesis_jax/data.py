@@ -60,17 +60,19 @@ def open_configured(data: DataConfig) -> Corpus:
 
 @dataclass
 class ValWindows:
-    """Fixed held-out windows: the same bytes are scored at every validation."""
+    """Fixed windows: the same bytes are scored at every validation."""
 
     inputs: np.ndarray  # [N, L] int32
     labels: np.ndarray  # [N, L] int32
     locale: np.ndarray  # [N] int32 index into `locales`
     locales: list[str]
+    words: np.ndarray | None = None  # [N, L] uint8 word starts of the inputs, when asked for
 
 
 def val_windows(tokens: np.ndarray, locale_starts: np.ndarray, locales: list[str], seq_len: int,
-                per_locale: int) -> ValWindows:
-    """Up to `per_locale` evenly spaced windows in each locale's held-out bytes."""
+                per_locale: int, words: np.ndarray | None = None) -> ValWindows:
+    """Up to `per_locale` evenly spaced windows in each locale's bytes (with their word starts
+    if `words` is given)."""
     starts, locs = [], []
     for i in range(len(locales)):
         lo, hi = int(locale_starts[i]), int(locale_starts[i + 1])
@@ -82,11 +84,13 @@ def val_windows(tokens: np.ndarray, locale_starts: np.ndarray, locales: list[str
         locs.append(np.full(len(starts[-1]), i, np.int32))
     if not starts:
         empty = np.zeros((0, seq_len), np.int32)
-        return ValWindows(empty, empty, np.zeros(0, np.int32), locales)
+        return ValWindows(empty, empty, np.zeros(0, np.int32), locales,
+                          None if words is None else empty.astype(np.uint8))
     s = np.concatenate(starts)
     idx = s[:, None] + np.arange(seq_len + 1)[None, :]
     ids = tokens[idx].astype(np.int32) + BYTE_OFFSET
-    return ValWindows(ids[:, :-1], ids[:, 1:], np.concatenate(locs), locales)
+    return ValWindows(ids[:, :-1], ids[:, 1:], np.concatenate(locs), locales,
+                      None if words is None else words[idx[:, :-1]])
 
 
 def selected_locales(corpus: Corpus, data: DataConfig) -> list[str]:

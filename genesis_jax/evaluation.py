@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -17,55 +16,75 @@ from .corpus.store import Corpus
 from .data import ValWindows, val_windows
 from .metrics import char_error_rate, linear_cka, procrustes_residual, retrieval_top1
 from .sampler import MaskParams, make_mask
+from .step import make_eval_step
 from .tokenizer import BYTE_OFFSET, PAD_ID
 
 NEWLINE = ord("\n")
 
 
-@dataclass
-class Streams:
-    """Per-split byte streams of the evaluated locales (from `Corpus.stream`)."""
+Streams = tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
-    train: tuple[np.ndarray, np.ndarray, np.ndarray]
-    heldout: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+def window_losses(fn: Any, params: Any, w: ValWindows, batch: int, sharding: Any = None) -> np.ndarray:
+    """Per-window mean cross-entropy, in fixed-size batches (the last one wraps around and its
+    extra rows are dropped), so every call reuses one compiled shape."""
+    n = len(w.locale)
+    out = []
+    for lo in range(0, n, batch):
+        idx = np.arange(lo, lo + batch) % n
+        x, y = w.inputs[idx], w.labels[idx]
+        if sharding is not None:
+            x, y = jax.device_put(x, sharding), jax.device_put(y, sharding)
+        out.append(np.asarray(fn(params, x, y))[: min(batch, n - lo)])
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def ce_summary(per: np.ndarray, w: ValWindows, prefix: str = "val") -> dict[str, float]:
+    """Global and per-locale cross-entropy, perplexity and bits per byte."""
+    if not len(per):
+        return {}
+    out = {f"{prefix}/loss": float(per.mean())}
+    for i, loc in enumerate(w.locales):
+        if np.any(w.locale == i):
+            out[f"{prefix}/loss/{loc}"] = float(per[w.locale == i].mean())
+    for key in list(out):
+        out[key.replace("/loss", "/ppl", 1)] = math.exp(min(out[key], 50.0))
+        out[key.replace("/loss", "/bpb", 1)] = out[key] / math.log(2.0)
+    return out
+
+
+class Validator:
+    """Scores fixed held-out windows: global and per-locale CE, perplexity, bits per byte."""
+
+    def __init__(self, windows: ValWindows, batch_size: int, graphdef: nnx.GraphDef, sharding: Any = None):
+        self.w, self.batch, self.sharding = windows, batch_size, sharding
+        self.fn = jax.jit(make_eval_step(graphdef))
+
+    def __call__(self, params: Any) -> dict[str, float]:
+        return ce_summary(window_losses(self.fn, params, self.w, self.batch, self.sharding), self.w)
 
 
 class EvalSuite:
-    def __init__(self, cfg: Config, corpus: Corpus, locales: list[str], graphdef: nnx.GraphDef):
+    def __init__(self, cfg: Config, corpus: Corpus, locales: list[str], graphdef: nnx.GraphDef,
+                 streams: Streams | None = None):
+        """`streams`: (train, held-out) results of `corpus.stream` when the caller has them."""
         self.cfg, self.corpus, self.locales, self.graphdef = cfg, corpus, locales, graphdef
-        self.streams = Streams(corpus.stream(locales, heldout=False), corpus.stream(locales, heldout=True))
+        self.train, self.heldout = streams or (corpus.stream(locales, heldout=False), corpus.stream(locales, heldout=True))
+        self.ce = jax.jit(make_eval_step(graphdef))
         self.forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
         self.hidden = jax.jit(lambda p, x: nnx.merge(graphdef, p).hidden(x))
         self.mask_fn = jax.jit(make_mask)
 
     # -- cross-entropy --------------------------------------------------------------------
-    def _ce(self, params: Any, w: ValWindows, batch: int) -> np.ndarray:
-        out = []
-        for lo in range(0, len(w.locale), batch):
-            logits = self.forward(params, jnp.asarray(w.inputs[lo:lo + batch]))
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            nll = -jnp.take_along_axis(logp, jnp.asarray(w.labels[lo:lo + batch])[..., None], axis=-1)[..., 0]
-            out.append(np.asarray(nll.mean(axis=-1)))
-        return np.concatenate(out) if out else np.zeros(0)
-
     def cross_entropy(self, params: Any, per_locale: int) -> dict[str, float]:
         """Held-out CE, perplexity and bits per byte (global and per locale), and the training
         split's CE on as many windows, for the train/validation gap."""
         L, batch = self.cfg.data.seq_len, self.cfg.training.batch_size
-        out: dict[str, float] = {}
-        vt, _, vs = self.streams.heldout
+        vt, _, vs = self.heldout
         w = val_windows(vt, vs, self.locales, L, per_locale)
-        per = self._ce(params, w, batch)
-        if len(per):
-            out["val/loss"] = float(per.mean())
-            for i, loc in enumerate(self.locales):
-                if np.any(w.locale == i):
-                    out[f"val/loss/{loc}"] = float(per[w.locale == i].mean())
-            for key in [k for k in out if k.startswith("val/loss")]:
-                out[key.replace("val/loss", "val/ppl")] = math.exp(min(out[key], 50.0))
-                out[key.replace("val/loss", "val/bpb")] = out[key] / math.log(2.0)
-        tt, _, ts = self.streams.train
-        train = self._ce(params, val_windows(tt, ts, self.locales, L, per_locale), batch)
+        out = ce_summary(window_losses(self.ce, params, w, batch), w)
+        tt, _, ts = self.train
+        train = window_losses(self.ce, params, val_windows(tt, ts, self.locales, L, per_locale), batch)
         if len(train):
             out["train/loss"] = float(train.mean())
             if "val/loss" in out:
@@ -75,18 +94,10 @@ class EvalSuite:
     # -- masked reconstruction --------------------------------------------------------------
     def _windows(self, per_locale: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Held-out windows of L bytes with their word starts, evenly spaced in each locale."""
-        L = self.cfg.data.seq_len
-        tokens, words, starts = self.streams.heldout
-        rows, wrows, locs = [], [], []
-        for i in range(len(self.locales)):
-            lo, hi = int(starts[i]), int(starts[i + 1])
-            if hi - lo < L:
-                continue
-            for s in np.unique(np.linspace(lo, hi - L, min(per_locale, (hi - lo) // L)).astype(np.int64)):
-                rows.append(tokens[s:s + L])
-                wrows.append(words[s:s + L])
-                locs.append(i)
-        return np.array(rows, np.int32) + BYTE_OFFSET, np.array(wrows, np.uint8), np.array(locs, np.int32)
+        tokens, words, starts = self.heldout
+        w = val_windows(tokens, starts, self.locales, self.cfg.data.seq_len, per_locale, words=words)
+        assert w.words is not None
+        return w.inputs, w.words, w.locale
 
     @staticmethod
     def verse_mask(ids: np.ndarray) -> np.ndarray:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import config as config_lib
@@ -17,13 +14,12 @@ from .analytics import LocaleEMA, validation_drop
 from .checkpoint import SHAPE_KEYS, Checkpointer
 from .config import Config
 from .curriculum import PHASE_NAMES, Controls, Curriculum, Signal
-from .data import ValWindows
-from .evaluation import EvalSuite, go_no_go
+from .evaluation import EvalSuite, Validator, go_no_go
 from .flops import peak_flops, train_flops_per_token
 from .logs import Console, MetricsDB, TensorBoard, format_line, print_err
 from .runtime import Setup
 from .sampler import MaskParams
-from .step import StepControls, TrainState, make_eval_step
+from .step import StepControls, TrainState
 from .tasks import TASK_NAMES
 
 TASK_EMA_DECAY = 0.9  # host-side EMA of each auxiliary task's loss and accuracy over its micro-batches
@@ -32,37 +28,6 @@ TASK_EMA_DECAY = 0.9  # host-side EMA of each auxiliary task's loss and accuracy
 def model_shape(cfg: Config) -> dict[str, Any]:
     """What a checkpoint's parameter shapes depend on (a resume must match it)."""
     return {**{k: getattr(cfg.model, k) for k in SHAPE_KEYS}, "mtl_head_dim": cfg.mtl.head_dim if cfg.mtl.enabled else 0}
-
-
-class Validator:
-    """Scores the fixed held-out windows: global and per-locale CE, perplexity, bits per byte."""
-
-    def __init__(self, windows: ValWindows, batch_size: int, graphdef: nnx.GraphDef, sharding: NamedSharding):
-        self.w, self.batch = windows, batch_size
-        self.fn = jax.jit(make_eval_step(graphdef))
-        self.sharding = sharding
-
-    def __call__(self, params: Any) -> dict[str, float]:
-        n = len(self.w.locale)
-        if n == 0:
-            return {}
-        losses = []
-        for lo in range(0, n, self.batch):
-            idx = np.arange(lo, lo + self.batch) % n  # pad the last batch by wrapping; extra rows dropped
-            x = jax.device_put(self.w.inputs[idx], self.sharding)
-            y = jax.device_put(self.w.labels[idx], self.sharding)
-            losses.append(np.asarray(self.fn(params, x, y))[: min(self.batch, n - lo)])
-        per = np.concatenate(losses)
-        out = {"val/loss": float(per.mean())}
-        for i, loc in enumerate(self.w.locales):
-            sel = per[self.w.locale == i]
-            if len(sel):
-                out[f"val/loss/{loc}"] = float(sel.mean())
-        for key in list(out):
-            ce = out[key]
-            out[key.replace("val/loss", "val/ppl")] = math.exp(min(ce, 50.0))
-            out[key.replace("val/loss", "val/bpb")] = ce / math.log(2.0)
-        return out
 
 
 def step_controls(ctl: Controls, cfg: Config) -> StepControls:
@@ -93,7 +58,8 @@ class TrainLoop:
         self.tb = TensorBoard(run_dir / "tensorboard" if cfg.logging.tensorboard else None)
         self.console = Console(tc.max_steps, cfg.logging.progress)
         self.validator = Validator(setup.windows, tc.batch_size, setup.graphdef, NamedSharding(setup.mesh, P("data")))
-        self.suite = EvalSuite(cfg, setup.corpus, setup.locales, setup.graphdef) if cfg.eval.interval else None
+        self.suite = (EvalSuite(cfg, setup.corpus, setup.locales, setup.graphdef, setup.streams)
+                      if cfg.eval.interval else None)
         self.tokens_per_step = tc.batch_size * tc.grad_accum_steps * cfg.data.seq_len
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = peak_flops()

@@ -34,6 +34,7 @@ class Setup:
     replicated: NamedSharding
     has_words: bool
     corpus: Corpus
+    streams: Any  # (train, held-out) host streams from Corpus.stream, reused by the evaluation suite
 
 
 def build(cfg: Config) -> Setup:
@@ -52,13 +53,13 @@ def build(cfg: Config) -> Setup:
         device_corpus = dataclasses.replace(device_corpus, verses=jax.device_put(index, replicated))
     if int(device_corpus.valid_cum[-1]) == 0:
         raise UserError(f"data.seq_len = {cfg.data.seq_len}: longer than every locale's training text in {corpus.path}")
-    vt, _, vs = corpus.stream(locales, heldout=True)
-    windows = val_windows(vt, vs, locales, cfg.data.seq_len, cfg.training.val_windows)
+    heldout = corpus.stream(locales, heldout=True)
+    windows = val_windows(heldout[0], heldout[2], locales, cfg.data.seq_len, cfg.training.val_windows)
     model = init_model(cfg)
     graphdef = nnx.graphdef(model)
     state = jax.device_put(init_state(cfg, model), replicated)
     return Setup(mesh, locales, corpus.path, device_corpus, windows, graphdef, state, replicated, bool(words.any()),
-                 corpus)
+                 corpus, ((tokens, words, starts), heldout))
 
 
 def compile_step(cfg: Config, s: Setup, controls: StepControls) -> Any:

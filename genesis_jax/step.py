@@ -53,10 +53,10 @@ def init_state(cfg: Config, model: Llama) -> TrainState:
 
 def make_loss_fn(graphdef: nnx.GraphDef, per_sequence: bool = False) -> Callable[[Any, Batch], jax.Array]:
     """Mean next-byte cross-entropy of a batch (or one value per sequence)."""
+    per_window = make_eval_step(graphdef)
 
     def loss_fn(params: Any, batch: Batch) -> jax.Array:
-        logits = nnx.merge(graphdef, params)(batch.inputs)
-        per_seq = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels).mean(axis=-1)
+        per_seq = per_window(params, batch.inputs, batch.labels)
         return per_seq if per_sequence else per_seq.mean()
 
     return loss_fn
