@@ -11,7 +11,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from .config import CheckpointConfig
+from .config import CheckpointConfig, Config
 from .errors import ResumeError
 
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "norm_type")
@@ -44,7 +44,7 @@ class Checkpointer:
             policies.append(pp.EveryNSteps(cfg.permanent_interval))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=pp.AnyPreservationPolicy(policies),
-            save_interval_steps=1,
+            save_interval_steps=0 if read_only else 1,
             cleanup_tmp_directories=not read_only,
             read_only=read_only,
             create=not read_only,
@@ -93,13 +93,18 @@ class Checkpointer:
         self.manager.close()
 
 
-def check_shape(saved_model: dict[str, Any], model: dict[str, Any], where: Path) -> None:
-    """Refuse a resume whose checkpoint holds a model of another shape."""
-    diffs = [f"{'model.' + k if k in SHAPE_KEYS else k}: checkpoint {saved_model.get(k)!r}, config {model.get(k)!r}"
-             for k in model if saved_model.get(k) != model.get(k)]
+SHAPE_DEFAULTS = {"mtl_head_dim": 0}  # what a checkpoint written before a key existed had
+
+
+def model_shape(cfg: Config) -> dict[str, Any]:
+    """What a checkpoint's parameter shapes depend on (a resume must match it)."""
+    return {**{k: getattr(cfg.model, k) for k in SHAPE_KEYS}, "mtl_head_dim": cfg.mtl.head_dim if cfg.mtl.enabled else 0}
+
+
+def check_shape(meta: dict[str, Any], cfg: Config, where: Path) -> None:
+    """Refuse a resume whose checkpoint (its `meta`) holds a model of another shape."""
+    saved, current = meta.get("model_shape", {}), model_shape(cfg)
+    diffs = [f"{'model.' + k if k in SHAPE_KEYS else k}: checkpoint {saved.get(k, SHAPE_DEFAULTS.get(k))!r}, config {v!r}"
+             for k, v in current.items() if saved.get(k, SHAPE_DEFAULTS.get(k)) != v]
     if diffs:
         raise ResumeError(f"{where}: checkpoint has another model shape ({'; '.join(diffs)}); use a new --run-dir")
-
-
-def dumps(meta: dict[str, Any]) -> str:
-    return json.dumps(meta, sort_keys=True)

@@ -45,9 +45,7 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
         if chosen not in steps:
             raise UserError(f"--step {step}: no such checkpoint in {run_dir} (have {', '.join(map(str, sorted(steps)))})")
         meta = ckpt.read_meta(chosen)
-        from .loop import model_shape
-
-        check_shape(meta.get("model_shape", {}), model_shape(cfg), run_dir)
+        check_shape(meta, cfg, run_dir)
         model = init_model(cfg)
         state = ckpt.restore(chosen, init_state(cfg, model))
     finally:

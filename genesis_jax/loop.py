@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import config as config_lib
 from .analytics import LocaleEMA, validation_drop
-from .checkpoint import SHAPE_KEYS, Checkpointer
+from .checkpoint import Checkpointer, model_shape
 from .config import Config
 from .curriculum import PHASE_NAMES, Controls, Curriculum, Signal
 from .evaluation import EvalSuite, Validator, go_no_go
@@ -23,11 +23,6 @@ from .step import StepControls, TrainState
 from .tasks import TASK_NAMES
 
 TASK_EMA_DECAY = 0.9  # host-side EMA of each auxiliary task's loss and accuracy over its micro-batches
-
-
-def model_shape(cfg: Config) -> dict[str, Any]:
-    """What a checkpoint's parameter shapes depend on (a resume must match it)."""
-    return {**{k: getattr(cfg.model, k) for k in SHAPE_KEYS}, "mtl_head_dim": cfg.mtl.head_dim if cfg.mtl.enabled else 0}
 
 
 def step_controls(ctl: Controls, cfg: Config) -> StepControls:

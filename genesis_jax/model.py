@@ -12,7 +12,6 @@ deepnorm uses Xavier-normal with gain beta = (8N)^(-1/4) on w1, w2, w3, wv and w
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax
@@ -266,7 +265,3 @@ class Llama(nnx.Module):
 
         x, new_cache = jax.lax.scan(body, x, (state, cache[0], cache[1]))
         return self.logits(self.final_norm(x)), new_cache
-
-
-def count_params(model: nnx.Module) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -150,7 +150,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh,
         locale = batches.locale.reshape(-1)
         lm_rows = is_lm.reshape(-1)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step) * controls.lr_mult,
-                   "loss_ema": ema, "step": state.step, "mask_frac": flat.masked.mean(),
+                   "loss_ema": ema,
                    "locale_loss_sum": jax.ops.segment_sum(per_seq.reshape(-1) * lm_rows, locale, num_segments=n_locales),
                    "locale_count": jax.ops.segment_sum(lm_rows, locale, num_segments=n_locales), **task_metrics}
         return TrainState(params=params, opt_state=opt_state, step=state.step + 1, loss_ema=ema), metrics

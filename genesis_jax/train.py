@@ -19,7 +19,7 @@ from .checkpoint import Checkpointer, check_shape
 from .config import Config
 from .errors import UserError
 from .logs import print_err
-from .loop import TrainLoop, model_shape
+from .loop import TrainLoop
 from .runtime import build, compile_step
 from .sampler import MaskParams
 from .step import StepControls
@@ -71,7 +71,7 @@ def train(cfg: Config, run_dir: Path) -> int:
     meta: dict[str, Any] = {}
     if latest is not None:
         meta = ckpt.read_meta(latest)
-        check_shape(meta.get("model_shape", {}), model_shape(cfg), run_dir)
+        check_shape(meta, cfg, run_dir)
         state = ckpt.restore(latest, state)
         print_err(f"resuming {run_dir} from step {latest}")
         for line in diffs:
