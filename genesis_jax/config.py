@@ -175,17 +175,7 @@ class Config:
     mtl: MTLConfig = field(default_factory=MTLConfig)
 
 
-SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
-    "data": DataConfig,
-    "training": TrainingConfig,
-    "optim": OptimConfig,
-    "checkpoint": CheckpointConfig,
-    "logging": LoggingConfig,
-    "curriculum": CurriculumConfig,
-    "eval": EvalConfig,
-    "mtl": MTLConfig,
-}
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # [section] name -> its dataclass
 
 
 def _did_you_mean(name: str, options: list[str]) -> str:

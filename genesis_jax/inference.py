@@ -61,15 +61,14 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
     logits = logits.astype(jnp.float32).at[:, :BYTE_OFFSET].set(-jnp.inf)
     greedy = jnp.argmax(logits, axis=-1)
     scaled = logits / jnp.maximum(temperature, 1e-6)
-    order = jnp.sort(scaled, axis=-1)[:, ::-1]
+    order = jnp.sort(scaled, axis=-1)[:, ::-1]  # descending; top-k masking keeps it sorted
     k = jnp.where(top_k > 0, jnp.minimum(top_k, VOCAB_SIZE - BYTE_OFFSET), VOCAB_SIZE)
-    kth = jnp.take_along_axis(order, (k - 1)[None, None].repeat(order.shape[0], 0), axis=-1)
-    scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
-    probs = jax.nn.softmax(jnp.sort(scaled, axis=-1)[:, ::-1], axis=-1)
+    kth = order[:, k - 1][:, None]
+    order = jnp.where(order >= kth, order, -jnp.inf)
+    probs = jax.nn.softmax(order, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
     cutoff_idx = jnp.sum(before < top_p, axis=-1, keepdims=True) - 1  # keep while mass before < p
-    sorted_scaled = jnp.sort(scaled, axis=-1)[:, ::-1]
-    cutoff = jnp.take_along_axis(sorted_scaled, jnp.maximum(cutoff_idx, 0), axis=-1)
+    cutoff = jnp.maximum(jnp.take_along_axis(order, jnp.maximum(cutoff_idx, 0), axis=-1), kth)
     scaled = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
     sampled = jax.random.categorical(key, scaled, axis=-1)
     return jnp.where(temperature <= 0.0, greedy, sampled).astype(jnp.int32)

@@ -200,12 +200,15 @@ class TrainLoop:
         self.start = self.done = self.s_mark = int(state.step)
         self.observed = self.start - 1
         code = 0
+        last: tuple[Controls, StepControls] | None = None
         if self.start == 0 and tc.val_interval:
             self.validate(state.params, 0)
         try:
             for s in range(self.start, tc.max_steps):
                 ctl = self.curriculum.controls(s)
-                state, metrics = step_fn(state, corpus, seed_key, step_controls(ctl, cfg))
+                if last is None or last[0] != ctl:  # new device scalars only when a control changes
+                    last = (ctl, step_controls(ctl, cfg))
+                state, metrics = step_fn(state, corpus, seed_key, last[1])
                 self.done = s + 1
                 self.queue.append((s, metrics, ctl))
                 while len(self.queue) > 1:  # metrics one step late: step s - 1 is done by now
