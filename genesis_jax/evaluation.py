@@ -17,6 +17,7 @@ from .data import ValWindows, val_windows
 from .metrics import char_error_rate, linear_cka, procrustes_residual, retrieval_top1
 from .sampler import MaskParams, make_mask
 from .step import make_eval_step
+from .tasks import pooled
 from .tokenizer import BYTE_OFFSET, PAD_ID
 
 NEWLINE = ord("\n")
@@ -72,7 +73,7 @@ class EvalSuite:
         self.train, self.heldout = streams or (corpus.stream(locales, heldout=False), corpus.stream(locales, heldout=True))
         self.ce = jax.jit(make_eval_step(graphdef))
         self.forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
-        self.hidden = jax.jit(lambda p, x: nnx.merge(graphdef, p).hidden(x))
+        self.pooled = jax.jit(lambda p, x, valid: pooled(nnx.merge(graphdef, p).hidden(x), valid))
         self.mask_fn = jax.jit(make_mask)
 
     # -- cross-entropy --------------------------------------------------------------------
@@ -161,12 +162,9 @@ class EvalSuite:
             b = np.frombuffer(t[:n], np.uint8)
             ids[i, :len(b)] = b.astype(np.int32) + BYTE_OFFSET
         valid = ids != PAD_ID
-        out = []
-        for lo in range(0, len(ids), self.cfg.training.batch_size):
-            h = np.asarray(self.hidden(params, jnp.asarray(ids[lo:lo + self.cfg.training.batch_size])), np.float64)
-            v = valid[lo:lo + len(h)][..., None]
-            out.append((h * v).sum(axis=1) / np.maximum(v.sum(axis=1), 1))
-        return np.concatenate(out)
+        b = self.cfg.training.batch_size
+        return np.concatenate([np.asarray(self.pooled(params, jnp.asarray(ids[lo:lo + b]), jnp.asarray(valid[lo:lo + b])),
+                                          np.float64) for lo in range(0, len(ids), b)])
 
     def alignment(self, params: Any, n_keys: int) -> dict[str, float]:
         """For held-out keys present in every locale: top-1 retrieval of the same verse across

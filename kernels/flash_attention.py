@@ -70,6 +70,16 @@ def _dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = Fals
     return lax.dot_general(a, b, ((ca, cb), ((), ())), precision=precision, preferred_element_type=jnp.float32)
 
 
+def _kv_blocks_seen(iq: jax.Array, block_q: int, block_k: int, n_kv_blocks: int,
+                    causal_offset: int | None) -> jax.Array | int:
+    """Key blocks query block `iq` must read: all of them, or under `causal` only up to its last
+    visible key (block skipping: later key blocks are never loaded)."""
+    if causal_offset is None:
+        return n_kv_blocks
+    last = lax.div((iq + 1) * block_q + causal_offset + block_k - 1, block_k)
+    return jnp.maximum(jnp.minimum(n_kv_blocks, last), 0)
+
+
 def _fwd_kernel(*refs: Any, sm_scale: float, causal_offset: int | None, kv_len: int, block_q: int,
                 block_k: int, n_kv_blocks: int, has_segments: bool) -> None:
     if has_segments:
@@ -97,10 +107,7 @@ def _fwd_kernel(*refs: Any, sm_scale: float, causal_offset: int | None, kv_len: 
         acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_next, l_prev * corr + jnp.sum(p, axis=-1)
 
-    hi = n_kv_blocks
-    if causal_offset is not None:  # block skipping: keys past the last visible one are never read
-        hi = jnp.minimum(n_kv_blocks, lax.div((iq + 1) * block_q + causal_offset + block_k - 1, block_k))
-        hi = jnp.maximum(hi, 0)
+    hi = _kv_blocks_seen(iq, block_q, block_k, n_kv_blocks, causal_offset)
     acc0 = jnp.zeros((block_q, q.shape[-1]), jnp.float32)
     m0 = jnp.full((block_q,), -jnp.inf, jnp.float32)
     acc, m, l = lax.fori_loop(0, hi, body, (acc0, m0, jnp.zeros((block_q,), jnp.float32)))
@@ -135,9 +142,7 @@ def _dq_kernel(*refs: Any, sm_scale: float, causal_offset: int | None, kv_len: i
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    hi = n_kv_blocks
-    if causal_offset is not None:
-        hi = jnp.maximum(jnp.minimum(n_kv_blocks, lax.div((iq + 1) * block_q + causal_offset + block_k - 1, block_k)), 0)
+    hi = _kv_blocks_seen(iq, block_q, block_k, n_kv_blocks, causal_offset)
     dq = lax.fori_loop(0, hi, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
 
