@@ -158,10 +158,9 @@ class Corpus:
         texts, words, starts = [], [], [0]
         for loc in locales:
             recs = self.records[(self.records["locale"] == loc_index[loc]) & (self.records["heldout"] == int(heldout))]
-            if len(recs):
-                idx = np.concatenate([np.arange(o, o + n + 1) for o, n in zip(recs["offset"], recs["length"])])
-            else:
-                idx = np.zeros(0, dtype=np.int64)
+            spans = recs["length"].astype(np.int64) + 1  # each record with its separator
+            first = np.cumsum(spans) - spans
+            idx = np.repeat(recs["offset"].astype(np.int64) - first, spans) + np.arange(int(spans.sum()))
             texts.append(np.asarray(self.text[idx]))
             words.append(np.asarray(self.words[idx]))
             starts.append(starts[-1] + len(idx))
