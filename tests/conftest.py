@@ -49,3 +49,11 @@ def fixture_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     writer = CorpusWriter()
     import_textdir(writer, write_textdir(base / "src"))
     return writer.write(base / "corpus", val_fraction=0.1, split_seed=0)
+
+
+def write_small_run_config(path: Path, corpus: Path, max_steps: int, val_interval: int, extra: str = "") -> Path:
+    """A `test`-preset run on the fixture corpus, for CLI tests that need a trained run."""
+    path.write_text(f'[model]\npreset = "test"\ncompute_dtype = "float32"\n[data]\ncorpus = "{corpus}"\nseq_len = 32\n'
+                    f'[training]\nmax_steps = {max_steps}\nbatch_size = 4\nlog_interval = 2\nval_interval = {val_interval}\n'
+                    + extra)
+    return path

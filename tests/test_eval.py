@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import write_small_run_config
 from genesis_jax import config as C
 from genesis_jax.corpus.store import open_corpus
 from genesis_jax.evaluation import EvalSuite, go_no_go
@@ -76,10 +77,8 @@ def test_go_no_go_names_each_failed_threshold():
 def test_eval_cli_quick_go_and_no_go(fixture_corpus, tmp_path, capsys):
     from genesis_jax import eval as eval_cli, train
 
-    cfg = tmp_path / "run.toml"
-    cfg.write_text(f'[model]\npreset = "test"\ncompute_dtype = "float32"\n[data]\ncorpus = "{fixture_corpus}"\nseq_len = 32\n'
-                   '[training]\nmax_steps = 4\nbatch_size = 4\nlog_interval = 2\nval_interval = 0\n'
-                   '[eval]\nmax_val_ppl = 1e9\nmax_train_val_gap = 1e9\nmin_alignment_acc = 0.0\nalignment_keys = 8\n')
+    cfg = write_small_run_config(tmp_path / "run.toml", fixture_corpus, max_steps=4, val_interval=0, extra=
+                                 '[eval]\nmax_val_ppl = 1e9\nmax_train_val_gap = 1e9\nmin_alignment_acc = 0.0\nalignment_keys = 8\n')
     run = tmp_path / "run"
     assert train.main(["--config", str(cfg), "--run-dir", str(run)]) == 0
     capsys.readouterr()

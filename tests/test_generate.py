@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import write_small_run_config
 from genesis_jax import config as C
 from genesis_jax.inference import generate, sample_logits
 from genesis_jax.model import Llama
@@ -70,9 +71,7 @@ def test_stop_sequences_and_max_tokens(model):
 def test_cli_on_a_trained_run(fixture_corpus, tmp_path, capsys):
     from genesis_jax import generate as gen_cli, train
 
-    cfg = tmp_path / "run.toml"
-    cfg.write_text(f'[model]\npreset = "test"\ncompute_dtype = "float32"\n[data]\ncorpus = "{fixture_corpus}"\nseq_len = 32\n'
-                   '[training]\nmax_steps = 4\nbatch_size = 4\nlog_interval = 2\nval_interval = 0\n')
+    cfg = write_small_run_config(tmp_path / "run.toml", fixture_corpus, max_steps=4, val_interval=0)
     assert train.main(["--config", str(cfg), "--run-dir", str(tmp_path / "run")]) == 0
     capsys.readouterr()
     assert gen_cli.main(["--run", str(tmp_path / "run"), "--prompt", "And God", "--max-tokens", "5",
