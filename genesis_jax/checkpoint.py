@@ -64,10 +64,13 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> bool:
+        """An async save writes `meta` in the background: it is snapshotted here, because the
+        loop goes on mutating the objects it holds (EMAs, histories)."""
         if step in self.manager.all_steps():
             return False
+        snapshot = json.loads(json.dumps(meta))
         return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(snapshot)), force=True)
 
     def read_meta(self, step: int) -> dict[str, Any]:
         path = self.directory / str(step) / "meta"
