@@ -175,20 +175,22 @@ def task_loss(model: nnx.Module, task: int, corpus: DeviceCorpus, idx: VerseInde
     """(loss, accuracy) of one auxiliary micro-batch of n examples built from `key`."""
     heads: TaskHeads = model.heads  # type: ignore[attr-defined]
 
-    def embed(recs: jax.Array) -> jax.Array:
-        ids, valid = verse_tokens(corpus, idx, recs, cfg.max_len)
-        return pooled(model.hidden(ids), valid)  # type: ignore[attr-defined]
+    def embed(*recs: jax.Array) -> list[jax.Array]:
+        """Pooled states of each group of verses, from one forward pass over all of them."""
+        ids, valid = verse_tokens(corpus, idx, jnp.concatenate(recs), cfg.max_len)
+        return jnp.split(pooled(model.hidden(ids), valid), len(recs))  # type: ignore[attr-defined]
 
     if task == COHERENCE:
         a, b, label = coherence_examples(idx, key, n)
-        return _bce(heads.coherence(embed(a), embed(b)), label, jnp.ones_like(label))
+        return _bce(heads.coherence(*embed(a, b)), label, jnp.ones_like(label))
     if task == CROSS_REF:
         a, p, q, valid = cross_ref_examples(idx, key, n, cfg.cross_ref_window, cfg.cross_ref_min_distance)
-        za, zp, zn = heads.cross_ref(embed(a)), heads.cross_ref(embed(p)), heads.cross_ref(embed(q))
+        za, zp, zn = (heads.cross_ref(z) for z in embed(a, p, q))
         cp, cn = _cos(za, zp), _cos(za, zn)
         w = valid.astype(jnp.float32)
         loss = (jnp.maximum(0.0, cn - cp + cfg.triplet_margin) * w).sum() / jnp.maximum(w.sum(), 1.0)
         return loss, ((cp > cn).astype(jnp.float32) * w).sum() / jnp.maximum(w.sum(), 1.0)
     a, b, label, valid = paraphrase_examples(idx, key, n)
-    logits = cfg.paraphrase_scale * _cos(heads.paraphrase(embed(a)), heads.paraphrase(embed(b)))
+    za, zb = (heads.paraphrase(z) for z in embed(a, b))
+    logits = cfg.paraphrase_scale * _cos(za, zb)
     return _bce(logits, label, valid)

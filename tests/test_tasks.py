@@ -127,3 +127,74 @@ def test_mixed_step_one_trace_and_lm_only_matches_plain(setup, fixture_corpus):
         for t in ("coherence", "cross_ref", "paraphrase"):
             if m[f"task/{t}/count"] > 0:
                 assert np.isfinite(m[f"task/{t}/loss"]) and 0.0 <= m[f"task/{t}/acc"] <= 1.0
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def _mlp(layer_in, layer_out, x: np.ndarray) -> np.ndarray:
+    w = [np.asarray(p[...], np.float64) for p in (layer_in.kernel, layer_in.bias, layer_out.kernel, layer_out.bias)]
+    return _gelu(x @ w[0] + w[1]) @ w[2] + w[3]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def _bce_ref(logits: np.ndarray, labels: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    p = 1.0 / (1.0 + np.exp(-logits))
+    loss = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+    return (loss * w).sum() / w.sum(), (((logits > 0) == (labels > 0.5)) * w).sum() / w.sum()
+
+
+def test_task_losses_match_a_per_verse_float64_reference(setup):
+    """Verses embedded with random filler instead of padding, mean-pooled over their own bytes in
+    float64; heads and losses recomputed in NumPy from the SPEC's formulas."""
+    from genesis_jax.tasks import COHERENCE, CROSS_REF, task_loss
+    from genesis_jax.tokenizer import BYTE_OFFSET
+
+    c, dc, idx = setup
+    import dataclasses
+    dc = dataclasses.replace(dc, verses=idx)
+    cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32"}, "data": {"seq_len": 16},
+                       "mtl": {"enabled": True, "max_len": 48, "head_dim": 16, "cross_ref_min_distance": 20}})
+    m = cfg.mtl
+    model = init_model(cfg)
+    tokens = np.asarray(dc.tokens)
+    start, length = np.asarray(idx.start), np.asarray(idx.length)
+    assert (length < m.max_len).any() and (length > m.max_len).any()  # both padding and truncation occur
+
+    garbage = np.random.default_rng(0)
+
+    def embed(recs) -> np.ndarray:
+        # Filler after a verse is random bytes, not PAD: a causal model's pooled prefix ignores it.
+        recs = np.asarray(recs)
+        ids = garbage.integers(BYTE_OFFSET, BYTE_OFFSET + 256, (len(recs), m.max_len)).astype(np.int32)
+        lens = np.minimum(length[recs], m.max_len)
+        for i, r in enumerate(recs):
+            ids[i, :lens[i]] = tokens[start[r]:start[r] + lens[i]].astype(np.int32) + BYTE_OFFSET
+        hidden = np.asarray(model.hidden(jnp.asarray(ids)), np.float64)
+        return np.stack([hidden[i, :lens[i]].mean(axis=0) for i in range(len(recs))])
+
+    n, key = 16, jax.random.key(3)
+    h = model.heads
+    for task in (COHERENCE, CROSS_REF, 3):
+        loss, acc = jax.jit(lambda k, task=task: task_loss(model, task, dc, idx, k, n, m))(key)
+        if task == COHERENCE:
+            a, b, label = coherence_examples(idx, key, n)
+            logits = _mlp(h.coh_in, h.coh_out, np.concatenate([embed(a), embed(b)], axis=-1))[:, 0]
+            want = _bce_ref(logits, np.asarray(label, np.float64), np.ones(n))
+        elif task == CROSS_REF:
+            a, p, q, valid = cross_ref_examples(idx, key, n, m.cross_ref_window, m.cross_ref_min_distance)
+            za, zp, zn = (_mlp(h.xref_in, h.xref_out, embed(x)) for x in (a, p, q))
+            cp, cn = _cosine(za, zp), _cosine(za, zn)
+            w = np.asarray(valid, np.float64)
+            assert w.sum() > 0
+            want = ((np.maximum(0.0, cn - cp + m.triplet_margin) * w).sum() / w.sum(), ((cp > cn) * w).sum() / w.sum())
+        else:
+            a, b, label, valid = paraphrase_examples(idx, key, n)
+            logits = m.paraphrase_scale * _cosine(_mlp(h.para_in, h.para_out, embed(a)), _mlp(h.para_in, h.para_out, embed(b)))
+            want = _bce_ref(logits, np.asarray(label, np.float64), np.asarray(valid, np.float64))
+        np.testing.assert_allclose(float(loss), want[0], rtol=1e-4, atol=1e-6, err_msg=f"task {task} loss")
+        assert float(acc) == pytest.approx(want[1]), f"task {task} accuracy"
