@@ -1,5 +1,7 @@
 """Multi-task examples are what they claim to be; the mixed step trains all heads."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +13,9 @@ from genesis_jax import config as C
 from genesis_jax.corpus.store import open_corpus
 from genesis_jax.sampler import build_device_corpus
 from genesis_jax.step import StepControls, init_model, init_state, make_mesh, make_train_step
-from genesis_jax.tasks import (build_verse_index, coherence_examples, cross_ref_examples, paraphrase_examples,
-                               verse_tokens)
+from genesis_jax.tasks import (COHERENCE, CROSS_REF, PARAPHRASE, build_verse_index, coherence_examples,
+                               cross_ref_examples, paraphrase_examples, task_loss, verse_tokens)
+from genesis_jax.tokenizer import BYTE_OFFSET
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +100,6 @@ def test_mixed_step_one_trace_and_lm_only_matches_plain(setup, fixture_corpus):
         cfg = C.from_dict({**base, "mtl": mtl})
         dc = build_device_corpus(tokens, words, starts, 16)
         if cfg.mtl.enabled:
-            import dataclasses
             dc = dataclasses.replace(dc, verses=build_verse_index(c, c.locales, starts))
         model = init_model(cfg)
         traces = []
@@ -151,11 +153,7 @@ def _bce_ref(logits: np.ndarray, labels: np.ndarray, w: np.ndarray) -> tuple[flo
 def test_task_losses_match_a_per_verse_float64_reference(setup):
     """Verses embedded with random filler instead of padding, mean-pooled over their own bytes in
     float64; heads and losses recomputed in NumPy from the SPEC's formulas."""
-    from genesis_jax.tasks import COHERENCE, CROSS_REF, task_loss
-    from genesis_jax.tokenizer import BYTE_OFFSET
-
     c, dc, idx = setup
-    import dataclasses
     dc = dataclasses.replace(dc, verses=idx)
     cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32"}, "data": {"seq_len": 16},
                        "mtl": {"enabled": True, "max_len": 48, "head_dim": 16, "cross_ref_min_distance": 20}})
@@ -179,7 +177,7 @@ def test_task_losses_match_a_per_verse_float64_reference(setup):
 
     n, key = 16, jax.random.key(3)
     h = model.heads
-    for task in (COHERENCE, CROSS_REF, 3):
+    for task in (COHERENCE, CROSS_REF, PARAPHRASE):
         loss, acc = jax.jit(lambda k, task=task: task_loss(model, task, dc, idx, k, n, m))(key)
         if task == COHERENCE:
             a, b, label = coherence_examples(idx, key, n)
