@@ -117,6 +117,7 @@ class CurriculumConfig:
     span_max_len: int = 5
     mask_ramp_start: float = 0.05  # mask probability at the start of each ramp
     analytics_window: int = 100  # loss analytics window; EMA alpha = 2 / (window + 1)
+    loss_ema_decay: float = 0.99  # the loss EMA the phase machine and stun watch (on the device)
     locale_ema_decay: float = 0.99  # per-locale EMA of per-sequence loss
     plateau_lr_patience: int = 0  # steps without a new phase-local EMA minimum before a stun (0 = off)
     plateau_lr_drop: float = 0.5  # stun: LR multiplier and Adam first moment scaled by this
@@ -160,6 +161,7 @@ class MTLConfig:
     paraphrase_scale: float = 5.0  # paraphrase: logit = scale * cos
     cross_ref_window: int = 5  # cross_ref positive: within +-window keys of the anchor
     cross_ref_min_distance: int = 100  # cross_ref negative: at least this many keys away
+    task_ema_decay: float = 0.9  # host-side EMA of each task's loss and accuracy over its micro-batches
 
 
 @dataclass(frozen=True)
@@ -337,6 +339,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("mtl.*_weight: mixture weights must be non-negative with a positive sum")
     for key in ("max_len", "head_dim", "cross_ref_window", "cross_ref_min_distance"):
         _positive(f"mtl.{key}", getattr(mt, key))
+    if not 0.0 <= mt.task_ema_decay < 1.0:
+        raise ConfigError(f"mtl.task_ema_decay = {mt.task_ema_decay}: must be within [0, 1)")
     if e.grokking_drop < 0 or e.grokking_window <= 0 or e.grokking_min_step < 0:
         raise ConfigError("eval.grokking_drop and eval.grokking_min_step must not be negative, eval.grokking_window must be positive")
     if e.interval < 0:
@@ -346,7 +350,7 @@ def validate(cfg: Config) -> None:
 
 
 def validate_curriculum(k: CurriculumConfig) -> None:
-    for key in ("wwm_mask_prob", "span_mask_prob", "mask_ramp_start", "locale_ema_decay"):
+    for key in ("wwm_mask_prob", "span_mask_prob", "mask_ramp_start", "loss_ema_decay", "locale_ema_decay"):
         value = getattr(k, key)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"curriculum.{key} = {value}: must be within [0, 1]")

@@ -22,8 +22,6 @@ from .sampler import MaskParams
 from .step import StepControls, TrainState
 from .tasks import TASK_NAMES
 
-TASK_EMA_DECAY = 0.9  # host-side EMA of each auxiliary task's loss and accuracy over its micro-batches
-
 
 def step_controls(ctl: Controls, cfg: Config) -> StepControls:
     k = cfg.curriculum
@@ -85,11 +83,12 @@ class TrainLoop:
             self.log(s, m, ctl)
 
     def _update_tasks(self, m: dict[str, Any]) -> None:
+        decay = self.cfg.mtl.task_ema_decay
         for name in TASK_NAMES[1:]:
             if float(m.get(f"task/{name}/count", 0.0)) > 0:
                 for what in ("loss", "acc"):
                     v, k = float(m[f"task/{name}/{what}"]), f"{name}/{what}"
-                    self.task_ema[k] = v if k not in self.task_ema else TASK_EMA_DECAY * self.task_ema[k] + (1 - TASK_EMA_DECAY) * v
+                    self.task_ema[k] = v if k not in self.task_ema else decay * self.task_ema[k] + (1 - decay) * v
 
     def signal(self, sig: Signal) -> None:
         self.db.log_signal(sig.step, sig.kind, sig.value, sig.description)

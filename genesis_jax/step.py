@@ -23,7 +23,7 @@ class TrainState:
     params: Any  # nnx.State of the model's Params, float32
     opt_state: Any
     step: jax.Array  # int32 number of updates done
-    loss_ema: jax.Array  # float32 0.99 * ema + 0.01 * LM loss (first value = first loss; NaN before)
+    loss_ema: jax.Array  # float32 d * ema + (1 - d) * LM loss, d = curriculum.loss_ema_decay (first = first loss; NaN before)
 
 
 def make_mesh(n_devices: int | None = None) -> Mesh:
@@ -116,6 +116,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh,
     t = cfg.training
     tx = make_optimizer(cfg.optim, t.max_steps)
     schedule = lr_schedule(cfg.optim, t.max_steps)
+    decay = cfg.curriculum.loss_ema_decay
     accum, micro, seq_len = t.grad_accum_steps, t.batch_size, cfg.data.seq_len
     batch_sharding = NamedSharding(mesh, P(None, "data"))
 
@@ -146,7 +147,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh,
         updates, opt_state = tx.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = jnp.where(jnp.isnan(loss), state.loss_ema,
-                        jnp.where(jnp.isnan(state.loss_ema), loss, 0.99 * state.loss_ema + 0.01 * loss))
+                        jnp.where(jnp.isnan(state.loss_ema), loss, decay * state.loss_ema + (1 - decay) * loss))
         locale = batches.locale.reshape(-1)
         lm_rows = is_lm.reshape(-1)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step) * controls.lr_mult,

@@ -40,6 +40,8 @@ def test_presets_and_overrides():
     ({}, ["model.n_kv_heads=3"], "model.n_kv_heads = 3 does not divide model.n_heads = 4"),
     ({}, ["training.batch_size=0"], "training.batch_size = 0: must be positive"),
     ({}, ["optim.beta2=1.0"], "optim.beta2 = 1.0: must be within [0, 1)"),
+    ({}, ["curriculum.loss_ema_decay=1.5"], "curriculum.loss_ema_decay = 1.5: must be within [0, 1]"),
+    ({}, ["mtl.task_ema_decay=1.0"], "mtl.task_ema_decay = 1.0: must be within [0, 1)"),
     ({}, ["model.preset=huge"], "model.preset = 'huge': unknown preset"),
     ({}, ["nodot=1"], "expected section.key=value"),
 ])
