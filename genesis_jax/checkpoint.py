@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -13,6 +15,13 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from .config import CheckpointConfig, Config
 from .errors import ResumeError
+from .logs import print_err
+
+UNRESTORABLE = "checkpoints-unrestorable"
+
+
+class RefusedResume(ResumeError):
+    """A readable checkpoint that this launch must not continue from (the user's choice decides)."""
 
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "norm_type")
 
@@ -38,7 +47,7 @@ class Checkpointer:
         up the temporary directory of a checkpoint that the training process is writing."""
         self.directory = Path(directory).absolute()
         self.pinned_file = self.directory / "pinned.json"
-        self.pinned: set[int] = set(json.loads(self.pinned_file.read_text())) if self.pinned_file.is_file() else set()
+        self.pinned = read_pinned(self.pinned_file)
         policies: list[Any] = [pp.LatestN(cfg.keep), PinnedSteps(self.pinned)]
         if cfg.permanent_interval:
             policies.append(pp.EveryNSteps(cfg.permanent_interval))
@@ -88,12 +97,58 @@ class Checkpointer:
             raise ResumeError(f"{self.directory / str(step)}: cannot restore the train state ({type(e).__name__}: {str(e).splitlines()[0]})") from None
         return restored["state"]
 
+    def resume(self, target: Any, accept: Callable[[int, dict[str, Any]], None]) -> tuple[int, Any, dict[str, Any]] | None:
+        """Restore the newest checkpoint that restores: (step, state, meta), or None if there is none.
+
+        A checkpoint that cannot be read is moved aside to `<run>/checkpoints-unrestorable/`
+        (never deleted) with a message, and the next older one is tried. `accept(step, meta)`
+        raises for a checkpoint this run must not continue from (another model shape, another
+        corpus): that is the user's decision, so there is no fallback past it."""
+        failures = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                meta = self.read_meta(step)
+                accept(step, meta)
+                state = self.restore(step, target)
+            except ResumeError as e:
+                if isinstance(e, RefusedResume):
+                    raise
+                failures.append(f"step {step}: {e}")
+                print_err(f"checkpoint {step} does not restore: {e}")
+                print_err(f"  moved to {self.set_aside(step)}; trying the next older one")
+                continue
+            return step, state, meta
+        if failures:
+            raise ResumeError(f"{self.directory}: no checkpoint restores ({len(failures)} tried and moved to "
+                              f"{self.directory.parent / UNRESTORABLE}); move one back or use a new --run-dir")
+        return None
+
+    def set_aside(self, step: int) -> Path:
+        """Move a step directory out of the manager's sight, keeping its bytes for inspection."""
+        dest_dir = self.directory.parent / UNRESTORABLE
+        dest_dir.mkdir(exist_ok=True)
+        dest = dest_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(self.directory / str(step), dest)
+        self.manager.reload()
+        return dest
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def read_pinned(path: Path) -> set[int]:
+    if not path.is_file():
+        return set()
+    try:
+        steps = json.loads(path.read_text(encoding="utf-8"))
+        return {int(x) for x in steps}
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise ResumeError(f"{path}: damaged list of pinned checkpoint steps ({e}); fix it (a JSON list of steps) "
+                          "or remove it to unpin them") from None
 
 
 SHAPE_DEFAULTS = {"mtl_head_dim": 0}  # what a checkpoint written before a key existed had
@@ -110,4 +165,4 @@ def check_shape(meta: dict[str, Any], cfg: Config, where: Path) -> None:
     diffs = [f"{'model.' + k if k in SHAPE_KEYS else k}: checkpoint {saved.get(k, SHAPE_DEFAULTS.get(k))!r}, config {v!r}"
              for k, v in current.items() if saved.get(k, SHAPE_DEFAULTS.get(k)) != v]
     if diffs:
-        raise ResumeError(f"{where}: checkpoint has another model shape ({'; '.join(diffs)}); use a new --run-dir")
+        raise RefusedResume(f"{where}: checkpoint has another model shape ({'; '.join(diffs)}); use a new --run-dir")

@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import sys
 import types
 import typing
@@ -59,6 +60,7 @@ class DataConfig:
     locales: list[str] = field(default_factory=list)  # subset of locales to train on ([] = all)
     seq_len: int = 128  # bytes per training window
     mask_id: int = 0  # id written over masked input positions
+    verify_corpus: bool = True  # re-hash the corpus files against their manifest at start (off only for huge corpora)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,9 @@ class TrainingConfig:
     log_interval: int = 10  # steps between logged metrics
     val_interval: int = 100  # steps between held-out validations (0 = never)
     val_windows: int = 64  # held-out windows per locale in one validation
+    on_nonfinite: Literal["stop", "skip", "rollback"] = "stop"  # a NaN/inf loss or gradient norm: see README
+    nonfinite_limit: int = 3  # skipped updates or rollbacks allowed in a run before it stops
+    rollback_lr_scale: float = 0.5  # each rollback multiplies the learning rate by this
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} = {value!r}: expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} = {value!r}: expected a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -327,6 +334,12 @@ def validate(cfg: Config) -> None:
     for key, value in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)]:
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{key} = {value}: must be within [0, 1)")
+    if not 0 <= t.seed < 2**32:
+        raise ConfigError(f"training.seed = {t.seed}: must be within [0, 2**32)")
+    if t.nonfinite_limit < 0:
+        raise ConfigError(f"training.nonfinite_limit = {t.nonfinite_limit}: must not be negative")
+    if not 0.0 < t.rollback_lr_scale <= 1.0:
+        raise ConfigError(f"training.rollback_lr_scale = {t.rollback_lr_scale}: must be within (0, 1]")
     if not 0 <= d.mask_id < 260:
         raise ConfigError(f"data.mask_id = {d.mask_id}: must be a token id in [0, 260)")
     validate_curriculum(cfg.curriculum)
@@ -406,6 +419,10 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror})") from None
+    if not raw:
+        raise ConfigError(f"{p}: empty config (give at least one [section]; configs/tiny.toml is an example)")
     return from_dict(apply_overrides(raw, overrides or []))
 
 

@@ -51,7 +51,7 @@ def open_configured(data: DataConfig) -> Corpus:
     path = ensure_embedded(data) if data.corpus == EMBEDDED else Path(data.corpus).expanduser()
     if data.corpus != EMBEDDED and not path.exists():
         raise ConfigError(f"data.corpus = {data.corpus!r}: no such directory (use \"bible\" or a corpus made by `python -m genesis_jax.corpus import`)")
-    corpus = open_corpus(path)
+    corpus = open_corpus(path, verify=data.verify_corpus)
     unknown = [loc for loc in data.locales if loc not in corpus.locales]
     if unknown:
         raise ConfigError(f"data.locales: {', '.join(unknown)} not in corpus {path} (has {', '.join(corpus.locales)})")

@@ -15,10 +15,9 @@ from pathlib import Path
 from flax import nnx
 
 from .data import open_configured, selected_locales
-from .errors import UserError
+from .cli import run_cli
 from .evaluation import EvalSuite, go_no_go
 from .inference import load_run
-from .logs import print_err
 
 
 def format_table(results: dict[str, float], locales: list[str]) -> str:
@@ -43,28 +42,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step", type=int)
     ap.add_argument("--suite", choices=["full", "quick"], default="full")
     args = ap.parse_args(argv)
-    try:
-        t0 = time.time()
-        run = load_run(args.run, args.step)
-        corpus = open_configured(run.cfg.data)
-        locales = selected_locales(corpus, run.cfg.data)
-        graphdef, params = nnx.split(run.model)
-        results = EvalSuite(run.cfg, corpus, locales, graphdef).run(params, quick=args.suite == "quick")
-    except UserError as e:
-        print_err(f"error: {e}")
-        return e.exit_code
+    return run_cli("genesis_jax.eval", lambda: evaluate(args.run, args.step, args.suite), lambda: args.run / "logs")
+
+
+def evaluate(run_dir: Path, step: int | None, suite: str) -> int:
+    t0 = time.time()
+    run = load_run(run_dir, step)
+    corpus = open_configured(run.cfg.data)
+    locales = selected_locales(corpus, run.cfg.data)
+    graphdef, params = nnx.split(run.model)
+    results = EvalSuite(run.cfg, corpus, locales, graphdef).run(params, quick=suite == "quick")
     failed = go_no_go(results, run.cfg)
-    report = {"run": str(args.run), "step": run.step, "suite": args.suite, "seconds": time.time() - t0,
+    report = {"run": str(run_dir), "step": run.step, "suite": suite, "seconds": time.time() - t0,
               "go": not failed, "failed": failed, "results": results}
-    out = args.run / "reports" / f"eval_{run.step}.json"
+    out = run_dir / "reports" / f"eval_{run.step}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    print(f"{args.suite} evaluation of {args.run} at step {run.step} ({report['seconds']:.0f}s)")
+    print(f"{suite} evaluation of {run_dir} at step {run.step} ({report['seconds']:.0f}s)")
     print(format_table(results, locales))
     print("GO" if not failed else "NO-GO: " + "; ".join(failed))
     print(f"report: {out}")
     return 0 if not failed else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
+from .cli import run_cli
 from .errors import UserError
 from .inference import generate, load_run
 from .logs import print_err
+
+MAX_TOKENS = 65536  # the KV cache grows with it; beyond this a single sample is no longer a quick look
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,25 +29,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-samples", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    try:
-        if args.max_tokens <= 0 or args.num_samples <= 0:
-            raise UserError("--max-tokens and --num-samples must be positive")
-        if args.temperature < 0 or not 0.0 < args.top_p <= 1.0 or args.top_k < 0:
-            raise UserError("--temperature must be >= 0, --top-p within (0, 1], --top-k >= 0")
-        run = load_run(args.run, args.step)
-        outs = generate(run.model, args.prompt.encode("utf-8"), max_tokens=args.max_tokens,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop=args.stop,
-                        seed=args.seed, num_samples=args.num_samples)
-    except UserError as e:
-        print_err(f"error: {e}")
-        return e.exit_code
+    return run_cli("genesis_jax.generate", lambda: sample(args), lambda: args.run / "logs")
+
+
+def sample(args: argparse.Namespace) -> int:
+    if not 0 < args.max_tokens <= MAX_TOKENS or args.num_samples <= 0:
+        raise UserError(f"--max-tokens must be within [1, {MAX_TOKENS}] and --num-samples positive")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0) or not 0.0 < args.top_p <= 1.0 or args.top_k < 0:
+        raise UserError("--temperature must be a finite number >= 0, --top-p within (0, 1], --top-k >= 0")
+    prompt = os.fsencode(args.prompt)  # bytes as given, even when they are not valid UTF-8
+    run = load_run(args.run, args.step)
+    outs = generate(run.model, prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, stop=[os.fsencode(x) for x in args.stop], seed=args.seed, num_samples=args.num_samples)
     print_err(f"# {args.run} step {run.step}")
     for i, out in enumerate(outs):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
-        print(args.prompt + out.decode("utf-8", errors="replace"))
+        print((prompt + out).decode("utf-8", errors="replace"))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

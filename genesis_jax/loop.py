@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from . import config as config_lib
 from .analytics import LocaleEMA, validation_drop
 from .checkpoint import Checkpointer, model_shape
+from .cli import first_line, write_traceback
 from .config import Config
 from .curriculum import PHASE_NAMES, Controls, Curriculum, Signal
 from .evaluation import EvalSuite, Validator, go_no_go
@@ -23,10 +26,21 @@ from .step import StepControls, TrainState
 from .tasks import TASK_NAMES
 
 
-def step_controls(ctl: Controls, cfg: Config) -> StepControls:
+EXIT_DIVERGED = 4
+
+
+class Diverged(Exception):
+    """Training cannot go on: non-finite values under the `stop` policy, or past the limit."""
+
+
+class Rollback(Exception):
+    """A non-finite update under the `rollback` policy: restart from the newest checkpoint."""
+
+
+def step_controls(ctl: Controls, cfg: Config, lr_scale: float = 1.0) -> StepControls:
     k = cfg.curriculum
     mask = MaskParams.make(ctl.mask_kind, ctl.mask_prob, k.span_min_len, k.span_max_len, cfg.data.mask_id)
-    return StepControls.make(ctl.lr_mult, ctl.mu_scale, mask)
+    return StepControls.make(ctl.lr_mult * lr_scale, ctl.mu_scale, mask)
 
 
 class TrainLoop:
@@ -35,15 +49,8 @@ class TrainLoop:
     def __init__(self, cfg: Config, run_dir: Path, setup: Setup, ckpt: Checkpointer, meta: dict[str, Any]):
         self.cfg, self.setup, self.ckpt = cfg, setup, ckpt
         tc = cfg.training
-        self.curriculum = Curriculum(cfg.curriculum, tc.log_interval, setup.has_words)
-        self.locale_ema = LocaleEMA(setup.locales, cfg.curriculum.locale_ema_decay)
-        if "curriculum" in meta:
-            self.curriculum.load_state_dict(meta["curriculum"])
-        if "locale_ema" in meta:
-            self.locale_ema.load_state_dict(meta["locale_ema"])
-        self.val_history: list[tuple[int, float]] = [(int(s), float(v)) for s, v in meta.get("val_history", [])]
-        self.task_ema: dict[str, float] = dict(meta.get("task_ema", {}))  # "coherence/loss" -> EMA over its micro-batches
-        self.last_grokking = int(meta.get("last_grokking", -(10**12)))
+        self.run_dir = run_dir
+        self.load_research(meta)
         self.db = MetricsDB(run_dir / "metrics.sqlite")
         self.db.start(config_lib.config_hash(cfg), model_shape(cfg),
                       {"lr": cfg.optim.lr, "batch_size": tc.batch_size, "grad_accum_steps": tc.grad_accum_steps,
@@ -64,13 +71,32 @@ class TrainLoop:
         self.queue: list[tuple[int, dict[str, jax.Array], Controls]] = []  # dispatched, not yet observed
         self.observed = -1
 
+    def load_research(self, meta: dict[str, Any]) -> None:
+        """The host-side research state of a checkpoint's meta (fresh when it is empty)."""
+        cfg = self.cfg
+        self.curriculum = Curriculum(cfg.curriculum, cfg.training.log_interval, self.setup.has_words)
+        self.locale_ema = LocaleEMA(self.setup.locales, cfg.curriculum.locale_ema_decay)
+        if "curriculum" in meta:
+            self.curriculum.load_state_dict(meta["curriculum"])
+        if "locale_ema" in meta:
+            self.locale_ema.load_state_dict(meta["locale_ema"])
+        self.val_history: list[tuple[int, float]] = [(int(s), float(v)) for s, v in meta.get("val_history", [])]
+        self.task_ema: dict[str, float] = dict(meta.get("task_ema", {}))  # "coherence/loss" -> EMA over its micro-batches
+        self.last_grokking = int(meta.get("last_grokking", -(10**12)))
+        guard = meta.get("nonfinite", {})
+        self.nonfinite_events = int(guard.get("events", 0))  # skipped updates or rollbacks so far
+        self.lr_scale = float(guard.get("lr_scale", 1.0))  # product of the rollbacks' LR scales
+
     # -- per-step host work -------------------------------------------------------------
     def observe(self, s: int, dev: dict[str, jax.Array], ctl: Controls) -> None:
         """Metrics of step s (fetched one step late): curriculum, telemetry, logs at log steps."""
         m = jax.device_get(dev)
         loss, ema = float(m["loss"]), float(m["loss_ema"])
         signals = []
-        if s > self.observed:  # research state first, so a failure in logging cannot lose it
+        if bool(m["nonfinite"]) and s > self.observed:
+            self.observed = s
+            self.nonfinite(s, loss, float(m["grad_norm"]))
+        elif s > self.observed:  # research state first, so a failure in logging cannot lose it
             self.observed = s
             self.last_loss = loss
             self.locale_ema.update([float(x) for x in m["locale_loss_sum"]], [float(x) for x in m["locale_count"]])
@@ -81,6 +107,22 @@ class TrainLoop:
         tc = self.cfg.training
         if s % tc.log_interval == 0 or s + 1 == tc.max_steps:
             self.log(s, m, ctl)
+
+    def nonfinite(self, s: int, loss: float, grad_norm: float) -> None:
+        """Step s's update was not applied (the step's guard); the policy decides what follows."""
+        tc = self.cfg.training
+        what = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {s} (loss {loss}, grad norm {grad_norm})"
+        if tc.on_nonfinite == "stop":
+            raise Diverged(f"{what}; the update was not applied and nothing after it is saved; "
+                           f"hint: lower optim.lr or set training.on_nonfinite = \"rollback\"")
+        self.nonfinite_events += 1
+        if self.nonfinite_events > tc.nonfinite_limit:
+            raise Diverged(f"{what}: more than training.nonfinite_limit = {tc.nonfinite_limit} "
+                           f"{'skipped updates' if tc.on_nonfinite == 'skip' else 'rollbacks'}; lower optim.lr")
+        if tc.on_nonfinite == "rollback":
+            raise Rollback(what)
+        self.signal(Signal(s, "nonfinite_skip", float(self.nonfinite_events),
+                           f"{what}: update skipped ({self.nonfinite_events}/{tc.nonfinite_limit})"))
 
     def _update_tasks(self, m: dict[str, Any]) -> None:
         decay = self.cfg.mtl.task_ema_decay
@@ -189,77 +231,129 @@ class TrainLoop:
         return {"step": step, "model_shape": model_shape(cfg), "config": config_lib.to_dict(cfg),
                 "seed": cfg.training.seed, "sampler": {"kind": "fold_in(seed, step)", "next_step": step},
                 "curriculum": self.curriculum.state_dict(), "locale_ema": self.locale_ema.state_dict(),
-                "val_history": self.val_history, "last_grokking": self.last_grokking, "task_ema": self.task_ema}
+                "val_history": self.val_history, "last_grokking": self.last_grokking, "task_ema": self.task_ema,
+                "nonfinite": {"events": self.nonfinite_events, "lr_scale": self.lr_scale},
+                "corpus_sha256": self.setup.corpus.manifest["content_sha256"]}
 
     # -- the loop -----------------------------------------------------------------------
     def run(self, state: TrainState, step_fn: Any, stop: Any) -> int:
-        cfg, tc = self.cfg, self.cfg.training
-        seed_key = jax.random.key(tc.seed)
-        corpus = self.setup.device_corpus
+        tc = self.cfg.training
         self.start = self.done = self.s_mark = int(state.step)
         self.observed = self.start - 1
         code = 0
-        last: tuple[Controls, StepControls] | None = None
+        self.state = state
         if self.start == 0 and tc.val_interval:
             self.validate(state.params, 0)
         try:
-            for s in range(self.start, tc.max_steps):
-                ctl = self.curriculum.controls(s)
-                if last is None or last[0] != ctl:  # new device scalars only when a control changes
-                    last = (ctl, step_controls(ctl, cfg))
-                state, metrics = step_fn(state, corpus, seed_key, last[1])
-                self.done = s + 1
-                self.queue.append((s, metrics, ctl))
-                while len(self.queue) > 1:  # metrics one step late: step s - 1 is done by now
-                    self.observe(*self.queue.pop(0))
-                self.console.progress(self.done, (tc.max_steps - self.done) / self.rate if self.rate else None)
-                val_due = tc.val_interval and (self.done % tc.val_interval == 0 or self.done == tc.max_steps)
-                save_due = (self.done % cfg.checkpoint.save_interval == 0 or self.done == tc.max_steps
-                            or stop.signum is not None)
-                if val_due or save_due:
-                    # Decisions from step s only act from step s + 2, so observing it now is safe.
-                    while self.queue:
-                        self.observe(*self.queue.pop(0))
-                if val_due and self.validate(state.params, self.done):
-                    self.ckpt.pin(self.done)
-                    save_due = True
-                if self.suite is not None and self.done % cfg.eval.interval == 0:
-                    self.evaluate(state.params, self.done)
-                if save_due:
-                    self.ckpt.save(self.done, state, self.meta(self.done))
-                if stop.signum is not None:
-                    self.status, code = "interrupted", 128 + stop.signum
+            while True:
+                try:
+                    state = self.steps(state, step_fn, stop)
                     break
-            while self.queue:
-                self.observe(*self.queue.pop(0))
+                except Rollback as r:
+                    state = self.state = self.rollback(self.state, str(r))
+            if stop.signum is not None:
+                self.status, code = "interrupted", 128 + stop.signum
+        except Diverged as e:
+            self.status, code = "diverged", EXIT_DIVERGED
+            self.queue = []
+            print_err(f"error: training stopped: {e}; latest checkpoint: {self.ckpt.latest_step() or 'none'}")
         except Exception as e:  # noqa: BLE001 - report in one line, keep what is valid
             self.status, code = "failed", 1
-            saved = self._save_after_failure(state)
-            print_err(f"error: training failed after step {self.done}: {type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''}{saved}; latest checkpoint: {self.ckpt.latest_step()}")
+            saved = self._save_after_failure(self.state)
+            trace = write_traceback(e, self.run_dir / "logs", "train")
+            print_err(f"error: training failed after step {self.done}: {type(e).__name__}: {first_line(e)}{saved}; "
+                      f"latest checkpoint: {self.ckpt.latest_step() or 'none'}" + (f"; traceback in {trace}" if trace else ""))
         finally:
-            self.ckpt.close()
-            self.console.close()
-            self.db.finish(self.status, self.done, self.last_loss, self.last_val)
-            self.db.close()
-            self.tb.close()
-        return code
+            self.close()
+        return 1 if code == 0 and self.status == "failed" else code
+
+    def steps(self, state: TrainState, step_fn: Any, stop: Any) -> TrainState:
+        """Dispatch steps from `self.done` to max_steps (or a stop request), observing one step late."""
+        cfg, tc = self.cfg, self.cfg.training
+        seed_key = jax.random.key(tc.seed)
+        corpus = self.setup.device_corpus
+        last: tuple[Controls, float, StepControls] | None = None
+        for s in range(self.done, tc.max_steps):
+            ctl = self.curriculum.controls(s)
+            if last is None or last[0] != ctl or last[1] != self.lr_scale:  # new device scalars only on a change
+                last = (ctl, self.lr_scale, step_controls(ctl, cfg, self.lr_scale))
+            state, metrics = step_fn(state, corpus, seed_key, last[2])
+            self.state, self.done = state, s + 1  # the newest state, for a save after a failure
+            self.queue.append((s, metrics, ctl))
+            while len(self.queue) > 1:  # metrics one step late: step s - 1 is done by now
+                self.observe(*self.queue.pop(0))
+            self.console.progress(self.done, (tc.max_steps - self.done) / self.rate if self.rate else None)
+            val_due = tc.val_interval and (self.done % tc.val_interval == 0 or self.done == tc.max_steps)
+            save_due = (self.done % cfg.checkpoint.save_interval == 0 or self.done == tc.max_steps
+                        or stop.signum is not None)
+            if val_due or save_due:
+                # Decisions from step s only act from step s + 2, so observing it now is safe.
+                while self.queue:
+                    self.observe(*self.queue.pop(0))
+            if val_due and self.validate(state.params, self.done):
+                self.ckpt.pin(self.done)
+                save_due = True
+            if self.suite is not None and self.done % cfg.eval.interval == 0:
+                self.evaluate(state.params, self.done)
+            if save_due:
+                self.ckpt.save(self.done, state, self.meta(self.done))
+            if stop.signum is not None:
+                return state
+        while self.queue:
+            self.observe(*self.queue.pop(0))
+        return state
+
+    def rollback(self, state: TrainState, why: str) -> TrainState:
+        """Back to the newest checkpoint (finite: the guard never lets a non-finite update in) with
+        the learning rate scaled down; the research state comes back with it."""
+        self.ckpt.wait()
+        step = self.ckpt.latest_step()
+        if step is None:
+            raise Diverged(f"{why}; no checkpoint to roll back to yet (lower optim.lr, or save earlier with "
+                           "checkpoint.save_interval)")
+        events = self.nonfinite_events
+        scale = self.lr_scale * self.cfg.training.rollback_lr_scale
+        meta = self.ckpt.read_meta(step)
+        restored = self.ckpt.restore(step, state)
+        self.load_research(meta)
+        self.nonfinite_events, self.lr_scale = events, scale  # the rollback itself is not undone
+        self.queue, self.done, self.observed = [], step, step - 1
+        self.signal(Signal(step, "nonfinite_rollback", scale,
+                           f"{why}: rolled back to step {step}, learning rate x{scale:g} "
+                           f"({events}/{self.cfg.training.nonfinite_limit})"))
+        return restored
+
+    def close(self) -> None:
+        """Finish every sink; each is closed even when another fails, and none fails silently."""
+        for name, fn in (("checkpoint writer", self.ckpt.close), ("console", self.console.close),
+                         ("metrics database", lambda: self.db.finish(self.status, self.done, self.last_loss, self.last_val)),
+                         ("metrics database", self.db.close), ("tensorboard", self.tb.close)):
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - report and go on closing the rest
+                msg = f"closing the {name} failed: {type(e).__name__}: {first_line(e)}"
+                if self.status == "completed":
+                    print_err(f"error: {msg}")
+                    self.status = "failed"
+                else:  # the failure was reported in its one line; this follows from it
+                    logging.getLogger("genesis_jax").error(msg)
 
     def _save_after_failure(self, state: TrainState) -> str:
+        """Save the state reached before a failure, if it is newer than the last checkpoint; says
+        what happened, including why a save was impossible."""
         leaves = jax.tree.leaves(state)
         if self.done <= self.start or any(getattr(x, "is_deleted", lambda: False)() for x in leaves):
-            self.ckpt.wait()
             return ""
         try:
+            self.ckpt.wait()
             step = int(state.step)
             for item in self.queue:  # the checkpoint's research state covers every step before it
-                try:
-                    self.observe(*item)
-                except Exception:  # noqa: BLE001 - its research state is updated before logging
-                    pass
+                self.observe(*item)
             self.queue = []
             self.ckpt.save(step, state, self.meta(step))
             self.ckpt.wait()
             return f"; saved step {step}"
-        except Exception:  # noqa: BLE001
-            return ""
+        except Diverged as e:
+            return f"; nothing saved after it ({e})"
+        except Exception as e:  # noqa: BLE001
+            return f"; could not save after it ({type(e).__name__}: {first_line(e)})"

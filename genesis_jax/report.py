@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .logs import print_err
+from .cli import run_cli
 
 PHASE_COLOURS = {1: None, 2: "#fde9c9", 3: "#d9ecf7"}
 SIGNAL_COLOURS = {"wwm_activation": "#d98b00", "span_activation": "#1f77b4", "lr_stun": "#c0392b", "grokking": "#2e8b57"}
@@ -134,23 +134,26 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True)
     args = ap.parse_args(argv)
+    return run_cli("genesis_jax.report", lambda: plot_run(args.run), lambda: args.run / "logs")
+
+
+def plot_run(run_dir: Path) -> int:
+    db = run_dir / "metrics.sqlite"
+    if not db.is_file():
+        raise UserError(f"{run_dir}: no metrics.sqlite (not a run directory, or it never logged)")
+    plt = _pyplot()
+    out = run_dir / "reports"
+    out.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        db = args.run / "metrics.sqlite"
-        if not db.is_file():
-            raise UserError(f"{args.run}: no metrics.sqlite (not a run directory, or it never logged)")
-        plt = _pyplot()
-        out = args.run / "reports"
-        out.mkdir(parents=True, exist_ok=True)
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         written = [p for p in (plot_training(plt, con, out), plot_locales(plt, con, out), plot_evaluation(plt, con, out)) if p]
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"{db}: unreadable metrics database ({e})") from None
+    finally:
         con.close()
-    except UserError as e:
-        print_err(f"error: {e}")
-        return e.exit_code
     for p in written:
         print(p)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -140,23 +140,36 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh,
         if mixed is None:
             loss, grads, per_seq = accumulate_grads(grad_fn, state.params, batches)
             is_lm = jnp.ones(per_seq.shape, jnp.float32)
+            losses_finite = jnp.isfinite(loss)
         else:
-            loss, grads, per_seq, is_lm, task_metrics = mixed(state.params, batches, corpus, key)
+            loss, grads, per_seq, is_lm, task_metrics, losses_finite = mixed(state.params, batches, corpus, key)
         grad_norm = optax.tree.norm(grads)
-        opt_state = set_lr_multiplier(scale_first_moment(state.opt_state, controls.mu_scale), controls.lr_mult)
-        updates, opt_state = tx.update(grads, opt_state, state.params)
+        controlled = set_lr_multiplier(scale_first_moment(state.opt_state, controls.mu_scale), controls.lr_mult)
+        updates, opt_state = tx.update(grads, controlled, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = jnp.where(jnp.isnan(loss), state.loss_ema,
-                        jnp.where(jnp.isnan(state.loss_ema), loss, decay * state.loss_ema + (1 - decay) * loss))
+        # The divergence guard: an update whose loss, gradient norm or result is not finite is not
+        # applied, so the state (and every checkpoint of it) stays finite; the host reads `nonfinite`.
+        ok = losses_finite & jnp.isfinite(grad_norm) & tree_all_finite(params)
+        params = jax.tree.map(lambda new, old: jnp.where(ok, new, old), params, state.params)
+        opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), opt_state, controlled)
+        loss_ok = ok & ~jnp.isnan(loss)  # NaN LM loss with multi-task learning: no LM micro-batch this step
+        ema = jnp.where(loss_ok, jnp.where(jnp.isnan(state.loss_ema), loss, decay * state.loss_ema + (1 - decay) * loss),
+                        state.loss_ema)
         locale = batches.locale.reshape(-1)
         lm_rows = is_lm.reshape(-1)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step) * controls.lr_mult,
+        metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": ~ok, "lr": schedule(state.step) * controls.lr_mult,
                    "loss_ema": ema,
                    "locale_loss_sum": jax.ops.segment_sum(per_seq.reshape(-1) * lm_rows, locale, num_segments=n_locales),
                    "locale_count": jax.ops.segment_sum(lm_rows, locale, num_segments=n_locales), **task_metrics}
         return TrainState(params=params, opt_state=opt_state, step=state.step + 1, loss_ema=ema), metrics
 
     return step
+
+
+def tree_all_finite(tree: Any) -> jax.Array:
+    """One boolean: every element of every floating leaf is finite."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def make_task_mixture(cfg: Config, graphdef: nnx.GraphDef, lm_grad_fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -210,7 +223,8 @@ def make_task_mixture(cfg: Config, graphdef: nnx.GraphDef, lm_grad_fn: Callable[
             if i:
                 metrics[f"task/{name}/acc"] = jnp.where(count[i] > 0, (jnp.nan_to_num(accs) * onehot[:, i]).sum()
                                                         / jnp.maximum(count[i], 1.0), jnp.nan)
-        return lm_loss, grads, per_seq, jnp.broadcast_to(is_lm[:, None], per_seq.shape), metrics
+        losses_finite = jnp.isfinite(losses).all()  # every micro-batch's loss, whatever its task
+        return lm_loss, grads, per_seq, jnp.broadcast_to(is_lm[:, None], per_seq.shape), metrics, losses_finite
 
     return run
 

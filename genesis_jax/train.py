@@ -6,8 +6,11 @@ Re-running the same command on the same run directory resumes from its latest ch
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,11 +18,13 @@ from typing import Any
 import jax
 
 from . import config as config_lib
-from .checkpoint import Checkpointer, check_shape
+from .checkpoint import Checkpointer, RefusedResume, check_shape
+from .cli import run_cli
 from .config import Config
 from .errors import UserError
 from .logs import print_err
 from .loop import TrainLoop
+from .rundir import RunLock, prepare
 from .runtime import build, compile_step
 from .sampler import MaskParams
 from .step import StepControls
@@ -36,8 +41,9 @@ class StopRequested:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
+        if self.signum is not None:  # a second signal ends the process now, whatever it waits on
+            print_err(f"second signal {signum}: stopped at once; the run directory keeps its latest complete checkpoint")
+            os._exit(128 + signum)
         self.signum = signum
 
 
@@ -59,20 +65,38 @@ def write_config(cfg: Config, run_dir: Path) -> None:
     tmp.replace(run_dir / "config.toml")
 
 
-def train(cfg: Config, run_dir: Path) -> int:
-    """Run or resume training in `run_dir`; returns the process exit code."""
+def train(cfg: Config, run_dir: Path, allow_corpus_change: bool = False) -> int:
+    """Run or resume training in `run_dir` under its lock; returns the process exit code."""
+    prepare(run_dir)
+    route_library_logs(run_dir / "logs" / "libraries.log")
+    lock = RunLock(run_dir)
+    took_over = lock.acquire()
+    if took_over:
+        print_err(f"{run_dir}: {took_over}")
+    try:
+        return train_locked(cfg, run_dir, allow_corpus_change)
+    finally:
+        lock.release()
+
+
+def train_locked(cfg: Config, run_dir: Path, allow_corpus_change: bool) -> int:
     t_start = time.time()
     setup = build(cfg)
-    state = setup.state
-    run_dir.mkdir(parents=True, exist_ok=True)
     diffs = config_changes(cfg, run_dir)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-    latest = ckpt.latest_step()
-    meta: dict[str, Any] = {}
-    if latest is not None:
-        meta = ckpt.read_meta(latest)
+    corpus_sha = str(setup.corpus.manifest["content_sha256"])
+
+    def accept(step: int, meta: dict[str, Any]) -> None:
         check_shape(meta, cfg, run_dir)
-        state = ckpt.restore(latest, state)
+        check_corpus(meta, corpus_sha, run_dir, allow_corpus_change)
+        if step > cfg.training.max_steps:
+            raise RefusedResume(f"training.max_steps = {cfg.training.max_steps}: below the checkpoint's step {step} in "
+                                f"{run_dir}; raise it to continue, or use a new --run-dir")
+
+    resumed = ckpt.resume(setup.state, accept)
+    state, meta = setup.state, {}
+    if resumed is not None:
+        latest, state, meta = resumed
         print_err(f"resuming {run_dir} from step {latest}")
         for line in diffs:
             print_err(f"  changed since the last launch: {line}")
@@ -97,28 +121,55 @@ def train(cfg: Config, run_dir: Path) -> int:
     return code
 
 
+def route_library_logs(path: Path) -> None:
+    """Libraries' log records (Orbax's background-thread tracebacks among them) go to a file in
+    the run directory, not the console: the console keeps one line per event."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    log = logging.getLogger("genesis_jax.uncaught")
+    # Callbacks of background threads (tensorstore's, on a failing write) report through these hooks.
+    sys.excepthook = lambda t, v, tb: log.error("uncaught exception", exc_info=(t, v, tb))
+    threading.excepthook = lambda a: log.error("exception in thread %s", a.thread, exc_info=(a.exc_type, a.exc_value, a.exc_traceback))  # type: ignore[arg-type]
+    sys.unraisablehook = lambda u: log.error("exception ignored in %r: %r", u.object, u.exc_value)
+
+
+def check_corpus(meta: dict[str, Any], corpus_sha: str, run_dir: Path, allow_change: bool) -> None:
+    """A run continues on the corpus it trained on, unless the user says otherwise."""
+    trained_on = meta.get("corpus_sha256")
+    if trained_on is None or trained_on == corpus_sha:
+        return
+    if not allow_change:
+        raise RefusedResume(f"{run_dir}: its checkpoints were trained on corpus {trained_on[:16]}, data.corpus now has "
+                            f"{corpus_sha[:16]}; pass --allow-corpus-change to continue on it, or use a new --run-dir")
+    print_err(f"continuing on another corpus ({trained_on[:16]} -> {corpus_sha[:16]}), as --allow-corpus-change asks")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m genesis_jax.train", description=__doc__)
     ap.add_argument("--config", required=True, help="TOML run config (see configs/)")
     ap.add_argument("--run-dir", help="run directory (default runs/<config name>)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a config key, typed by the schema (repeatable)")
+    ap.add_argument("--allow-corpus-change", action="store_true",
+                    help="resume even though the corpus's content hash differs from the one the run trained on")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = config_lib.load(args.config, args.set)
-        run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
-        return train(cfg, run_dir)
-    except UserError as e:
-        print_err(f"error: {e}")
-        return e.exit_code
-    except KeyboardInterrupt:
-        print_err("interrupted: stopped at once; the run directory keeps its latest complete checkpoint")
-        return 130
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
 
+    def body() -> int:
+        cfg = config_lib.load(args.config, args.set)
+        return train(cfg, run_dir, args.allow_corpus_change)
+
+    return run_cli("genesis_jax.train", body, lambda: run_dir / "logs" if run_dir.is_dir() else None)
 
 if __name__ == "__main__":
     sys.exit(main())

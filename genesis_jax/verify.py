@@ -21,7 +21,8 @@ import numpy as np
 from flax import nnx
 
 from . import config as config_lib
-from .errors import ConfigError
+from .cli import run_cli
+from .errors import ConfigError, UserError
 from .model import Llama, attention_backend
 
 # Relative L2 error bounds for logits and every parameter gradient (float32 accumulation).
@@ -89,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m genesis_jax.verify", description=__doc__)
     ap.add_argument("--out", type=Path, help="also write the table as CSV")
     args = ap.parse_args(argv)
+    return run_cli("genesis_jax.verify", lambda: verify(args.out))
+
+
+def verify(out: Path | None) -> int:
+    if out is not None and not out.parent.is_dir():  # refused before minutes of checks, not after
+        raise UserError(f"--out {out}: directory {out.parent} does not exist")
     on_gpu = jax.default_backend() == "gpu"
     print(f"backend {jax.default_backend()}: {', '.join(f'{d.device_kind} ({d.platform})' for d in jax.devices())}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
@@ -98,15 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     cols = ["backend", "dtype", "status", "logits_rel_err", "max_grad_rel_err", "fwd_bwd_ms", "detail"]
     for r in rows:
         print(" | ".join(str(r.get(c, "")) for c in cols))
-    if args.out:
-        with open(args.out, "w", newline="") as f:
+    if out is not None:
+        with open(out, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()
             w.writerows(rows)
     failed = [r for r in rows if r["status"] == "FAIL"]
     print("all available checks passed" if not failed else f"{len(failed)} check(s) failed")
     return 1 if failed else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

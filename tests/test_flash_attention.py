@@ -48,9 +48,12 @@ def np_attention_with_grads(q, k, v, do, causal, seg):
 
 def rel_err(got, want):
     """Relative L2 error; where the true value is (near) zero, e.g. dq and dk of a one-key
-    softmax, the denominator is floored at elements of magnitude 0.01 (unit-scale inputs)."""
+    softmax, the denominator is floored at elements of magnitude 0.1. With unit-scale inputs a
+    true zero there is the float32 difference of two dot products of size ~head_dim (dp and
+    delta), about 1e-6 absolute; measured 1.4e-5 relative to a 0.01 floor on one CPU, 1.4e-6
+    against this one, while a real error stays orders of magnitude above 1e-5."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-2 * want.size ** 0.5)
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-1 * want.size ** 0.5)
 
 
 def run_case(b, sq, skv, hq, hkv, d, causal, segments, dtype, seed, scale=1.0, blocks=None):

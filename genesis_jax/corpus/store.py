@@ -47,6 +47,37 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+DATA_FILES = ("text.bin", "words.bin", "records.npy", "keys.json")
+
+
+def content_hash(directory: Path) -> tuple[str, str]:
+    """(content hash over the data files, hash of the word map): what the manifest records."""
+    hashes = {name: _sha256_file(directory / name) for name in DATA_FILES}
+    content = hashlib.sha256()
+    for name in DATA_FILES:
+        content.update(hashes[name].encode())
+    return content.hexdigest(), hashes["words.bin"]
+
+
+def is_corpus(path: Path) -> bool:
+    try:
+        return json.loads((path / "manifest.json").read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Refuse to write over anything but an empty directory, or a corpus when `force` is given."""
+    if out.exists() and not out.is_dir():
+        raise CorpusError(f"{out}: exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not is_corpus(out):
+        raise CorpusError(f"{out}: a non-empty directory that is not a corpus; refusing to replace it (choose another --out)")
+    if not force:
+        raise CorpusError(f"{out}: already holds a corpus; pass --force to replace it")
+
+
 class CorpusWriter:
     """Collects `(locale, key, text)` records and writes a corpus directory atomically."""
 
@@ -66,9 +97,11 @@ class CorpusWriter:
         self.skipped.setdefault(locale, []).append(reason)
 
     def write(self, out: str | Path, *, val_fraction: float = 0.02, split_seed: int = 0,
-              progress: Callable[[str], None] | None = None) -> Path:
-        """Write the corpus; an interrupted write leaves no partial directory at `out`."""
+              progress: Callable[[str], None] | None = None, force: bool = False) -> Path:
+        """Write the corpus; an interrupted write leaves no partial directory at `out`. An existing
+        corpus at `out` is replaced only with `force`; anything else there is never touched."""
         out = Path(out)
+        check_output(out, force)
         locales = sorted(loc for loc, recs in self.records.items() if recs)
         if not locales:
             raise CorpusError("no records to write: every source was empty or skipped")
@@ -104,22 +137,19 @@ class CorpusWriter:
             records = np.array(rows, dtype=RECORD_DTYPE)
             np.save(tmp / "records.npy", records)
             (tmp / "keys.json").write_text(json.dumps(keys), encoding="utf-8")
-            words_hash = _sha256_file(tmp / "words.bin")
-            content = hashlib.sha256()
-            for name in ("text.bin", "words.bin", "records.npy", "keys.json"):
-                content.update(_sha256_file(tmp / name).encode())
+            content, words_hash = content_hash(tmp)
             manifest = {
                 "format": FORMAT, "version": VERSION, "locales": locales,
                 "n_records": int(len(records)), "n_keys": len(keys), "total_bytes": offset,
                 "split": {"val_fraction": val_fraction, "seed": split_seed, "val_keys": int(held.sum()),
                           "train_keys": int(len(keys) - held.sum())},
                 "words": {"length": offset, "sha256": words_hash},
-                "content_sha256": content.hexdigest(), "per_locale": per_locale,
+                "content_sha256": content, "per_locale": per_locale,
                 "skipped_locales": {loc: r for loc, r in self.skipped.items() if loc not in locales},
                 "sources": self.sources,
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
-            if out.exists():
+            if out.exists():  # check_output said it may be replaced
                 shutil.rmtree(out)
             os.chmod(tmp, 0o755)
             os.replace(tmp, out)
@@ -167,31 +197,62 @@ class Corpus:
         return np.concatenate(texts), np.concatenate(words), np.asarray(starts, dtype=np.int64)
 
 
-def open_corpus(path: str | Path) -> Corpus:
-    """Open a corpus directory, checking its format version and word-map length and hash."""
+def open_corpus(path: str | Path, verify: bool = False) -> Corpus:
+    """Open a corpus directory, checking its format version, file sizes, word-map hash and index
+    ranges; `verify` also re-hashes every data file against the manifest's content hash."""
     p = Path(path)
     mpath = p / "manifest.json"
     if not mpath.is_file():
         raise CorpusError(f"{p}: not a corpus directory (no manifest.json); create one with `python -m genesis_jax.corpus import`")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorpusError(f"{mpath}: unreadable manifest: {e}") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise CorpusError(f"{mpath}: format {manifest.get('format')!r} version {manifest.get('version')!r}, expected {FORMAT!r} version {VERSION}")
-    for name in ("text.bin", "words.bin", "records.npy", "keys.json"):
+        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise CorpusError(f"{mpath}: format {manifest.get('format')!r} version {manifest.get('version')!r}, expected {FORMAT!r} version {VERSION}")
+        total, locales = int(manifest["total_bytes"]), list(manifest["locales"])
+        words_len, words_sha = int(manifest["words"]["length"]), str(manifest["words"]["sha256"])
+        n_records, n_keys, content_sha = int(manifest["n_records"]), int(manifest["n_keys"]), str(manifest["content_sha256"])
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CorpusError(f"{mpath}: unreadable manifest ({type(e).__name__}: {e})") from None
+    for name in DATA_FILES:
         if not (p / name).is_file():
             raise CorpusError(f"{p}: missing {name}")
-    total = manifest["total_bytes"]
     if (p / "text.bin").stat().st_size != total:
         raise CorpusError(f"{p / 'text.bin'}: {(p / 'text.bin').stat().st_size} bytes, manifest says {total}")
     wlen = (p / "words.bin").stat().st_size
-    if wlen != manifest["words"]["length"] or wlen != total:
+    if wlen != words_len or wlen != total:
         raise CorpusError(f"{p / 'words.bin'}: word map has {wlen} bytes, expected {total}")
-    if _sha256_file(p / "words.bin") != manifest["words"]["sha256"]:
+    if verify:
+        content, words = content_hash(p)
+        if content != content_sha:
+            raise CorpusError(f"{p}: content hash {content[:16]} does not match the manifest's {content_sha[:16]}: "
+                              "its files changed after import (re-import it, or set data.verify_corpus = false to skip this check)")
+    else:
+        words = _sha256_file(p / "words.bin")
+    if words != words_sha:
         raise CorpusError(f"{p / 'words.bin'}: word map hash does not match the manifest")
+    try:
+        records = np.load(p / "records.npy", mmap_mode="r")
+        keys = json.loads((p / "keys.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError, UnicodeDecodeError, EOFError) as e:
+        raise CorpusError(f"{p}: damaged index file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    check_index(p, records, keys, n_records, n_keys, len(locales), total)
     text = np.memmap(p / "text.bin", dtype=np.uint8, mode="r") if total else np.zeros(0, np.uint8)
-    words = np.memmap(p / "words.bin", dtype=np.uint8, mode="r") if total else np.zeros(0, np.uint8)
-    records = np.load(p / "records.npy", mmap_mode="r")
-    keys = json.loads((p / "keys.json").read_text(encoding="utf-8"))
-    return Corpus(path=p, manifest=manifest, text=text, words=words, records=np.asarray(records), keys=keys)
+    word_map = np.memmap(p / "words.bin", dtype=np.uint8, mode="r") if total else np.zeros(0, np.uint8)
+    return Corpus(path=p, manifest=manifest, text=text, words=word_map, records=np.asarray(records), keys=keys)
+
+
+def check_index(p: Path, records: np.ndarray, keys: Any, n_records: int, n_keys: int, n_locales: int, total: int) -> None:
+    """Every record must point inside text.bin, at a known locale and key."""
+    if records.dtype != RECORD_DTYPE or records.ndim != 1 or len(records) != n_records:
+        raise CorpusError(f"{p / 'records.npy'}: expected {n_records} records of {RECORD_DTYPE}, found {records.shape} {records.dtype}")
+    if not isinstance(keys, list) or len(keys) != n_keys or not all(isinstance(k, str) for k in keys):
+        raise CorpusError(f"{p / 'keys.json'}: expected a list of {n_keys} key strings")
+    if not len(records):
+        return
+    loc, key = records["locale"].astype(np.int64), records["key"].astype(np.int64)
+    off, length = records["offset"].astype(np.int64), records["length"].astype(np.int64)
+    bad = (loc < 0) | (loc >= n_locales) | (key < 0) | (key >= n_keys) | (off < 0) | (length < 0) | (off + length + 1 > total)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise CorpusError(f"{p / 'records.npy'}: record {i} is out of range (locale {loc[i]}, key {key[i]}, "
+                          f"bytes {off[i]}..{off[i] + length[i]} of {total})")

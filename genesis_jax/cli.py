@@ -1,0 +1,72 @@
+"""One way every command ends: a user mistake or an environment failure is one line and a
+non-zero exit code; an internal error is one line plus a traceback file that names the bug."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from .errors import UserError
+from .logs import print_err
+
+EXIT_ENVIRONMENT = 2  # a path that cannot be read or written, a full disk, a damaged database
+EXIT_INTERNAL = 1
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def describe_os_error(e: OSError) -> str:
+    """`path: reason` for an OSError, the form a user can act on."""
+    where = e.filename if e.filename is not None else ""
+    reason = e.strerror or first_line(e)
+    return f"{where}: {reason}" if where else reason
+
+
+def write_traceback(e: BaseException, directory: Path | None, prog: str) -> Path | None:
+    """Write the full traceback to `directory` (a temporary directory if it cannot be written);
+    returns the file, or None if nothing could be written anywhere."""
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    name = f"{prog.replace('.', '_')}-traceback-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+    for d in ([directory] if directory is not None else []) + [Path(tempfile.gettempdir())]:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            path = d / name
+            path.write_text(f"{' '.join(sys.argv)}\n\n{text}", encoding="utf-8")
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def run_cli(prog: str, body: Callable[[], int], traceback_dir: Callable[[], Path | None] = lambda: None) -> int:
+    """Run a command's body and turn any exception into one line and an exit code."""
+    try:
+        return body()
+    except UserError as e:
+        print_err(f"error: {e}")
+        return e.exit_code
+    except KeyboardInterrupt:
+        print_err("interrupted")
+        return 130
+    except OSError as e:
+        print_err(f"error: {describe_os_error(e)}")
+        return EXIT_ENVIRONMENT
+    except sqlite3.DatabaseError as e:
+        print_err(f"error: metrics database: {first_line(e)}")
+        return EXIT_ENVIRONMENT
+    except MemoryError:
+        print_err("error: out of memory (ask for less: fewer tokens, a smaller batch)")
+        return EXIT_ENVIRONMENT
+    except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in a file
+        path = write_traceback(e, traceback_dir(), prog)
+        where = f"; traceback in {path}" if path else ""
+        print_err(f"error: {prog} failed: {type(e).__name__}: {first_line(e)}{where}")
+        return EXIT_INTERNAL

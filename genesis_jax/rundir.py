@@ -1,0 +1,98 @@
+"""The run directory's lock: one training process at a time, readers need none."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+LOCK_NAME = "train.lock"
+
+
+class RunLockedError(UserError):
+    """Another live process trains in this run directory."""
+
+    exit_code = 3
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def describe(holder: dict[str, Any]) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0))))
+    return f"pid {holder.get('pid')} on {holder.get('host')}, started {started}"
+
+
+class RunLock:
+    """An exclusive `flock` on `<run>/train.lock`, which also records its holder (pid, host, start).
+
+    The kernel drops the flock when its holder dies, so a crashed run never blocks the next
+    launch; the recorded holder names who holds a live lock, and who left a stale one."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock or raise RunLockedError; returns a message when a stale lock was taken over."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = self._read(fd)
+            os.close(fd)
+            who = describe(holder) if holder else "another process"
+            raise RunLockedError(f"{self.path.parent}: run directory in use by {who}; wait for it to finish or "
+                                 "choose another --run-dir") from None
+        previous = self._read(fd)
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(mine).encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        if previous and (previous.get("host") != mine["host"] or not pid_alive(int(previous.get("pid", -1)))):
+            return f"took over a stale lock left by {describe(previous)}"
+        return None
+
+    @staticmethod
+    def _read(fd: int) -> dict[str, Any]:
+        try:
+            data = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            return data if isinstance(data, dict) else {}
+        except (ValueError, UnicodeDecodeError, OSError):
+            return {}
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.ftruncate(self.fd, 0)  # a clean exit leaves no holder to call stale
+        except OSError:
+            pass
+        os.close(self.fd)  # closing drops the flock
+        self.fd = None
+
+
+def prepare(run_dir: Path) -> None:
+    """Create the run directory, or say in one line why it cannot be one."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir}: exists and is not a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--run-dir {run_dir}: cannot create it ({e.strerror})") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise UserError(f"--run-dir {run_dir}: not writable")
