@@ -50,6 +50,11 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
         state = ckpt.restore(chosen, init_state(cfg, model))
     finally:
         ckpt.close()
+    bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(state.params)
+           if not bool(jnp.isfinite(x).all())]
+    if bad:
+        raise UserError(f"{run_dir}: checkpoint {chosen} has non-finite parameters ({len(bad)} arrays, e.g. {bad[0]}): "
+                        "it was saved after training diverged; choose an earlier one with --step")
     nnx.update(model, state.params)
     return LoadedRun(cfg=cfg, model=model, step=chosen, meta=meta)
 

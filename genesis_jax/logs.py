@@ -10,6 +10,8 @@ import uuid
 from pathlib import Path
 from typing import Any, TextIO
 
+from .errors import UserError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS experiments (
   run_id TEXT PRIMARY KEY, config_hash TEXT, model_shape TEXT, hyperparams TEXT, status TEXT,
@@ -32,12 +34,15 @@ class MetricsDB:
     steps replayed after a crash keep one (identical) row."""
 
     def __init__(self, path: Path):
-        self.con = sqlite3.connect(path, timeout=30)
-        self.con.execute("PRAGMA journal_mode=WAL")
-        self.con.executescript(SCHEMA)
-        self.con.commit()
+        try:
+            self.con = sqlite3.connect(path, timeout=30)
+            self.con.execute("PRAGMA journal_mode=WAL")
+            self.con.executescript(SCHEMA)
+            self.con.commit()
+            row = self.con.execute("SELECT run_id, duration_s FROM experiments LIMIT 1").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{path}: not a usable metrics database ({e}); move it aside and the run starts a new one") from None
         self.launch_time = time.time()
-        row = self.con.execute("SELECT run_id, duration_s FROM experiments LIMIT 1").fetchone()
         self.run_id = row[0] if row else uuid.uuid4().hex[:12]
         self.prior_duration = float(row[1] or 0.0) if row else 0.0
 
@@ -96,6 +101,9 @@ class TensorBoard:
         if directory is not None:
             from tensorboard.summary import Writer
 
+            if directory.exists() and not directory.is_dir():
+                raise UserError(f"{directory}: exists and is not a directory (TensorBoard logs go there); move it aside "
+                                "or set logging.tensorboard = false")
             self.writer = Writer(str(directory))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

@@ -151,7 +151,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh,
         # applied, so the state (and every checkpoint of it) stays finite; the host reads `nonfinite`.
         ok = losses_finite & jnp.isfinite(grad_norm) & tree_all_finite(params)
         params = jax.tree.map(lambda new, old: jnp.where(ok, new, old), params, state.params)
-        opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), opt_state, controlled)
+        opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), opt_state, state.opt_state)
         loss_ok = ok & ~jnp.isnan(loss)  # NaN LM loss with multi-task learning: no LM micro-batch this step
         ema = jnp.where(loss_ok, jnp.where(jnp.isnan(state.loss_ema), loss, decay * state.loss_ema + (1 - decay) * loss),
                         state.loss_ema)

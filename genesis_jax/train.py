@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -31,20 +31,57 @@ from .step import StepControls
 
 
 class StopRequested:
-    """SIGINT/SIGTERM set a flag; the loop saves at the current step and exits."""
+    """SIGINT/SIGTERM: the first sets `signum`, and the loop saves at the current step and exits;
+    the second ends the process at once, whatever it is waiting on.
+
+    Python runs signal handlers on the main thread only, between bytecodes, and the kernel may
+    deliver the signal to any of JAX's or Orbax's threads: a main thread blocked in a native wait
+    would never see it. The C-level handler writes every signal number to a wakeup pipe from
+    whichever thread it runs on, so a watcher thread reads it there and acts."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+        self.pipe: tuple[int, int] | None = None
+        self.previous_fd = -1
 
     def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self.pipe = (r, w)
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, lambda signum, frame: None)  # the watcher acts
+        self.previous_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(r,), name="stop-requested", daemon=True).start()
 
-    def _handle(self, signum: int, _frame: Any) -> None:
-        if self.signum is not None:  # a second signal ends the process now, whatever it waits on
-            print_err(f"second signal {signum}: stopped at once; the run directory keeps its latest complete checkpoint")
-            os._exit(128 + signum)
-        self.signum = signum
+    def _watch(self, r: int) -> None:
+        while True:
+            try:
+                data = os.read(r, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum not in self.SIGNALS:
+                    continue
+                if self.signum is not None:
+                    print_err(f"second signal {signum}: stopped at once; the run directory keeps its latest complete checkpoint")
+                    os._exit(128 + signum)
+                self.signum = signum
+                print_err(f"signal {signum}: saving at the current step, then stopping (a second signal stops at once)")
+
+    def uninstall(self) -> None:
+        if self.pipe is None:
+            return
+        signal.set_wakeup_fd(self.previous_fd)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        for fd in self.pipe:  # the watcher's read fails or ends, and it returns
+            os.close(fd)
+        self.pipe = None
 
 
 def config_changes(cfg: Config, run_dir: Path) -> list[str]:
@@ -68,14 +105,15 @@ def write_config(cfg: Config, run_dir: Path) -> None:
 def train(cfg: Config, run_dir: Path, allow_corpus_change: bool = False) -> int:
     """Run or resume training in `run_dir` under its lock; returns the process exit code."""
     prepare(run_dir)
-    route_library_logs(run_dir / "logs" / "libraries.log")
     lock = RunLock(run_dir)
     took_over = lock.acquire()
     if took_over:
         print_err(f"{run_dir}: {took_over}")
+    restore_logs = route_library_logs(run_dir / "logs" / "libraries.log")
     try:
         return train_locked(cfg, run_dir, allow_corpus_change)
     finally:
+        restore_logs()
         lock.release()
 
 
@@ -102,10 +140,15 @@ def train_locked(cfg: Config, run_dir: Path, allow_corpus_change: bool) -> int:
             print_err(f"  changed since the last launch: {line}")
     write_config(cfg, run_dir)  # only once the resume is known to be possible
 
+    loop = TrainLoop(cfg, run_dir, setup, ckpt, meta)  # opens the logs: a broken one fails before compiling
     t_compile = time.time()
-    step_fn = compile_step(cfg, setup, StepControls.make(mask=MaskParams.make(mask_id=cfg.data.mask_id)))
+    try:
+        step_fn = compile_step(cfg, setup, StepControls.make(mask=MaskParams.make(mask_id=cfg.data.mask_id)))
+    except BaseException:
+        loop.status = "failed"
+        loop.close()
+        raise
     compile_s = time.time() - t_compile
-    loop = TrainLoop(cfg, run_dir, setup, ckpt, meta)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     loop.console.print(
         f"run {run_dir} | {n_params:,} parameters | {len(setup.locales)} locales | "
@@ -113,7 +156,10 @@ def train_locked(cfg: Config, run_dir: Path, allow_corpus_change: bool) -> int:
         f"{setup.mesh.size} {jax.default_backend()} device(s) | step compiled in {compile_s:.1f}s")
     stop = StopRequested()
     stop.install()
-    code = loop.run(state, step_fn, stop)
+    try:
+        code = loop.run(state, step_fn, stop)
+    finally:
+        stop.uninstall()
     if loop.status == "interrupted":
         print_err(f"interrupted by signal {stop.signum} after step {loop.done}; checkpoint saved; run the same command to resume")
     elif loop.status == "completed":
@@ -121,14 +167,15 @@ def train_locked(cfg: Config, run_dir: Path, allow_corpus_change: bool) -> int:
     return code
 
 
-def route_library_logs(path: Path) -> None:
+def route_library_logs(path: Path) -> Callable[[], None]:
     """Libraries' log records (Orbax's background-thread tracebacks among them) go to a file in
-    the run directory, not the console: the console keeps one line per event."""
+    the run directory, not the console, which keeps one line per event; returns the undo."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
-    for h in list(root.handlers):
+    saved = (list(root.handlers), root.level, sys.excepthook, threading.excepthook, sys.unraisablehook)
+    for h in saved[0]:
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
@@ -137,6 +184,16 @@ def route_library_logs(path: Path) -> None:
     sys.excepthook = lambda t, v, tb: log.error("uncaught exception", exc_info=(t, v, tb))
     threading.excepthook = lambda a: log.error("exception in thread %s", a.thread, exc_info=(a.exc_type, a.exc_value, a.exc_traceback))  # type: ignore[arg-type]
     sys.unraisablehook = lambda u: log.error("exception ignored in %r: %r", u.object, u.exc_value)
+
+    def restore() -> None:
+        root.removeHandler(handler)
+        handler.close()
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+        sys.excepthook, threading.excepthook, sys.unraisablehook = saved[2], saved[3], saved[4]
+
+    return restore
 
 
 def check_corpus(meta: dict[str, Any], corpus_sha: str, run_dir: Path, allow_change: bool) -> None:

@@ -44,6 +44,13 @@ def test_presets_and_overrides():
     ({}, ["mtl.task_ema_decay=1.0"], "mtl.task_ema_decay = 1.0: must be within [0, 1)"),
     ({}, ["model.preset=huge"], "model.preset = 'huge': unknown preset"),
     ({}, ["nodot=1"], "expected section.key=value"),
+    ({}, ["optim.lr=nan"], "optim.lr = nan: expected a finite number"),
+    ({}, ["optim.eps=inf"], "optim.eps = inf: expected a finite number"),
+    ({"optim": {"grad_clip": float("-inf")}}, [], "optim.grad_clip = -inf: expected a finite number"),
+    ({}, ["training.seed=4294967296"], "training.seed = 4294967296: must be within [0, 2**32)"),
+    ({}, ["training.seed=-1"], "training.seed = -1: must be within [0, 2**32)"),
+    ({}, ["training.on_nonfinite=ignore"], "training.on_nonfinite = 'ignore': expected one of"),
+    ({}, ["training.rollback_lr_scale=0"], "training.rollback_lr_scale = 0.0: must be within (0, 1]"),
 ])
 def test_config_errors_name_the_key(raw, overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -73,3 +80,13 @@ def test_cli_config_error_is_one_line_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "genesis_jax.train", "--config", str(tmp_path / "none.toml")],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "config file not found" in r.stderr
+
+
+def test_empty_config_file_is_refused(tmp_path):
+    empty = tmp_path / "empty.toml"
+    empty.write_text("# nothing\n")
+    with pytest.raises(ConfigError, match="empty config"):
+        C.load(empty)
+    # Overrides alone on an empty file are still refused: the file was meant to say something.
+    with pytest.raises(ConfigError, match="empty config"):
+        C.load(empty, ["training.max_steps=3"])

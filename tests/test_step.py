@@ -86,3 +86,31 @@ def test_four_devices_match_one():
     out = json.loads(r.stdout)
     np.testing.assert_allclose(out["four"], out["one"], rtol=1e-5)
     assert out["one"][-1] < out["one"][0]
+
+
+@pytest.mark.parametrize("poison", ["lr_inf", "param_nan"])
+def test_divergence_guard_keeps_the_state_when_an_update_is_not_finite(poison):
+    """An infinite learning rate (the update overflows) or a NaN parameter (the loss is NaN):
+    the step reports `nonfinite` and leaves parameters, optimizer state and loss EMA as they
+    were, bit for bit; the step counter still advances (that batch is consumed)."""
+    cfg = make_cfg(batch_size=4)
+    model = init_model(cfg)
+    step = jax.jit(make_train_step(cfg, nnx.graphdef(model), make_mesh()))
+    corpus, key = synthetic_corpus(), jax.random.key(1)
+    state, m0 = step(init_state(cfg, model), corpus, key, StepControls.make())
+    assert not bool(m0["nonfinite"])
+    controls = StepControls.make(lr_mult=float("inf") if poison == "lr_inf" else 1.0)
+    if poison == "param_nan":
+        params = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(np.nan) if x.ndim == 2 else x, state.params)
+        state = type(state)(params=params, opt_state=state.opt_state, step=state.step, loss_ema=state.loss_ema)
+    before = jax.tree.map(np.asarray, state)
+    after, m = step(state, corpus, key, controls)
+    assert bool(m["nonfinite"])
+    assert int(after.step) == int(before.step) + 1
+    for a, b in zip(jax.tree.leaves(before.params) + jax.tree.leaves(before.opt_state) + [before.loss_ema],
+                    jax.tree.leaves(after.params) + jax.tree.leaves(after.opt_state) + [after.loss_ema]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A finite step after it updates again.
+    if poison == "lr_inf":
+        _, m2 = step(after, corpus, key, StepControls.make())
+        assert not bool(m2["nonfinite"])
