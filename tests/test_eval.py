@@ -91,3 +91,67 @@ def test_eval_cli_quick_go_and_no_go(fixture_corpus, tmp_path, capsys):
     (run / "config.toml").write_text(text)
     assert eval_cli.main(["--run", str(run), "--suite", "quick"]) == 1
     assert "NO-GO: validation perplexity" in capsys.readouterr().out
+
+
+def test_reconstruction_pairs_position_t_with_the_prediction_made_at_t_minus_1(suite):
+    """A predictor that knows the next byte (logits at t = the byte at t + 1) must score 1.0 on
+    every masked position; reading the prediction of t at t itself would score the rate of
+    repeated bytes instead."""
+    cfg, s, params = suite
+    ids, _, _ = s._windows(4)
+    cursor = [0]
+
+    def knows_the_next_byte(p, x):
+        n = x.shape[0]
+        rows = ids[cursor[0]:cursor[0] + n]
+        cursor[0] = (cursor[0] + n) % len(ids)
+        nxt = np.concatenate([rows[:, 1:], rows[:, -1:]], axis=1)
+        return jnp.asarray(np.eye(260, dtype=np.float32)[nxt])
+
+    s.forward = knows_the_next_byte
+    out = s.reconstruction(params, 4)
+    for kind in ("random", "span", "verse"):
+        assert out[f"recon/{kind}/accuracy"] == 1.0 and out[f"recon/{kind}/cer"] == 0.0, kind
+    assert np.mean(ids[:, 1:] == ids[:, :-1]) < 0.2  # so a shifted pairing could not score 1.0
+
+
+def test_summary_units_against_hand_computed_values():
+    from genesis_jax.data import ValWindows
+    from genesis_jax.evaluation import ce_summary
+
+    w = ValWindows(np.zeros((3, 2)), np.zeros((3, 2)), np.array([0, 0, 1]), ["en", "fr"])
+    out = ce_summary(np.array([1.0, 2.0, 3.0]), w)
+    assert out["val/loss"] == 2.0 and out["val/loss/en"] == 1.5 and out["val/loss/fr"] == 3.0
+    assert out["val/bpb"] == pytest.approx(2.8853900817779268)  # 2 nats / ln 2
+    assert out["val/bpb/en"] == pytest.approx(2.1640425613334453)  # 1.5 / ln 2
+    assert out["val/ppl"] == pytest.approx(7.38905609893065)  # e^2
+    assert out["val/ppl/fr"] == pytest.approx(20.085536923187668)  # e^3
+
+
+def test_validation_windows_come_from_the_held_out_split(tmp_path):
+    """Every record has its own random text, so a window's bytes identify the split they came
+    from: all validation windows must be held-out text, none training text."""
+    from genesis_jax.corpus.importers import import_textdir
+    from genesis_jax.corpus.store import CorpusWriter
+    from genesis_jax.runtime import build
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    for loc in ("en", "fr"):
+        lines = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz "), size=60)) for _ in range(300)]
+        (src / f"{loc}.txt").write_text("\n".join(f"k{i:04d}\t{t}" for i, t in enumerate(lines)) + "\n")
+    writer = CorpusWriter()
+    import_textdir(writer, src)
+    corpus_dir = writer.write(tmp_path / "corpus", val_fraction=0.2)
+    cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32"},
+                       "data": {"corpus": str(corpus_dir), "seq_len": 32}, "training": {"val_windows": 8}})
+    setup = build(cfg)
+    corpus = open_corpus(corpus_dir)
+    held = bytes(corpus.stream(setup.locales, heldout=True)[0])
+    train = bytes(corpus.stream(setup.locales, heldout=False)[0])
+    w = setup.windows
+    assert len(w.locale) == 16
+    for inputs, labels in zip(w.inputs, w.labels):
+        window = bytes((np.concatenate([inputs, labels[-1:]]) - 4).astype(np.uint8))
+        assert window in held and window not in train

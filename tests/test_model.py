@@ -134,7 +134,9 @@ def test_remat_and_bf16_give_the_same_function():
     np.testing.assert_allclose(plain(tokens), remat(tokens), rtol=1e-6, atol=1e-6)
     _, bf16 = _model(compute_dtype="bfloat16")
     assert bf16.blocks.attn.wq.kernel[...].dtype == jnp.float32  # master weights stay float32
-    np.testing.assert_allclose(plain(tokens), bf16(tokens), atol=0.1)
+    # Measured on this input: max |difference| 0.0044 (seeds 0-4 give 0.004-0.013); 0.01 keeps
+    # a margin of about 2x while a real change to the bf16 path is far above it.
+    np.testing.assert_allclose(plain(tokens), bf16(tokens), atol=0.01)
 
 
 def test_causality():
@@ -144,3 +146,61 @@ def test_causality():
     la, lb = m(a), m(b)
     np.testing.assert_allclose(la[:, :3], lb[:, :3], rtol=1e-6, atol=1e-6)
     assert not np.allclose(la[:, 3], lb[:, 3])
+
+
+def _np_layernorm(x, eps=1e-5):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
+
+
+def _np_rmsnorm(x, eps=1e-6):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+
+
+@pytest.mark.parametrize("norm", ["deepnorm", "rmsnorm"])
+def test_residual_and_norm_placement_against_numpy(norm):
+    """With the attention output projection zeroed, each block is its norms, residual and
+    SwiGLU alone: deepnorm x <- LN(alpha x + 0), x <- LN(alpha x + ffn(x)); rmsnorm
+    x <- x + 0, x <- x + ffn(RMS(x)). A float64 NumPy run of that recurrence must match."""
+    cfg, m = _model(norm_type=norm, n_layers=3)
+    m.blocks.attn.wo.kernel[...] = jnp.zeros_like(m.blocks.attn.wo.kernel[...])
+    tokens = np.random.default_rng(4).integers(4, 260, size=(2, 7))
+    got = np.asarray(m.hidden(jnp.asarray(tokens, jnp.int32)), np.float64)
+    alpha = (2 * cfg.model.n_layers) ** 0.25
+    x = np.asarray(m.embed[...], np.float64)[tokens]
+    silu = lambda z: z / (1 + np.exp(-z))  # noqa: E731
+    for layer in range(cfg.model.n_layers):
+        w1, w2, w3 = (np.asarray(getattr(m.blocks.mlp, w).kernel[...][layer], np.float64) for w in ("w1", "w2", "w3"))
+        ffn = lambda h: (silu(h @ w1) * (h @ w3)) @ w2  # noqa: E731
+        if norm == "deepnorm":
+            x = _np_layernorm(alpha * x)
+            x = _np_layernorm(alpha * x + ffn(x))
+        else:
+            x = x + ffn(_np_rmsnorm(x))
+    np.testing.assert_allclose(got, _np_rmsnorm(x), rtol=2e-4, atol=2e-5)
+
+
+def test_remat_puts_a_checkpoint_around_each_block():
+    """remat changes no value, so only the program can show it: the gradient's jaxpr of a
+    remat model holds a checkpoint (remat) primitive, a plain model's does not."""
+    tokens = jnp.asarray(np.random.default_rng(3).integers(4, 260, size=(2, 9)), jnp.int32)
+
+    def primitives(model) -> set[str]:
+        graphdef, params = nnx.split(model)
+        loss = lambda p: nnx.merge(graphdef, p)(tokens).mean()  # noqa: E731
+        names = set()
+
+        def walk(jaxpr):
+            for eqn in jaxpr.eqns:
+                names.add(eqn.primitive.name)
+                for v in eqn.params.values():
+                    inner = getattr(v, "jaxpr", None)
+                    if inner is not None:
+                        walk(getattr(inner, "jaxpr", inner))
+
+        walk(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+        return names
+
+    remat_names = {"checkpoint", "remat", "remat2"}
+    assert primitives(_model(remat=True)[1]) & remat_names
+    assert not primitives(_model(remat=False)[1]) & remat_names

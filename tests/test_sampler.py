@@ -186,3 +186,11 @@ def test_masks_are_a_function_of_the_key(latin):
     a, b = f(latin, jax.random.key(9), 32, 64, m), f(latin, jax.random.key(9), 32, 64, m)
     c = f(latin, jax.random.key(10), 32, 64, m)
     assert np.array_equal(a.masked, b.masked) and not np.array_equal(a.masked, c.masked)
+
+
+@pytest.mark.parametrize("p", [0.15, 0.4])
+def test_random_masking_masks_each_position_with_probability_p(latin, p):
+    b = jax.jit(lm_batch, static_argnums=(2, 3))(latin, jax.random.key(3), 400, 64, MaskParams.make("random", p))
+    masked = np.asarray(b.masked)
+    sigma = np.sqrt(p * (1 - p) / masked.size)  # independent Bernoulli(p) per position
+    assert abs(masked.mean() - p) < 4 * sigma, (masked.mean(), p)

@@ -114,3 +114,23 @@ def test_divergence_guard_keeps_the_state_when_an_update_is_not_finite(poison):
     if poison == "lr_inf":
         _, m2 = step(after, corpus, key, StepControls.make())
         assert not bool(m2["nonfinite"])
+
+
+def test_loss_ema_is_decay_times_previous_plus_the_rest_times_the_loss():
+    """The EMA the phase machine watches, against the formula by hand: first value = first
+    loss, then d * ema + (1 - d) * loss with d = curriculum.loss_ema_decay."""
+    d = 0.9  # far from 0.5, so swapped weights cannot pass
+    cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32"}, "data": {"seq_len": SEQ},
+                       "training": {"max_steps": 10, "batch_size": 4}, "curriculum": {"loss_ema_decay": d}})
+    model = init_model(cfg)
+    step = jax.jit(make_train_step(cfg, nnx.graphdef(model), make_mesh()))
+    state, corpus, key = init_state(cfg, model), synthetic_corpus(), jax.random.key(2)
+    losses, emas = [], []
+    for _ in range(3):
+        state, m = step(state, corpus, key, StepControls.make(lr_mult=30.0))  # large steps: the losses differ
+        losses.append(float(m["loss"]))
+        emas.append(float(m["loss_ema"]))
+    assert emas[0] == losses[0]
+    assert emas[1] == pytest.approx(d * losses[0] + (1 - d) * losses[1], rel=1e-6)
+    assert emas[2] == pytest.approx(d * emas[1] + (1 - d) * losses[2], rel=1e-6)
+    assert abs(losses[2] - losses[0]) > 1e-3
