@@ -47,6 +47,11 @@ class LossAnalytics:
     def reset_stagnation(self) -> None:
         self.stagnation = 0
 
+    def restart_minimum(self) -> None:
+        """Forget the minimum: the next observation sets it (stagnation counts from there)."""
+        self.min_ema = math.inf
+        self.stagnation = 0
+
     def window_stats(self) -> dict[str, float | str | None]:
         """Least-squares slope (loss per step), trend, noise fraction 1 - R^2, oscillation rate."""
         if len(self.recent) < 3:

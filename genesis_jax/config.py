@@ -124,7 +124,7 @@ class CurriculumConfig:
     analytics_window: int = 100  # loss analytics window; EMA alpha = 2 / (window + 1)
     loss_ema_decay: float = 0.99  # the loss EMA the phase machine and stun watch (on the device)
     locale_ema_decay: float = 0.99  # per-locale EMA of per-sequence loss
-    plateau_lr_patience: int = 0  # steps without a new phase-local EMA minimum before a stun (0 = off)
+    plateau_lr_patience: int = 1000  # steps without a new phase-local EMA minimum (counted from a phase's anchor) before a stun (0 = off)
     plateau_lr_drop: float = 0.5  # stun: LR multiplier and Adam first moment scaled by this
     plateau_min_delta: float = 1e-3  # a loss-EMA minimum counts only if it beats the last by this fraction
     stun_max_count: int = 1  # stuns allowed in a run

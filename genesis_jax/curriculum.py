@@ -115,6 +115,7 @@ class Curriculum:
         ramp = self.cfg.wwm_ramp_steps if phase == WWM else self.cfg.span_ramp_steps
         if step - self.starts[phase] >= ramp:  # >=: a resume cannot step over the anchor
             self.anchors[phase] = loss_ema
+            self.analytics[PHASE_NAMES[phase].lower()].restart_minimum()  # stagnation counts from the anchor
             name = PHASE_NAMES[phase].lower()
             return [Signal(step, f"{name}_anchor", loss_ema, f"{PHASE_NAMES[phase]} ramp complete; anchor loss EMA {loss_ema:.4f}")]
         return []
@@ -127,6 +128,12 @@ class Curriculum:
     def _stun(self, step: int, tracker: LossAnalytics) -> list[Signal]:
         c = self.cfg
         if c.plateau_lr_patience <= 0 or len(self.stuns) >= c.stun_max_count:
+            return []
+        phase = self.phase_at(step)
+        if phase != BYTE and phase not in self.anchors:
+            # A mask ramp makes the loss rise by design: that is not stagnation. Counting starts
+            # at the phase anchor, when the ramp has completed.
+            tracker.reset_stagnation()
             return []
         if self.stuns and step - self.stuns[-1][0] < c.stun_cooldown_steps:
             return []

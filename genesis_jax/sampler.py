@@ -27,7 +27,6 @@ class DeviceCorpus:
 
     tokens: jax.Array  # [N] uint8 byte values
     word_starts: jax.Array  # [N] uint8 1 at the first byte of a word
-    locale_ids: jax.Array  # [N] uint8 locale of each byte
     locale_starts: jax.Array  # [n_locales + 1] int32 offsets of each locale's range
     valid_cum: jax.Array  # [n_locales + 1] int32 cumulative count of window starts per locale
     verses: Any = None  # tasks.VerseIndex when multi-task learning is on
@@ -67,10 +66,11 @@ def build_device_corpus(tokens: np.ndarray, word_starts: np.ndarray, locale_star
     valid = np.maximum(lengths - seq_len, 0)
     if starts[-1] >= 2**31:
         raise ValueError(f"corpus split of {starts[-1]} bytes exceeds the int32 index range")
-    locale_ids = np.repeat(np.arange(len(lengths), dtype=np.uint8), lengths)
+    # A window's locale comes from these ranges (no per-byte locale ids: one byte per corpus
+    # byte of device memory saved, and no 256-locale limit).
     arrays = DeviceCorpus(
         tokens=np.asarray(tokens, dtype=np.uint8), word_starts=np.asarray(word_starts, dtype=np.uint8),
-        locale_ids=locale_ids, locale_starts=starts.astype(np.int32),
+        locale_starts=starts.astype(np.int32),
         valid_cum=np.concatenate([[0], np.cumsum(valid)]).astype(np.int32))
     return jax.device_put(arrays, device) if device is not None else jax.tree.map(jnp.asarray, arrays)
 
@@ -83,11 +83,13 @@ def window_starts(corpus: DeviceCorpus, key: jax.Array, n: int) -> tuple[jax.Arr
     return corpus.locale_starts[loc] + (u - corpus.valid_cum[loc]), loc
 
 
-def locale_window_starts(corpus: DeviceCorpus, key: jax.Array, n: int, locale: jax.Array) -> jax.Array:
-    """n starts inside one locale, clamped so a window never reads past the locale's end."""
+def locale_window_starts(corpus: DeviceCorpus, key: jax.Array, n: int, locale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """n starts inside one locale, clamped so a window never reads past the locale's end, and
+    their locale: -1 when the locale is shorter than one window (those rows are to be skipped;
+    per-locale sums by segment drop negative ids)."""
     count = corpus.valid_cum[locale + 1] - corpus.valid_cum[locale]
     u = jax.random.randint(key, (n,), 0, jnp.maximum(count, 1), dtype=jnp.int32)
-    return corpus.locale_starts[locale] + u
+    return corpus.locale_starts[locale] + u, jnp.full((n,), jnp.where(count > 0, locale, -1), jnp.int32)
 
 
 def _gather(arr: jax.Array, starts: jax.Array, length: int) -> jax.Array:
@@ -134,8 +136,7 @@ def lm_batch(corpus: DeviceCorpus, key: jax.Array, n: int, seq_len: int, mask: M
     if locale is None:
         starts, loc = window_starts(corpus, k_start, n)
     else:
-        starts = locale_window_starts(corpus, k_start, n, locale)
-        loc = jnp.full((n,), locale, jnp.int32)
+        starts, loc = locale_window_starts(corpus, k_start, n, locale)
     ids = _gather(corpus.tokens, starts, seq_len + 1).astype(jnp.int32) + BYTE_OFFSET
     words = _gather(corpus.word_starts, starts, seq_len)
     masked = make_mask(k_mask, words, mask)

@@ -138,3 +138,26 @@ def test_stagnation_is_phase_local():
     fired = run(cur, ema, range(0, 320))
     assert fired["wwm_activation"] == [200]
     assert all(s < 202 for s in fired.get("lr_stun", []))  # none in Phase 2, though above the all-time minimum
+
+
+def test_stagnation_counts_only_once_the_mask_ramp_has_completed():
+    """A ramp raises the masked loss by design. With the analytics EMA equal to the loss
+    (window 1): BYTE falls 0.02/step (0.5% > min_delta, no stagnation); WWM activates at
+    observation 30 (from 32); its 50-step ramp raises the loss; flat after. The anchor is taken
+    at 82 and restarts the minimum; 83 sets it; 84..103 are the 20 stagnant steps: the stun is
+    observed at 103. Counting during the ramp would have stunned at 52."""
+    cfg = CurriculumConfig(wwm_trigger_steps=20, wwm_window=10, wwm_threshold=1.0, wwm_ramp_steps=50,
+                           span_trigger_steps=10**6, analytics_window=1, plateau_lr_patience=20,
+                           plateau_min_delta=1e-3, stun_max_count=1)
+
+    def loss(s: int) -> float:
+        if s < 32:
+            return 4.0 - 0.02 * s
+        return 3.36 + 0.01 * (min(s, 82) - 32)
+
+    cur = Curriculum(cfg, log_interval=10, has_words=True)
+    fired = run(cur, loss, range(0, 200))
+    assert fired["wwm_activation"] == [30] and cur.starts[WWM] == 32
+    assert fired["wwm_anchor"] == [82]
+    assert fired["lr_stun"] == [103]
+    assert cur.controls(104).lr_mult == 1.0 and cur.controls(105).lr_mult == 0.5

@@ -218,14 +218,17 @@ def curriculum_reference(tmp_path_factory, fixture_corpus):
     signals = logged(run, "grokking_signals", "step, type, value")
     kinds = [(s, k) for s, k, _ in signals]
     # Hand-derived schedule (log_interval = 1): stun when 30 steps pass without a 50% better
-    # minimum (step 30), WWM tested at 40 -> 60, active from 62, ramp to 162; second stun after
-    # the 100-step cooldown (130); SPAN eligible from 122, tested 122 -> 142, active from 144.
-    assert (30, "lr_stun") in kinds and (130, "lr_stun") in kinds
-    assert (60, "wwm_activation") in kinds and (142, "span_activation") in kinds
+    # minimum (step 30), WWM tested at 40 -> 60, active from 62, ramp to 162; SPAN eligible from
+    # 122, tested 122 -> 142, active from 144 (before the WWM ramp completed: no WWM anchor);
+    # no stagnation is counted during the ramps, so the second stun waits for the SPAN anchor
+    # (144 + 50 = 194): 195 sets the new minimum, 196..225 are its 30 stagnant steps.
+    assert (30, "lr_stun") in kinds and (225, "lr_stun") in kinds
+    assert (60, "wwm_activation") in kinds and (142, "span_activation") in kinds and (194, "span_anchor") in kinds
+    assert not [s for s, k in kinds if k == "lr_stun" and 62 <= s < 194]  # none inside a ramp
     return cfg, run
 
 
-@pytest.mark.parametrize("kill_at", [110, 175], ids=["mid-wwm-ramp", "after-second-stun"])
+@pytest.mark.parametrize("kill_at", [110, 240], ids=["mid-wwm-ramp", "after-second-stun"])
 def test_curriculum_resume_after_sigkill_is_exact(curriculum_reference, tmp_path, kill_at):
     cfg, ref = curriculum_reference
     run = tmp_path / "killed"
@@ -298,3 +301,34 @@ def test_multitask_resume_after_sigkill_is_exact(fixture_corpus, tmp_path):
     assert [x[:2] for x in ta if x[1].startswith("task/")] == [x[:2] for x in tb if x[1].startswith("task/")]
     np.testing.assert_allclose([x[2] for x in tb if x[1].startswith("task/")],
                                [x[2] for x in ta if x[1].startswith("task/")], rtol=1e-6)
+
+
+def tensorboard_scalars(run: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    out: dict[str, dict[int, float]] = {}
+    for tag in acc.Tags()["tensors"]:
+        out[tag] = {e.step: float(np.asarray(__import__("tensorboard").util.tensor_util.make_ndarray(e.tensor_proto)))
+                    for e in acc.Tensors(tag)}
+    for tag in acc.Tags()["scalars"]:
+        out[tag] = {e.step: e.value for e in acc.Scalars(tag)}
+    return out
+
+
+def test_tensorboard_has_the_spec_tags_with_the_logged_values(curriculum_reference):
+    """The tags SPEC 8 names (System/MFU only where the peak FLOP/s is known, i.e. on a GPU;
+    Research/WWM_Improvement only once a WWM ramp completes, which this run never reaches), and
+    Train/Loss equal to the SQLite rows, a second sink written from the same metrics."""
+    _, run = curriculum_reference
+    tags = tensorboard_scalars(run)
+    spec = ["Train/Loss", "Train/LossEMA", "Train/LR", "Train/GradNorm", "Train/MaskProb", "Train/Phase",
+            "System/TokensPerSec", "Research/Span_Improvement", "Eval/loss", "Eval/ppl", "Eval/bpb"]
+    spec += [f"Research/EMA_Loss_{loc}" for loc in ("en", "fr", "ru")] + [f"Eval/loss_{loc}" for loc in ("en", "fr", "ru")]
+    missing = [t for t in spec if t not in tags]
+    assert not missing, (missing, sorted(tags))
+    rows = {s: loss for s, loss in logged(run, cols="step, loss")}
+    assert set(tags["Train/Loss"]) == set(rows)
+    np.testing.assert_allclose([tags["Train/Loss"][s] for s in sorted(rows)], [rows[s] for s in sorted(rows)], rtol=1e-6)
+    assert {tags["Train/Phase"][s] for s in rows} == {1.0, 2.0, 3.0}

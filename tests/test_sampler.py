@@ -22,7 +22,8 @@ def setup(fixture_corpus):
 
 def test_device_arrays_are_compact(setup):
     _, _, _, dc, _ = setup
-    assert dc.tokens.dtype == jnp.uint8 and dc.word_starts.dtype == jnp.uint8 and dc.locale_ids.dtype == jnp.uint8
+    assert dc.tokens.dtype == jnp.uint8 and dc.word_starts.dtype == jnp.uint8
+    assert not hasattr(dc, "locale_ids")  # a window's locale comes from the ranges
 
 
 def test_batches_are_a_function_of_the_key(setup):
@@ -194,3 +195,14 @@ def test_random_masking_masks_each_position_with_probability_p(latin, p):
     masked = np.asarray(b.masked)
     sigma = np.sqrt(p * (1 - p) / masked.size)  # independent Bernoulli(p) per position
     assert abs(masked.mean() - p) < 4 * sigma, (masked.mean(), p)
+
+
+def test_a_locale_shorter_than_one_window_is_skipped_not_read_past():
+    data = np.frombuffer(b"abcdefghij" * 20 + b"xyz", np.uint8)  # locale 1 has 3 bytes
+    dc = build_device_corpus(data, np.zeros_like(data), np.array([0, 200, 203]), 16)
+    fn = jax.jit(lm_batch, static_argnums=(2, 3))
+    assert (np.asarray(fn(dc, jax.random.key(0), 8, 16, MaskParams.make(), jnp.int32(1)).locale) == -1).all()
+    assert (np.asarray(fn(dc, jax.random.key(0), 8, 16, MaskParams.make(), jnp.int32(0)).locale) == 0).all()
+    # The segment sums of per-locale telemetry drop the skipped rows.
+    summed = jax.ops.segment_sum(jnp.ones(8), -jnp.ones(8, jnp.int32), num_segments=2)
+    assert float(summed.sum()) == 0.0
