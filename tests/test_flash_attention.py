@@ -217,3 +217,26 @@ def test_model_train_loss_lowers_with_the_kernel_for_cuda():
     tokens = jax.ShapeDtypeStruct((4, 96), jnp.int32)
     exp = export.export(jax.jit(jax.grad(loss)), platforms=["cuda"], disabled_checks=[triton])(params, tokens)
     assert exp.mlir_module().count("xla.gpu.triton") >= 3
+
+
+def test_causal_block_skipping_never_reads_a_future_block():
+    """Values can not show block skipping (masked tiles contribute 0 either way), but NaNs can:
+    0 * NaN is NaN, so a tile that is loaded and masked still poisons its result. With NaN in
+    every key/value row from 32 on, queries 0-31 (query blocks 0 and 1 of 16) and their dq stay
+    finite only if key blocks beyond their last visible key are never read; with NaN in every
+    query and output-gradient row before 32, dk and dv of the key block 32-63 (backward block
+    32) stay finite only if query blocks before it are never read."""
+    rng = np.random.default_rng(0)
+    b, s, h, d = 1, 64, 2, 16
+    q, k, v, do = (jnp.asarray(rng.normal(size=(b, s, h, d)), jnp.float32) for _ in range(4))
+    fn = lambda q_, k_, v_: flash_attention(q_, k_, v_, causal=True, block_sizes=SMALL)  # noqa: E731
+    k_bad, v_bad = k.at[:, 32:].set(jnp.nan), v.at[:, 32:].set(jnp.nan)
+    out, vjp = jax.vjp(fn, q, k_bad, v_bad)
+    dq, _, _ = vjp(do)
+    assert np.isfinite(np.asarray(out[:, :32])).all() and np.isfinite(np.asarray(dq[:, :32])).all()
+    assert np.isnan(np.asarray(out[:, 32:])).all()  # the poison is real where it must be read
+    q_bad, do_bad = q.at[:, :32].set(jnp.nan), do.at[:, :32].set(jnp.nan)
+    _, vjp = jax.vjp(fn, q_bad, k, v)
+    _, dk, dv = vjp(do_bad)
+    assert np.isfinite(np.asarray(dk[:, 32:])).all() and np.isfinite(np.asarray(dv[:, 32:])).all()
+    assert np.isnan(np.asarray(dv[:, :32])).all()
