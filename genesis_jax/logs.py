@@ -85,6 +85,8 @@ class MetricsDB:
         self.con.commit()
 
     def log_signal(self, step: int, kind: str, value: float, description: str) -> None:
+        """One row per (step, kind): a signal replayed after a resume replaces its row."""
+        self.con.execute("DELETE FROM grokking_signals WHERE step = ? AND type = ?", (step, kind))
         self.con.execute("INSERT INTO grokking_signals (step, type, value, description) VALUES (?, ?, ?, ?)",
                          (step, kind, value, description))
         self.con.commit()
