@@ -102,8 +102,12 @@ def write_config(cfg: Config, run_dir: Path) -> None:
     tmp.replace(run_dir / "config.toml")
 
 
-def train(cfg: Config, run_dir: Path, allow_corpus_change: bool = False) -> int:
-    """Run or resume training in `run_dir` under its lock; returns the process exit code."""
+def train(cfg: Config, run_dir: Path, allow_corpus_change: bool = False, own_process: bool = False) -> int:
+    """Run or resume training in `run_dir` under its lock; returns the process exit code.
+
+    `own_process`: the process ends with this run, so library logs stay routed to the run's
+    log file until exit (background writers report at shutdown too); otherwise the routing is
+    undone on return, for a caller that goes on."""
     prepare(run_dir)
     lock = RunLock(run_dir)
     took_over = lock.acquire()
@@ -113,7 +117,8 @@ def train(cfg: Config, run_dir: Path, allow_corpus_change: bool = False) -> int:
     try:
         return train_locked(cfg, run_dir, allow_corpus_change)
     finally:
-        restore_logs()
+        if not own_process:
+            restore_logs()
         lock.release()
 
 
@@ -218,15 +223,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     args = parse_args(argv)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
 
     def body() -> int:
         cfg = config_lib.load(args.config, args.set)
-        return train(cfg, run_dir, args.allow_corpus_change)
+        return train(cfg, run_dir, args.allow_corpus_change, own_process)
 
     return run_cli("genesis_jax.train", body, lambda: run_dir / "logs" if run_dir.is_dir() else None)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(own_process=True))

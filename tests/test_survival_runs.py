@@ -2,7 +2,6 @@
 checkpoint, another corpus, a launch on a locked directory, write failures and a second
 SIGTERM. Each case ends in one line and a non-zero exit code, or in a correct result."""
 
-import json
 import os
 import shutil
 import signal
@@ -199,7 +198,7 @@ def hang(self, step, state, meta):
     print("HANG", file=sys.stderr, flush=True)
     threading.Event().wait()
 checkpoint.Checkpointer.save = hang
-sys.exit(train.main(sys.argv[1:]))
+sys.exit(train.main(sys.argv[1:], own_process=True))
 """
 
 

@@ -2,12 +2,8 @@
 
 import csv
 import io
-from pathlib import Path
 
-import jax
 import jax.numpy as jnp
-import numpy as np
-import pytest
 
 from genesis_jax import verify
 from genesis_jax.checkpoint import Checkpointer
