@@ -102,23 +102,27 @@ def latin():
     return _corpus_from_text(text, 64)
 
 
+_WINDOW_INDEX: dict[int, tuple[object, dict[bytes, int]]] = {}  # id -> (corpus kept alive, index)
+
+
 def _window_words(corpus, b):
-    # Recover each window's word-start flags from its start offset (labels are x[t+1:]).
+    # Recover each window's word-start flags from its start offset (labels are x[t+1:]), found
+    # through an index of every window's bytes (built once per corpus).
     tokens = np.asarray(corpus.tokens).astype(np.int64) + 4
     flags = np.asarray(corpus.word_starts)
+    index = _WINDOW_INDEX.get(id(corpus), (None, None))[1]
+    if index is None:
+        views = np.lib.stride_tricks.sliding_window_view(tokens[1:], 64)
+        index = {}
+        for c in range(len(views) - 1, -1, -1):  # the first start wins for a repeated window
+            index[views[c].tobytes()] = c
+        _WINDOW_INDEX[id(corpus)] = (corpus, index)
     out = []
     for row in np.asarray(b.labels):
-        t = _find_start(tokens, row)
+        t = index.get(row.astype(np.int64).tobytes())
+        assert t is not None, "window not found"
         out.append(flags[t:t + 64])
     return np.array(out)
-
-
-def _find_start(tokens, labels):
-    cand = np.flatnonzero(tokens[1:len(tokens) - 63] == labels[0])
-    for c in cand:
-        if np.array_equal(tokens[c + 1:c + 65], labels):
-            return c
-    raise AssertionError("window not found")
 
 
 @pytest.mark.parametrize("p", [0.15, 0.4])
