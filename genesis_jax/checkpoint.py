@@ -17,13 +17,14 @@ from .config import CheckpointConfig, Config
 from .errors import ResumeError
 from .logs import print_err
 
-UNRESTORABLE = "checkpoints-unrestorable"
+SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "norm_type")
+
+
+UNRESTORABLE = "checkpoints-unrestorable"  # beside checkpoints/: steps that failed to restore, kept
 
 
 class RefusedResume(ResumeError):
     """A readable checkpoint that this launch must not continue from (the user's choice decides)."""
-
-SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "norm_type")
 
 
 @dataclasses.dataclass
@@ -110,9 +111,9 @@ class Checkpointer:
                 meta = self.read_meta(step)
                 accept(step, meta)
                 state = self.restore(step, target)
+            except RefusedResume:
+                raise
             except ResumeError as e:
-                if isinstance(e, RefusedResume):
-                    raise
                 failures.append(f"step {step}: {e}")
                 print_err(f"checkpoint {step} does not restore: {e}")
                 print_err(f"  moved to {self.set_aside(step)}; trying the next older one")

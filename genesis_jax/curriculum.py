@@ -102,20 +102,20 @@ class Curriculum:
         tracker.update(step, loss)
         if not self.cfg.enabled:
             return signals
-        signals += self._anchor(step, phase, loss_ema)
+        signals += self._anchor(step, phase, loss_ema, tracker)
         self._update_improvements(phase, loss_ema)
-        signals += self._stun(step, tracker)
+        signals += self._stun(step, phase, tracker)
         if step % self.log_interval == 0:
             signals += self._phase_test(step, phase, loss_ema)
         return signals
 
-    def _anchor(self, step: int, phase: int, loss_ema: float) -> list[Signal]:
+    def _anchor(self, step: int, phase: int, loss_ema: float, tracker: LossAnalytics) -> list[Signal]:
         if phase == BYTE or phase in self.anchors:
             return []
         ramp = self.cfg.wwm_ramp_steps if phase == WWM else self.cfg.span_ramp_steps
         if step - self.starts[phase] >= ramp:  # >=: a resume cannot step over the anchor
             self.anchors[phase] = loss_ema
-            self.analytics[PHASE_NAMES[phase].lower()].restart_minimum()  # stagnation counts from the anchor
+            tracker.restart_minimum()  # stagnation counts from the anchor
             name = PHASE_NAMES[phase].lower()
             return [Signal(step, f"{name}_anchor", loss_ema, f"{PHASE_NAMES[phase]} ramp complete; anchor loss EMA {loss_ema:.4f}")]
         return []
@@ -125,11 +125,10 @@ class Curriculum:
             self.improvement[phase] = (self.anchors[phase] - loss_ema) / self.anchors[phase] * 100.0
         # The WWM improvement stays frozen once Phase 3 has started (it is only written in Phase 2).
 
-    def _stun(self, step: int, tracker: LossAnalytics) -> list[Signal]:
+    def _stun(self, step: int, phase: int, tracker: LossAnalytics) -> list[Signal]:
         c = self.cfg
         if c.plateau_lr_patience <= 0 or len(self.stuns) >= c.stun_max_count:
             return []
-        phase = self.phase_at(step)
         if phase != BYTE and phase not in self.anchors:
             # A mask ramp makes the loss rise by design: that is not stagnation. Counting starts
             # at the phase anchor, when the ramp has completed.
@@ -143,7 +142,7 @@ class Curriculum:
         tracker.reset_stagnation()
         after = self.lr_mult_at(step + DECISION_LAG)
         return [Signal(step, "lr_stun", after, f"no new loss-EMA minimum (by {c.plateau_min_delta:.0e}) in {c.plateau_lr_patience} steps of "
-                       f"{PHASE_NAMES[self.phase_at(step)]}; LR multiplier -> {after:.3g} and Adam first moment "
+                       f"{PHASE_NAMES[phase]}; LR multiplier -> {after:.3g} and Adam first moment "
                        f"x{c.plateau_lr_drop} from step {step + DECISION_LAG} (stun {len(self.stuns)}/{c.stun_max_count})")]
 
     def _phase_test(self, step: int, phase: int, loss_ema: float) -> list[Signal]:

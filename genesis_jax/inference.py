@@ -16,7 +16,7 @@ from .checkpoint import Checkpointer, check_shape
 from .config import Config
 from .errors import UserError
 from .model import Llama
-from .step import init_model, init_state
+from .step import init_model, init_state, tree_all_finite
 from .tokenizer import BYTE_OFFSET, VOCAB_SIZE
 
 
@@ -50,9 +50,9 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
         state = ckpt.restore(chosen, init_state(cfg, model))
     finally:
         ckpt.close()
-    bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(state.params)
-           if not bool(jnp.isfinite(x).all())]
-    if bad:
+    if not bool(tree_all_finite(state.params)):
+        bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(state.params)
+               if not bool(jnp.isfinite(x).all())]
         raise UserError(f"{run_dir}: checkpoint {chosen} has non-finite parameters ({len(bad)} arrays, e.g. {bad[0]}): "
                         "it was saved after training diverged; choose an earlier one with --step")
     nnx.update(model, state.params)

@@ -93,7 +93,7 @@ class TrainLoop:
         m = jax.device_get(dev)
         loss, ema = float(m["loss"]), float(m["loss_ema"])
         signals = []
-        if bool(m["nonfinite"]) and s > self.observed:
+        if s > self.observed and bool(m["nonfinite"]):
             self.observed = s
             self.nonfinite(s, loss, float(m["grad_norm"]))
         elif s > self.observed:  # research state first, so a failure in logging cannot lose it
@@ -247,10 +247,10 @@ class TrainLoop:
         try:
             while True:
                 try:
-                    state = self.steps(state, step_fn, stop)
+                    self.steps(step_fn, stop)
                     break
                 except Rollback as r:
-                    state = self.state = self.rollback(self.state, str(r))
+                    self.state = self.rollback(self.state, str(r))
             if stop.signum is not None:
                 self.status, code = "interrupted", 128 + stop.signum
         except Diverged as e:
@@ -267,9 +267,11 @@ class TrainLoop:
             self.close()
         return 1 if code == 0 and self.status == "failed" else code
 
-    def steps(self, state: TrainState, step_fn: Any, stop: Any) -> TrainState:
-        """Dispatch steps from `self.done` to max_steps (or a stop request), observing one step late."""
+    def steps(self, step_fn: Any, stop: Any) -> None:
+        """Dispatch steps from `self.done` to max_steps (or a stop request), observing one step late;
+        `self.state` is always the newest state (a save after a failure or a rollback needs it)."""
         cfg, tc = self.cfg, self.cfg.training
+        state = self.state
         seed_key = jax.random.key(tc.seed)
         corpus = self.setup.device_corpus
         last: tuple[Controls, float, StepControls] | None = None
@@ -278,7 +280,7 @@ class TrainLoop:
             if last is None or last[0] != ctl or last[1] != self.lr_scale:  # new device scalars only on a change
                 last = (ctl, self.lr_scale, step_controls(ctl, cfg, self.lr_scale))
             state, metrics = step_fn(state, corpus, seed_key, last[2])
-            self.state, self.done = state, s + 1  # the newest state, for a save after a failure
+            self.state, self.done = state, s + 1
             self.queue.append((s, metrics, ctl))
             while len(self.queue) > 1:  # metrics one step late: step s - 1 is done by now
                 self.observe(*self.queue.pop(0))
@@ -298,10 +300,9 @@ class TrainLoop:
             if save_due:
                 self.ckpt.save(self.done, state, self.meta(self.done))
             if stop.signum is not None:
-                return state
+                return
         while self.queue:
             self.observe(*self.queue.pop(0))
-        return state
 
     def rollback(self, state: TrainState, why: str) -> TrainState:
         """Back to the newest checkpoint (finite: the guard never lets a non-finite update in) with

