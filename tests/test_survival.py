@@ -154,7 +154,7 @@ def test_report_on_a_corrupt_database(tmp_path, capsys):
 @pytest.mark.parametrize("args", [["--temperature", "nan"], ["--max-tokens", "100000000"], ["--top-p", "0"]])
 def test_generate_refuses_bad_arguments_before_loading(tmp_path, capsys, args):
     assert generate.main(["--run", str(tmp_path / "none"), "--prompt", "x", *args]) == 2
-    one_error_line(capsys.readouterr().err)
+    assert args[0] in one_error_line(capsys.readouterr().err)  # the argument, not the missing run, is named
 
 
 def test_verify_refuses_a_missing_output_directory_before_checking(tmp_path, capsys):
