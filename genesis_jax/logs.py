@@ -103,9 +103,6 @@ class TensorBoard:
         if directory is not None:
             from tensorboard.summary import Writer
 
-            if directory.exists() and not directory.is_dir():
-                raise UserError(f"{directory}: exists and is not a directory (TensorBoard logs go there); move it aside "
-                                "or set logging.tensorboard = false")
             self.writer = Writer(str(directory))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
