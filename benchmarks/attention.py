@@ -1,5 +1,7 @@
-"""Attention kernels side by side: ours (Pallas), XLA, cuDNN, JAX's bundled Pallas `mha`, and
-PyTorch SDPA (flash, cuDNN) in a separate process. Forward and forward+backward.
+"""Attention kernels side by side: every backend the engine registers (genesis_jax/attention.py:
+our Pallas kernel, the XLA reference, cuDNN), then baselines outside the engine: JAX's own
+`dot_product_attention` (XLA), JAX's bundled Pallas `mha`, and PyTorch SDPA (flash, cuDNN) in a
+separate process. Forward and forward+backward.
 
   PYTHONPATH=. python benchmarks/attention.py [--shapes model,paper] [--seqs 512,1024,2048,4096,8192]
       [--head-dims 64,128] [--iters 20] [--out DIR] [--no-torch]
@@ -36,6 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from genesis_jax import attention  # noqa: E402
 from kernels import BlockSizes, flash_attention, reference_attention  # noqa: E402
 
 SWEEP = [BlockSizes(bq, bk, bqb, bkb, num_warps=w, num_stages=st)
@@ -77,25 +80,27 @@ def paper_shapes(seqs: list[int], head_dims: list[int], causal: list[bool], toke
             for d in head_dims for c in causal for s in seqs]
 
 
-def jax_backends() -> dict[str, Callable[..., jax.Array]]:
-    def ours(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
-        return flash_attention(q, k, v, causal=causal)
+def engine_backends() -> dict[str, Callable[..., jax.Array]]:
+    """The engine's registered backends (a new one appears here with no change to this script)."""
+    def bind(b: attention.Backend) -> Callable[..., jax.Array]:
+        return lambda q, k, v, causal: b.fn(q, k, v, causal=causal)
 
-    def xla(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
+    return {name: bind(b) for name, b in attention.BACKENDS.items()}
+
+
+def baselines() -> dict[str, Callable[..., jax.Array]]:
+    def jax_xla(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
 
-    def cudnn(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
-
     def bundled_mha(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
-        from jax.experimental.pallas.ops.gpu import attention as mha_lib
+        from jax.experimental.pallas.ops.gpu import attention as mha_lib  # GPU-only module: imported when used
 
         group = q.shape[2] // k.shape[2]  # the bundled kernel is wrong for GQA: repeat KV heads
         k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
         return mha_lib.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=causal,
                            interpret=jax.default_backend() != "gpu")
 
-    return {"ours": ours, "xla": xla, "cudnn": cudnn, "jax_mha": bundled_mha}
+    return {"jax_xla": jax_xla, "jax_mha": bundled_mha}
 
 
 def rel(a: jax.Array, b: jax.Array) -> float:
@@ -214,7 +219,7 @@ def sweep(shapes: list[Shape], dtype: Any, args: argparse.Namespace) -> int:
             results = []
             for bs in SWEEP[: args.sweep_limit or None]:
                 fn = lambda q, k, v, causal, bs=bs: flash_attention(q, k, v, causal=causal, block_sizes=bs)  # noqa: E731
-                row = [r for r in measure("ours", fn, s, inputs, refs, args.iters, args.warmup, not args.dry_run)
+                row = [r for r in measure("pallas", fn, s, inputs, refs, args.iters, args.warmup, not args.dry_run)
                        if r["mode"] == mode][0]
                 if "error" not in row:
                     results.append((row.get("ms", 0.0), bs, row))
@@ -244,7 +249,8 @@ def main() -> int:
     ap.add_argument("--seqs", default="512,1024,2048,4096,8192")
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--causal", default="true,false", help="which masks of the paper grid")
-    ap.add_argument("--backends", default="ours,xla,cudnn,jax_mha")
+    ap.add_argument("--backends", default=",".join([*attention.BACKENDS, "jax_xla", "jax_mha"]),
+                    help="registered engine backends and baselines (jax_xla, jax_mha) to time")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -277,7 +283,7 @@ def main() -> int:
         print(f"# bf16 matmul 8192^3: {peak:.1f} TFLOP/s (same process)")
     if args.sweep:
         return sweep(shapes, dtype, args)
-    backends = {k: v for k, v in jax_backends().items() if k in args.backends.split(",")}
+    backends = {k: v for k, v in {**engine_backends(), **baselines()}.items() if k in args.backends.split(",")}
     rows: list[dict[str, Any]] = []
     for s in shapes:
         inputs = make_inputs(s, dtype, 1 if args.dry_run else 3)
@@ -297,7 +303,7 @@ def main() -> int:
             w = csv.DictWriter(f, fieldnames=COLS, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
-    bad = [r for r in rows if r.get("backend") == "ours" and "error" in r]
+    bad = [r for r in rows if r.get("backend") == "pallas" and "error" in r]
     return 1 if bad else 0
 
 

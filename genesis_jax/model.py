@@ -1,4 +1,4 @@
-"""The Llama decoder (SPEC 3) in Flax NNX, with its blocks stacked and run by `lax.scan`.
+"""The Llama decoder (docs/design.md, "The model") in Flax NNX, with its blocks stacked and run by `lax.scan`.
 
 Stacking keeps compile time flat in depth (the 144-layer preset compiles like a 1-layer one).
 
@@ -12,19 +12,14 @@ deepnorm uses Xavier-normal with gain beta = (8N)^(-1/4) on w1, w2, w3, wv and w
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import flash_attention, reference_attention
-
-from .config import ModelConfig
-from .errors import ConfigError
+from . import attention
+from .attention import Backend
+from .config import ModelSpec
 from .tokenizer import VOCAB_SIZE
-
-AttentionFn = Callable[..., jax.Array]
 
 
 def deepnorm_alpha(n_layers: int) -> float:
@@ -33,30 +28,6 @@ def deepnorm_alpha(n_layers: int) -> float:
 
 def deepnorm_beta(n_layers: int) -> float:
     return (8.0 * n_layers) ** -0.25
-
-
-def attention_backend(name: str, platform: str | None = None) -> AttentionFn:
-    """Resolve `model.attention` to a function with the kernel's signature."""
-    platform = platform or jax.default_backend()
-    if name == "auto":
-        name = "pallas" if platform == "gpu" else "xla"
-    if name == "xla":
-        return reference_attention
-    if name == "pallas":
-        # Off the GPU the kernel runs in Pallas interpret mode: correct, slow, for tests.
-        return flash_attention
-    if name == "cudnn":
-        if platform != "gpu":
-            raise ConfigError(f"model.attention = 'cudnn' needs an NVIDIA GPU; this backend is {platform!r}")
-
-        def cudnn(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-                  segment_ids: jax.Array | None = None, sm_scale: float | None = None, **_: object) -> jax.Array:
-            if segment_ids is not None:
-                raise ValueError("cudnn backend: segment_ids are not supported")
-            return jax.nn.dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale, implementation="cudnn")
-
-        return cudnn
-    raise ConfigError(f"model.attention = {name!r}: unknown backend")
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
@@ -100,10 +71,9 @@ def _linear(din: int, dout: int, init: nnx.Initializer, dtype: jnp.dtype, rngs: 
     return nnx.Linear(din, dout, use_bias=False, kernel_init=init, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
-def _inits(cfg: ModelConfig) -> tuple[nnx.Initializer, nnx.Initializer, nnx.Initializer]:
+def _inits(cfg: ModelSpec) -> tuple[nnx.Initializer, nnx.Initializer, nnx.Initializer]:
     """(plain, scaled-input, residual-output) initialisers for the norm type."""
     n = cfg.n_layers
-    assert n is not None
     if cfg.norm_type == "deepnorm":
         plain = nnx.initializers.variance_scaling(1.0, "fan_avg", "normal")
         beta = deepnorm_beta(n) if cfg.deepnorm_beta_init else 1.0
@@ -115,12 +85,11 @@ def _inits(cfg: ModelConfig) -> tuple[nnx.Initializer, nnx.Initializer, nnx.Init
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, attn_fn: AttentionFn, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelSpec, attn: Backend, dtype: jnp.dtype, rngs: nnx.Rngs):
         dim, nh, nkv = cfg.dim, cfg.n_heads, cfg.n_kv_heads
-        assert dim is not None and nh is not None and nkv is not None
-        self.n_heads, self.n_kv_heads, self.head_dim = nh, nkv, dim // nh
+        self.n_heads, self.n_kv_heads, self.head_dim = nh, nkv, cfg.head_dim
         self.rope_base = cfg.rope_base
-        self.attn_fn = attn_fn
+        self.attn = attn
         plain, scaled, out = _inits(cfg)
         self.wq = _linear(dim, nh * self.head_dim, plain, dtype, rngs)
         self.wk = _linear(dim, nkv * self.head_dim, plain, dtype, rngs)
@@ -137,7 +106,7 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         b, l, _ = x.shape
         q, k, v = self.qkv(x, positions)
-        o = self.attn_fn(q, k, v, causal=True, segment_ids=segment_ids)
+        o = self.attn.fn(q, k, v, causal=True, segment_ids=segment_ids)
         return self.wo(o.reshape(b, l, self.n_heads * self.head_dim))
 
     def cached(self, x: jax.Array, start: jax.Array, cache: tuple[jax.Array, jax.Array]
@@ -148,20 +117,13 @@ class Attention(nnx.Module):
         q, k, v = self.qkv(x, positions)
         ck = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, start, 0, 0))
         cv = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, start, 0, 0))
-        group = self.n_heads // self.n_kv_heads
-        qg = q.reshape(b, l, self.n_kv_heads, group, self.head_dim)
-        s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, ck.astype(q.dtype), preferred_element_type=jnp.float32)
-        s = s * self.head_dim**-0.5
-        visible = jnp.arange(ck.shape[1])[None, :] <= (start + jnp.arange(l))[:, None]  # [l, max_len]
-        p = jax.nn.softmax(jnp.where(visible, s, -jnp.inf), axis=-1)
-        o = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(cv.dtype), cv, preferred_element_type=jnp.float32)
+        o = self.attn.decode(q, ck, cv, start)
         return self.wo(o.reshape(b, l, self.n_heads * self.head_dim).astype(x.dtype)), (ck, cv)
 
 
 class SwiGLU(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelSpec, dtype: jnp.dtype, rngs: nnx.Rngs):
         dim, hidden = cfg.dim, cfg.intermediate_size
-        assert isinstance(dim, int) and isinstance(hidden, int)
         _, scaled, out = _inits(cfg)
         self.w1 = _linear(dim, hidden, scaled, dtype, rngs)
         self.w3 = _linear(dim, hidden, scaled, dtype, rngs)
@@ -174,11 +136,10 @@ class SwiGLU(nnx.Module):
 class Block(nnx.Module):
     """One decoder block: post-norm DeepNet (`deepnorm`) or pre-norm RMSNorm (`rmsnorm`)."""
 
-    def __init__(self, cfg: ModelConfig, attn_fn: AttentionFn, dtype: jnp.dtype, rngs: nnx.Rngs):
-        assert cfg.dim is not None and cfg.n_layers is not None
+    def __init__(self, cfg: ModelSpec, attn: Backend, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.deepnorm = cfg.norm_type == "deepnorm"
         self.alpha = deepnorm_alpha(cfg.n_layers)
-        self.attn = Attention(cfg, attn_fn, dtype, rngs)
+        self.attn = Attention(cfg, attn, dtype, rngs)
         self.mlp = SwiGLU(cfg, dtype, rngs)
         norm = LayerNorm if self.deepnorm else RMSNorm
         self.norm1 = norm(cfg.dim)
@@ -203,14 +164,14 @@ class Block(nnx.Module):
 
 
 class Llama(nnx.Module):
-    """Token ids `[batch, seq]` -> float32 logits `[batch, seq, 260]` (and final hidden states)."""
+    """Token ids `[batch, seq]` -> float32 logits `[batch, seq, VOCAB_SIZE]` (and final hidden states).
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, attn_fn: AttentionFn | None = None,
-                 heads: nnx.Module | None = None):
-        assert cfg.dim is not None and cfg.n_layers is not None
+    `attn` overrides the backend `cfg.attention` names (tests and `verify` compare backends)."""
+
+    def __init__(self, cfg: ModelSpec, rngs: nnx.Rngs, attn: Backend | None = None):
         self.cfg = cfg
         self.dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
-        attn = attn_fn or attention_backend(cfg.attention)
+        attn = attn or attention.backend(cfg.attention)
         self.embed = nnx.Param(cfg.embed_init_std * jax.random.normal(rngs.params(), (VOCAB_SIZE, cfg.dim), jnp.float32))
 
         @nnx.split_rngs(splits=cfg.n_layers)
@@ -220,7 +181,7 @@ class Llama(nnx.Module):
 
         self.blocks = make_blocks(rngs)
         self.final_norm = RMSNorm(cfg.dim)
-        self.heads = heads  # multi-task heads (tasks.TaskHeads), trained with the decoder
+
     def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         b, l = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
@@ -244,8 +205,7 @@ class Llama(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> tuple[jax.Array, jax.Array]:
         """Empty KV cache `[n_layers, batch, max_len, n_kv_heads, head_dim]` (keys, values)."""
         cfg = self.cfg
-        assert cfg.n_layers is not None and cfg.dim is not None and cfg.n_heads is not None and cfg.n_kv_heads is not None
-        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.dim // cfg.n_heads)
+        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
         return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
 
     def cached(self, tokens: jax.Array, start: jax.Array, cache: tuple[jax.Array, jax.Array]

@@ -1,4 +1,4 @@
-"""AdamW with a decay mask, global-norm clipping, the warmup+cosine schedule and the stun multiplier (SPEC 4)."""
+"""AdamW with a decay mask, global-norm clipping, the warmup+cosine schedule and the stun multiplier (docs/design.md, "The step")."""
 
 from __future__ import annotations
 
@@ -61,3 +61,15 @@ def set_lr_multiplier(opt_state: Any, multiplier: jax.Array) -> Any:
     hp = dict(last.hyperparams)
     hp["step_size"] = jnp.asarray(multiplier, jnp.float32)
     return (*head, last._replace(hyperparams=hp))
+
+
+def scale_first_moment(opt_state: optax.OptState, factor: jax.Array) -> optax.OptState:
+    """Multiply Adam's `mu` by `factor` wherever it occurs in the optimizer state (the stun's
+    momentum reset, beside the LR multiplier it comes with)."""
+
+    def visit(node: Any) -> Any:
+        if isinstance(node, optax.ScaleByAdamState):
+            return node._replace(mu=jax.tree.map(lambda m: m * factor, node.mu))
+        return node
+
+    return jax.tree.map(visit, opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByAdamState))

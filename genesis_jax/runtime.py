@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from . import config as config_lib
 from .config import Config
 from .corpus.store import Corpus
-from .data import ValWindows, open_configured, selected_locales, val_windows
+from .data import Streams, ValWindows, open_configured, selected_locales, val_windows
 from .errors import UserError
 from .sampler import DeviceCorpus, build_device_corpus
-from .step import StepControls, TrainState, init_model, init_state, make_mesh, make_train_step
+from .sharding import make_mesh, replicated
+from .step import StepControls, StepFn, TrainState, init_model, init_state, make_train_step
+from .tasks import build_verse_index
 
 
 @dataclass
@@ -26,15 +26,13 @@ class Setup:
 
     mesh: Mesh
     locales: list[str]
-    corpus_path: Path
     device_corpus: DeviceCorpus
     windows: ValWindows
     graphdef: nnx.GraphDef
     state: TrainState
-    replicated: NamedSharding
     has_words: bool
     corpus: Corpus
-    streams: Any  # (train, held-out) host streams from Corpus.stream, reused by the evaluation suite
+    streams: Streams  # (train, held-out) host streams from Corpus.stream, reused by the evaluation suite
 
 
 def build(cfg: Config) -> Setup:
@@ -44,25 +42,23 @@ def build(cfg: Config) -> Setup:
     corpus = open_configured(cfg.data)
     locales = selected_locales(corpus, cfg.data)
     tokens, words, starts = corpus.stream(locales, heldout=False)
-    replicated = NamedSharding(mesh, P())
-    device_corpus = build_device_corpus(tokens, words, starts, cfg.data.seq_len, replicated)
+    everywhere = replicated(mesh)
+    device_corpus = build_device_corpus(tokens, words, starts, cfg.data.seq_len, everywhere)
     if cfg.mtl.enabled:
-        from .tasks import build_verse_index
-
         index = build_verse_index(corpus, locales, starts)
-        device_corpus = dataclasses.replace(device_corpus, verses=jax.device_put(index, replicated))
+        device_corpus = dataclasses.replace(device_corpus, verses=jax.device_put(index, everywhere))
     if int(device_corpus.valid_cum[-1]) == 0:
         raise UserError(f"data.seq_len = {cfg.data.seq_len}: longer than every locale's training text in {corpus.path}")
     heldout = corpus.stream(locales, heldout=True)
     windows = val_windows(heldout[0], heldout[2], locales, cfg.data.seq_len, cfg.training.val_windows)
     model = init_model(cfg)
     graphdef = nnx.graphdef(model)
-    state = jax.device_put(init_state(cfg, model), replicated)
-    return Setup(mesh, locales, corpus.path, device_corpus, windows, graphdef, state, replicated, bool(words.any()),
-                 corpus, ((tokens, words, starts), heldout))
+    state = jax.device_put(init_state(cfg, model), everywhere)
+    return Setup(mesh, locales, device_corpus, windows, graphdef, state, bool(words.any()), corpus,
+                 ((tokens, words, starts), heldout))
 
 
-def compile_step(cfg: Config, s: Setup, controls: StepControls) -> Any:
+def compile_step(cfg: Config, s: Setup, controls: StepControls) -> StepFn:
     """Ahead-of-time compiled train step with the state donated."""
     step = make_train_step(cfg, s.graphdef, s.mesh, n_locales=len(s.locales))
     return jax.jit(step, donate_argnums=0).lower(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -9,12 +10,16 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from .config import Config
 from .model import Llama
-from .optim import lr_schedule, make_optimizer, set_lr_multiplier
+from .optim import lr_schedule, make_optimizer, scale_first_moment, set_lr_multiplier
 from .sampler import Batch, DeviceCorpus, MaskParams, lm_batch
+from .sharding import batch_sharding as batch_sharding_of
+from .tasks import N_TASKS, TASK_IDS, TASK_NAMES, MultiTaskLlama, task_loss
+
+TASK_STREAM = 7  # fold_in constant of the multi-task draws (task choice, examples), apart from the LM batch's
 
 
 @jax.tree_util.register_dataclass
@@ -26,19 +31,12 @@ class TrainState:
     loss_ema: jax.Array  # float32 d * ema + (1 - d) * LM loss, d = curriculum.loss_ema_decay (first = first loss; NaN before)
 
 
-def make_mesh(n_devices: int | None = None) -> Mesh:
-    """A 1-D mesh with a `data` axis over the devices; batches are sharded along it."""
-    n = n_devices or jax.device_count()
-    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def init_model(cfg: Config, attn_fn: Callable[..., jax.Array] | None = None) -> Llama:
-    from .tasks import TaskHeads
-
+def init_model(cfg: Config) -> Llama:
+    """The decoder, with the task heads when multi-task learning is on (seeded apart from it)."""
     rngs = nnx.Rngs(params=cfg.training.seed)
-    assert cfg.model.dim is not None
-    heads = TaskHeads(cfg.model.dim, cfg.mtl, nnx.Rngs(params=cfg.training.seed + 1)) if cfg.mtl.enabled else None
-    return Llama(cfg.model, rngs, attn_fn=attn_fn, heads=heads)
+    if cfg.mtl.enabled:
+        return MultiTaskLlama(cfg.model, cfg.mtl, rngs, nnx.Rngs(params=cfg.training.seed + 1))
+    return Llama(cfg.model, rngs)
 
 
 def init_state(cfg: Config, model: Llama) -> TrainState:
@@ -51,12 +49,17 @@ def init_state(cfg: Config, model: Llama) -> TrainState:
                       loss_ema=jnp.asarray(jnp.nan, jnp.float32))
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, per_sequence: bool = False) -> Callable[[Any, Batch], jax.Array]:
-    """Mean next-byte cross-entropy of a batch (or one value per sequence)."""
-    per_window = make_eval_step(graphdef)
+def sequence_losses(graphdef: nnx.GraphDef, params: nnx.State, inputs: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean next-byte cross-entropy of each window (float32): the loss training and evaluation share."""
+    logits = nnx.merge(graphdef, params)(inputs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(axis=-1)
 
-    def loss_fn(params: Any, batch: Batch) -> jax.Array:
-        per_seq = per_window(params, batch.inputs, batch.labels)
+
+def make_loss_fn(graphdef: nnx.GraphDef, per_sequence: bool = False) -> Callable[[nnx.State, Batch], jax.Array]:
+    """Mean next-byte cross-entropy of a batch (or one value per sequence)."""
+
+    def loss_fn(params: nnx.State, batch: Batch) -> jax.Array:
+        per_seq = sequence_losses(graphdef, params, batch.inputs, batch.labels)
         return per_seq if per_sequence else per_seq.mean()
 
     return loss_fn
@@ -94,19 +97,7 @@ class StepControls:
         return StepControls(jnp.float32(lr_mult), jnp.float32(mu_scale), mask or MaskParams.make())
 
 
-def scale_first_moment(opt_state: Any, factor: jax.Array) -> Any:
-    """Multiply Adam's `mu` by `factor` wherever it occurs in the optimizer state."""
-
-    def visit(node: Any) -> Any:
-        if isinstance(node, optax.ScaleByAdamState):
-            return node._replace(mu=jax.tree.map(lambda m: m * factor, node.mu))
-        return node
-
-    return jax.tree.map(visit, opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByAdamState))
-
-
-def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh,
-                    n_locales: int = 1) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, n_locales: int = 1) -> "StepFn":
     """Build `step(state, corpus, seed_key, controls) -> (state, metrics)` (not yet jitted).
 
     The batch of update s is drawn from fold_in(seed_key, s) as accum x B windows, so an
@@ -118,7 +109,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh,
     schedule = lr_schedule(cfg.optim, t.max_steps)
     decay = cfg.curriculum.loss_ema_decay
     accum, micro, seq_len = t.grad_accum_steps, t.batch_size, cfg.data.seq_len
-    batch_sharding = NamedSharding(mesh, P(None, "data"))
+    batch_sharding = batch_sharding_of(mesh, leading_axes=1)
 
     graph_loss = make_loss_fn(graphdef, per_sequence=True)
 
@@ -166,6 +157,9 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh,
     return step
 
 
+StepFn = Callable[[TrainState, DeviceCorpus, jax.Array, "StepControls"], tuple[TrainState, dict[str, jax.Array]]]
+
+
 def tree_all_finite(tree: Any) -> jax.Array:
     """One boolean: every element of every floating leaf is finite."""
     leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
@@ -175,8 +169,6 @@ def tree_all_finite(tree: Any) -> jax.Array:
 def make_task_mixture(cfg: Config, graphdef: nnx.GraphDef, lm_grad_fn: Callable[..., Any]) -> Callable[..., Any]:
     """Multi-task accumulation: each micro-batch is one task drawn by the mixture weights; the
     update is the mean over micro-batches of (task loss weight x task loss) gradients."""
-    from .tasks import TASK_NAMES, task_loss
-
     m = cfg.mtl
     mixture = jnp.log(jnp.asarray([m.lm_weight, m.coherence_weight, m.cross_ref_weight, m.paraphrase_weight]))
     loss_w = (m.lm_loss_weight, m.coherence_loss_weight, m.cross_ref_loss_weight, m.paraphrase_loss_weight)
@@ -184,7 +176,7 @@ def make_task_mixture(cfg: Config, graphdef: nnx.GraphDef, lm_grad_fn: Callable[
 
     def run(params: Any, batches: Batch, corpus: DeviceCorpus, key: jax.Array) -> Any:
         accum = batches.inputs.shape[0]
-        k_task, k_ex = jax.random.split(jax.random.fold_in(key, 7))
+        k_task, k_ex = jax.random.split(jax.random.fold_in(key, TASK_STREAM))
         tasks = jax.random.categorical(k_task, mixture, shape=(accum,))
 
         def lm_branch(batch: Batch, k: jax.Array) -> Any:
@@ -194,7 +186,9 @@ def make_task_mixture(cfg: Config, graphdef: nnx.GraphDef, lm_grad_fn: Callable[
         def aux_branch(task: int) -> Callable[..., Any]:
             def branch(batch: Batch, k: jax.Array) -> Any:
                 def weighted(p: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-                    loss, acc = task_loss(nnx.merge(graphdef, p), task, corpus, corpus.verses, k, micro, m)
+                    model = nnx.merge(graphdef, p)
+                    assert isinstance(model, MultiTaskLlama)
+                    loss, acc = task_loss(model, task, corpus, corpus.verses, k, micro, m)
                     return loss_w[task] * loss, (loss, acc)
 
                 (_, (loss, acc)), g = jax.value_and_grad(weighted, has_aux=True)(params)
@@ -202,7 +196,7 @@ def make_task_mixture(cfg: Config, graphdef: nnx.GraphDef, lm_grad_fn: Callable[
 
             return branch
 
-        branches = [lm_branch] + [aux_branch(t) for t in (1, 2, 3)]
+        branches = [lm_branch] + [aux_branch(t) for t in TASK_IDS[1:]]
 
         def micro_step(g_acc: Any, x: tuple[Batch, jax.Array, jax.Array]) -> tuple[Any, Any]:
             batch, task, k = x
@@ -212,7 +206,7 @@ def make_task_mixture(cfg: Config, graphdef: nnx.GraphDef, lm_grad_fn: Callable[
         zeros = jax.tree.map(jnp.zeros_like, params)
         grads, (losses, accs, per_seq) = jax.lax.scan(micro_step, zeros, (batches, tasks, jax.random.split(k_ex, accum)))
         grads = jax.tree.map(lambda g: g / accum, grads)
-        onehot = jax.nn.one_hot(tasks, 4)
+        onehot = jax.nn.one_hot(tasks, N_TASKS)
         count = onehot.sum(axis=0)
         is_lm = (tasks == 0).astype(jnp.float32)
         lm_loss = jnp.where(count[0] > 0, (losses * is_lm).sum() / jnp.maximum(count[0], 1.0), jnp.nan)
@@ -229,11 +223,6 @@ def make_task_mixture(cfg: Config, graphdef: nnx.GraphDef, lm_grad_fn: Callable[
     return run
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[nnx.State, jax.Array, jax.Array], jax.Array]:
     """`eval(params, inputs, labels) -> per-window mean cross-entropy` (float32)."""
-
-    def evaluate(params: Any, inputs: jax.Array, labels: jax.Array) -> jax.Array:
-        logits = nnx.merge(graphdef, params)(inputs)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(axis=-1)
-
-    return evaluate
+    return functools.partial(sequence_losses, graphdef)

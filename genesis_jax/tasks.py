@@ -1,4 +1,4 @@
-"""Multi-task learning (SPEC 6): a device-resident verse index, example samplers, heads and losses.
+"""Multi-task learning (docs/design.md, "Multi-task learning"): a device-resident verse index, example samplers, heads and losses.
 
 Tasks, on mean-pooled final hidden states (padding excluded):
 - coherence: are verses A and B consecutive (key + 1, same locale)? MLP on [a; b], BCE;
@@ -17,13 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .config import MTLConfig
+from .config import ModelSpec, MTLConfig
 from .corpus.store import Corpus
+from .model import Llama
 from .sampler import DeviceCorpus
 from .tokenizer import BYTE_OFFSET, PAD_ID
 
 LM, COHERENCE, CROSS_REF, PARAPHRASE = 0, 1, 2, 3
+TASK_IDS = (LM, COHERENCE, CROSS_REF, PARAPHRASE)  # the branch order of the step's task switch
 TASK_NAMES = ("lm", "coherence", "cross_ref", "paraphrase")
+N_TASKS = len(TASK_IDS)
 
 
 @jax.tree_util.register_dataclass
@@ -153,6 +156,15 @@ class TaskHeads(nnx.Module):
         return self.para_out(jax.nn.gelu(self.para_in(x)))
 
 
+class MultiTaskLlama(Llama):
+    """The decoder with the task heads trained beside it; the heads sit under `heads` in the
+    parameter tree, where checkpoints keep them."""
+
+    def __init__(self, cfg: ModelSpec, mtl: MTLConfig, rngs: nnx.Rngs, head_rngs: nnx.Rngs):
+        super().__init__(cfg, rngs)
+        self.heads = TaskHeads(cfg.dim, mtl, head_rngs)
+
+
 def pooled(hidden: jax.Array, valid: jax.Array) -> jax.Array:
     """Mean of the hidden states over valid (non-padding) positions, float32."""
     v = valid[..., None].astype(jnp.float32)
@@ -170,15 +182,15 @@ def _bce(logits: jax.Array, labels: jax.Array, weight: jax.Array) -> tuple[jax.A
     return (losses * w).sum() / jnp.maximum(w.sum(), 1.0), (acc * w).sum() / jnp.maximum(w.sum(), 1.0)
 
 
-def task_loss(model: nnx.Module, task: int, corpus: DeviceCorpus, idx: VerseIndex, key: jax.Array, n: int,
+def task_loss(model: MultiTaskLlama, task: int, corpus: DeviceCorpus, idx: VerseIndex, key: jax.Array, n: int,
               cfg: MTLConfig) -> tuple[jax.Array, jax.Array]:
     """(loss, accuracy) of one auxiliary micro-batch of n examples built from `key`."""
-    heads: TaskHeads = model.heads  # type: ignore[attr-defined]
+    heads = model.heads
 
     def embed(*recs: jax.Array) -> list[jax.Array]:
         """Pooled states of each group of verses, from one forward pass over all of them."""
         ids, valid = verse_tokens(corpus, idx, jnp.concatenate(recs), cfg.max_len)
-        return jnp.split(pooled(model.hidden(ids), valid), len(recs))  # type: ignore[attr-defined]
+        return jnp.split(pooled(model.hidden(ids), valid), len(recs))
 
     if task == COHERENCE:
         a, b, label = coherence_examples(idx, key, n)

@@ -1,6 +1,6 @@
 """`python -m genesis_jax.verify`: is this machine ready to train?
 
-Prints devices and versions, then for each attention backend: whether it is available, a tiny
+Prints devices and versions, then for each registered attention backend (and `auto`): whether it is available, a tiny
 model forward and backward against the `xla` reference, and a short timing. Exit 0 only if
 every available check passes.
 """
@@ -13,21 +13,23 @@ import importlib.metadata
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import attention
 from . import config as config_lib
+from .attention import Backend
 from .cli import run_cli
 from .errors import ConfigError, UserError
-from .model import Llama, attention_backend
+from .model import Llama
+from .tokenizer import BYTE_OFFSET, VOCAB_SIZE
 
 # Relative L2 error bounds for logits and every parameter gradient (float32 accumulation).
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
-BACKENDS = ("xla", "pallas", "cudnn", "auto")
 
 
 def versions() -> dict[str, str]:
@@ -48,17 +50,18 @@ def _rel(a: Any, b: Any) -> float:
 def check_backend(backend: str, dtype: str, preset: str, seq: int) -> dict[str, Any]:
     """Model logits and gradients with `backend` against `xla`, plus a forward+backward time."""
     row: dict[str, Any] = {"backend": backend, "dtype": dtype}
+    platform = jax.default_backend()
     try:
-        fn = attention_backend(backend)
+        chosen = attention.backend(backend, platform)
     except ConfigError as e:
         return {**row, "status": "unavailable", "detail": str(e)}
     cfg = config_lib.from_dict({"model": {"preset": preset, "n_kv_heads": 2, "compute_dtype": dtype}})
-    tokens = jnp.asarray(np.random.default_rng(0).integers(4, 260, size=(2, seq)), jnp.int32)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(BYTE_OFFSET, VOCAB_SIZE, size=(2, seq)), jnp.int32)
 
-    def loss_and_grads(attn: Any) -> tuple[jax.Array, jax.Array, Any, Any]:
-        g, params = nnx.split(Llama(cfg.model, nnx.Rngs(0), attn_fn=attn))
+    def loss_and_grads(attn: Backend) -> tuple[jax.Array, jax.Array, Any, Callable[[], Any]]:
+        g, params = nnx.split(Llama(cfg.model, nnx.Rngs(0), attn=attn))
 
-        def loss(p: Any) -> tuple[jax.Array, jax.Array]:
+        def loss(p: nnx.State) -> tuple[jax.Array, jax.Array]:
             logits = nnx.merge(g, p)(tokens)
             logp = jax.nn.log_softmax(logits[:, :-1])
             return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)), logits
@@ -68,8 +71,8 @@ def check_backend(backend: str, dtype: str, preset: str, seq: int) -> dict[str, 
         return val, logits, grads, lambda: jax.block_until_ready(f(params))
 
     try:
-        _, logits_r, grads_r, _ = loss_and_grads(attention_backend("xla"))
-        _, logits_t, grads_t, rerun = loss_and_grads(fn)
+        _, logits_r, grads_r, _ = loss_and_grads(attention.BACKENDS["xla"])
+        _, logits_t, grads_t, rerun = loss_and_grads(chosen)
         t0 = time.perf_counter()
         for _ in range(3):
             rerun()
@@ -79,8 +82,7 @@ def check_backend(backend: str, dtype: str, preset: str, seq: int) -> dict[str, 
     out_err = _rel(logits_t, logits_r)
     grad_err = max(_rel(a, b) for a, b in zip(jax.tree.leaves(grads_t), jax.tree.leaves(grads_r)))
     ok = out_err <= TOLERANCE[dtype] and grad_err <= TOLERANCE[dtype]
-    interp = " (interpret mode: not a kernel speed)" if backend in ("pallas", "auto") and jax.default_backend() != "gpu" \
-        and fn is not attention_backend("xla") else ""
+    interp = f" ({chosen.name} emulated on {platform}: not a kernel speed)" if chosen.emulated(platform) else ""
     return {**row, "status": "pass" if ok else "FAIL", "logits_rel_err": f"{out_err:.2e}",
             "max_grad_rel_err": f"{grad_err:.2e}", "fwd_bwd_ms": f"{ms:.2f}",
             "detail": f"{preset} preset, 2 x {seq} tokens{interp}"}
@@ -101,7 +103,7 @@ def verify(out: Path | None) -> int:
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     preset, seq = ("small", 256) if on_gpu else ("test", 48)
     dtypes = ("float32", "bfloat16") if on_gpu else ("float32",)
-    rows = [check_backend(b, d, preset, seq) for b in BACKENDS for d in dtypes]
+    rows = [check_backend(b, d, preset, seq) for b in attention.names() for d in dtypes]
     cols = ["backend", "dtype", "status", "logits_rel_err", "max_grad_rel_err", "fwd_bwd_ms", "detail"]
     for r in rows:
         print(" | ".join(str(r.get(c, "")) for c in cols))

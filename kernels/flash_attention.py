@@ -361,9 +361,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
                     block_sizes: BlockSizes | None = None, interpret: bool | None = None) -> jax.Array:
     """Fused attention with the signature of `reference_attention`; differentiable.
 
-    `interpret=None` runs Pallas interpret mode when no GPU is present (tests on CPU).
-    A query with no visible key (causal with seq_q > seq_kv, or a lone segment under a
-    non-causal mask cannot happen; a padded one can) returns zeros.
+    `interpret=None` runs Pallas interpret mode when no GPU is present (tests on CPU). A query
+    that sees no key returns zeros, as the reference does: under a causal mask with
+    seq_q > seq_kv, the first seq_q - seq_kv queries (bottom-right alignment) see none.
     """
     _check(q, k, v, segment_ids)
     b, sq, hq, d = q.shape

@@ -14,7 +14,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from genesis_jax import config as C
 from genesis_jax.sampler import MaskParams, build_device_corpus
-from genesis_jax.step import StepControls, init_model, init_state, make_mesh, make_train_step
+from genesis_jax.sharding import make_mesh
+from genesis_jax.step import StepControls, init_model, init_state, make_train_step
 
 
 def losses(n_devices: int, steps: int = 4) -> list[float]:

@@ -16,7 +16,7 @@ def test_attention_benchmark_dry_run():
     r = subprocess.run([sys.executable, "benchmarks/attention.py", "--dry-run"], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    lines = [x for x in r.stdout.splitlines() if x.startswith(("ours", "xla", "jax_mha"))]
+    lines = [x for x in r.stdout.splitlines() if x.startswith(("pallas", "xla", "jax_mha"))]
     assert len(lines) == 12
     # The bundled mha is only a baseline (its backward is NaN at seq 40, not a block multiple).
     for line in (x for x in lines if not x.startswith("jax_mha")):

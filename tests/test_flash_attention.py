@@ -10,7 +10,8 @@ from flax import nnx
 
 from genesis_jax import config as C
 from genesis_jax.model import Llama
-from kernels import BlockSizes, flash_attention, reference_attention
+from genesis_jax.attention import Backend
+from kernels import BlockSizes, decode_attention, flash_attention, reference_attention
 
 
 def np_attention_with_grads(q, k, v, do, causal, seg):
@@ -143,7 +144,7 @@ def test_matches_reference_inside_the_model():
     tokens = jnp.asarray(np.random.default_rng(0).integers(4, 260, size=(2, 21)), jnp.int32)
 
     def loss_and_grads(attn):
-        model = Llama(cfg.model, nnx.Rngs(0), attn_fn=attn)
+        model = Llama(cfg.model, nnx.Rngs(0), attn=Backend("under_test", attn, decode_attention, None, "test"))
         g, params = nnx.split(model)
 
         def loss(p):
@@ -207,7 +208,7 @@ def test_model_train_loss_lowers_with_the_kernel_for_cuda():
 
     cfg = C.from_dict({"model": {"preset": "test", "n_kv_heads": 2, "remat": True, "compute_dtype": "bfloat16"}})
     attn = functools.partial(flash_attention, interpret=False)
-    graphdef, params = nnx.split(Llama(cfg.model, nnx.Rngs(0), attn_fn=attn))
+    graphdef, params = nnx.split(Llama(cfg.model, nnx.Rngs(0), attn=Backend("kernel", attn, decode_attention, None, "test")))
 
     def loss(p, tokens):
         logits = nnx.merge(graphdef, p)(tokens)

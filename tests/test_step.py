@@ -14,7 +14,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from conftest import ROOT
 from genesis_jax import config as C
 from genesis_jax.sampler import MaskParams, build_device_corpus, lm_batch
-from genesis_jax.step import StepControls, accumulate_grads, init_model, init_state, make_loss_fn, make_mesh, make_train_step
+from genesis_jax.sharding import make_mesh
+from genesis_jax.step import StepControls, accumulate_grads, init_model, init_state, make_loss_fn, make_train_step
 
 SEQ = 16
 

@@ -12,7 +12,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from genesis_jax import config as C
 from genesis_jax.corpus.store import open_corpus
 from genesis_jax.sampler import build_device_corpus
-from genesis_jax.step import StepControls, init_model, init_state, make_mesh, make_train_step
+from genesis_jax.sharding import make_mesh
+from genesis_jax.step import StepControls, init_model, init_state, make_train_step
 from genesis_jax.tasks import (COHERENCE, CROSS_REF, PARAPHRASE, build_verse_index, coherence_examples,
                                cross_ref_examples, paraphrase_examples, task_loss, verse_tokens)
 from genesis_jax.tokenizer import BYTE_OFFSET

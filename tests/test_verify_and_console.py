@@ -5,32 +5,32 @@ import io
 
 import jax.numpy as jnp
 
-from genesis_jax import verify
+from genesis_jax import attention, verify
+from genesis_jax import config as C
+from genesis_jax.attention import Backend
 from genesis_jax.checkpoint import Checkpointer
 from genesis_jax.config import CheckpointConfig
 from genesis_jax.logs import Console, format_line
-from kernels import reference_attention
+from kernels import decode_attention, reference_attention
 
 
 def test_verify_passes_real_backends_and_fails_a_wrong_one(tmp_path, capsys, monkeypatch):
     out = tmp_path / "verify.csv"
-    monkeypatch.setattr(verify, "BACKENDS", ("xla", "pallas", "cudnn"))  # auto is xla off a GPU
     assert verify.main(["--out", str(out)]) == 0
     rows = {r["backend"]: r for r in csv.DictReader(out.open())}
-    assert rows["xla"]["status"] == "pass" and rows["pallas"]["status"] == "pass"
+    assert set(rows) == {"xla", "pallas", "cudnn", "auto"}  # every registered backend, read from the registry
+    assert rows["xla"]["status"] == "pass" and rows["pallas"]["status"] == "pass" and rows["auto"]["status"] == "pass"
     assert rows["cudnn"]["status"] == "unavailable"  # no GPU here
-    real = verify.attention_backend
 
-    def broken(name: str, platform: str | None = None):
-        if name == "pallas":  # attends to the future: a wrong kernel with the right shapes
-            return lambda q, k, v, causal=True, segment_ids=None: reference_attention(q, k, v, causal=False)
-        return real(name, platform)
+    def future(q, k, v, *, causal=True, segment_ids=None, sm_scale=None):
+        return reference_attention(q, k, v, causal=False)  # attends to the future: wrong, with the right shapes
 
-    monkeypatch.setattr(verify, "attention_backend", broken)
-    monkeypatch.setattr(verify, "BACKENDS", ("xla", "pallas"))
+    # A backend registered once is checked by verify (and accepted by the config) with no other change.
+    monkeypatch.setitem(attention.BACKENDS, "future", Backend("future", future, decode_attention, None, "a wrong kernel"))
     assert verify.main([]) == 1
     text = capsys.readouterr().out
-    assert "pallas | float32 | FAIL" in text and "1 check(s) failed" in text
+    assert "future | float32 | FAIL" in text and "1 check(s) failed" in text
+    assert C.from_dict({"model": {"attention": "future"}}).model.attention == "future"
 
 
 def test_console_line_against_a_hand_written_one():

@@ -1,0 +1,108 @@
+"""The attention backends: one registry that the model, the config check, `verify` and the
+attention benchmark all read. Adding a backend is one `register` call (docs/design.md).
+
+Every backend has the kernels' signature, `fn(q, k, v, *, causal, segment_ids, sm_scale)` on
+`[batch, seq, heads, head_dim]` (grouped-query: k/v may have fewer heads), and a decode
+function for the KV-cache path: queries at positions `start..start+l` against a cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import jax
+
+from kernels import decode_attention, flash_attention, reference_attention
+
+from .errors import ConfigError
+
+
+class AttentionFn(Protocol):
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+                 segment_ids: jax.Array | None = None, sm_scale: float | None = None) -> jax.Array: ...
+
+
+class DecodeFn(Protocol):
+    def __call__(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array) -> jax.Array: ...
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fn: AttentionFn
+    decode: DecodeFn  # the KV-cache path (one or a few queries: a flash kernel gains nothing there)
+    platforms: tuple[str, ...] | None  # where it runs (None: everywhere)
+    summary: str
+    compiled_on: tuple[str, ...] | None = None  # elsewhere it is emulated (None: compiled everywhere)
+
+    def unavailable(self, platform: str) -> str | None:
+        """Why this backend cannot run on `platform` (None: it can)."""
+        if self.platforms is None or platform in self.platforms:
+            return None
+        return f"model.attention = {self.name!r} needs {' or '.join(self.platforms)}; this backend is {platform!r}"
+
+    def emulated(self, platform: str) -> bool:
+        """True where it runs but its time is not a kernel speed (Pallas interpret mode)."""
+        return self.compiled_on is not None and platform not in self.compiled_on
+
+
+BACKENDS: dict[str, Backend] = {}
+AUTO = "auto"  # not a backend: the best registered one for the platform, chosen by `auto_choice`
+
+
+def register(backend: Backend) -> Backend:
+    if backend.name in BACKENDS or backend.name == AUTO:
+        raise ValueError(f"attention backend {backend.name!r} is already registered")
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def names() -> list[str]:
+    """What `model.attention` accepts."""
+    return [*BACKENDS, AUTO]
+
+
+def auto_choice(platform: str) -> str:
+    return "pallas" if platform == "gpu" else "xla"
+
+
+def backend(name: str, platform: str | None = None) -> Backend:
+    """The backend `model.attention = name` selects on `platform` (default: JAX's), or a
+    ConfigError naming the key when it does not exist or cannot run here."""
+    platform = platform or jax.default_backend()
+    if name == AUTO:
+        name = auto_choice(platform)
+    if name not in BACKENDS:
+        raise ConfigError(f"model.attention = {name!r}: unknown backend; known: {', '.join(names())}")
+    b = BACKENDS[name]
+    why = b.unavailable(platform)
+    if why:
+        raise ConfigError(why)
+    return b
+
+
+def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+           segment_ids: jax.Array | None = None, sm_scale: float | None = None) -> jax.Array:
+    if segment_ids is not None:
+        raise ValueError("cudnn backend: segment_ids are not supported")
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale, implementation="cudnn")
+
+
+def _plain(fn: Callable[..., jax.Array]) -> AttentionFn:
+    """The kernels' own keywords (block sizes, interpret) stay at their defaults here."""
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+               segment_ids: jax.Array | None = None, sm_scale: float | None = None) -> jax.Array:
+        return fn(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale)
+
+    attend.__name__ = attend.__qualname__ = fn.__name__
+    return attend
+
+
+register(Backend("xla", _plain(reference_attention), decode_attention, None,
+                 "plain jnp softmax attention (float32 softmax); the reference every other backend is checked against"))
+# Off the GPU the Pallas kernel runs in interpret mode: correct and slow, for tests.
+register(Backend("pallas", _plain(flash_attention), decode_attention, None,
+                 "our fused flash-attention kernel (kernels/flash_attention.py)", compiled_on=("gpu",)))
+register(Backend("cudnn", _cudnn, decode_attention, ("gpu",), "cuDNN's fused attention through jax.nn"))
