@@ -32,7 +32,7 @@ import jax  # noqa: E402
 from benchmarks.synthetic import synthetic_corpus  # noqa: E402
 from genesis_jax import config as C  # noqa: E402
 from genesis_jax.flops import peak_flops, train_flops_per_token  # noqa: E402
-from genesis_jax.sampler import MaskParams  # noqa: E402
+from genesis_jax.sampler import MASK_KINDS, MaskParams  # noqa: E402
 from genesis_jax.runtime import build, compile_step  # noqa: E402
 from genesis_jax.step import StepControls  # noqa: E402
 from genesis_jax.train import train  # noqa: E402
@@ -83,8 +83,8 @@ def main() -> int:
     ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.toml"))
     ap.add_argument("--set", action="append", default=[], help="override applied to every variant")
     ap.add_argument("--variant", action="append", default=[],
-                    help="NAME:key=value,... with config keys and optionally mask=none|random|wwm|span (default: one, as configured)")
-    ap.add_argument("--mask", default="none", choices=["none", "random", "wwm", "span"], help="default masking of a variant")
+                    help=f"NAME:key=value,... with config keys and optionally mask={'|'.join(MASK_KINDS)} (default: one, as configured)")
+    ap.add_argument("--mask", default="none", choices=list(MASK_KINDS), help="default masking of a variant")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--loop-steps", type=int, default=60, help="0 skips the training-loop measurement")
     ap.add_argument("--corpus", default="synthetic", help="'synthetic', 'config' (the config's corpus) or a corpus path")
@@ -104,6 +104,9 @@ def main() -> int:
     for name, sets in variants:
         items = [s for s in sets.split(",") if s]
         kind = next((i.split("=", 1)[1] for i in items if i.startswith("mask=")), args.mask)
+        if kind not in MASK_KINDS:
+            print(f"error: --variant {name}: mask={kind}: expected one of {', '.join(MASK_KINDS)}", file=sys.stderr)
+            return 2
         overrides = base + [i for i in items if not i.startswith("mask=")]
         cfg = C.load(args.config, overrides)
         tokens = cfg.training.batch_size * cfg.training.grad_accum_steps * cfg.data.seq_len

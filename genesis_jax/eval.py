@@ -16,24 +16,9 @@ from flax import nnx
 
 from .data import open_configured, selected_locales
 from .cli import run_cli
-from .evaluation import EvalSuite, go_no_go
-from .inference import load_run
-
-
-def format_table(results: dict[str, float], locales: list[str]) -> str:
-    lines = []
-    if "val/loss" in results:
-        lines.append(f"validation  loss {results['val/loss']:.4f}  ppl {results['val/ppl']:.3f}  bpb {results['val/bpb']:.3f}"
-                     f"  | train loss {results.get('train/loss', float('nan')):.4f}  gap {results.get('gap/val_minus_train', float('nan')):+.4f}")
-        lines.append("  " + "  ".join(f"{loc} {results[f'val/loss/{loc}']:.3f}" for loc in locales if f"val/loss/{loc}" in results))
-    for kind in ("random", "span", "verse"):
-        if f"recon/{kind}/accuracy" in results:
-            lines.append(f"reconstruction {kind:6s} accuracy {results[f'recon/{kind}/accuracy']:.3f}  "
-                         f"CER {results[f'recon/{kind}/cer']:.3f}  (masked {100 * results[f'recon/{kind}/masked_fraction']:.1f}%)")
-    if "align/top1" in results:
-        lines.append(f"alignment   top-1 {results['align/top1']:.3f} (chance {results['align/chance']:.3f}, "
-                     f"{int(results['align/keys'])} keys)  procrustes {results['align/procrustes']:.3f}  CKA {results['align/cka']:.3f}")
-    return "\n".join(lines)
+from .eval_metrics import format_table, go_no_go
+from .eval_suite import EvalSuite
+from .rundir import load_run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from .cli import run_cli
 from .errors import UserError
-from .inference import generate, load_run
+from .decoding import generate
+from .rundir import load_run
 from .logs import print_err
 
 MAX_TOKENS = 65536  # the KV cache grows with it; beyond this a single sample is no longer a quick look

@@ -17,7 +17,8 @@ from .checkpoint import Checkpointer, model_shape
 from .cli import first_line, write_traceback
 from .config import Config
 from .curriculum import PHASE_NAMES, Controls, Curriculum, Signal
-from .evaluation import EvalSuite, Validator, go_no_go
+from .eval_metrics import console_summary, go_no_go
+from .eval_suite import EvalSuite, Validator
 from .flops import peak_flops, train_flops_per_token
 from .logs import Console, MetricsDB, TensorBoard, format_line, print_err
 from .runtime import Setup
@@ -221,10 +222,9 @@ class TrainLoop:
         results["go"] = float(not failed)
         self.db.log_eval(done, {f"quick/{k}": v for k, v in results.items()})
         self.tb.scalars(done, {"Eval/quick_" + k.replace("/", "_"): v for k, v in results.items()})
+        headline = console_summary(results)
         self.console.print(f"eval {done:>7d}/{self.cfg.training.max_steps} | quick suite: "
-                           + ("GO" if not failed else "NO-GO (" + "; ".join(failed) + ")")
-                           + (f" | recon random acc {results['recon/random/accuracy']:.3f}" if "recon/random/accuracy" in results else "")
-                           + (f" | align top-1 {results['align/top1']:.3f}" if "align/top1" in results else ""))
+                           + ("GO" if not failed else "NO-GO (" + "; ".join(failed) + ")") + (f" | {headline}" if headline else ""))
 
     def meta(self, step: int) -> dict[str, Any]:
         cfg = self.cfg

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from . import eval_metrics
 from .cli import run_cli
+from .errors import UserError
 
 PHASE_COLOURS = {1: None, 2: "#fde9c9", 3: "#d9ecf7"}
 SIGNAL_COLOURS = {"wwm_activation": "#d98b00", "span_activation": "#1f77b4", "lr_stun": "#c0392b", "grokking": "#2e8b57"}
@@ -103,18 +104,12 @@ def plot_locales(plt: Any, con: sqlite3.Connection, out: Path) -> Path | None:
     return _save(plt, fig, out / "locales.png")
 
 
-EVAL_PANELS = [
-    ("validation loss", ("val/loss", "quick/val/loss")),
-    ("train/validation gap", ("quick/gap/val_minus_train",)),
-    ("reconstruction accuracy", ("quick/recon/random/accuracy", "quick/recon/span/accuracy", "quick/recon/verse/accuracy")),
-    ("alignment", ("quick/align/top1", "quick/align/cka")),
-]
-
-
 def plot_evaluation(plt: Any, con: sqlite3.Connection, out: Path) -> Path | None:
     rows = _rows(con, "SELECT step, name, value FROM evaluation_logs ORDER BY step")
     names = {r[1] for r in rows}
-    panels = [(title, [n for n in keys if n in names]) for title, keys in EVAL_PANELS]
+    # Training logs the quick suite under quick/ and periodic validation under its own key.
+    panels = [(title, [n for key in keys for n in (key, f"quick/{key}") if n in names])
+              for title, keys in eval_metrics.panels().items()]
     panels = [p for p in panels if p[1]]
     if not panels:
         return None

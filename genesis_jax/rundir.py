@@ -1,4 +1,5 @@
-"""The run directory's lock: one training process at a time, readers need none."""
+"""The run directory: its lock (one training process at a time; readers need none), and
+loading a trained model out of it for evaluation and generation."""
 
 from __future__ import annotations
 
@@ -7,10 +8,20 @@ import json
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from . import config as config_lib
+from .checkpoint import Checkpointer, check_shape
+from .config import Config
 from .errors import UserError
+from .model import Llama
+from .step import init_model, init_state, tree_all_finite
 
 LOCK_NAME = "train.lock"
 
@@ -96,3 +107,42 @@ def prepare(run_dir: Path) -> None:
         raise UserError(f"--run-dir {run_dir}: cannot create it ({e.strerror})") from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise UserError(f"--run-dir {run_dir}: not writable")
+
+
+@dataclass
+class LoadedRun:
+    cfg: Config
+    model: Llama
+    step: int
+    meta: dict[str, Any]
+
+
+def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
+    """The run's resolved config and the model weights of checkpoint `step` (default: latest)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.toml)")
+    cfg = config_lib.load(run_dir / "config.toml")
+    if not (run_dir / "checkpoints").is_dir():
+        raise UserError(f"{run_dir}: no checkpoints yet")
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
+    try:
+        steps = ckpt.manager.all_steps()
+        if not steps:
+            raise UserError(f"{run_dir}: no checkpoints yet")
+        chosen = max(steps) if step is None else step
+        if chosen not in steps:
+            raise UserError(f"--step {step}: no such checkpoint in {run_dir} (have {', '.join(map(str, sorted(steps)))})")
+        meta = ckpt.read_meta(chosen)
+        check_shape(meta, cfg, run_dir)
+        model = init_model(cfg)
+        state = ckpt.restore(chosen, init_state(cfg, model))
+    finally:
+        ckpt.close()
+    if not bool(tree_all_finite(state.params)):
+        bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(state.params)
+               if not bool(jnp.isfinite(x).all())]
+        raise UserError(f"{run_dir}: checkpoint {chosen} has non-finite parameters ({len(bad)} arrays, e.g. {bad[0]}): "
+                        "it was saved after training diverged; choose an earlier one with --step")
+    nnx.update(model, state.params)
+    return LoadedRun(cfg=cfg, model=model, step=chosen, meta=meta)

@@ -1,4 +1,4 @@
-"""Device-resident corpus and jitted batch sampling (SPEC 2).
+"""Device-resident corpus, jitted batch sampling and the masking kinds (docs/design.md, "Data").
 
 The training split lives on the accelerator as `uint8` bytes (token id - 4) with per-byte
 word-start flags and locale ids. A batch is a pure function of a PRNG key, so the batch of
@@ -8,16 +8,13 @@ step s depends on (seed, s) alone and a resumed run draws exactly the same batch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .tokenizer import BYTE_OFFSET
-
-MASK_NONE, MASK_RANDOM, MASK_WWM, MASK_SPAN = 0, 1, 2, 3
-MASK_KINDS = {"none": MASK_NONE, "random": MASK_RANDOM, "wwm": MASK_WWM, "span": MASK_SPAN}
 
 
 @jax.tree_util.register_dataclass
@@ -37,7 +34,7 @@ class DeviceCorpus:
 class MaskParams:
     """Masking settings as runtime values: changing them never retraces the step."""
 
-    kind: jax.Array  # int32: MASK_NONE, MASK_RANDOM, MASK_WWM or MASK_SPAN
+    kind: jax.Array  # int32 position of the kind in MASK_KINDS (its branch of the switch)
     prob: jax.Array  # float32 target masked fraction p
     span_min: jax.Array  # int32 shortest span, in words
     span_max: jax.Array  # int32 longest span, in words
@@ -45,7 +42,7 @@ class MaskParams:
 
     @staticmethod
     def make(kind: str = "none", prob: float = 0.0, span_min: int = 1, span_max: int = 1, mask_id: int = 0) -> "MaskParams":
-        return MaskParams(jnp.int32(MASK_KINDS[kind]), jnp.float32(prob), jnp.int32(span_min),
+        return MaskParams(jnp.int32(mask_kind_id(kind)), jnp.float32(prob), jnp.int32(span_min),
                           jnp.int32(span_max), jnp.int32(mask_id))
 
 
@@ -123,10 +120,48 @@ def _mask_span(key: jax.Array, words: jax.Array, p: MaskParams) -> jax.Array:
     return jnp.take_along_axis(covered, _word_ids(words), axis=-1)
 
 
+MaskFn = Callable[[jax.Array, jax.Array, MaskParams], jax.Array]  # (key, word starts [B, L], params) -> bool [B, L]
+
+
+@dataclass(frozen=True)
+class MaskKind:
+    name: str
+    fn: MaskFn
+    reconstruction: bool  # scored by the evaluation suite's masked reconstruction (recon/<name>/*)
+    summary: str
+
+
+MASK_KINDS: dict[str, MaskKind] = {}  # in branch order: a kind's id is its position
+
+
+def register_mask(kind: MaskKind) -> MaskKind:
+    """Add a masking kind: the step's switch, `MaskParams.make`, the reconstruction suite and the
+    step benchmark pick it up from here (the curriculum's phases name the kinds they use)."""
+    if kind.name in MASK_KINDS:
+        raise ValueError(f"mask kind {kind.name!r} is already registered")
+    MASK_KINDS[kind.name] = kind
+    return kind
+
+
+def mask_kind_id(name: str) -> int:
+    if name not in MASK_KINDS:
+        raise ValueError(f"unknown mask kind {name!r}; known: {', '.join(MASK_KINDS)}")
+    return list(MASK_KINDS).index(name)
+
+
+def _mask_none(key: jax.Array, words: jax.Array, p: MaskParams) -> jax.Array:
+    return jnp.zeros(words.shape, bool)
+
+
+register_mask(MaskKind("none", _mask_none, False, "no masking (the BYTE phase)"))
+register_mask(MaskKind("random", _mask_random, True, "each byte independently with probability p"))
+register_mask(MaskKind("wwm", _mask_wwm, False, "whole words, each with probability p"))
+register_mask(MaskKind("span", _mask_span, True, "spans of k words (k uniform in [span_min, span_max]) covering ~p"))
+
+
 def make_mask(key: jax.Array, words: jax.Array, params: MaskParams) -> jax.Array:
     """Bool mask over input positions for the runtime-selected masking kind."""
-    branches = [lambda k, w, p: jnp.zeros(w.shape, bool), _mask_random, _mask_wwm, _mask_span]
-    return jax.lax.switch(params.kind, branches, key, words, params)
+    return jax.lax.switch(params.kind, [k.fn for k in MASK_KINDS.values()], key, words, params)
 
 
 def lm_batch(corpus: DeviceCorpus, key: jax.Array, n: int, seq_len: int, mask: MaskParams,

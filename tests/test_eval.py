@@ -10,7 +10,8 @@ from flax import nnx
 from conftest import write_small_run_config
 from genesis_jax import config as C
 from genesis_jax.corpus.store import open_corpus
-from genesis_jax.evaluation import EvalSuite, go_no_go
+from genesis_jax.eval_metrics import go_no_go
+from genesis_jax.eval_suite import EvalSuite
 
 NL = ord("\n") + 4
 
@@ -117,7 +118,7 @@ def test_reconstruction_pairs_position_t_with_the_prediction_made_at_t_minus_1(s
 
 def test_summary_units_against_hand_computed_values():
     from genesis_jax.data import ValWindows
-    from genesis_jax.evaluation import ce_summary
+    from genesis_jax.eval_suite import ce_summary
 
     w = ValWindows(np.zeros((3, 2)), np.zeros((3, 2)), np.array([0, 0, 1]), ["en", "fr"])
     out = ce_summary(np.array([1.0, 2.0, 3.0]), w)
@@ -155,3 +156,28 @@ def test_validation_windows_come_from_the_held_out_split(tmp_path):
     for inputs, labels in zip(w.inputs, w.labels):
         window = bytes((np.concatenate([inputs, labels[-1:]]) - 4).astype(np.uint8))
         assert window in held and window not in train
+
+
+def test_every_gate_is_an_eval_key_and_a_missing_metric_fails_it():
+    import dataclasses
+
+    from genesis_jax.eval_metrics import gated_keys
+
+    assert gated_keys() == ["max_val_ppl", "max_train_val_gap", "min_alignment_acc"]
+    assert set(gated_keys()) <= {f.name for f in dataclasses.fields(C.EvalConfig)}
+    assert len(go_no_go({}, C.from_dict({}))) == 3
+
+
+def test_eval_table_against_a_hand_written_one():
+    from genesis_jax.eval_metrics import format_table
+
+    results = {"val/loss": 1.5, "val/ppl": 4.4817, "val/bpb": 2.1640, "train/loss": 1.25, "gap/val_minus_train": 0.25,
+               "val/loss/en": 1.4, "val/loss/fr": 1.6, "recon/random/accuracy": 0.5, "recon/random/cer": 0.75,
+               "recon/random/masked_fraction": 0.15, "align/top1": 0.125, "align/chance": 0.125, "align/keys": 8.0}
+    assert format_table(results, ["en", "fr"]).splitlines() == [
+        "validation             loss 1.5000  perplexity 4.482  bits/byte 2.164  train loss 1.2500",
+        "  validation loss by locale: en 1.400  fr 1.600",
+        "train/validation       gap +0.2500",
+        "reconstruction random  accuracy 0.500  CER 0.750  masked 15.0%",
+        "alignment              top-1 0.125  chance 0.125  keys 8",
+    ]

@@ -8,7 +8,7 @@ from flax import nnx
 
 from conftest import write_small_run_config
 from genesis_jax import config as C
-from genesis_jax.inference import generate, sample_logits
+from genesis_jax.decoding import generate, sample_logits
 from genesis_jax.model import Llama
 
 

@@ -210,3 +210,21 @@ def test_a_locale_shorter_than_one_window_is_skipped_not_read_past():
     # The segment sums of per-locale telemetry drop the skipped rows.
     summed = jax.ops.segment_sum(jnp.ones(8), -jnp.ones(8, jnp.int32), num_segments=2)
     assert float(summed.sum()) == 0.0
+
+
+def test_a_registered_mask_kind_reaches_the_step_switch_and_the_evaluation(monkeypatch):
+    """One `register_mask` entry is all a new kind needs: MaskParams names it, the switch runs
+    it, and the reconstruction suite and its metrics list it."""
+    from genesis_jax.eval_metrics import eval_metrics, reconstruction_kinds
+    from genesis_jax.sampler import MASK_KINDS, MaskKind, make_mask
+
+    def odd_positions(key, words, p):
+        return jnp.broadcast_to(jnp.arange(words.shape[-1]) % 2 == 1, words.shape)
+
+    monkeypatch.setitem(MASK_KINDS, "odd", MaskKind("odd", odd_positions, True, "every odd position"))
+    m = jax.jit(make_mask)(jax.random.key(0), jnp.zeros((2, 8), jnp.uint8), MaskParams.make("odd"))
+    assert (np.asarray(m) == (np.arange(8) % 2 == 1)).all()
+    assert reconstruction_kinds() == ["random", "span", "odd", "verse"]
+    assert {"recon/odd/accuracy", "recon/odd/cer"} <= {x.key for x in eval_metrics()}
+    with pytest.raises(ValueError, match="unknown mask kind 'even'; known: none, random, wwm, span, odd"):
+        MaskParams.make("even")

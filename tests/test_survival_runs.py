@@ -20,7 +20,7 @@ from genesis_jax.checkpoint import Checkpointer
 from genesis_jax.config import load
 from genesis_jax.corpus.importers import import_textdir
 from genesis_jax.corpus.store import CorpusWriter
-from genesis_jax.inference import load_run
+from genesis_jax.rundir import load_run
 from genesis_jax.rundir import RunLock
 from genesis_jax.step import TrainState, init_model, init_state
 from test_resume import logged

@@ -1,9 +1,7 @@
-"""Loading a trained model from a run directory, and sampling from it with a KV cache."""
+"""Sampling from a trained model with a KV cache (the library side of `python -m genesis_jax.generate`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -11,52 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import config as config_lib
-from .checkpoint import Checkpointer, check_shape
-from .config import Config
 from .errors import UserError
 from .model import Llama
-from .step import init_model, init_state, tree_all_finite
 from .tokenizer import BYTE_OFFSET, VOCAB_SIZE
-
-
-@dataclass
-class LoadedRun:
-    cfg: Config
-    model: Llama
-    step: int
-    meta: dict[str, Any]
-
-
-def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
-    """The run's resolved config and the model weights of checkpoint `step` (default: latest)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.toml").is_file():
-        raise UserError(f"{run_dir}: not a run directory (no config.toml)")
-    cfg = config_lib.load(run_dir / "config.toml")
-    if not (run_dir / "checkpoints").is_dir():
-        raise UserError(f"{run_dir}: no checkpoints yet")
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
-    try:
-        steps = ckpt.manager.all_steps()
-        if not steps:
-            raise UserError(f"{run_dir}: no checkpoints yet")
-        chosen = max(steps) if step is None else step
-        if chosen not in steps:
-            raise UserError(f"--step {step}: no such checkpoint in {run_dir} (have {', '.join(map(str, sorted(steps)))})")
-        meta = ckpt.read_meta(chosen)
-        check_shape(meta, cfg, run_dir)
-        model = init_model(cfg)
-        state = ckpt.restore(chosen, init_state(cfg, model))
-    finally:
-        ckpt.close()
-    if not bool(tree_all_finite(state.params)):
-        bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(state.params)
-               if not bool(jnp.isfinite(x).all())]
-        raise UserError(f"{run_dir}: checkpoint {chosen} has non-finite parameters ({len(bad)} arrays, e.g. {bad[0]}): "
-                        "it was saved after training diverged; choose an earlier one with --step")
-    nnx.update(model, state.params)
-    return LoadedRun(cfg=cfg, model=model, step=chosen, meta=meta)
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
