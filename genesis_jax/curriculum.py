@@ -190,7 +190,7 @@ class Curriculum:
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.starts = {int(k): int(v) for k, v in d["starts"].items()}
-        self.baseline = tuple(d["baseline"]) if d["baseline"] is not None else None  # type: ignore[assignment]
+        self.baseline = (int(d["baseline"][0]), float(d["baseline"][1])) if d["baseline"] is not None else None
         self.anchors = {int(k): float(v) for k, v in d["anchors"].items()}
         self.improvement = {int(k): v for k, v in d["improvement"].items()}
         self.stuns = [(int(a), int(b)) for a, b in d["stuns"]]

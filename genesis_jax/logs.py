@@ -10,6 +10,8 @@ import uuid
 from pathlib import Path
 from typing import Any, TextIO
 
+from tensorboard.summary import Writer
+
 from .errors import UserError
 
 SCHEMA = """
@@ -98,26 +100,15 @@ class MetricsDB:
 class TensorBoard:
     """Scalars through the `tensorboard` package's own writer (no TensorFlow needed)."""
 
-    def __init__(self, directory: Path | None):
-        self.writer = None
-        if directory is not None:
-            from tensorboard.summary import Writer
-
-            self.writer = Writer(str(directory))
+    def __init__(self, directory: Path):
+        self.writer = Writer(str(directory))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.writer is None:
-            return
         for tag, v in values.items():
             self.writer.add_scalar(tag, float(v), step)
 
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.writer.close()
 
 
 def _duration(seconds: float) -> str:

@@ -1,4 +1,8 @@
-"""The training loop: dispatch, one-step-late metrics, curriculum, validation, logs, checkpoints."""
+"""The training loop: dispatch, cadence (log, validate, evaluate, save) and checkpoints.
+
+What the run knows lives in `ResearchState` (research.py); where its numbers go, in the sinks
+(sinks.py). The loop turns fetched metrics into one namespaced dict per event and hands it on.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +10,27 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+from flax import nnx
 
 from . import config as config_lib
-from .analytics import LocaleEMA, validation_drop
 from .checkpoint import Checkpointer, model_shape
 from .cli import first_line, write_traceback
 from .config import Config
-from .curriculum import PHASE_NAMES, Controls, Curriculum, Signal
-from .eval_metrics import console_summary, go_no_go
+from .curriculum import Controls, Signal
+from .eval_metrics import go_no_go
 from .eval_suite import EvalSuite, Validator
 from .flops import peak_flops, train_flops_per_token
-from .logs import Console, MetricsDB, TensorBoard, format_line, print_err
+from .logs import Console, MetricsDB, print_err
+from .research import ResearchState
 from .runtime import Setup
 from .sampler import MaskParams
-from .step import StepControls, TrainState
-from .tasks import TASK_NAMES
+from .sharding import batch_sharding
+from .sinks import Metrics, RunEnd, Sink, open_sinks
+from .step import StepControls, StepFn, TrainState
 
 
 EXIT_DIVERGED = 4
@@ -38,10 +44,43 @@ class Rollback(Exception):
     """A non-finite update under the `rollback` policy: restart from the newest checkpoint."""
 
 
+class StopFlag(Protocol):
+    """Set by a SIGINT/SIGTERM (train.StopRequested): save at the current step and stop."""
+
+    signum: int | None
+
+
 def step_controls(ctl: Controls, cfg: Config, lr_scale: float = 1.0) -> StepControls:
     k = cfg.curriculum
     mask = MaskParams.make(ctl.mask_kind, ctl.mask_prob, k.span_min_len, k.span_max_len, cfg.data.mask_id)
     return StepControls.make(ctl.lr_mult * lr_scale, ctl.mu_scale, mask)
+
+
+class Throughput:
+    """Tokens per second between log steps, and the ETA from the step rate."""
+
+    def __init__(self, tokens_per_step: int, max_steps: int):
+        self.tokens_per_step, self.max_steps = tokens_per_step, max_steps
+        self.t_mark, self.s_mark, self.start = time.time(), 0, 0
+        self.rate: float | None = None  # steps per second
+
+    def restart(self, step: int) -> None:
+        self.t_mark, self.s_mark, self.start = time.time(), step, step
+
+    def measure(self, s: int) -> float | None:
+        """Tokens per second since the last log step (None right after a (re)start)."""
+        now = time.time()
+        steps_done = s + 1 - self.s_mark
+        tps = None
+        # The first step after a (re)start carries dispatch warm-up: no rate from it alone.
+        if steps_done > 0 and now > self.t_mark and s > self.start:
+            tps = steps_done * self.tokens_per_step / (now - self.t_mark)
+            self.rate = steps_done / (now - self.t_mark)
+        self.t_mark, self.s_mark = now, s + 1
+        return tps
+
+    def eta(self, done: int) -> float | None:
+        return (self.max_steps - done) / self.rate if self.rate else None
 
 
 class TrainLoop:
@@ -51,198 +90,130 @@ class TrainLoop:
         self.cfg, self.setup, self.ckpt = cfg, setup, ckpt
         tc = cfg.training
         self.run_dir = run_dir
-        self.load_research(meta)
-        self.db = MetricsDB(run_dir / "metrics.sqlite")
-        self.db.start(config_lib.config_hash(cfg), model_shape(cfg),
-                      {"lr": cfg.optim.lr, "batch_size": tc.batch_size, "grad_accum_steps": tc.grad_accum_steps,
-                       "seq_len": cfg.data.seq_len, "max_steps": tc.max_steps, "seed": tc.seed})
-        self.tb = TensorBoard(run_dir / "tensorboard" if cfg.logging.tensorboard else None)
+        self.research = ResearchState.restore(cfg, setup.locales, setup.has_words, meta)
+        db = MetricsDB(run_dir / "metrics.sqlite")
+        db.start(config_lib.config_hash(cfg), model_shape(cfg),
+                 {"lr": cfg.optim.lr, "batch_size": tc.batch_size, "grad_accum_steps": tc.grad_accum_steps,
+                  "seq_len": cfg.data.seq_len, "max_steps": tc.max_steps, "seed": tc.seed})
         self.console = Console(tc.max_steps, cfg.logging.progress)
-        self.validator = Validator(setup.windows, tc.batch_size, setup.graphdef, NamedSharding(setup.mesh, P("data")))
+        self.sinks: list[Sink] = open_sinks(cfg, run_dir, db, self.console)
+        self.validator = Validator(setup.windows, tc.batch_size, setup.graphdef, batch_sharding(setup.mesh))
         self.suite = (EvalSuite(cfg, setup.corpus, setup.locales, setup.graphdef, setup.streams)
                       if cfg.eval.interval else None)
-        self.tokens_per_step = tc.batch_size * tc.grad_accum_steps * cfg.data.seq_len
+        self.throughput = Throughput(tc.batch_size * tc.grad_accum_steps * cfg.data.seq_len, tc.max_steps)
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = peak_flops()
-        self.status, self.done = "completed", 0
+        self.status, self.done, self.start = "completed", 0, 0
         self.last_loss: float | None = None
         self.last_val: float | None = None
-        self.rate: float | None = None
-        self.t_mark, self.s_mark, self.start = time.time(), 0, 0
         self.queue: list[tuple[int, dict[str, jax.Array], Controls]] = []  # dispatched, not yet observed
         self.observed = -1
 
-    def load_research(self, meta: dict[str, Any]) -> None:
-        """The host-side research state of a checkpoint's meta (fresh when it is empty)."""
-        cfg = self.cfg
-        self.curriculum = Curriculum(cfg.curriculum, cfg.training.log_interval, self.setup.has_words)
-        self.locale_ema = LocaleEMA(self.setup.locales, cfg.curriculum.locale_ema_decay)
-        if "curriculum" in meta:
-            self.curriculum.load_state_dict(meta["curriculum"])
-        if "locale_ema" in meta:
-            self.locale_ema.load_state_dict(meta["locale_ema"])
-        self.val_history: list[tuple[int, float]] = [(int(s), float(v)) for s, v in meta.get("val_history", [])]
-        self.task_ema: dict[str, float] = dict(meta.get("task_ema", {}))  # "coherence/loss" -> EMA over its micro-batches
-        self.last_grokking = int(meta.get("last_grokking", -(10**12)))
-        guard = meta.get("nonfinite", {})
-        self.nonfinite_events = int(guard.get("events", 0))  # skipped updates or rollbacks so far
-        self.lr_scale = float(guard.get("lr_scale", 1.0))  # product of the rollbacks' LR scales
-
     # -- per-step host work -------------------------------------------------------------
     def observe(self, s: int, dev: dict[str, jax.Array], ctl: Controls) -> None:
-        """Metrics of step s (fetched one step late): curriculum, telemetry, logs at log steps."""
-        m = jax.device_get(dev)
-        loss, ema = float(m["loss"]), float(m["loss_ema"])
-        signals = []
+        """Metrics of step s (fetched one step late): research state, then logs at log steps."""
+        m: dict[str, np.ndarray] = jax.device_get(dev)
+        signals: list[Signal] = []
         if s > self.observed and bool(m["nonfinite"]):
             self.observed = s
-            self.nonfinite(s, loss, float(m["grad_norm"]))
+            self.nonfinite(s, float(m["loss"]), float(m["grad_norm"]))
         elif s > self.observed:  # research state first, so a failure in logging cannot lose it
             self.observed = s
-            self.last_loss = loss
-            self.locale_ema.update([float(x) for x in m["locale_loss_sum"]], [float(x) for x in m["locale_count"]])
-            self._update_tasks(m)
-            signals = self.curriculum.observe(s, loss, ema)
+            self.last_loss = float(m["loss"])
+            signals = self.research.observe(s, m, self.cfg.mtl.task_ema_decay)
         for sig in signals:
             self.signal(sig)
         tc = self.cfg.training
         if s % tc.log_interval == 0 or s + 1 == tc.max_steps:
-            self.log(s, m, ctl)
+            self.write(s, self.train_metrics(s, m, ctl))
+
+    def train_metrics(self, s: int, m: dict[str, np.ndarray], ctl: Controls) -> Metrics:
+        """The dict of one log step (sinks.py lists the namespaces)."""
+        r = self.research
+        status = r.curriculum.status(s)
+        out: Metrics = {"train/loss": float(m["loss"]), "train/loss_ema": float(m["loss_ema"]),
+                        "train/grad_norm": float(m["grad_norm"]), "train/lr": float(m["lr"]),
+                        "train/lr_multiplier": ctl.lr_mult, "train/mask_prob": ctl.mask_prob,
+                        "train/phase": float(ctl.phase), "curriculum/stuns": float(status["stuns"])}
+        for phase in ("wwm", "span"):
+            if status[f"{phase}_improvement"] is not None:
+                out[f"curriculum/{phase}_improvement"] = status[f"{phase}_improvement"]
+        analytics = r.curriculum.analytics["lifetime"].window_stats()
+        out.update({f"analytics/{k}": v for k, v in (("loss_slope", analytics["slope"]),
+                                                      ("noise_fraction", analytics["noise_fraction"]),
+                                                      ("oscillation_rate", analytics["oscillation_rate"])) if v is not None})
+        out.update({f"locale_ema/{loc}": v for loc, v in r.locale_ema.ema.items() if v is not None})
+        out.update({f"task_ema/{k}": v for k, v in r.task_ema.items()})
+        tps = self.throughput.measure(s)
+        if tps:
+            out["system/tokens_per_sec"] = tps
+            if self.peak:
+                out["system/mfu"] = tps * self.flops_per_token / (self.peak * self.setup.mesh.size)
+        eta = self.throughput.eta(s + 1)
+        if eta is not None:
+            out["system/eta_s"] = eta
+        out["system/wall_time"] = time.time()
+        return out
+
+    def write(self, step: int, metrics: Metrics) -> None:
+        for sink in self.sinks:
+            sink.write(step, metrics)
+
+    def signal(self, sig: Signal) -> None:
+        for sink in self.sinks:
+            sink.signal(sig)
 
     def nonfinite(self, s: int, loss: float, grad_norm: float) -> None:
         """Step s's update was not applied (the step's guard); the policy decides what follows."""
-        tc = self.cfg.training
+        tc, r = self.cfg.training, self.research
         what = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {s} (loss {loss}, grad norm {grad_norm})"
         if tc.on_nonfinite == "stop":
             raise Diverged(f"{what}; the update was not applied and nothing after it is saved; "
                            f"hint: lower optim.lr or set training.on_nonfinite = \"rollback\"")
-        self.nonfinite_events += 1
-        if self.nonfinite_events > tc.nonfinite_limit:
+        r.nonfinite_events += 1
+        if r.nonfinite_events > tc.nonfinite_limit:
             raise Diverged(f"{what}: more than training.nonfinite_limit = {tc.nonfinite_limit} "
                            f"{'skipped updates' if tc.on_nonfinite == 'skip' else 'rollbacks'}; lower optim.lr")
         if tc.on_nonfinite == "rollback":
             raise Rollback(what)
-        self.signal(Signal(s, "nonfinite_skip", float(self.nonfinite_events),
-                           f"{what}: update skipped ({self.nonfinite_events}/{tc.nonfinite_limit})"))
+        self.signal(Signal(s, "nonfinite_skip", float(r.nonfinite_events),
+                           f"{what}: update skipped ({r.nonfinite_events}/{tc.nonfinite_limit})"))
 
-    def _update_tasks(self, m: dict[str, Any]) -> None:
-        decay = self.cfg.mtl.task_ema_decay
-        for name in TASK_NAMES[1:]:
-            if float(m.get(f"task/{name}/count", 0.0)) > 0:
-                for what in ("loss", "acc"):
-                    v, k = float(m[f"task/{name}/{what}"]), f"{name}/{what}"
-                    self.task_ema[k] = v if k not in self.task_ema else decay * self.task_ema[k] + (1 - decay) * v
-
-    def signal(self, sig: Signal) -> None:
-        self.db.log_signal(sig.step, sig.kind, sig.value, sig.description)
-        self.tb.scalars(sig.step, {f"Signals/{sig.kind}": sig.value})
-        self.console.print(f"signal {sig.kind} at step {sig.step}: {sig.description}")
-
-    def log(self, s: int, m: dict[str, Any], ctl: Controls) -> None:
-        tc = self.cfg.training
-        now = time.time()
-        steps_done = s + 1 - self.s_mark
-        # The first step after a (re)start carries dispatch warm-up: no rate from it alone.
-        measured = steps_done > 0 and now > self.t_mark and s > self.start
-        tps = steps_done * self.tokens_per_step / (now - self.t_mark) if measured else None
-        self.rate = steps_done / (now - self.t_mark) if measured else self.rate
-        self.t_mark, self.s_mark = now, s + 1
-        eta = (tc.max_steps - s - 1) / self.rate if self.rate else None
-        status = self.curriculum.status(s)
-        row = {"step": s, "loss": float(m["loss"]), "loss_ema": float(m["loss_ema"]), "grad_norm": float(m["grad_norm"]),
-               "lr": float(m["lr"]), "mask_prob": ctl.mask_prob, "phase": ctl.phase,
-               "wwm_improvement": status["wwm_improvement"], "span_improvement": status["span_improvement"],
-               "tokens_per_sec": tps, "wall_time": now}
-        self.db.log_train(row)
-        emas = {loc: v for loc, v in self.locale_ema.ema.items() if v is not None}
-        self.db.log_languages(s, {loc: (v, None) for loc, v in emas.items()})
-        analytics = self.curriculum.analytics["lifetime"].window_stats()
-        scalars = {"Train/Loss": row["loss"], "Train/LossEMA": row["loss_ema"], "Train/LR": row["lr"],
-                   "Train/GradNorm": row["grad_norm"], "Train/MaskProb": ctl.mask_prob, "Train/Phase": float(ctl.phase),
-                   "Train/LRMultiplier": ctl.lr_mult,
-                   **{f"Research/EMA_Loss_{loc}": v for loc, v in emas.items()},
-                   **{f"Research/{k}": v for k, v in (("LossSlope", analytics["slope"]),
-                                                      ("NoiseFraction", analytics["noise_fraction"]),
-                                                      ("OscillationRate", analytics["oscillation_rate"])) if v is not None}}
-        if status["wwm_improvement"] is not None:
-            scalars["Research/WWM_Improvement"] = status["wwm_improvement"]
-        if status["span_improvement"] is not None:
-            scalars["Research/Span_Improvement"] = status["span_improvement"]
-        if tps:
-            scalars["System/TokensPerSec"] = tps
-            if self.peak:
-                scalars["System/MFU"] = tps * self.flops_per_token / (self.peak * self.setup.mesh.size)
-        if self.task_ema:
-            scalars.update({f"Tasks/{k.replace('/', '_')}": v for k, v in self.task_ema.items()})
-            self.db.log_eval(s, {f"task/{k}_ema": v for k, v in self.task_ema.items()})
-        self.tb.scalars(s, scalars)
-        extra = {"phase_name": PHASE_NAMES[ctl.phase], "improvement": status["wwm_improvement"] if ctl.phase == 2
-                 else status["span_improvement"], "lr_mult": ctl.lr_mult, "stuns": status["stuns"],
-                 "stun_max": self.cfg.curriculum.stun_max_count}
-        line = format_line({**row, **extra}, tc.max_steps, eta)
-        if self.task_ema:
-            line += " | " + " ".join(f"{n[:4]} {self.task_ema[f'{n}/loss']:.3f}/{100 * self.task_ema[f'{n}/acc']:.0f}%"
-                                     for n in TASK_NAMES[1:] if f"{n}/loss" in self.task_ema)
-        self.console.print(line)
-
-    def validate(self, params: Any, done: int) -> bool:
+    def validate(self, params: nnx.State, done: int) -> bool:
         """Run validation; True when it raised a grokking signal (that step must be saved and pinned)."""
         vals = self.validator(params)
         if not vals:
             return False
-        tc, locales = self.cfg.training, self.setup.locales
         self.last_val = vals["val/loss"]
-        grokked = self._grokking(done, vals["val/loss"])
-        self.val_history.append((done, vals["val/loss"]))
-        self.db.log_eval(done, vals)
-        self.db.log_languages(done, {loc: (None, vals[f"val/loss/{loc}"]) for loc in locales if f"val/loss/{loc}" in vals})
-        self.tb.scalars(done, {"Eval/" + k.split("/", 1)[1].replace("/", "_"): v for k, v in vals.items()})
-        self.console.print(f"val  {done:>7d}/{tc.max_steps} | loss {vals['val/loss']:.4f} | ppl {vals['val/ppl']:.2f} | "
-                           f"bpb {vals['val/bpb']:.3f} | " + " ".join(f"{loc} {vals[f'val/loss/{loc}']:.3f}"
-                                                                   for loc in locales if f"val/loss/{loc}" in vals))
-        return grokked
+        grokking = self.research.validated(done, vals["val/loss"], self.cfg)
+        if grokking is not None:
+            self.signal(grokking)
+        self.write(done, vals)
+        return grokking is not None
 
-    def _grokking(self, done: int, loss: float) -> bool:
-        e = self.cfg.eval
-        if e.grokking_drop <= 0 or done < e.grokking_min_step or done - self.last_grokking < e.grokking_window:
-            return False
-        drop = validation_drop(self.val_history, done, loss, e.grokking_window)
-        if drop is None or drop < e.grokking_drop:
-            return False
-        self.last_grokking = done
-        self.signal(Signal(done, "grokking", drop, f"validation loss fell {100 * drop:.1f}% within {e.grokking_window} "
-                           f"steps (>= {100 * e.grokking_drop:.0f}%); checkpoint {done} pinned"))
-        return True
-
-    def evaluate(self, params: Any, done: int) -> None:
-        """The quick evaluation suite during training: evaluation_logs and TensorBoard Eval/*."""
+    def evaluate(self, params: nnx.State, done: int) -> None:
+        """The quick evaluation suite during training: evaluation_logs and TensorBoard Eval/quick_*."""
         assert self.suite is not None
         results = self.suite.run(params, quick=True)
-        failed = go_no_go(results, self.cfg)
-        results["go"] = float(not failed)
-        self.db.log_eval(done, {f"quick/{k}": v for k, v in results.items()})
-        self.tb.scalars(done, {"Eval/quick_" + k.replace("/", "_"): v for k, v in results.items()})
-        headline = console_summary(results)
-        self.console.print(f"eval {done:>7d}/{self.cfg.training.max_steps} | quick suite: "
-                           + ("GO" if not failed else "NO-GO (" + "; ".join(failed) + ")") + (f" | {headline}" if headline else ""))
+        results["go"] = float(not go_no_go(results, self.cfg))
+        self.write(done, {f"quick/{k}": v for k, v in results.items()})
 
     def meta(self, step: int) -> dict[str, Any]:
         cfg = self.cfg
         return {"step": step, "model_shape": model_shape(cfg), "config": config_lib.to_dict(cfg),
                 "seed": cfg.training.seed, "sampler": {"kind": "fold_in(seed, step)", "next_step": step},
-                "curriculum": self.curriculum.state_dict(), "locale_ema": self.locale_ema.state_dict(),
-                "val_history": self.val_history, "last_grokking": self.last_grokking, "task_ema": self.task_ema,
-                "nonfinite": {"events": self.nonfinite_events, "lr_scale": self.lr_scale},
-                "corpus_sha256": self.setup.corpus.manifest["content_sha256"]}
+                "research": self.research.state_dict(), "corpus_sha256": self.setup.corpus.manifest["content_sha256"]}
 
     # -- the loop -----------------------------------------------------------------------
-    def run(self, state: TrainState, step_fn: Any, stop: Any) -> int:
+    def run(self, state: TrainState, step_fn: StepFn, stop: StopFlag) -> int:
         tc = self.cfg.training
-        self.start = self.done = self.s_mark = int(state.step)
-        self.observed = self.start - 1
+        self.done = int(state.step)
+        self.start = self.done
+        self.throughput.restart(self.done)
+        self.observed = self.done - 1
         code = 0
         self.state = state
-        if self.start == 0 and tc.val_interval:
+        if self.done == 0 and tc.val_interval:
             self.validate(state.params, 0)
         try:
             while True:
@@ -267,7 +238,7 @@ class TrainLoop:
             self.close()
         return 1 if code == 0 and self.status == "failed" else code
 
-    def steps(self, step_fn: Any, stop: Any) -> None:
+    def steps(self, step_fn: StepFn, stop: StopFlag) -> None:
         """Dispatch steps from `self.done` to max_steps (or a stop request), observing one step late;
         `self.state` is always the newest state (a save after a failure or a rollback needs it)."""
         cfg, tc = self.cfg, self.cfg.training
@@ -276,15 +247,16 @@ class TrainLoop:
         corpus = self.setup.device_corpus
         last: tuple[Controls, float, StepControls] | None = None
         for s in range(self.done, tc.max_steps):
-            ctl = self.curriculum.controls(s)
-            if last is None or last[0] != ctl or last[1] != self.lr_scale:  # new device scalars only on a change
-                last = (ctl, self.lr_scale, step_controls(ctl, cfg, self.lr_scale))
+            ctl = self.research.curriculum.controls(s)
+            lr_scale = self.research.lr_scale
+            if last is None or last[0] != ctl or last[1] != lr_scale:  # new device scalars only on a change
+                last = (ctl, lr_scale, step_controls(ctl, cfg, lr_scale))
             state, metrics = step_fn(state, corpus, seed_key, last[2])
             self.state, self.done = state, s + 1
             self.queue.append((s, metrics, ctl))
             while len(self.queue) > 1:  # metrics one step late: step s - 1 is done by now
                 self.observe(*self.queue.pop(0))
-            self.console.progress(self.done, (tc.max_steps - self.done) / self.rate if self.rate else None)
+            self.console.progress(self.done, self.throughput.eta(self.done))
             val_due = tc.val_interval and (self.done % tc.val_interval == 0 or self.done == tc.max_steps)
             save_due = (self.done % cfg.checkpoint.save_interval == 0 or self.done == tc.max_steps
                         or stop.signum is not None)
@@ -312,12 +284,12 @@ class TrainLoop:
         if step is None:
             raise Diverged(f"{why}; no checkpoint to roll back to yet (lower optim.lr, or save earlier with "
                            "checkpoint.save_interval)")
-        events = self.nonfinite_events
-        scale = self.lr_scale * self.cfg.training.rollback_lr_scale
+        events = self.research.nonfinite_events
+        scale = self.research.lr_scale * self.cfg.training.rollback_lr_scale
         meta = self.ckpt.read_meta(step)
         restored = self.ckpt.restore(step, state)
-        self.load_research(meta)
-        self.nonfinite_events, self.lr_scale = events, scale  # the rollback itself is not undone
+        self.research = ResearchState.restore(self.cfg, self.setup.locales, self.setup.has_words, meta)
+        self.research.nonfinite_events, self.research.lr_scale = events, scale  # the rollback itself is not undone
         self.queue, self.done, self.observed = [], step, step - 1
         self.signal(Signal(step, "nonfinite_rollback", scale,
                            f"{why}: rolled back to step {step}, learning rate x{scale:g} "
@@ -325,10 +297,12 @@ class TrainLoop:
         return restored
 
     def close(self) -> None:
-        """Finish every sink; each is closed even when another fails, and none fails silently."""
-        for name, fn in (("checkpoint writer", self.ckpt.close), ("console", self.console.close),
-                         ("metrics database", lambda: self.db.finish(self.status, self.done, self.last_loss, self.last_val)),
-                         ("metrics database", self.db.close), ("tensorboard", self.tb.close)):
+        """Finish the checkpoint writer and every sink; each is closed even when another fails,
+        and none fails silently."""
+        end = RunEnd(self.status, self.done, self.last_loss, self.last_val)
+        closers = [("checkpoint writer", self.ckpt.close)] + [
+            (type(sink).__name__, lambda sink=sink: sink.close(end)) for sink in self.sinks]
+        for name, fn in closers:
             try:
                 fn()
             except Exception as e:  # noqa: BLE001 - report and go on closing the rest
