@@ -1,4 +1,4 @@
-"""Host-side loss analytics (SPEC 5), updated from fetched per-step losses, off the hot path.
+"""Host-side loss analytics (docs/design.md, "The curriculum"), updated from fetched per-step losses, off the hot path.
 
 O(1) work per observation; the window statistics (slope, trend, noise, oscillation) are
 computed only when asked for, at log steps.
@@ -97,7 +97,7 @@ def _finite(x: float) -> float | None:
 
 
 class LocaleEMA:
-    """Per-locale EMA of per-sequence training loss, by the locale of each window (SPEC 7)."""
+    """Per-locale EMA of per-sequence training loss, by the locale of each window (docs/design.md, "Evaluation")."""
 
     def __init__(self, locales: list[str], decay: float):
         self.locales, self.decay = list(locales), decay

@@ -7,7 +7,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
@@ -16,6 +16,9 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from .config import CheckpointConfig, Config
 from .errors import ResumeError
 from .logs import print_err
+
+State = TypeVar("State")  # the train state pytree (any pytree of arrays)
+Meta = dict[str, Any]  # a checkpoint's JSON metadata
 
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "norm_type")
 
@@ -73,7 +76,7 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, meta: dict[str, Any]) -> bool:
+    def save(self, step: int, state: Any, meta: Meta) -> bool:
         """An async save writes `meta` in the background: it is snapshotted here, because the
         loop goes on mutating the objects it holds (EMAs, histories)."""
         if step in self.manager.all_steps():
@@ -82,7 +85,7 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(snapshot)), force=True)
 
-    def read_meta(self, step: int) -> dict[str, Any]:
+    def read_meta(self, step: int) -> Meta:
         path = self.directory / str(step) / "meta"
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -90,7 +93,7 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - an unreadable checkpoint is a user-facing condition
             raise ResumeError(f"{path}: cannot read checkpoint metadata ({type(e).__name__}: {e})") from None
 
-    def restore(self, step: int, target: Any) -> Any:
+    def restore(self, step: int, target: State) -> State:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
@@ -98,7 +101,7 @@ class Checkpointer:
             raise ResumeError(f"{self.directory / str(step)}: cannot restore the train state ({type(e).__name__}: {str(e).splitlines()[0]})") from None
         return restored["state"]
 
-    def resume(self, target: Any, accept: Callable[[int, dict[str, Any]], None]) -> tuple[int, Any, dict[str, Any]] | None:
+    def resume(self, target: State, accept: Callable[[int, Meta], None]) -> tuple[int, State, Meta] | None:
         """Restore the newest checkpoint that restores: (step, state, meta), or None if there is none.
 
         A checkpoint that cannot be read is moved aside to `<run>/checkpoints-unrestorable/`

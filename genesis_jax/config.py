@@ -27,7 +27,7 @@ from .errors import ConfigError
 from .tokenizer import VOCAB_SIZE
 
 PRESETS: dict[str, dict[str, int]] = {
-    # SPEC 3 presets.
+    # The research presets (docs/design.md, "The model").
     "microscope": dict(dim=288, n_layers=144, n_heads=12, intermediate_size=768),
     "deep_narrow_40": dict(dim=384, n_layers=40, n_heads=12, intermediate_size=1536),
     "standard": dict(dim=512, n_layers=12, n_heads=8, intermediate_size=2048),

@@ -1,4 +1,4 @@
-"""The research curriculum (SPEC 5): phases BYTE -> WWM -> SPAN, mask ramps, anchors and the LR stun.
+"""The research curriculum (docs/design.md, "The curriculum"): phases BYTE -> WWM -> SPAN, mask ramps, anchors and the LR stun.
 
 Plain host-side Python driven by fetched metrics. Timing convention: metrics arrive one step
 late, so the observation of step s is processed after step s + 1 was dispatched, and every

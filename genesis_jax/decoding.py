@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from .errors import UserError
-from .model import Llama
+from .model import KVCache, Llama
 from .tokenizer import BYTE_OFFSET, VOCAB_SIZE
 
 
@@ -48,7 +46,8 @@ def generate(model: Llama, prompt: bytes, *, max_tokens: int, temperature: float
     knobs = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
 
     @jax.jit
-    def advance(params: Any, toks: jax.Array, start: jax.Array, cache: Any, key: jax.Array) -> tuple[jax.Array, Any]:
+    def advance(params: nnx.State, toks: jax.Array, start: jax.Array, cache: KVCache,
+                key: jax.Array) -> tuple[jax.Array, KVCache]:
         logits, cache = nnx.merge(graphdef, params).cached(toks, start, cache)
         return sample_logits(logits[:, -1], key, *knobs), cache
 

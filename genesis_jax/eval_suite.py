@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,11 @@ NEWLINE = ord("\n")
 RECONSTRUCTION_SEED = 1234  # the same masks at every evaluation, so scores compare across steps
 
 
-def window_losses(fn: Any, params: Any, w: ValWindows, batch: int, sharding: Any = None) -> np.ndarray:
+WindowLossFn = Callable[[nnx.State, jax.Array, jax.Array], jax.Array]
+
+
+def window_losses(fn: WindowLossFn, params: nnx.State, w: ValWindows, batch: int,
+                  sharding: jax.sharding.Sharding | None = None) -> np.ndarray:
     """Per-window mean cross-entropy, in fixed-size batches (the last one wraps around and its
     extra rows are dropped), so every call reuses one compiled shape."""
     n = len(w.locale)
@@ -57,11 +61,12 @@ def ce_summary(per: np.ndarray, w: ValWindows, prefix: str = "val") -> dict[str,
 class Validator:
     """Scores fixed held-out windows: global and per-locale CE, perplexity, bits per byte."""
 
-    def __init__(self, windows: ValWindows, batch_size: int, graphdef: nnx.GraphDef, sharding: Any = None):
+    def __init__(self, windows: ValWindows, batch_size: int, graphdef: nnx.GraphDef,
+                 sharding: jax.sharding.Sharding | None = None):
         self.w, self.batch, self.sharding = windows, batch_size, sharding
         self.fn = jax.jit(make_eval_step(graphdef))
 
-    def __call__(self, params: Any) -> dict[str, float]:
+    def __call__(self, params: nnx.State) -> dict[str, float]:
         return ce_summary(window_losses(self.fn, params, self.w, self.batch, self.sharding), self.w)
 
 
@@ -77,7 +82,7 @@ class EvalSuite:
         self.mask_fn = jax.jit(make_mask)
 
     # -- cross-entropy --------------------------------------------------------------------
-    def cross_entropy(self, params: Any, per_locale: int) -> dict[str, float]:
+    def cross_entropy(self, params: nnx.State, per_locale: int) -> dict[str, float]:
         """Held-out CE, perplexity and bits per byte (global and per locale), and the training
         split's CE on as many windows, for the train/validation gap."""
         L, batch = self.cfg.data.seq_len, self.cfg.training.batch_size
@@ -115,7 +120,7 @@ class EvalSuite:
                 mask[r, 1:] = True
         return mask
 
-    def reconstruction(self, params: Any, per_locale: int) -> dict[str, float]:
+    def reconstruction(self, params: nnx.State, per_locale: int) -> dict[str, float]:
         """Accuracy and character error rate of the original byte at each masked position,
         predicted from the corrupted history (the logits one position earlier)."""
         ids, words, _ = self._windows(per_locale)
@@ -152,7 +157,7 @@ class EvalSuite:
         return pairs
 
     # -- cross-lingual alignment ------------------------------------------------------------
-    def embed(self, params: Any, texts: list[bytes]) -> np.ndarray:
+    def embed(self, params: nnx.State, texts: list[bytes]) -> np.ndarray:
         """Mean-pooled final hidden states over each text's bytes (padding excluded)."""
         n = self.cfg.eval.embed_len
         ids = np.full((len(texts), n), PAD_ID, np.int32)
@@ -164,7 +169,7 @@ class EvalSuite:
         return np.concatenate([np.asarray(self.pooled(params, jnp.asarray(ids[lo:lo + b]), jnp.asarray(valid[lo:lo + b])),
                                           np.float64) for lo in range(0, len(ids), b)])
 
-    def alignment(self, params: Any, n_keys: int) -> dict[str, float]:
+    def alignment(self, params: nnx.State, n_keys: int) -> dict[str, float]:
         """For held-out keys present in every locale: top-1 retrieval of the same verse across
         each pair of locales (both directions), orthogonal-Procrustes residual and linear CKA."""
         c = self.corpus
@@ -191,7 +196,7 @@ class EvalSuite:
         return out
 
     # -- suites ---------------------------------------------------------------------------
-    def run(self, params: Any, quick: bool) -> dict[str, float]:
+    def run(self, params: nnx.State, quick: bool) -> dict[str, float]:
         e = self.cfg.eval
         scale = 4 if quick else 1
         out = self.cross_entropy(params, max(1, e.val_windows // scale))

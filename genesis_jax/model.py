@@ -21,6 +21,8 @@ from .attention import Backend
 from .config import ModelSpec
 from .tokenizer import VOCAB_SIZE
 
+KVCache = tuple[jax.Array, jax.Array]  # keys, values [batch, max_len, n_kv_heads, head_dim], stacked over layers in Llama
+
 
 def deepnorm_alpha(n_layers: int) -> float:
     return (2.0 * n_layers) ** 0.25
@@ -109,8 +111,8 @@ class Attention(nnx.Module):
         o = self.attn.fn(q, k, v, causal=True, segment_ids=segment_ids)
         return self.wo(o.reshape(b, l, self.n_heads * self.head_dim))
 
-    def cached(self, x: jax.Array, start: jax.Array, cache: tuple[jax.Array, jax.Array]
-               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    def cached(self, x: jax.Array, start: jax.Array, cache: KVCache
+               ) -> tuple[jax.Array, KVCache]:
         """New tokens at positions start.. attend to the cache and themselves; the cache is updated."""
         b, l, _ = x.shape
         positions = start + jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
@@ -152,8 +154,8 @@ class Block(nnx.Module):
         x = x + self.attn(self.norm1(x), positions, segment_ids)
         return x + self.mlp(self.norm2(x))
 
-    def cached(self, x: jax.Array, start: jax.Array, cache: tuple[jax.Array, jax.Array]
-               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    def cached(self, x: jax.Array, start: jax.Array, cache: KVCache
+               ) -> tuple[jax.Array, KVCache]:
         if self.deepnorm:
             a, cache = self.attn.cached(x, start, cache)
             x = self.norm1(self.alpha * x + a)
@@ -202,14 +204,14 @@ class Llama(nnx.Module):
     def logits(self, h: jax.Array) -> jax.Array:
         return jnp.einsum("bld,vd->blv", h, self.embed[...].astype(self.dtype), preferred_element_type=jnp.float32)
 
-    def init_cache(self, batch: int, max_len: int) -> tuple[jax.Array, jax.Array]:
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
         """Empty KV cache `[n_layers, batch, max_len, n_kv_heads, head_dim]` (keys, values)."""
         cfg = self.cfg
         shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
         return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
 
-    def cached(self, tokens: jax.Array, start: jax.Array, cache: tuple[jax.Array, jax.Array]
-               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    def cached(self, tokens: jax.Array, start: jax.Array, cache: KVCache
+               ) -> tuple[jax.Array, KVCache]:
         """Logits of `tokens` placed at positions start.. after the cached prefix, and the new cache.
 
         A prompt is one call from start 0 (prefill); each generated token is one more call, so
@@ -218,7 +220,7 @@ class Llama(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         graphdef, state = nnx.split(self.blocks)
 
-        def body(h: jax.Array, layer: tuple[nnx.State, jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        def body(h: jax.Array, layer: tuple[nnx.State, jax.Array, jax.Array]) -> tuple[jax.Array, KVCache]:
             layer_state, ck, cv = layer
             h, (ck, cv) = nnx.merge(graphdef, layer_state).cached(h, start, (ck, cv))
             return h, (ck, cv)

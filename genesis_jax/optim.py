@@ -8,6 +8,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from .config import OptimConfig
 
@@ -36,7 +37,7 @@ def _path_names(path: tuple[Any, ...]) -> list[str]:
     return [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
 
 
-def decay_mask(params: Any, decay_embedding: bool) -> Any:
+def decay_mask(params: nnx.State, decay_embedding: bool) -> nnx.State:
     """True for linear kernels (and the tied embedding when asked); norms never decay."""
 
     def want(path: tuple[Any, ...], _: Any) -> bool:
@@ -55,7 +56,7 @@ def make_optimizer(o: OptimConfig, max_steps: int) -> optax.GradientTransformati
     return optax.chain(*parts)
 
 
-def set_lr_multiplier(opt_state: Any, multiplier: jax.Array) -> Any:
+def set_lr_multiplier(opt_state: optax.OptState, multiplier: jax.Array) -> optax.OptState:
     """Write the stun multiplier into the last chain element's hyperparameters."""
     *head, last = opt_state
     hp = dict(last.hyperparams)

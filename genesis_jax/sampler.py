@@ -8,13 +8,16 @@ step s depends on (seed, s) alone and a resumed run draws exactly the same batch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .tokenizer import BYTE_OFFSET
+
+if TYPE_CHECKING:  # tasks.py builds on this module
+    from .tasks import VerseIndex
 
 
 @jax.tree_util.register_dataclass
@@ -26,7 +29,7 @@ class DeviceCorpus:
     word_starts: jax.Array  # [N] uint8 1 at the first byte of a word
     locale_starts: jax.Array  # [n_locales + 1] int32 offsets of each locale's range
     valid_cum: jax.Array  # [n_locales + 1] int32 cumulative count of window starts per locale
-    verses: Any = None  # tasks.VerseIndex when multi-task learning is on
+    verses: VerseIndex | None = None  # when multi-task learning is on
 
 
 @jax.tree_util.register_dataclass

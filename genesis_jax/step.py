@@ -25,8 +25,8 @@ TASK_STREAM = 7  # fold_in constant of the multi-task draws (task choice, exampl
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class TrainState:
-    params: Any  # nnx.State of the model's Params, float32
-    opt_state: Any
+    params: nnx.State  # the model's Params, float32
+    opt_state: optax.OptState
     step: jax.Array  # int32 number of updates done
     loss_ema: jax.Array  # float32 d * ema + (1 - d) * LM loss, d = curriculum.loss_ema_decay (first = first loss; NaN before)
 
@@ -65,14 +65,17 @@ def make_loss_fn(graphdef: nnx.GraphDef, per_sequence: bool = False) -> Callable
     return loss_fn
 
 
-def accumulate_grads(grad_fn: Callable[[Any, Batch], tuple[tuple[jax.Array, Any], Any]], params: Any,
-                     batches: Batch) -> tuple[jax.Array, Any, Any]:
+GradFn = Callable[[nnx.State, Batch], tuple[tuple[jax.Array, jax.Array], nnx.State]]  # ((loss, per-sequence), grads)
+MixtureOut = tuple[jax.Array, nnx.State, jax.Array, jax.Array, dict[str, jax.Array], jax.Array]
+
+
+def accumulate_grads(grad_fn: GradFn, params: nnx.State, batches: Batch) -> tuple[jax.Array, nnx.State, jax.Array]:
     """Mean loss and gradient over the leading micro-batch axis: one update for all of them.
 
     `grad_fn` is `value_and_grad(..., has_aux=True)`; the auxiliary outputs are stacked.
     """
 
-    def micro_step(carry: tuple[jax.Array, Any], batch: Batch) -> tuple[tuple[jax.Array, Any], Any]:
+    def micro_step(carry: tuple[jax.Array, nnx.State], batch: Batch) -> tuple[tuple[jax.Array, nnx.State], jax.Array]:
         l_acc, g_acc = carry
         (loss, aux), g = grad_fn(params, batch)
         return (l_acc + loss, jax.tree.map(jnp.add, g_acc, g)), aux
@@ -113,7 +116,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, n_locales: 
 
     graph_loss = make_loss_fn(graphdef, per_sequence=True)
 
-    def loss_fn(params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    def loss_fn(params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
         per_seq = graph_loss(params, batch)
         return per_seq.mean(), per_seq
 
@@ -166,7 +169,8 @@ def tree_all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def make_task_mixture(cfg: Config, graphdef: nnx.GraphDef, lm_grad_fn: Callable[..., Any]) -> Callable[..., Any]:
+def make_task_mixture(cfg: Config, graphdef: nnx.GraphDef,
+                      lm_grad_fn: GradFn) -> Callable[[nnx.State, Batch, DeviceCorpus, jax.Array], MixtureOut]:
     """Multi-task accumulation: each micro-batch is one task drawn by the mixture weights; the
     update is the mean over micro-batches of (task loss weight x task loss) gradients."""
     m = cfg.mtl
@@ -174,18 +178,20 @@ def make_task_mixture(cfg: Config, graphdef: nnx.GraphDef, lm_grad_fn: Callable[
     loss_w = (m.lm_loss_weight, m.coherence_loss_weight, m.cross_ref_loss_weight, m.paraphrase_loss_weight)
     micro = cfg.training.batch_size
 
-    def run(params: Any, batches: Batch, corpus: DeviceCorpus, key: jax.Array) -> Any:
+    def run(params: nnx.State, batches: Batch, corpus: DeviceCorpus, key: jax.Array) -> MixtureOut:
         accum = batches.inputs.shape[0]
         k_task, k_ex = jax.random.split(jax.random.fold_in(key, TASK_STREAM))
         tasks = jax.random.categorical(k_task, mixture, shape=(accum,))
 
-        def lm_branch(batch: Batch, k: jax.Array) -> Any:
+        Branch = tuple[nnx.State, jax.Array, jax.Array, jax.Array]  # (weighted grads, loss, accuracy, per-sequence loss)
+
+        def lm_branch(batch: Batch, k: jax.Array) -> Branch:
             (loss, per_seq), g = lm_grad_fn(params, batch)
             return jax.tree.map(lambda x: x * loss_w[0], g), loss, jnp.float32(jnp.nan), per_seq
 
-        def aux_branch(task: int) -> Callable[..., Any]:
-            def branch(batch: Batch, k: jax.Array) -> Any:
-                def weighted(p: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        def aux_branch(task: int) -> Callable[[Batch, jax.Array], Branch]:
+            def branch(batch: Batch, k: jax.Array) -> Branch:
+                def weighted(p: nnx.State) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
                     model = nnx.merge(graphdef, p)
                     assert isinstance(model, MultiTaskLlama)
                     loss, acc = task_loss(model, task, corpus, corpus.verses, k, micro, m)
@@ -198,7 +204,8 @@ def make_task_mixture(cfg: Config, graphdef: nnx.GraphDef, lm_grad_fn: Callable[
 
         branches = [lm_branch] + [aux_branch(t) for t in TASK_IDS[1:]]
 
-        def micro_step(g_acc: Any, x: tuple[Batch, jax.Array, jax.Array]) -> tuple[Any, Any]:
+        def micro_step(g_acc: nnx.State, x: tuple[Batch, jax.Array, jax.Array]
+                       ) -> tuple[nnx.State, tuple[jax.Array, jax.Array, jax.Array]]:
             batch, task, k = x
             g, loss, acc, per_seq = jax.lax.switch(task, branches, batch, k)
             return jax.tree.map(jnp.add, g_acc, g), (loss, acc, per_seq)

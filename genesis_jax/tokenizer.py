@@ -1,4 +1,4 @@
-"""The byte tokenizer: 4 special ids, then byte b -> b + 4 (SPEC 1)."""
+"""The byte tokenizer: 4 special ids, then byte b -> b + 4 (docs/design.md, "Tokens and corpus")."""
 
 from __future__ import annotations
 

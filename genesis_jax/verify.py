@@ -18,6 +18,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 from flax import nnx
 
 from . import attention
@@ -42,7 +43,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _rel(a: Any, b: Any) -> float:
+def _rel(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
     a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(b64), 1e-30))
 

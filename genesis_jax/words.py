@@ -1,4 +1,4 @@
-"""Word-start flags per byte, for whole-word masking (SPEC 1).
+"""Word-start flags per byte, for whole-word masking (docs/design.md, "Tokens and corpus").
 
 A word is a run of letters, combining marks, digits and apostrophes (' and U+2019); every
 Han, Hiragana or Katakana character is a word of its own. The classification is a lookup

@@ -318,7 +318,7 @@ def tensorboard_scalars(run: Path) -> dict[str, dict[int, float]]:
 
 
 def test_tensorboard_has_the_spec_tags_with_the_logged_values(curriculum_reference):
-    """The tags SPEC 8 names (System/MFU only where the peak FLOP/s is known, i.e. on a GPU;
+    """The TensorBoard tags of the run-directory format (System/MFU only where the peak FLOP/s is known, i.e. on a GPU;
     Research/WWM_Improvement only once a WWM ramp completes, which this run never reaches), and
     Train/Loss equal to the SQLite rows, a second sink written from the same metrics."""
     _, run = curriculum_reference
