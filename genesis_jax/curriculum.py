@@ -17,6 +17,8 @@ from .config import CurriculumConfig
 
 BYTE, WWM, SPAN = 1, 2, 3
 PHASE_NAMES = {BYTE: "BYTE", WWM: "WWM", SPAN: "SPAN"}
+PHASE_MASKS = {BYTE: "none", WWM: "wwm", SPAN: "span"}  # the sampler's mask kind each phase trains with
+PHASE_TRACKERS = {BYTE: "byte", WWM: "wwm", SPAN: "span"}  # its loss-analytics tracker
 DECISION_LAG = 2  # observation of step s -> effect at step s + 2
 
 
@@ -48,7 +50,7 @@ class Curriculum:
         self.improvement: dict[int, float | None] = {WWM: None, SPAN: None}  # percent, phase-anchored
         self.stuns: list[tuple[int, int]] = []  # (observation step, first step it applies to)
         self.analytics = {name: LossAnalytics(cfg.analytics_window, cfg.plateau_min_delta)
-                          for name in ("lifetime", "byte", "wwm", "span")}
+                          for name in ("lifetime", *PHASE_TRACKERS.values())}
         self.last_observed = -1
 
     # -- what a step runs with ------------------------------------------------------------
@@ -82,7 +84,7 @@ class Curriculum:
 
     def controls(self, step: int) -> Controls:
         phase = self.phase_at(step) if self.cfg.enabled else BYTE
-        kind = {BYTE: "none", WWM: "wwm", SPAN: "span"}[phase]
+        kind = PHASE_MASKS[phase]
         mu = 1.0
         for _, applied in self.stuns:
             if applied == step:
@@ -98,7 +100,7 @@ class Curriculum:
         signals: list[Signal] = []
         phase = self.phase_at(step)
         self.analytics["lifetime"].update(step, loss)
-        tracker = self.analytics[{BYTE: "byte", WWM: "wwm", SPAN: "span"}[phase]]
+        tracker = self.analytics[PHASE_TRACKERS[phase]]
         tracker.update(step, loss)
         if not self.cfg.enabled:
             return signals

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .config import Config
-from .curriculum import PHASE_NAMES, Signal
+from .curriculum import PHASE_NAMES, WWM, Signal
 from .eval_metrics import console_summary, go_no_go
 from .logs import Console, MetricsDB, TensorBoard, format_line
 from .tasks import TASK_NAMES
@@ -148,7 +148,7 @@ class ConsoleSink:
 
     def train_line(self, step: int, m: Metrics) -> str:
         phase = int(m["train/phase"])
-        improvement = m.get("curriculum/wwm_improvement" if phase == 2 else "curriculum/span_improvement")
+        improvement = m.get("curriculum/wwm_improvement" if phase == WWM else "curriculum/span_improvement")
         row = {"step": step, "loss": m["train/loss"], "loss_ema": m["train/loss_ema"], "lr": m["train/lr"],
                "grad_norm": m["train/grad_norm"], "mask_prob": m["train/mask_prob"], "phase_name": PHASE_NAMES[phase],
                "improvement": improvement, "lr_mult": m["train/lr_multiplier"], "stuns": int(m["curriculum/stuns"]),
