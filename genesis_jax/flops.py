@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import jax
 
-from .config import ModelConfig
+from .config import ModelSpec
 from .tokenizer import VOCAB_SIZE
 
 # Dense bf16 matmul peaks (TFLOP/s) from vendor data sheets, by jax `device_kind` substring.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 70.0}
 
 
-def train_flops_per_token(m: ModelConfig, seq_len: int) -> float:
+def train_flops_per_token(m: ModelSpec, seq_len: int) -> float:
     """6 x matmul parameters (forward + backward) plus causal attention (half the square)."""
-    assert m.dim is not None and m.n_layers is not None and m.n_heads is not None and m.n_kv_heads is not None
-    assert isinstance(m.intermediate_size, int)
-    head_dim = m.dim // m.n_heads
+    head_dim = m.head_dim
     per_layer = m.dim * m.dim * 2 + 2 * m.dim * m.n_kv_heads * head_dim + 3 * m.dim * m.intermediate_size
     matmul_params = m.n_layers * per_layer + VOCAB_SIZE * m.dim
     attention = m.n_layers * 2 * 2 * seq_len * m.dim * 0.5  # QK^T and PV, causal half, per token forward

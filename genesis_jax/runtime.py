@@ -9,13 +9,12 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from . import config as config_lib
 from .config import Config
 from .corpus.store import Corpus
 from .data import Streams, ValWindows, open_configured, selected_locales, val_windows
 from .errors import UserError
 from .sampler import DeviceCorpus, build_device_corpus
-from .sharding import make_mesh, replicated
+from .sharding import check_devices, make_mesh, replicated
 from .step import StepControls, StepFn, TrainState, init_model, init_state, make_train_step
 from .tasks import build_verse_index
 
@@ -38,7 +37,7 @@ class Setup:
 def build(cfg: Config) -> Setup:
     """Open the corpus, put its training split on the devices, initialise the state."""
     mesh = make_mesh()
-    config_lib.check_devices(cfg, mesh.size)
+    check_devices(cfg, mesh.size)
     corpus = open_configured(cfg.data)
     locales = selected_locales(corpus, cfg.data)
     tokens, words, starts = corpus.stream(locales, heldout=False)

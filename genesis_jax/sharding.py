@@ -10,6 +10,9 @@ from __future__ import annotations
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .config import Config
+from .errors import ConfigError
+
 DATA = "data"  # the batch axis
 
 
@@ -27,3 +30,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
     """The batch axis split over `data`, after `leading_axes` unsplit axes (micro-batches)."""
     return NamedSharding(mesh, P(*([None] * leading_axes), DATA))
+
+
+def check_devices(cfg: Config, n_devices: int) -> None:
+    """Checks that need the device count, made once the backend is known."""
+    if cfg.training.batch_size % n_devices:
+        raise ConfigError(
+            f"training.batch_size = {cfg.training.batch_size} is not divisible by the device count {n_devices}")

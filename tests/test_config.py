@@ -59,9 +59,11 @@ def test_config_errors_name_the_key(raw, overrides, message):
 
 
 def test_batch_not_divisible_by_devices():
+    from genesis_jax.sharding import check_devices
+
     cfg = C.from_dict({"training": {"batch_size": 6}})
     with pytest.raises(ConfigError, match="not divisible by the device count 4"):
-        C.check_devices(cfg, 4)
+        check_devices(cfg, 4)
 
 
 def test_diff_lists_changes():
