@@ -129,6 +129,15 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Mesh axis sizes (docs/design.md, "Sharding"); their product is the device count."""
+
+    data: int = -1  # batch split, state replicated (-1: the devices the other axes leave)
+    fsdp: int = 1  # batch split, parameters and Adam moments sharded (ZeRO-3)
+    tensor: int = 1  # attention heads and the SwiGLU hidden dimension split (Megatron)
+
+
+@dataclass(frozen=True)
 class CurriculumConfig:
     enabled: bool = True  # run the phase machine BYTE -> WWM -> SPAN
     wwm_trigger_steps: int = 2000  # earliest step for the Phase 1 -> 2 test
@@ -203,6 +212,7 @@ class Config:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mtl: MTLConfig = field(default_factory=MTLConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 # [section] name -> the dataclass its TOML table is read into ([model] is resolved afterwards).

@@ -66,6 +66,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.attention = {m.attention!r}: expected one of {', '.join(map(repr, attention.names()))}"
                           f"{did_you_mean(m.attention, attention.names())}")
     validate_curriculum(cfg.curriculum)
+    validate_parallel(cfg)
     e = cfg.eval
     for key in ("val_windows", "reconstruction_windows", "span_len", "alignment_keys", "embed_len", "max_val_ppl"):
         _positive(f"eval.{key}", getattr(e, key))
@@ -102,3 +103,18 @@ def validate_curriculum(k: CurriculumConfig) -> None:
             raise ConfigError(f"curriculum.{key} = {getattr(k, key)}: must not be negative")
     if k.span_max_len < k.span_min_len:
         raise ConfigError(f"curriculum.span_max_len = {k.span_max_len} is below curriculum.span_min_len = {k.span_min_len}")
+
+
+def validate_parallel(cfg: Config) -> None:
+    """The mesh checks that need no device count (sharding.check_devices does the rest)."""
+    p, m = cfg.parallel, cfg.model
+    sizes = {"data": p.data, "fsdp": p.fsdp, "tensor": p.tensor}
+    for axis, n in sizes.items():
+        if n == 0 or n < -1:
+            raise ConfigError(f"parallel.{axis} = {n}: must be positive, or -1 for the remaining devices")
+    if list(sizes.values()).count(-1) > 1:
+        raise ConfigError("parallel: at most one of data, fsdp and tensor may be -1")
+    if p.tensor > 0:
+        for key, value in (("model.n_kv_heads", m.n_kv_heads), ("model.intermediate_size", m.intermediate_size)):
+            if value % p.tensor:
+                raise ConfigError(f"parallel.tensor = {p.tensor} does not divide {key} = {value}")

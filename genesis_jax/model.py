@@ -69,8 +69,11 @@ class LayerNorm(nnx.Module):
         return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
-def _linear(din: int, dout: int, init: nnx.Initializer, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=False, kernel_init=init, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+def _linear(din: int, dout: int, init: nnx.Initializer, dtype: jnp.dtype, rngs: nnx.Rngs,
+            axes: tuple[str, str]) -> nnx.Linear:
+    """A bias-free projection whose kernel carries logical axis names (sharding.RULES maps them)."""
+    return nnx.Linear(din, dout, use_bias=False, kernel_init=nnx.with_partitioning(init, axes), dtype=dtype,
+                      param_dtype=jnp.float32, rngs=rngs)
 
 
 def _inits(cfg: ModelSpec) -> tuple[nnx.Initializer, nnx.Initializer, nnx.Initializer]:
@@ -93,10 +96,10 @@ class Attention(nnx.Module):
         self.rope_base = cfg.rope_base
         self.attn = attn
         plain, scaled, out = _inits(cfg)
-        self.wq = _linear(dim, nh * self.head_dim, plain, dtype, rngs)
-        self.wk = _linear(dim, nkv * self.head_dim, plain, dtype, rngs)
-        self.wv = _linear(dim, nkv * self.head_dim, scaled, dtype, rngs)
-        self.wo = _linear(nh * self.head_dim, dim, out, dtype, rngs)
+        self.wq = _linear(dim, nh * self.head_dim, plain, dtype, rngs, ("embed", "heads"))
+        self.wk = _linear(dim, nkv * self.head_dim, plain, dtype, rngs, ("embed", "kv"))
+        self.wv = _linear(dim, nkv * self.head_dim, scaled, dtype, rngs, ("embed", "kv"))
+        self.wo = _linear(nh * self.head_dim, dim, out, dtype, rngs, ("heads", "embed"))
 
     def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         b, l, _ = x.shape
@@ -127,9 +130,9 @@ class SwiGLU(nnx.Module):
     def __init__(self, cfg: ModelSpec, dtype: jnp.dtype, rngs: nnx.Rngs):
         dim, hidden = cfg.dim, cfg.intermediate_size
         _, scaled, out = _inits(cfg)
-        self.w1 = _linear(dim, hidden, scaled, dtype, rngs)
-        self.w3 = _linear(dim, hidden, scaled, dtype, rngs)
-        self.w2 = _linear(hidden, dim, out, dtype, rngs)
+        self.w1 = _linear(dim, hidden, scaled, dtype, rngs, ("embed", "mlp"))
+        self.w3 = _linear(dim, hidden, scaled, dtype, rngs, ("embed", "mlp"))
+        self.w2 = _linear(hidden, dim, out, dtype, rngs, ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
@@ -171,18 +174,21 @@ class Llama(nnx.Module):
     `attn` overrides the backend `cfg.attention` names (tests and `verify` compare backends)."""
 
     def __init__(self, cfg: ModelSpec, rngs: nnx.Rngs, attn: Backend | None = None):
-        self.cfg = cfg
-        self.dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
-        attn = attn or attention.backend(cfg.attention)
-        self.embed = nnx.Param(cfg.embed_init_std * jax.random.normal(rngs.params(), (VOCAB_SIZE, cfg.dim), jnp.float32))
+        # Parameters are born unplaced; runtime.py puts the state on the mesh by its logical names.
+        with nnx.use_eager_sharding(False):
+            self.cfg = cfg
+            self.dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
+            attn = attn or attention.backend(cfg.attention)
+            self.embed = nnx.Param(cfg.embed_init_std * jax.random.normal(rngs.params(), (VOCAB_SIZE, cfg.dim), jnp.float32),
+                                   out_sharding=("vocab", "embed"))
 
-        @nnx.split_rngs(splits=cfg.n_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make_blocks(r: nnx.Rngs) -> Block:
-            return Block(cfg, attn, self.dtype, r)
+            @nnx.split_rngs(splits=cfg.n_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(r: nnx.Rngs) -> Block:
+                return Block(cfg, attn, self.dtype, r)
 
-        self.blocks = make_blocks(rngs)
-        self.final_norm = RMSNorm(cfg.dim)
+            self.blocks = make_blocks(rngs)
+            self.final_norm = RMSNorm(cfg.dim)
 
     def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         b, l = tokens.shape

@@ -1,39 +1,133 @@
-"""Where arrays live on the devices: the mesh, and the shardings of batches and of the state.
+"""Where arrays live on the devices: the mesh from `[parallel]`, the logical axis names the
+model's parameters carry, the rules that map them onto mesh axes, and the shardings of the
+state, the batches and the device corpus (docs/design.md, "Sharding").
 
-Today one mesh axis, `data`: batches are split along it and the state is replicated. The mesh
-axes and the rules that place each array belong here and nowhere else (docs/design.md,
-"Sharding"), so that adding an axis changes this module, not its callers.
+Mesh axes: `data` (batch split, state replicated), `fsdp` (batch split, parameters and Adam
+moments sharded, ZeRO-3 style), `tensor` (heads and the SwiGLU hidden dimension split,
+Megatron style). Nothing outside this module names a mesh axis.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import Any
+
 import jax
+import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .config import Config
+from .attention import Backend
+from .config import Config, ParallelConfig
 from .errors import ConfigError
 
-DATA = "data"  # the batch axis
+DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
+AXES = (DATA, FSDP, TENSOR)
+BATCH = (DATA, FSDP)  # the mesh axes a batch is split over
+
+# Logical axis names (model.py puts them on every parameter) -> mesh axis (None: not split).
+RULES: dict[str, str | None] = {
+    "layers": None,  # the stacked blocks' leading axis
+    "vocab": None,
+    "embed": FSDP,  # the model width: every matrix has it once, so FSDP shards every matrix
+    "heads": TENSOR,  # query heads x head_dim
+    "kv": TENSOR,  # key/value heads x head_dim
+    "mlp": TENSOR,  # the SwiGLU hidden dimension
+}
 
 
-def make_mesh(n_devices: int | None = None) -> Mesh:
-    """A 1-D mesh with a `data` axis over the devices."""
+def mesh_shape(p: ParallelConfig, n_devices: int) -> dict[str, int]:
+    """Axis sizes with -1 resolved; ConfigError naming the key when they cannot fit."""
+    sizes = {DATA: p.data, FSDP: p.fsdp, TENSOR: p.tensor}
+    fixed = math.prod(n for n in sizes.values() if n != -1)
+    for axis, n in sizes.items():
+        if n == -1:
+            if n_devices % fixed:
+                raise ConfigError(f"parallel.{axis} = -1: the other axes ({fixed} devices) do not divide the "
+                                  f"device count {n_devices}")
+            sizes[axis] = n_devices // fixed
+    if math.prod(sizes.values()) != n_devices:
+        raise ConfigError(f"parallel: data x fsdp x tensor = {sizes[DATA]} x {sizes[FSDP]} x {sizes[TENSOR]} = "
+                          f"{math.prod(sizes.values())}, but there are {n_devices} devices")
+    return sizes
+
+
+def make_mesh(n_devices: int | None = None, parallel: ParallelConfig | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over the first `n_devices` devices (default: all); without
+    `parallel`, every device on `data`."""
     n = n_devices or jax.device_count()
-    return jax.make_mesh((n,), (DATA,), axis_types=(jax.sharding.AxisType.Auto,))
+    sizes = mesh_shape(parallel or ParallelConfig(), n)
+    devices = np.asarray(jax.devices()[:n]).reshape(tuple(sizes[a] for a in AXES))
+    return Mesh(devices, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def check_devices(cfg: Config, mesh: Mesh) -> None:
+    """Checks that need the mesh: the batch splits over data x fsdp, heads and hidden over tensor."""
+    split = mesh.shape[DATA] * mesh.shape[FSDP]
+    if cfg.training.batch_size % split:
+        raise ConfigError(f"training.batch_size = {cfg.training.batch_size} is not divisible by "
+                          f"parallel.data x parallel.fsdp = {split} (the devices a batch is split over)")
+    tensor, m = mesh.shape[TENSOR], cfg.model
+    for key, value in (("model.n_kv_heads", m.n_kv_heads), ("model.intermediate_size", m.intermediate_size)):
+        if value % tensor:
+            raise ConfigError(f"parallel.tensor = {tensor} does not divide {key} = {value}")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    """Every device holds the whole array (the state, the device corpus)."""
+    """Every device holds the whole array (the device corpus, step counters, metrics)."""
     return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
-    """The batch axis split over `data`, after `leading_axes` unsplit axes (micro-batches)."""
-    return NamedSharding(mesh, P(*([None] * leading_axes), DATA))
+    """The batch axis split over data x fsdp, after `leading_axes` unsplit axes (micro-batches)."""
+    return NamedSharding(mesh, P(*([None] * leading_axes), BATCH))
 
 
-def check_devices(cfg: Config, n_devices: int) -> None:
-    """Checks that need the device count, made once the backend is known."""
-    if cfg.training.batch_size % n_devices:
-        raise ConfigError(
-            f"training.batch_size = {cfg.training.batch_size} is not divisible by the device count {n_devices}")
+def attention_spec() -> P:
+    """`[batch, seq, heads, head_dim]` as each device holds it under the mesh."""
+    return P(BATCH, None, TENSOR, None)
+
+
+def per_shard(backend: Backend, mesh: Mesh) -> Backend:
+    """The backend run on each device's block (`jax.shard_map`): its batch rows and, under
+    `tensor`, its heads; a kernel never sees gathered heads. Attention is independent per row
+    and per head, so no communication is needed inside."""
+    spec = attention_spec()
+
+    def fn(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+           segment_ids: jax.Array | None = None, sm_scale: float | None = None) -> jax.Array:
+        if segment_ids is None:
+            def block(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+                return backend.fn(q, k, v, causal=causal, sm_scale=sm_scale)
+
+            return jax.shard_map(block, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+        def block_seg(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array) -> jax.Array:
+            return backend.fn(q, k, v, causal=causal, segment_ids=seg, sm_scale=sm_scale)
+
+        return jax.shard_map(block_seg, mesh=mesh, in_specs=(spec, spec, spec, P(BATCH, None)), out_specs=spec,
+                             check_vma=False)(q, k, v, segment_ids)
+
+    return dataclasses.replace(backend, fn=fn)
+
+
+def mesh_spec(logical: P) -> P:
+    """A partition spec of logical names as one of mesh axes (RULES)."""
+    return P(*(RULES[name] if isinstance(name, str) else None for name in logical))
+
+
+def state_shardings(mesh: Mesh, state: Any) -> Any:
+    """The sharding of every leaf of a state pytree (train state, optimizer state or params)
+    from the logical names its parameters carry; leaves without names are replicated."""
+    specs = nnx.get_partition_spec(state)
+    return jax.tree.map(lambda s: NamedSharding(mesh, mesh_spec(s)), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def bytes_per_device(tree: Any) -> dict[int, int]:
+    """Bytes each device holds of a pytree of arrays, measured from their addressable shards."""
+    out: dict[int, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            out[shard.device.id] = out.get(shard.device.id, 0) + shard.data.nbytes
+    return out

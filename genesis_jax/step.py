@@ -12,11 +12,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from . import attention
 from .config import Config
 from .model import Llama
 from .optim import lr_schedule, make_optimizer, scale_first_moment, set_lr_multiplier
 from .sampler import Batch, DeviceCorpus, MaskParams, lm_batch
-from .sharding import batch_sharding as batch_sharding_of
+from .sharding import batch_sharding as batch_sharding_of, per_shard
 from .tasks import N_TASKS, TASK_IDS, TASK_NAMES, MultiTaskLlama, task_loss
 
 TASK_STREAM = 7  # fold_in constant of the multi-task draws (task choice, examples), apart from the LM batch's
@@ -31,12 +32,16 @@ class TrainState:
     loss_ema: jax.Array  # float32 d * ema + (1 - d) * LM loss, d = curriculum.loss_ema_decay (first = first loss; NaN before)
 
 
-def init_model(cfg: Config) -> Llama:
-    """The decoder, with the task heads when multi-task learning is on (seeded apart from it)."""
+def init_model(cfg: Config, mesh: Mesh | None = None) -> Llama:
+    """The decoder, with the task heads when multi-task learning is on (seeded apart from it).
+    On a mesh of several devices, attention runs per shard (sharding.per_shard)."""
     rngs = nnx.Rngs(params=cfg.training.seed)
+    attn = attention.backend(cfg.model.attention)
+    if mesh is not None and mesh.size > 1:
+        attn = per_shard(attn, mesh)
     if cfg.mtl.enabled:
-        return MultiTaskLlama(cfg.model, cfg.mtl, rngs, nnx.Rngs(params=cfg.training.seed + 1))
-    return Llama(cfg.model, rngs)
+        return MultiTaskLlama(cfg.model, cfg.mtl, rngs, nnx.Rngs(params=cfg.training.seed + 1), attn)
+    return Llama(cfg.model, rngs, attn)
 
 
 def init_state(cfg: Config, model: Llama) -> TrainState:

@@ -19,6 +19,7 @@ from flax import nnx
 
 from .config import ModelSpec, MTLConfig
 from .corpus.store import Corpus
+from .attention import Backend
 from .model import Llama
 from .sampler import DeviceCorpus
 from .tokenizer import BYTE_OFFSET, PAD_ID
@@ -160,8 +161,8 @@ class MultiTaskLlama(Llama):
     """The decoder with the task heads trained beside it; the heads sit under `heads` in the
     parameter tree, where checkpoints keep them."""
 
-    def __init__(self, cfg: ModelSpec, mtl: MTLConfig, rngs: nnx.Rngs, head_rngs: nnx.Rngs):
-        super().__init__(cfg, rngs)
+    def __init__(self, cfg: ModelSpec, mtl: MTLConfig, rngs: nnx.Rngs, head_rngs: nnx.Rngs, attn: Backend | None = None):
+        super().__init__(cfg, rngs, attn)
         self.heads = TaskHeads(cfg.dim, mtl, head_rngs)
 
 

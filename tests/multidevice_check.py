@@ -1,4 +1,5 @@
-"""Run by test_step in a subprocess with 4 simulated CPU devices: losses on 1 and 4 devices."""
+"""Run by the tests in a subprocess with 4 simulated CPU devices: losses and per-device bytes
+on meshes of 1 and 4 devices (sharding.py), from the same seed and the same batches."""
 
 import json
 import os
@@ -9,34 +10,64 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from genesis_jax import config as C
+from genesis_jax.runtime import placed_state
 from genesis_jax.sampler import MaskParams, build_device_corpus
-from genesis_jax.sharding import make_mesh
-from genesis_jax.step import StepControls, init_model, init_state, make_train_step
+from genesis_jax.sharding import bytes_per_device, make_mesh, replicated
+from genesis_jax.step import StepControls, make_train_step
+
+MESHES = {"one": (1, {}), "data4": (4, {}), "fsdp4": (4, {"data": 1, "fsdp": 4}),
+          "data2_tensor2": (4, {"data": 2, "tensor": 2}), "fsdp2_tensor2": (4, {"data": 1, "fsdp": 2, "tensor": 2})}
 
 
-def losses(n_devices: int, steps: int = 4) -> list[float]:
-    cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32"}, "data": {"seq_len": 16},
-                       "training": {"batch_size": 8, "grad_accum_steps": 2, "max_steps": 10},
-                       "optim": {"warmup_steps": 0, "lr": 1e-2}})
-    mesh = make_mesh(n_devices)
+def run(n_devices: int, parallel: dict, attention: str, steps: int = 4) -> dict:
+    cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32", "n_kv_heads": 2, "attention": attention},
+                       "data": {"seq_len": 16}, "training": {"batch_size": 8, "grad_accum_steps": 2, "max_steps": 10},
+                       "optim": {"warmup_steps": 0, "lr": 1e-2}, "parallel": parallel})
+    mesh = make_mesh(n_devices, cfg.parallel)
     rng = np.random.default_rng(0)
     tokens = rng.integers(97, 123, size=4000).astype(np.uint8)
     corpus = build_device_corpus(tokens, (tokens == 97).astype(np.uint8), np.array([0, 1500, 4000]), 16,
-                                 NamedSharding(mesh, P()))
-    model = init_model(cfg)
-    state = jax.device_put(init_state(cfg, model), NamedSharding(mesh, P()))
-    step = jax.jit(make_train_step(cfg, nnx.graphdef(model), mesh), donate_argnums=0)
-    out = []
+                                 replicated(mesh))
+    graphdef, state, shardings = placed_state(cfg, mesh)
+    per_device = bytes_per_device((state.params, state.opt_state))
+    everywhere = replicated(mesh)
+    step = jax.jit(make_train_step(cfg, graphdef, mesh), donate_argnums=0,
+                   in_shardings=(shardings, everywhere, everywhere, everywhere), out_shardings=(shardings, everywhere))
+    losses = []
     for _ in range(steps):
         state, m = step(state, corpus, jax.random.key(3), StepControls.make(mask=MaskParams.make("wwm", 0.2)))
-        out.append(float(m["loss"]))
-    return out
+        losses.append(float(m["loss"]))
+    return {"losses": losses, "max_bytes_per_device": max(per_device.values()), "devices": len(per_device)}
+
+
+def local_attention_shape() -> list[int]:
+    """The q shape the attention backend sees inside per_shard on a data=1, fsdp=2, tensor=2 mesh."""
+    import jax.numpy as jnp
+
+    from genesis_jax import attention
+    from genesis_jax.sharding import per_shard
+
+    seen = []
+
+    def probe(q, k, v, *, causal=True, segment_ids=None, sm_scale=None):
+        seen.append(list(q.shape))
+        return attention.BACKENDS["xla"].fn(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale)
+
+    mesh = make_mesh(4, C.from_dict({"parallel": {"data": 1, "fsdp": 2, "tensor": 2}}).parallel)
+    wrapped = per_shard(attention.Backend("probe", probe, attention.BACKENDS["xla"].decode, None, "probe"), mesh)
+    q = jnp.ones((8, 16, 4, 8))
+    kv = jnp.ones((8, 16, 2, 8))
+    jax.jit(lambda q, k, v: wrapped.fn(q, k, v))(q, kv, kv)
+    return seen[0]
 
 
 if __name__ == "__main__":
     assert jax.device_count() == 4, jax.devices()
-    json.dump({"one": losses(1), "four": losses(4)}, sys.stdout)
+    if sys.argv[1:] == ["local_shape"]:
+        json.dump(local_attention_shape(), sys.stdout)
+        sys.exit(0)
+    attention = sys.argv[1] if len(sys.argv) > 1 else "xla"
+    names = sys.argv[2].split(",") if len(sys.argv) > 2 else list(MESHES)
+    json.dump({name: run(*MESHES[name], attention) for name in names}, sys.stdout)

@@ -58,12 +58,17 @@ def test_config_errors_name_the_key(raw, overrides, message):
     assert message in str(e.value)
 
 
+class FakeMesh:
+    def __init__(self, shape):
+        self.shape = shape
+
+
 def test_batch_not_divisible_by_devices():
     from genesis_jax.sharding import check_devices
 
     cfg = C.from_dict({"training": {"batch_size": 6}})
-    with pytest.raises(ConfigError, match="not divisible by the device count 4"):
-        check_devices(cfg, 4)
+    with pytest.raises(ConfigError, match="training.batch_size = 6 is not divisible by parallel.data x parallel.fsdp = 4"):
+        check_devices(cfg, FakeMesh({"data": 4, "fsdp": 1, "tensor": 1}))
 
 
 def test_diff_lists_changes():

@@ -1,9 +1,6 @@
 """Train step: accumulation equals one big batch, a golden step, 4 devices equal 1."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -11,7 +8,6 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import ROOT
 from genesis_jax import config as C
 from genesis_jax.sampler import MaskParams, build_device_corpus, lm_batch
 from genesis_jax.sharding import make_mesh
@@ -83,16 +79,6 @@ def test_golden_train_step():
     for k, v in GOLDEN.items():
         assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
     assert got["loss_step1"] < got["loss"]
-
-
-def test_four_devices_match_one():
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "multidevice_check.py")], capture_output=True, text=True,
-                       env=env, cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads(r.stdout)
-    np.testing.assert_allclose(out["four"], out["one"], rtol=1e-5)
-    assert out["one"][-1] < out["one"][0]
 
 
 @pytest.mark.parametrize("poison", ["lr_inf", "param_nan"])
