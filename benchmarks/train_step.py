@@ -7,7 +7,9 @@ Each variant reports: compile time, step time and tokens/s of the bare AOT-compi
 (timed over `--steps` steps, median of 3 repeats, one device sync per repeat), the training
 loop's tokens/s for the same config (median of its logged intervals, first and last dropped:
 they hold compilation and the final checkpoint), the loop/bare ratio, MFU where the device's
-peak is known, XLA's memory estimate, and each variant's step time relative to the first
+peak is known, XLA's memory estimate, the mesh and the bytes of parameters + optimizer state each device
+holds (measured from the shards; a variant may set `parallel.*` keys), and each variant's step
+time relative to the first
 (masking rows: WWM/span mask probability from the config's [curriculum]). A CPU time is not a
 GPU kernel speed.
 """
@@ -34,12 +36,15 @@ from genesis_jax import config as C  # noqa: E402
 from genesis_jax.flops import peak_flops, train_flops_per_token  # noqa: E402
 from genesis_jax.sampler import MASK_KINDS, MaskParams  # noqa: E402
 from genesis_jax.runtime import build, compile_step  # noqa: E402
+from genesis_jax.sharding import bytes_per_device  # noqa: E402
 from genesis_jax.step import StepControls  # noqa: E402
 from genesis_jax.train import train  # noqa: E402
 
 
 def bare_step(cfg: C.Config, steps: int, mask: MaskParams) -> dict[str, Any]:
     setup = build(cfg)
+    state_bytes = max(bytes_per_device((setup.state.params, setup.state.opt_state)).values())
+    mesh = "x".join(f"{a}{n}" for a, n in setup.mesh.shape.items() if n > 1) or "1 device"
     t0 = time.perf_counter()
     controls = StepControls.make(mask=mask)
     step = compile_step(cfg, setup, controls)
@@ -60,7 +65,7 @@ def bare_step(cfg: C.Config, steps: int, mask: MaskParams) -> dict[str, Any]:
     temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
     args = getattr(mem, "argument_size_in_bytes", None) if mem is not None else None
     return {"compile_s": compile_s, "step_ms": 1000 * step_s, "temp_mib": temp / 2**20 if temp else None,
-            "args_mib": args / 2**20 if args else None}
+            "args_mib": args / 2**20 if args else None, "state_mib": state_bytes / 2**20, "mesh": mesh}
 
 
 def loop_tokens_per_sec(cfg: C.Config, steps: int) -> float | None:
@@ -120,13 +125,14 @@ def main() -> int:
         m = cfg.model
         rows.append({
             "variant": name, "model": f"{m.dim}d x {m.n_layers}L h{m.n_heads}/{m.n_kv_heads} ffn{m.intermediate_size}",
-            "dtype": m.compute_dtype, "attention": m.attention, "mask": kind, "tokens_per_step": tokens,
+            "dtype": m.compute_dtype, "attention": m.attention, "mask": kind, "mesh": r["mesh"], "tokens_per_step": tokens,
             "compile_s": round(r["compile_s"], 2), "step_ms": round(r["step_ms"], 3),
             "step_vs_first": round(r["step_ms"] / rows[0]["step_ms"], 3) if rows else 1.0, "tokens_per_s": round(tps),
             "loop_tokens_per_s": round(loop) if loop else None,
             "loop_over_bare": round(loop / tps, 3) if loop else None,
             "mfu": round(tps * train_flops_per_token(m, cfg.data.seq_len) / (peak * jax.device_count()), 4) if peak else None,
             "temp_mib": round(r["temp_mib"], 1) if r["temp_mib"] else None,
+            "state_mib_per_device": round(r["state_mib"], 3),  # params + optimizer state, measured from the shards
         })
     cols = list(rows[0])
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -62,9 +62,13 @@ class Validator:
     """Scores fixed held-out windows: global and per-locale CE, perplexity, bits per byte."""
 
     def __init__(self, windows: ValWindows, batch_size: int, graphdef: nnx.GraphDef,
-                 sharding: jax.sharding.Sharding | None = None):
+                 sharding: jax.sharding.Sharding | None = None, params_sharding: Any = None):
+        """`sharding`: of a batch of windows; with `params_sharding` the step is compiled with
+        explicit in/out shardings (the training state's, on its mesh)."""
         self.w, self.batch, self.sharding = windows, batch_size, sharding
-        self.fn = jax.jit(make_eval_step(graphdef))
+        explicit = {} if params_sharding is None else {"in_shardings": (params_sharding, sharding, sharding),
+                                                       "out_shardings": sharding}
+        self.fn = jax.jit(make_eval_step(graphdef), **explicit)
 
     def __call__(self, params: nnx.State) -> dict[str, float]:
         return ce_summary(window_losses(self.fn, params, self.w, self.batch, self.sharding), self.w)

@@ -97,7 +97,8 @@ class TrainLoop:
                   "seq_len": cfg.data.seq_len, "max_steps": tc.max_steps, "seed": tc.seed})
         self.console = Console(tc.max_steps, cfg.logging.progress)
         self.sinks: list[Sink] = open_sinks(cfg, run_dir, db, self.console)
-        self.validator = Validator(setup.windows, tc.batch_size, setup.graphdef, batch_sharding(setup.mesh))
+        self.validator = Validator(setup.windows, tc.batch_size, setup.graphdef, batch_sharding(setup.mesh),
+                                   setup.state_sharding.params)
         self.suite = (EvalSuite(cfg, setup.corpus, setup.locales, setup.graphdef, setup.streams)
                       if cfg.eval.interval else None)
         self.throughput = Throughput(tc.batch_size * tc.grad_accum_steps * cfg.data.seq_len, tc.max_steps)

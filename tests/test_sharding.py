@@ -64,3 +64,37 @@ def test_mesh_sizes_against_the_device_count():
         mesh_shape(p(data=2, fsdp=2), 8)
     with pytest.raises(ConfigError, match=r"parallel.data = -1: the other axes \(3 devices\) do not divide"):
         mesh_shape(p(tensor=3), 8)
+
+
+def devices_env(n: int) -> dict:
+    return {**ENV, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+
+
+def test_resume_onto_other_meshes_follows_the_uninterrupted_run(fixture_corpus, tmp_path):
+    """fsdp=4 on 4 devices -> data=2 on 2 devices -> fsdp=2 x tensor=2 on 4 devices, each launch
+    restoring the previous one's checkpoint into its own shardings: the losses of one
+    uninterrupted single-device run. Then a single-device `generate` reads the sharded checkpoint."""
+    from test_resume import command, logged, write_config
+
+    cfg = write_config(tmp_path / "run.toml", fixture_corpus)
+    # A constant schedule: each launch stops at its own max_steps, which a cosine would depend on.
+    steps = ["--set", "checkpoint.save_interval=12", "--set", "training.val_interval=12", "--set", "optim.schedule=constant"]
+    ref = tmp_path / "ref"
+    r = subprocess.run(command(cfg, ref) + steps + ["--set", "training.max_steps=36"], env=devices_env(1), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = tmp_path / "run"
+    for n, mesh, until in ((4, ["parallel.data=1", "parallel.fsdp=4"], 12), (2, ["parallel.data=2"], 24),
+                           (4, ["parallel.data=1", "parallel.fsdp=2", "parallel.tensor=2"], 36)):
+        sets = [x for m in mesh for x in ("--set", m)] + ["--set", f"training.max_steps={until}"]
+        r = subprocess.run(command(cfg, run) + steps + sets, env=devices_env(n), cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"{n} cpu device(s)" in r.stdout and (until == 12 or f"from step {until - 12}" in r.stderr)
+    ra, rb = logged(ref), logged(run)
+    assert [x[0] for x in rb] == [x[0] for x in ra] == list(range(36))
+    np.testing.assert_allclose(np.array(rb, dtype=float)[:, 1:], np.array(ra, dtype=float)[:, 1:], rtol=2e-5)
+    r = subprocess.run([sys.executable, "-m", "genesis_jax.generate", "--run", str(run), "--prompt", "In the",
+                        "--max-tokens", "8", "--temperature", "0"], env=devices_env(1), cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("In the") and "step 36" in r.stderr, r.stderr[-2000:]
