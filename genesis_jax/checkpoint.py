@@ -68,6 +68,8 @@ class Checkpointer:
     def pin(self, step: int) -> None:
         """Never delete `step` (it must be saved, now or already)."""
         self.pinned.add(step)
+        if jax.process_index() != 0:  # every process keeps the set; one writes it
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.pinned_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(sorted(self.pinned)))
@@ -119,7 +121,8 @@ class Checkpointer:
             except ResumeError as e:
                 failures.append(f"step {step}: {e}")
                 print_err(f"checkpoint {step} does not restore: {e}")
-                print_err(f"  moved to {self.set_aside(step)}; trying the next older one")
+                if jax.process_index() == 0:  # one process moves it; every process tries the next
+                    print_err(f"  moved to {self.set_aside(step)}; trying the next older one")
                 continue
             return step, state, meta
         if failures:

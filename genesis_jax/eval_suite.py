@@ -18,6 +18,7 @@ from .data import Streams, ValWindows, val_windows
 from .similarity import char_error_rate, linear_cka, procrustes_residual, retrieval_top1
 from .eval_metrics import VERSE, reconstruction_kinds
 from .sampler import MaskParams, make_mask
+from .sharding import put
 from .step import make_eval_step
 from .tasks import pooled
 from .tokenizer import BYTE_OFFSET, PAD_ID
@@ -39,7 +40,7 @@ def window_losses(fn: WindowLossFn, params: nnx.State, w: ValWindows, batch: int
         idx = np.arange(lo, lo + batch) % n
         x, y = w.inputs[idx], w.labels[idx]
         if sharding is not None:
-            x, y = jax.device_put(x, sharding), jax.device_put(y, sharding)
+            x, y = put(x, sharding), put(y, sharding)
         out.append(np.asarray(fn(params, x, y))[: min(batch, n - lo)])
     return np.concatenate(out) if out else np.zeros(0)
 
@@ -62,12 +63,13 @@ class Validator:
     """Scores fixed held-out windows: global and per-locale CE, perplexity, bits per byte."""
 
     def __init__(self, windows: ValWindows, batch_size: int, graphdef: nnx.GraphDef,
-                 sharding: jax.sharding.Sharding | None = None, params_sharding: Any = None):
-        """`sharding`: of a batch of windows; with `params_sharding` the step is compiled with
-        explicit in/out shardings (the training state's, on its mesh)."""
+                 sharding: jax.sharding.Sharding | None = None, params_sharding: Any = None,
+                 out_sharding: jax.sharding.Sharding | None = None):
+        """`sharding`: of a batch of windows; with `params_sharding` and `out_sharding` (the
+        training state's, and a replicated one on its mesh) the step has explicit shardings."""
         self.w, self.batch, self.sharding = windows, batch_size, sharding
         explicit = {} if params_sharding is None else {"in_shardings": (params_sharding, sharding, sharding),
-                                                       "out_shardings": sharding}
+                                                       "out_shardings": out_sharding}
         self.fn = jax.jit(make_eval_step(graphdef), **explicit)
 
     def __call__(self, params: nnx.State) -> dict[str, float]:

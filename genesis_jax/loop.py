@@ -6,6 +6,7 @@ What the run knows lives in `ResearchState` (research.py); where its numbers go,
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
@@ -21,6 +22,7 @@ from .checkpoint import Checkpointer, model_shape
 from .cli import first_line, write_traceback
 from .config import Config
 from .curriculum import Controls, Signal
+from .distributed import any_process, is_primary
 from .eval_metrics import go_no_go
 from .eval_suite import EvalSuite, Validator
 from .flops import peak_flops, train_flops_per_token
@@ -28,7 +30,7 @@ from .logs import Console, MetricsDB, print_err
 from .research import ResearchState
 from .runtime import Setup
 from .sampler import MaskParams
-from .sharding import batch_sharding
+from .sharding import batch_sharding, put, replicated
 from .sinks import Metrics, RunEnd, Sink, open_sinks
 from .step import StepControls, StepFn, TrainState
 
@@ -91,14 +93,18 @@ class TrainLoop:
         tc = cfg.training
         self.run_dir = run_dir
         self.research = ResearchState.restore(cfg, setup.locales, setup.has_words, meta)
-        db = MetricsDB(run_dir / "metrics.sqlite")
-        db.start(config_lib.config_hash(cfg), model_shape(cfg),
-                 {"lr": cfg.optim.lr, "batch_size": tc.batch_size, "grad_accum_steps": tc.grad_accum_steps,
-                  "seq_len": cfg.data.seq_len, "max_steps": tc.max_steps, "seed": tc.seed})
-        self.console = Console(tc.max_steps, cfg.logging.progress)
-        self.sinks: list[Sink] = open_sinks(cfg, run_dir, db, self.console)
+        self.sinks: list[Sink] = []
+        if is_primary():  # one process writes what the run reports
+            db = MetricsDB(run_dir / "metrics.sqlite")
+            db.start(config_lib.config_hash(cfg), model_shape(cfg),
+                     {"lr": cfg.optim.lr, "batch_size": tc.batch_size, "grad_accum_steps": tc.grad_accum_steps,
+                      "seq_len": cfg.data.seq_len, "max_steps": tc.max_steps, "seed": tc.seed})
+            self.console = Console(tc.max_steps, cfg.logging.progress)
+            self.sinks = open_sinks(cfg, run_dir, db, self.console)
+        else:
+            self.console = Console(tc.max_steps, "lines", io.StringIO())
         self.validator = Validator(setup.windows, tc.batch_size, setup.graphdef, batch_sharding(setup.mesh),
-                                   setup.state_sharding.params)
+                                   setup.state_sharding.params, replicated(setup.mesh))
         self.suite = (EvalSuite(cfg, setup.corpus, setup.locales, setup.graphdef, setup.streams)
                       if cfg.eval.interval else None)
         self.throughput = Throughput(tc.batch_size * tc.grad_accum_steps * cfg.data.seq_len, tc.max_steps)
@@ -244,14 +250,15 @@ class TrainLoop:
         `self.state` is always the newest state (a save after a failure or a rollback needs it)."""
         cfg, tc = self.cfg, self.cfg.training
         state = self.state
-        seed_key = jax.random.key(tc.seed)
+        everywhere = replicated(self.setup.mesh)
+        seed_key = jax.random.wrap_key_data(put(jax.random.key_data(jax.random.key(tc.seed)), everywhere))
         corpus = self.setup.device_corpus
         last: tuple[Controls, float, StepControls] | None = None
         for s in range(self.done, tc.max_steps):
             ctl = self.research.curriculum.controls(s)
             lr_scale = self.research.lr_scale
             if last is None or last[0] != ctl or last[1] != lr_scale:  # new device scalars only on a change
-                last = (ctl, lr_scale, step_controls(ctl, cfg, lr_scale))
+                last = (ctl, lr_scale, put(step_controls(ctl, cfg, lr_scale), everywhere))
             state, metrics = step_fn(state, corpus, seed_key, last[2])
             self.state, self.done = state, s + 1
             self.queue.append((s, metrics, ctl))
@@ -259,8 +266,11 @@ class TrainLoop:
                 self.observe(*self.queue.pop(0))
             self.console.progress(self.done, self.throughput.eta(self.done))
             val_due = tc.val_interval and (self.done % tc.val_interval == 0 or self.done == tc.max_steps)
-            save_due = (self.done % cfg.checkpoint.save_interval == 0 or self.done == tc.max_steps
-                        or stop.signum is not None)
+            # One decision for every process: a signal to any of them stops all of them at this step.
+            agreed = any_process(stop.signum or 0)
+            if agreed and stop.signum is None:
+                stop.signum = agreed
+            save_due = self.done % cfg.checkpoint.save_interval == 0 or self.done == tc.max_steps or bool(agreed)
             if val_due or save_due:
                 # Decisions from step s only act from step s + 2, so observing it now is safe.
                 while self.queue:
@@ -272,7 +282,7 @@ class TrainLoop:
                 self.evaluate(state.params, self.done)
             if save_due:
                 self.ckpt.save(self.done, state, self.meta(self.done))
-            if stop.signum is not None:
+            if agreed:
                 return
         while self.queue:
             self.observe(*self.queue.pop(0))

@@ -15,7 +15,7 @@ from .corpus.store import Corpus
 from .data import Streams, ValWindows, open_configured, selected_locales, val_windows
 from .errors import UserError
 from .sampler import DeviceCorpus, build_device_corpus
-from .sharding import check_devices, make_mesh, replicated, state_shardings
+from .sharding import check_devices, make_mesh, put, replicated, state_shardings
 from .step import StepControls, StepFn, TrainState, init_model, init_state, make_train_step
 from .tasks import build_verse_index
 
@@ -44,10 +44,10 @@ def build(cfg: Config) -> Setup:
     locales = selected_locales(corpus, cfg.data)
     tokens, words, starts = corpus.stream(locales, heldout=False)
     everywhere = replicated(mesh)
-    device_corpus = build_device_corpus(tokens, words, starts, cfg.data.seq_len, everywhere)
+    device_corpus = put(build_device_corpus(tokens, words, starts, cfg.data.seq_len), everywhere)
     if cfg.mtl.enabled:
         index = build_verse_index(corpus, locales, starts)
-        device_corpus = dataclasses.replace(device_corpus, verses=jax.device_put(index, everywhere))
+        device_corpus = dataclasses.replace(device_corpus, verses=put(index, everywhere))
     if int(device_corpus.valid_cum[-1]) == 0:
         raise UserError(f"data.seq_len = {cfg.data.seq_len}: longer than every locale's training text in {corpus.path}")
     heldout = corpus.stream(locales, heldout=True)
@@ -62,7 +62,7 @@ def placed_state(cfg: Config, mesh: Mesh) -> tuple[nnx.GraphDef, TrainState, Any
     model = init_model(cfg, mesh)
     state = init_state(cfg, model)
     shardings = state_shardings(mesh, state)
-    return nnx.graphdef(model), jax.device_put(state, shardings), shardings
+    return nnx.graphdef(model), put(state, shardings), shardings
 
 
 def compile_step(cfg: Config, s: Setup, controls: StepControls) -> StepFn:

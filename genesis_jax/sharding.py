@@ -124,6 +124,18 @@ def state_shardings(mesh: Mesh, state: Any) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, mesh_spec(s)), specs, is_leaf=lambda x: isinstance(x, P))
 
 
+def put(tree: Any, shardings: Any) -> Any:
+    """Host values onto the mesh (one sharding, or a tree of them): each process fills the
+    blocks of its own devices from its copy of the same value, so this works across processes."""
+    def one(x: Any, s: jax.sharding.Sharding) -> jax.Array:
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
+
+
 def bytes_per_device(tree: Any) -> dict[int, int]:
     """Bytes each device holds of a pytree of arrays, measured from their addressable shards."""
     out: dict[int, int] = {}

@@ -21,7 +21,8 @@ from . import config as config_lib
 from .checkpoint import Checkpointer, RefusedResume, check_shape
 from .cli import run_cli
 from .config import Config
-from .errors import UserError
+from .distributed import add_arguments as add_distributed_arguments, initialize as initialize_distributed, is_primary
+from .errors import ConfigError, UserError
 from .logs import print_err
 from .loop import TrainLoop
 from .rundir import RunLock, prepare
@@ -109,17 +110,19 @@ def train(cfg: Config, run_dir: Path, allow_corpus_change: bool = False, own_pro
     log file until exit (background writers report at shutdown too); otherwise the routing is
     undone on return, for a caller that goes on."""
     prepare(run_dir)
-    lock = RunLock(run_dir)
-    took_over = lock.acquire()
+    lock = RunLock(run_dir) if is_primary() else None  # one lock per run: process 0 holds it
+    took_over = lock.acquire() if lock else None
     if took_over:
         print_err(f"{run_dir}: {took_over}")
-    restore_logs = route_library_logs(run_dir / "logs" / "libraries.log")
+    name = "libraries.log" if is_primary() else f"libraries-{jax.process_index()}.log"
+    restore_logs = route_library_logs(run_dir / "logs" / name)
     try:
         return train_locked(cfg, run_dir, allow_corpus_change)
     finally:
         if not own_process:
             restore_logs()
-        lock.release()
+        if lock:
+            lock.release()
 
 
 def train_locked(cfg: Config, run_dir: Path, allow_corpus_change: bool) -> int:
@@ -143,7 +146,8 @@ def train_locked(cfg: Config, run_dir: Path, allow_corpus_change: bool) -> int:
         print_err(f"resuming {run_dir} from step {latest}")
         for line in diffs:
             print_err(f"  changed since the last launch: {line}")
-    write_config(cfg, run_dir)  # only once the resume is known to be possible
+    if is_primary():
+        write_config(cfg, run_dir)  # only once the resume is known to be possible
 
     loop = TrainLoop(cfg, run_dir, setup, ckpt, meta)  # opens the logs: a broken one fails before compiling
     t_compile = time.time()
@@ -220,6 +224,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="override a config key, typed by the schema (repeatable)")
     ap.add_argument("--allow-corpus-change", action="store_true",
                     help="resume even though the corpus's content hash differs from the one the run trained on")
+    add_distributed_arguments(ap)
     return ap.parse_args(argv)
 
 
@@ -229,6 +234,10 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
 
     def body() -> int:
         cfg = config_lib.load(args.config, args.set)
+        initialize_distributed(args)
+        if jax.process_count() > 1 and cfg.eval.interval:
+            raise ConfigError(f"eval.interval = {cfg.eval.interval}: the quick suite during training runs in single-process "
+                              "runs only; set it to 0 and evaluate checkpoints with python -m genesis_jax.eval")
         return train(cfg, run_dir, args.allow_corpus_change, own_process)
 
     return run_cli("genesis_jax.train", body, lambda: run_dir / "logs" if run_dir.is_dir() else None)
