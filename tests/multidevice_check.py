@@ -17,13 +17,16 @@ from genesis_jax.sampler import MaskParams, build_device_corpus
 from genesis_jax.sharding import bytes_per_device, make_mesh, replicated
 from genesis_jax.step import StepControls, make_train_step
 
-MESHES = {"one": (1, {}), "data4": (4, {}), "fsdp4": (4, {"data": 1, "fsdp": 4}),
-          "data2_tensor2": (4, {"data": 2, "tensor": 2}), "fsdp2_tensor2": (4, {"data": 1, "fsdp": 2, "tensor": 2})}
+# name -> (devices, [parallel], accumulation steps, mask kind)
+MESHES = {"one": (1, {}, 2, "wwm"), "data4": (4, {}, 2, "wwm"), "fsdp4": (4, {"data": 1, "fsdp": 4}, 2, "wwm"),
+          "data2_tensor2": (4, {"data": 2, "tensor": 2}, 2, "wwm"),
+          "fsdp2_tensor2": (4, {"data": 1, "fsdp": 2, "tensor": 2}, 2, "wwm"),
+          "one_plain": (1, {}, 1, "none"), "fsdp2_tensor2_plain": (4, {"data": 1, "fsdp": 2, "tensor": 2}, 1, "none")}
 
 
-def run(n_devices: int, parallel: dict, attention: str, steps: int = 4) -> dict:
+def run(n_devices: int, parallel: dict, accum: int, mask: str, attention: str, steps: int = 4) -> dict:
     cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32", "n_kv_heads": 2, "attention": attention},
-                       "data": {"seq_len": 16}, "training": {"batch_size": 8, "grad_accum_steps": 2, "max_steps": 10},
+                       "data": {"seq_len": 16}, "training": {"batch_size": 8, "grad_accum_steps": accum, "max_steps": 10},
                        "optim": {"warmup_steps": 0, "lr": 1e-2}, "parallel": parallel})
     mesh = make_mesh(n_devices, cfg.parallel)
     rng = np.random.default_rng(0)
@@ -37,7 +40,7 @@ def run(n_devices: int, parallel: dict, attention: str, steps: int = 4) -> dict:
                    in_shardings=(shardings, everywhere, everywhere, everywhere), out_shardings=(shardings, everywhere))
     losses = []
     for _ in range(steps):
-        state, m = step(state, corpus, jax.random.key(3), StepControls.make(mask=MaskParams.make("wwm", 0.2)))
+        state, m = step(state, corpus, jax.random.key(3), StepControls.make(mask=MaskParams.make(mask, 0.2)))
         losses.append(float(m["loss"]))
     return {"losses": losses, "max_bytes_per_device": max(per_device.values()), "devices": len(per_device)}
 

@@ -26,6 +26,8 @@ def check(*args: str) -> dict:
 
 def test_every_mesh_follows_the_one_device_losses_and_fsdp_divides_the_state():
     out = check("xla")  # data=4, fsdp=4, data=2 x tensor=2, fsdp=2 x tensor=2; accumulation 2, WWM masking
+    plain = out.pop("fsdp2_tensor2_plain")  # and without either
+    np.testing.assert_allclose(plain["losses"], out.pop("one_plain")["losses"], rtol=2e-6)
     one = out.pop("one")
     assert one["losses"][-1] < one["losses"][0]
     for name, got in out.items():
