@@ -68,9 +68,7 @@ def local_attention_shape() -> list[int]:
 
 if __name__ == "__main__":
     assert jax.device_count() == 4, jax.devices()
-    if sys.argv[1:] == ["local_shape"]:
-        json.dump(local_attention_shape(), sys.stdout)
-        sys.exit(0)
-    attention = sys.argv[1] if len(sys.argv) > 1 else "xla"
-    names = sys.argv[2].split(",") if len(sys.argv) > 2 else list(MESHES)
-    json.dump({name: run(*MESHES[name], attention) for name in names}, sys.stdout)
+    out = {name: run(*MESHES[name], "xla") for name in MESHES}
+    out["pallas_fsdp2_tensor2"] = run(*MESHES["fsdp2_tensor2"], "pallas")
+    out["local_shape"] = local_attention_shape()
+    json.dump(out, sys.stdout)
