@@ -77,7 +77,7 @@ def devices_env(n: int) -> dict:
 def test_resume_onto_other_meshes_follows_the_uninterrupted_run(fixture_corpus, tmp_path):
     """fsdp=4 on 4 devices -> data=2 on 2 devices -> fsdp=2 x tensor=2 on 4 devices, each launch
     restoring the previous one's checkpoint into its own shardings: the losses of one
-    uninterrupted single-device run. Then a single-device `generate` reads the sharded checkpoint."""
+    uninterrupted single-device run. Then single-device `generate` and `eval` read the sharded checkpoint."""
     from test_resume import command, logged, write_config
 
     cfg = write_config(tmp_path / "run.toml", fixture_corpus)
@@ -103,3 +103,7 @@ def test_resume_onto_other_meshes_follows_the_uninterrupted_run(fixture_corpus, 
                         "--max-tokens", "8", "--temperature", "0"], env=devices_env(1), cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.startswith("In the") and "step 24" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "genesis_jax.eval", "--run", str(run), "--suite", "quick"],
+                       env=devices_env(1), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode in (0, 1) and "quick evaluation of" in r.stdout and "at step 24" in r.stdout, r.stderr[-2000:]
+    assert (run / "reports" / "eval_24.json").is_file()
