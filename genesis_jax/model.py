@@ -179,8 +179,8 @@ class Llama(nnx.Module):
             self.cfg = cfg
             self.dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
             attn = attn or attention.backend(cfg.attention)
-            self.embed = nnx.Param(cfg.embed_init_std * jax.random.normal(rngs.params(), (VOCAB_SIZE, cfg.dim), jnp.float32),
-                                   out_sharding=("vocab", "embed"))
+            embed_init = nnx.with_partitioning(nnx.initializers.normal(cfg.embed_init_std), ("vocab", "embed"))
+            self.embed = nnx.Param(embed_init(rngs.params(), (VOCAB_SIZE, cfg.dim), jnp.float32))
 
             @nnx.split_rngs(splits=cfg.n_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
