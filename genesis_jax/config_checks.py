@@ -14,7 +14,7 @@ from .errors import ConfigError
 from .tokenizer import VOCAB_SIZE
 
 if TYPE_CHECKING:
-    from .config import Config, CurriculumConfig
+    from .config import Config, CurriculumConfig, ModelSpec
 
 
 def did_you_mean(name: str, options: list[str]) -> str:
@@ -114,7 +114,12 @@ def validate_parallel(cfg: Config) -> None:
             raise ConfigError(f"parallel.{axis} = {n}: must be positive, or -1 for the remaining devices")
     if list(sizes.values()).count(-1) > 1:
         raise ConfigError("parallel: at most one of data, fsdp and tensor may be -1")
-    if p.tensor > 0:
-        for key, value in (("model.n_kv_heads", m.n_kv_heads), ("model.intermediate_size", m.intermediate_size)):
-            if value % p.tensor:
-                raise ConfigError(f"parallel.tensor = {p.tensor} does not divide {key} = {value}")
+    if p.tensor > 0:  # -1 is checked once the mesh resolves it
+        check_tensor_split(p.tensor, m)
+
+
+def check_tensor_split(tensor: int, m: ModelSpec) -> None:
+    """Heads (query and KV) and the SwiGLU hidden dimension split evenly over `tensor` devices."""
+    for key, value in (("model.n_kv_heads", m.n_kv_heads), ("model.intermediate_size", m.intermediate_size)):
+        if value % tensor:
+            raise ConfigError(f"parallel.tensor = {tensor} does not divide {key} = {value}")

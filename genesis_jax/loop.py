@@ -110,7 +110,7 @@ class TrainLoop:
         self.throughput = Throughput(tc.batch_size * tc.grad_accum_steps * cfg.data.seq_len, tc.max_steps)
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = peak_flops()
-        self.status, self.done, self.start = "completed", 0, 0
+        self.status, self.done = "completed", 0
         self.last_loss: float | None = None
         self.last_val: float | None = None
         self.queue: list[tuple[int, dict[str, jax.Array], Controls]] = []  # dispatched, not yet observed
@@ -215,8 +215,7 @@ class TrainLoop:
     def run(self, state: TrainState, step_fn: StepFn, stop: StopFlag) -> int:
         tc = self.cfg.training
         self.done = int(state.step)
-        self.start = self.done
-        self.throughput.restart(self.done)
+        self.throughput.restart(self.done)  # its `start`: the step this launch began at
         self.observed = self.done - 1
         code = 0
         self.state = state
@@ -251,7 +250,7 @@ class TrainLoop:
         cfg, tc = self.cfg, self.cfg.training
         state = self.state
         everywhere = replicated(self.setup.mesh)
-        seed_key = jax.random.wrap_key_data(put(jax.random.key_data(jax.random.key(tc.seed)), everywhere))
+        seed_key = put(jax.random.key(tc.seed), everywhere)
         corpus = self.setup.device_corpus
         last: tuple[Controls, float, StepControls] | None = None
         for s in range(self.done, tc.max_steps):
@@ -328,7 +327,7 @@ class TrainLoop:
         """Save the state reached before a failure, if it is newer than the last checkpoint; says
         what happened, including why a save was impossible."""
         leaves = jax.tree.leaves(state)
-        if self.done <= self.start or any(getattr(x, "is_deleted", lambda: False)() for x in leaves):
+        if self.done <= self.throughput.start or any(getattr(x, "is_deleted", lambda: False)() for x in leaves):
             return ""
         try:
             self.ckpt.wait()

@@ -44,7 +44,7 @@ def build(cfg: Config) -> Setup:
     locales = selected_locales(corpus, cfg.data)
     tokens, words, starts = corpus.stream(locales, heldout=False)
     everywhere = replicated(mesh)
-    device_corpus = put(build_device_corpus(tokens, words, starts, cfg.data.seq_len), everywhere)
+    device_corpus = build_device_corpus(tokens, words, starts, cfg.data.seq_len, everywhere)
     if cfg.mtl.enabled:
         index = build_verse_index(corpus, locales, starts)
         device_corpus = dataclasses.replace(device_corpus, verses=put(index, everywhere))

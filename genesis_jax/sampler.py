@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .sharding import put
 from .tokenizer import BYTE_OFFSET
 
 if TYPE_CHECKING:  # tasks.py builds on this module
@@ -72,7 +73,7 @@ def build_device_corpus(tokens: np.ndarray, word_starts: np.ndarray, locale_star
         tokens=np.asarray(tokens, dtype=np.uint8), word_starts=np.asarray(word_starts, dtype=np.uint8),
         locale_starts=starts.astype(np.int32),
         valid_cum=np.concatenate([[0], np.cumsum(valid)]).astype(np.int32))
-    return jax.device_put(arrays, device) if device is not None else jax.tree.map(jnp.asarray, arrays)
+    return put(arrays, device) if device is not None else jax.tree.map(jnp.asarray, arrays)
 
 
 def window_starts(corpus: DeviceCorpus, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .attention import Backend
 from .config import Config, ParallelConfig
+from .config_checks import check_tensor_split
 from .errors import ConfigError
 
 DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
@@ -68,10 +69,7 @@ def check_devices(cfg: Config, mesh: Mesh) -> None:
     if cfg.training.batch_size % split:
         raise ConfigError(f"training.batch_size = {cfg.training.batch_size} is not divisible by "
                           f"parallel.data x parallel.fsdp = {split} (the devices a batch is split over)")
-    tensor, m = mesh.shape[TENSOR], cfg.model
-    for key, value in (("model.n_kv_heads", m.n_kv_heads), ("model.intermediate_size", m.intermediate_size)):
-        if value % tensor:
-            raise ConfigError(f"parallel.tensor = {tensor} does not divide {key} = {value}")
+    check_tensor_split(mesh.shape[TENSOR], cfg.model)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -128,6 +126,8 @@ def put(tree: Any, shardings: Any) -> Any:
     """Host values onto the mesh (one sharding, or a tree of them): each process fills the
     blocks of its own devices from its copy of the same value, so this works across processes."""
     def one(x: Any, s: jax.sharding.Sharding) -> jax.Array:
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # a typed PRNG key: place its raw bits
+            return jax.random.wrap_key_data(one(jax.random.key_data(x), s), impl=jax.random.key_impl(x))
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
 
