@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 
 import jax
 
-from kernels import decode_attention, flash_attention, reference_attention
+from kernels import decode_attention, flash_attention, reference_attention, target_platform
 
 from .errors import ConfigError
 
@@ -68,9 +68,10 @@ def auto_choice(platform: str) -> str:
 
 
 def backend(name: str, platform: str | None = None) -> Backend:
-    """The backend `model.attention = name` selects on `platform` (default: JAX's), or a
-    ConfigError naming the key when it does not exist or cannot run here."""
-    platform = platform or jax.default_backend()
+    """The backend `model.attention = name` selects on `platform` (default: the target's,
+    `kernels.target_platform`), or a ConfigError naming the key when it does not exist or
+    cannot run there."""
+    platform = platform or target_platform()
     if name == AUTO:
         name = auto_choice(platform)
     if name not in BACKENDS:

@@ -59,9 +59,9 @@ class Batch:
     masked: jax.Array  # [..., L] bool which inputs were masked
 
 
-def build_device_corpus(tokens: np.ndarray, word_starts: np.ndarray, locale_starts: np.ndarray,
-                        seq_len: int, device: jax.sharding.Sharding | None = None) -> DeviceCorpus:
-    """Put one split on the device; a locale shorter than seq_len + 1 bytes gets no windows."""
+def corpus_arrays(tokens: np.ndarray, word_starts: np.ndarray, locale_starts: np.ndarray, seq_len: int) -> DeviceCorpus:
+    """One split as the host arrays the device will hold; a locale shorter than seq_len + 1
+    bytes gets no windows."""
     starts = np.asarray(locale_starts, dtype=np.int64)
     lengths = np.diff(starts)
     valid = np.maximum(lengths - seq_len, 0)
@@ -69,10 +69,16 @@ def build_device_corpus(tokens: np.ndarray, word_starts: np.ndarray, locale_star
         raise ValueError(f"corpus split of {starts[-1]} bytes exceeds the int32 index range")
     # A window's locale comes from these ranges (no per-byte locale ids: one byte per corpus
     # byte of device memory saved, and no 256-locale limit).
-    arrays = DeviceCorpus(
+    return DeviceCorpus(
         tokens=np.asarray(tokens, dtype=np.uint8), word_starts=np.asarray(word_starts, dtype=np.uint8),
         locale_starts=starts.astype(np.int32),
         valid_cum=np.concatenate([[0], np.cumsum(valid)]).astype(np.int32))
+
+
+def build_device_corpus(tokens: np.ndarray, word_starts: np.ndarray, locale_starts: np.ndarray,
+                        seq_len: int, device: jax.sharding.Sharding | None = None) -> DeviceCorpus:
+    """Put one split on the device (`corpus_arrays` placed)."""
+    arrays = corpus_arrays(tokens, word_starts, locale_starts, seq_len)
     return put(arrays, device) if device is not None else jax.tree.map(jnp.asarray, arrays)
 
 

@@ -54,13 +54,16 @@ def mesh_shape(p: ParallelConfig, n_devices: int) -> dict[str, int]:
     return sizes
 
 
-def make_mesh(n_devices: int | None = None, parallel: ParallelConfig | None = None) -> Mesh:
-    """The (data, fsdp, tensor) mesh over the first `n_devices` devices (default: all); without
-    `parallel`, every device on `data`."""
-    n = n_devices or jax.device_count()
+def make_mesh(n_devices: int | None = None, parallel: ParallelConfig | None = None,
+              devices: list[jax.Device] | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over the first `n_devices` of `devices` (default: all of
+    JAX's; `plan` passes the compile-only devices of a GPU it compiles for); without `parallel`,
+    every device on `data`."""
+    pool = jax.devices() if devices is None else devices
+    n = n_devices or len(pool)
     sizes = mesh_shape(parallel or ParallelConfig(), n)
-    devices = np.asarray(jax.devices()[:n]).reshape(tuple(sizes[a] for a in AXES))
-    return Mesh(devices, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+    grid = np.asarray(pool[:n]).reshape(tuple(sizes[a] for a in AXES))
+    return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
 def check_devices(cfg: Config, mesh: Mesh) -> None:

@@ -1,6 +1,7 @@
 """Attention kernels and their XLA references."""
 
 from .flash_attention import BlockSizes, flash_attention
+from .platform import target_platform
 from .reference import decode_attention, reference_attention
 
-__all__ = ["BlockSizes", "decode_attention", "flash_attention", "reference_attention"]
+__all__ = ["BlockSizes", "decode_attention", "flash_attention", "reference_attention", "target_platform"]

@@ -22,6 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from .platform import target_platform
+
 LOG2E = math.log2(math.e)
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: masked rows never give inf - inf
 EMPTY_ROW_LSE = 1e30  # log2-sum of a row with no visible key: every recomputed p becomes 0
@@ -361,15 +363,16 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
                     block_sizes: BlockSizes | None = None, interpret: bool | None = None) -> jax.Array:
     """Fused attention with the signature of `reference_attention`; differentiable.
 
-    `interpret=None` runs Pallas interpret mode when no GPU is present (tests on CPU). A query
-    that sees no key returns zeros, as the reference does: under a causal mask with
-    seq_q > seq_kv, the first seq_q - seq_kv queries (bottom-right alignment) see none.
+    `interpret=None` runs Pallas interpret mode unless the target is a GPU (`target_platform`:
+    tests on CPU interpret, a deviceless GPU compile does not). A query that sees no key returns
+    zeros, as the reference does: under a causal mask with seq_q > seq_kv, the first
+    seq_q - seq_kv queries (bottom-right alignment) see none.
     """
     _check(q, k, v, segment_ids)
     b, sq, hq, d = q.shape
     skv = k.shape[1]
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = target_platform() != "gpu"
     blocks = block_sizes or BlockSizes.for_head_dim(d)
     d_p = max(16, pl.next_power_of_2(d))
     bq, bk = _fit(blocks.block_q, sq), _fit(blocks.block_k, skv)
