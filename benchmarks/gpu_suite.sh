@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU suite for a lent H200 (see README "GPU suite"). Runs from the checkout with
 # PYTHONPATH=. (nothing is pip-installed there) on a synthetic corpus, and writes its tables
-# under $OUT (default ./gpu_out). Budget: each stage has its own timeout (90 + 270 + 180 s, at
+# under $OUT (default ./gpu_out). Budget: each stage has its own timeout (90 + 250 + 200 s, at
 # most 9 minutes together); a stage that times out leaves the others' tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,13 +25,15 @@ timeout 90 python -m genesis_jax.verify --out "$OUT/verify.csv" 2>&1 | tee "$OUT
 echo "== attention kernels: registered backends (pallas, xla reference, cudnn) vs jax.nn XLA, bundled mha, PyTorch SDPA (bf16)"
 # Model shapes (with and without GQA) and the FlashAttention grid's causal hd128 row, then the
 # headline shape non-causal and at hd64 (seq 2048).
-timeout 270 bash -c 'python benchmarks/attention.py --shapes model,paper --seqs 512,2048,8192 --head-dims 128 \
+timeout 250 bash -c 'python benchmarks/attention.py --shapes model,paper --seqs 512,2048,8192 --head-dims 128 \
   --causal true --iters 20 --out "$OUT" \
   && python benchmarks/attention.py --shapes paper --seqs 2048 --head-dims 64,128 --causal false --iters 20 \
   --out "$OUT/noncausal"' 2>&1 | tee "$OUT/attention.txt" || status=1
 
-echo "== train step: bare jitted step vs training loop, two model sizes, bf16"
-timeout 180 python benchmarks/train_step.py --config configs/gpu_bench.toml --steps 20 --loop-steps 40 \
+echo "== train step: bare jitted step vs training loop, two model sizes, bf16; the first variant's measured"
+echo "   peak memory beside the peak python -m genesis_jax.plan predicts for an H200 (compiled deviceless)"
+timeout 200 python benchmarks/train_step.py --config configs/gpu_bench.toml --steps 20 --loop-steps 40 \
+  --plan-target h200 \
   --variant "deep_narrow_40:model.preset=deep_narrow_40" \
   --variant "microscope:model.preset=microscope" \
   --variant "deep_narrow_40-wwm:model.preset=deep_narrow_40,mask=wwm" \

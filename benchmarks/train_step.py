@@ -8,8 +8,10 @@ Each variant reports: compile time, step time and tokens/s of the bare AOT-compi
 loop's tokens/s for the same config (median of its logged intervals, first and last dropped:
 they hold compilation and the final checkpoint), the loop/bare ratio, MFU where the device's
 peak is known, XLA's memory estimate, the mesh and the bytes of parameters + optimizer state each device
-holds (measured from the shards; a variant may set `parallel.*` keys), and each variant's step
-time relative to the first
+holds (measured from the shards; a variant may set `parallel.*` keys), the device's measured peak
+memory (where the device reports it; per process, so only the first variant's is its own) and,
+with `--plan-target`, the peak `python -m genesis_jax.plan` predicts for the first variant, and
+each variant's step time relative to the first
 (masking rows: WWM/span mask probability from the config's [curriculum]). A CPU time is not a
 GPU kernel speed.
 """
@@ -34,6 +36,8 @@ import jax  # noqa: E402
 from benchmarks.synthetic import synthetic_corpus  # noqa: E402
 from genesis_jax import config as C  # noqa: E402
 from genesis_jax.flops import peak_flops, train_flops_per_token  # noqa: E402
+from genesis_jax.errors import UserError  # noqa: E402
+from genesis_jax.plan import compile as plan_compile  # noqa: E402
 from genesis_jax.sampler import MASK_KINDS, MaskParams  # noqa: E402
 from genesis_jax.runtime import build, compile_step  # noqa: E402
 from genesis_jax.sharding import bytes_per_device  # noqa: E402
@@ -68,6 +72,20 @@ def bare_step(cfg: C.Config, steps: int, mask: MaskParams) -> dict[str, Any]:
             "args_mib": args / 2**20 if args else None, "state_mib": state_bytes / 2**20, "mesh": mesh}
 
 
+def planned_peak_mib(config: str, overrides: list[str], target: str) -> float | None:
+    """The train step's peak memory per device as `python -m genesis_jax.plan` predicts it."""
+    job = {"kind": "train", "config": str(Path(config).resolve()), "set": overrides}
+    try:
+        result = plan_compile.run([job], target).results[0]
+    except UserError as e:  # no toolchain here: the table still has the measurements
+        print(f"# plan for {target} skipped: {e}", file=sys.stderr)
+        return None
+    if not result.ok:
+        print(f"# plan for {target} failed: {result.error}", file=sys.stderr)
+        return None
+    return result.memory_rows()[1] / 2**20
+
+
 def loop_tokens_per_sec(cfg: C.Config, steps: int) -> float | None:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
@@ -94,6 +112,8 @@ def main() -> int:
     ap.add_argument("--loop-steps", type=int, default=60, help="0 skips the training-loop measurement")
     ap.add_argument("--corpus", default="synthetic", help="'synthetic', 'config' (the config's corpus) or a corpus path")
     ap.add_argument("--out", type=Path, help="CSV file to write")
+    ap.add_argument("--plan-target", help="also compile the first variant with `genesis_jax.plan` for this target "
+                    "(h100, h200, local) and report its predicted peak memory beside the measured one")
     args = ap.parse_args()
 
     base = list(args.set)
@@ -118,7 +138,9 @@ def main() -> int:
         k = cfg.curriculum
         mask = MaskParams.make(kind, k.span_mask_prob if kind == "span" else k.wwm_mask_prob, k.span_min_len,
                                k.span_max_len, cfg.data.mask_id)
+        planned = planned_peak_mib(args.config, overrides, args.plan_target) if args.plan_target and not rows else None
         r = bare_step(cfg, args.steps, mask)
+        stats = device.memory_stats() or {}
         tps = tokens / (r["step_ms"] / 1000)
         loop = loop_tokens_per_sec(cfg, args.loop_steps) if args.loop_steps else None
         peak = peak_flops(device)
@@ -133,6 +155,9 @@ def main() -> int:
             "mfu": round(tps * train_flops_per_token(m, cfg.data.seq_len) / (peak * jax.device_count()), 4) if peak else None,
             "temp_mib": round(r["temp_mib"], 1) if r["temp_mib"] else None,
             "state_mib_per_device": round(r["state_mib"], 3),  # params + optimizer state, measured from the shards
+            # the device's peak is per process: only the first variant's is its own
+            "peak_mib": round(stats["peak_bytes_in_use"] / 2**20, 1) if "peak_bytes_in_use" in stats else None,
+            "plan_peak_mib": round(planned, 1) if planned else None,
         })
     cols = list(rows[0])
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}

@@ -59,6 +59,15 @@ def ce_summary(per: np.ndarray, w: ValWindows, prefix: str = "val") -> dict[str,
     return out
 
 
+def jit_validation_step(graphdef: nnx.GraphDef, sharding: jax.sharding.Sharding | None = None, params_sharding: Any = None,
+                        out_sharding: jax.sharding.Sharding | None = None) -> jax.stages.Wrapped:
+    """The jitted per-window loss of validation; explicit shardings when `params_sharding` is given
+    (shared with `plan`, which compiles it for a GPU)."""
+    explicit = {} if params_sharding is None else {"in_shardings": (params_sharding, sharding, sharding),
+                                                   "out_shardings": out_sharding}
+    return jax.jit(make_eval_step(graphdef), **explicit)
+
+
 class Validator:
     """Scores fixed held-out windows: global and per-locale CE, perplexity, bits per byte."""
 
@@ -68,9 +77,7 @@ class Validator:
         """`sharding`: of a batch of windows; with `params_sharding` and `out_sharding` (the
         training state's, and a replicated one on its mesh) the step has explicit shardings."""
         self.w, self.batch, self.sharding = windows, batch_size, sharding
-        explicit = {} if params_sharding is None else {"in_shardings": (params_sharding, sharding, sharding),
-                                                       "out_shardings": out_sharding}
-        self.fn = jax.jit(make_eval_step(graphdef), **explicit)
+        self.fn = jit_validation_step(graphdef, sharding, params_sharding, out_sharding)
 
     def __call__(self, params: nnx.State) -> dict[str, float]:
         return ce_summary(window_losses(self.fn, params, self.w, self.batch, self.sharding), self.w)

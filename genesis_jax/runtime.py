@@ -93,7 +93,7 @@ def abstract_state(cfg: Config, mesh: Mesh) -> tuple[nnx.GraphDef, TrainState, A
     return graphdef, state, shardings
 
 
-def jit_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, state_sharding: Any, n_locales: int) -> Any:
+def jit_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, state_sharding: Any, n_locales: int) -> jax.stages.Wrapped:
     """The train step under `jax.jit` with explicit shardings (the state's from its logical axes,
     everything else replicated) and the state donated."""
     step = make_train_step(cfg, graphdef, mesh, n_locales=n_locales)

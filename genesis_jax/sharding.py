@@ -68,11 +68,16 @@ def make_mesh(n_devices: int | None = None, parallel: ParallelConfig | None = No
 
 def check_devices(cfg: Config, mesh: Mesh) -> None:
     """Checks that need the mesh: the batch splits over data x fsdp, heads and hidden over tensor."""
-    split = mesh.shape[DATA] * mesh.shape[FSDP]
+    split = batch_split(mesh)
     if cfg.training.batch_size % split:
         raise ConfigError(f"training.batch_size = {cfg.training.batch_size} is not divisible by "
                           f"parallel.data x parallel.fsdp = {split} (the devices a batch is split over)")
     check_tensor_split(mesh.shape[TENSOR], cfg.model)
+
+
+def batch_split(mesh: Mesh) -> int:
+    """How many ways a batch is split (data x fsdp)."""
+    return math.prod(mesh.shape[a] for a in BATCH)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -33,7 +33,8 @@ MAX_HEAD_DIM = 256
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tile sizes; each is capped at the (power-of-two rounded) sequence length."""
+    """Tile sizes (each capped at the power-of-two rounded sequence length) and Triton's
+    compiler parameters, for the forward kernel and for the two backward kernels apart."""
 
     block_q: int = 64
     block_k: int = 64
@@ -41,12 +42,33 @@ class BlockSizes:
     block_k_bwd: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    num_warps_bwd: int | None = None  # None: as the forward
+    num_stages_bwd: int | None = None
 
     @staticmethod
-    def for_head_dim(head_dim: int) -> "BlockSizes":
-        if head_dim <= 64:
-            return BlockSizes(128, 64, 64, 64, num_warps=4, num_stages=3)
-        return BlockSizes(128, 64, 64, 64, num_warps=8, num_stages=2)
+    def for_head_dim(head_dim: int, dtype: Any = jnp.bfloat16) -> "BlockSizes":
+        """The default per (padded) head dim and input dtype: chosen from compile properties on
+        sm_90a, not from timings (kernels/README.md, "Block sizes")."""
+        table = DEFAULT_BLOCKS_F32 if jnp.dtype(dtype) == jnp.float32 else DEFAULT_BLOCKS
+        return next(blocks for limit, blocks in table if head_dim <= limit)
+
+
+# (largest padded head_dim, setting), from benchmarks/kernel_resources.py on sm_90a: no kernel
+# spills (nor sits at the 255-register ceiling, where a longer mask path tips it over), two
+# resident blocks per SM where any setting reaches it, then the largest tile.
+DEFAULT_BLOCKS = (
+    (32, BlockSizes(128, 64, 64, 64, num_warps=8, num_stages=2, num_warps_bwd=4, num_stages_bwd=2)),
+    (64, BlockSizes(128, 64, 64, 64, num_warps=8, num_stages=3, num_warps_bwd=4, num_stages_bwd=2)),
+    (128, BlockSizes(64, 64, 64, 32, num_warps=4, num_stages=3, num_warps_bwd=4, num_stages_bwd=3)),
+    (MAX_HEAD_DIM, BlockSizes(64, 32, 32, 16, num_warps=4, num_stages=2, num_warps_bwd=4, num_stages_bwd=1)),
+)
+# float32 dots run at full precision (no TF32): every product is an FMA loop, so tiles are smaller.
+DEFAULT_BLOCKS_F32 = (
+    (32, BlockSizes(64, 32, 32, 32, num_warps=8, num_stages=3, num_warps_bwd=8, num_stages_bwd=2)),
+    (64, BlockSizes(64, 32, 32, 32, num_warps=8, num_stages=3, num_warps_bwd=8, num_stages_bwd=2)),
+    (128, BlockSizes(32, 32, 32, 16, num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=1)),
+    (MAX_HEAD_DIM, BlockSizes(32, 16, 16, 16, num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=1)),
+)
 
 
 def _fit(block: int, seq: int) -> int:
@@ -200,6 +222,8 @@ class _Static:
     block_k_bwd: int
     num_warps: int
     num_stages: int
+    num_warps_bwd: int
+    num_stages_bwd: int
 
 
 def _pad_seq(x: jax.Array, length: int, value: Any = 0) -> jax.Array:
@@ -218,8 +242,12 @@ def _common(st: _Static, q: jax.Array, k: jax.Array, block_q: int, block_k: int)
                 offset=(st.seq_kv - st.seq_q) if st.causal else None)
 
 
-def _params(st: _Static) -> Any:
-    return None if st.interpret else plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
+def _params(st: _Static, backward: bool = False) -> Any:
+    if st.interpret:
+        return None
+    if backward:
+        return plgpu.CompilerParams(num_warps=st.num_warps_bwd, num_stages=st.num_stages_bwd)
+    return plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
 
 
 def _forward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array | None,
@@ -277,8 +305,8 @@ def _backward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.A
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, n_kv_blocks=c["nk"], **common), grid=(c["nq"], c["b"], c["hq"]),
         in_specs=specs, out_specs=pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), compiler_params=_params(st), interpret=st.interpret,
-        name="genesis_flash_dq",
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), compiler_params=_params(st, backward=True),
+        interpret=st.interpret, name="genesis_flash_dq",
     )(*args)
 
     # dk, dv: one program per (key block, batch, query head), looping over query blocks;
@@ -302,7 +330,7 @@ def _backward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.A
         functools.partial(_dkv_kernel, n_q_blocks=c["nq"], **common), grid=(c["nk"], c["b"], c["hq"]),
         in_specs=specs,
         out_specs=[pl.BlockSpec((None, bk, None, d), lambda j, b, h: (b, j, h, 0))] * 2,
-        out_shape=[jax.ShapeDtypeStruct(kv_shape, acc_dtype)] * 2, compiler_params=_params(st),
+        out_shape=[jax.ShapeDtypeStruct(kv_shape, acc_dtype)] * 2, compiler_params=_params(st, backward=True),
         interpret=st.interpret, name="genesis_flash_dkv",
     )(*args)
     if g > 1:
@@ -373,8 +401,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     skv = k.shape[1]
     if interpret is None:
         interpret = target_platform() != "gpu"
-    blocks = block_sizes or BlockSizes.for_head_dim(d)
     d_p = max(16, pl.next_power_of_2(d))
+    blocks = block_sizes or BlockSizes.for_head_dim(d_p, q.dtype)
     bq, bk = _fit(blocks.block_q, sq), _fit(blocks.block_k, skv)
     bqb, bkb = _fit(blocks.block_q_bwd, sq), _fit(blocks.block_k_bwd, skv)
     # Every sequence is padded to a multiple of every block size it meets.
@@ -383,7 +411,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     sq_p, skv_p = -(-sq // lq) * lq, -(-skv // lk) * lk
     st = _Static(causal=causal, sm_scale=float(d**-0.5 if sm_scale is None else sm_scale), interpret=bool(interpret),
                  seq_q=sq, seq_kv=skv, block_q=bq, block_k=bk, block_q_bwd=bqb, block_k_bwd=bkb,
-                 num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+                 num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+                 num_warps_bwd=blocks.num_warps_bwd or blocks.num_warps,
+                 num_stages_bwd=blocks.num_stages_bwd or blocks.num_stages)
 
     def prep(x: jax.Array, length: int) -> jax.Array:
         x = _pad_seq(x, length)

@@ -1,0 +1,127 @@
+"""`python -m genesis_jax.plan --config FILE [--set k=v ...] [--target h100|h200|local] [--devices N]`
+
+Compiles the config's train step and validation step for a GPU, on a machine without one (or
+for the local GPU), and says per device whether the run fits in memory and whether each Pallas
+kernel compiles without spilling registers. Exit 0: it fits and no kernel spills; 1: it does
+not fit, a kernel spills, or a compile failed (the report says which); 2: a usage error or a
+missing toolchain (one line, with the install command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from .. import config as config_lib
+from ..cli import run_cli
+from ..errors import UserError
+from . import target as targets
+from .compile import Compiled, run
+
+MIB = 2**20
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m genesis_jax.plan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="TOML run config")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
+    ap.add_argument("--target", default="h200", help=f"GPU to compile for: {', '.join(targets.names())} (default h200)")
+    ap.add_argument("--devices", type=int, default=None,
+                    help="GPUs of one host to shard over (default: the product of [parallel] when it has no -1, else 1)")
+    ap.add_argument("--json", type=Path, help="also write the whole plan as JSON here")
+    ap.add_argument("--keep", type=Path, help="keep the compiler's logs and XLA dumps in this directory")
+    return ap.parse_args(argv)
+
+
+def default_devices(cfg: config_lib.Config) -> int:
+    sizes = (cfg.parallel.data, cfg.parallel.fsdp, cfg.parallel.tensor)
+    return 1 if -1 in sizes else math.prod(sizes)
+
+
+def kernel_table(kernels: list[dict[str, Any]]) -> list[str]:
+    def show(v: Any) -> str:
+        return "?" if v is None else str(v)
+
+    lines = [f"  {'kernel':<24} {'registers':>9} {'spill st/ld B':>14} {'stack B':>8} {'shared KiB':>10} "
+             f"{'threads':>7} {'blocks/SM':>9}"]
+    for k in kernels:
+        shared = "?" if k["shared_memory"] is None else f"{k['shared_memory'] / 1024:.1f}"
+        spill = f"{show(k['spill_stores'])}/{show(k['spill_loads'])}"
+        lines.append(f"  {k['name']:<24} {show(k['registers']):>9} {spill:>14} {show(k['stack']):>8} {shared:>10} "
+                     f"{show(k['threads']):>7} {show(k['blocks_per_sm']):>9}")
+    return lines
+
+
+def report(args: argparse.Namespace, c: Compiled, n_devices: int) -> tuple[list[str], list[str]]:
+    """The printed plan, and the reasons it fails (empty: exit 0)."""
+    r = c.results[0]
+    where = f"{c.device_kind}" + (f" (sm_{c.target.compute_capability.replace('.', '')}a, {c.target.sm_count} SMs)"
+                                  if c.target else " (this machine)")
+    lines = [f"plan: {args.config} for {n_devices} x {where}, target {args.target}"]
+    if not r.ok:
+        return lines + [f"compile failed: {r.error}"], [f"the compile failed: {r.error}"]
+    info = r.info
+    lines += [f"model {info['model']}: {info['n_parameters']:,} parameters, attention {info['attention']}",
+              f"batch {info['batch']}; mesh {' x '.join(f'{k} {v}' for k, v in info['mesh'].items())}", "",
+              f"{'memory per device':<62} {'MiB':>10}"]
+    rows, peak = r.memory_rows()
+    lines += [f"  {label:<60} {b / MIB:>10,.1f}" for label, b in rows]
+    fits = peak <= c.memory_limit
+    frac = "" if c.target is None else (f" ({targets.memory_fraction():.0%} of {c.target.memory_bytes / MIB:,.0f} MiB, "
+                                        "XLA_PYTHON_CLIENT_MEM_FRACTION)")
+    lines.append(f"  peak {peak / MIB:,.1f} MiB of {c.memory_limit / MIB:,.1f} MiB usable{frac}: "
+                 f"{'fits' if fits else 'DOES NOT FIT'}")
+    lines.append("largest temporaries of the train step (MiB each x count, shape, operation):")
+    lines += [f"  {v['bytes'] / MIB:>10,.1f} x {v['count']:<3} {v['shape']:<26} {v['op']}" for v in r.programs[0]["largest"]]
+    lines.append("compile: " + ", ".join(f"{p['name']} {p['compile_s']:.1f} s" for p in r.programs))
+    failures = [] if fits else [f"needs {peak / MIB:,.0f} MiB per device, {c.memory_limit / MIB:,.0f} MiB usable"]
+    kernels = r.kernels()
+    if kernels:
+        lines += ["", "Pallas kernels (per thread: registers, spill bytes, stack; per block: shared memory, threads):"]
+        lines += kernel_table(kernels)
+        spilling = [k["name"] for k in kernels if k["spill_stores"] or k["spill_loads"]]
+        if spilling:
+            failures.append(f"kernels spill registers: {', '.join(spilling)}")
+        unknown = [k["name"] for k in kernels if k["registers"] is None]
+        if unknown:
+            lines.append(f"  (no ptxas report for {', '.join(unknown)}: their registers and spills are unknown)")
+    else:
+        lines += ["", f"no Pallas kernels (attention {info['attention']})"]
+    return lines, failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def body() -> int:
+        cfg = config_lib.load(args.config, args.set)
+        if args.target not in targets.names():
+            raise UserError(f"--target {args.target!r}: expected one of {', '.join(targets.names())}")
+        n = args.devices if args.devices is not None else default_devices(cfg)
+        if n < 1:
+            raise UserError(f"--devices {n}: expected at least 1")
+        job = {"kind": "train", "config": str(Path(args.config).resolve()), "set": args.set}
+        c = run([job], args.target, n, workdir=args.keep)
+        r = c.results[0]
+        if r.user_error:
+            raise UserError(r.error)
+        lines, failures = report(args, c, n)
+        print("\n".join(lines))
+        print(f"\nverdict: {'; '.join(failures) if failures else 'fits, and every Pallas kernel compiles without spills'}")
+        if args.json:
+            args.json.write_text(json.dumps({"target": args.target, "device_kind": c.device_kind, "devices": n,
+                                             "memory_limit": c.memory_limit, "peak": r.memory_rows()[1] if r.ok else None,
+                                             "ok": not failures, "failures": failures, "job": r.__dict__}, indent=1),
+                                 encoding="utf-8")
+        return 1 if failures else 0
+
+    return run_cli("genesis_jax.plan", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""What `plan` compiles, built from shapes alone on the target's (compile-only) devices: the
+train and validation steps of a config, or one attention kernel call. Runs in the compiler
+process (worker.py); nothing here executes on a device."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+
+from .. import attention
+from .. import config as config_lib
+from ..eval_suite import jit_validation_step
+from ..runtime import abstract_state, jit_step, load_data
+from ..sampler import MaskParams
+from ..sharding import batch_sharding, batch_split, check_devices, make_mesh, replicated
+from ..step import StepControls
+
+
+@dataclass
+class Program:
+    name: str
+    fn: jax.stages.Wrapped
+    args: tuple[Any, ...]
+
+
+def shaped(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    """Shape-and-dtype stand-ins for a tree of arrays, placed by one sharding."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded stand-ins (the largest shard of each leaf)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            continue  # a few bytes of key data
+        total += math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+    return total
+
+
+def train_job(job: dict[str, Any], devices: list[jax.Device]) -> tuple[list[Program], dict[str, Any]]:
+    """The config's train step and validation step, with the state, corpus and batches a run
+    would hold, sharded over `devices` as `[parallel]` says."""
+    cfg = config_lib.load(job["config"], job["set"])
+    mesh = make_mesh(len(devices), cfg.parallel, devices)
+    check_devices(cfg, mesh)
+    data = load_data(cfg)
+    graphdef, state, shardings = abstract_state(cfg, mesh)
+    everywhere = replicated(mesh)
+    corpus = shaped(data.arrays, everywhere)
+    key = shaped(jax.eval_shape(lambda: jax.random.key(cfg.training.seed)), everywhere)
+    controls = shaped(jax.eval_shape(lambda: StepControls.make(mask=MaskParams.make(mask_id=cfg.data.mask_id))),
+                      everywhere)
+    rows = batch_sharding(mesh)
+    window = jax.ShapeDtypeStruct((cfg.training.batch_size, cfg.data.seq_len), jnp.int32, sharding=rows)
+    t, m = cfg.training, cfg.model
+    split = batch_split(mesh)
+    info = {
+        "parameters": bytes_per_device(state.params),
+        "optimizer": bytes_per_device((state.opt_state, state.step, state.loss_ema)),
+        "corpus": bytes_per_device(corpus),
+        "validation_batch": 2 * bytes_per_device(window),
+        "n_parameters": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
+        "attention": attention.backend(m.attention).name,
+        "model": f"{m.preset} (dim {m.dim}, {m.n_layers} layers, {m.n_heads}/{m.n_kv_heads} heads of {m.head_dim}, "
+                 f"{m.compute_dtype})",
+        "batch": f"{t.grad_accum_steps} x {t.batch_size} x {cfg.data.seq_len} tokens per step "
+                 f"({t.batch_size // split} sequences per device per micro-batch)",
+        "mesh": dict(mesh.shape),
+    }
+    programs = [
+        Program("train step", jit_step(cfg, graphdef, mesh, shardings, len(data.locales)), (state, corpus, key, controls)),
+        Program("validation step", jit_validation_step(graphdef, rows, shardings.params, everywhere),
+                (state.params, window, window)),
+    ]
+    return programs, info
+
+
+def attention_job(job: dict[str, Any], devices: list[jax.Device]) -> tuple[list[Program], dict[str, Any]]:
+    """One kernel call (`job["kernel"]` in `kernels`), forward or forward and backward, compiled
+    (never interpreted) at the job's shape, dtype and block sizes."""
+    b, sq, skv, hq, hkv, d = job["shape"]
+    dtype = jnp.dtype(job["dtype"])
+    on = jax.sharding.SingleDeviceSharding(devices[0])
+    q = jax.ShapeDtypeStruct((b, sq, hq, d), dtype, sharding=on)
+    kv = jax.ShapeDtypeStruct((b, skv, hkv, d), dtype, sharding=on)
+    seg = jax.ShapeDtypeStruct((b, sq), jnp.int32, sharding=on) if job.get("segments") else None
+    options: dict[str, Any] = {"causal": job.get("causal", True), "interpret": False}
+    if job.get("block_sizes"):
+        options["block_sizes"] = kernels.BlockSizes(**job["block_sizes"])
+    kernel = functools.partial(getattr(kernels, job.get("kernel", "flash_attention")), **options)
+
+    def forward(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None) -> jax.Array:
+        return kernel(q, k, v, segment_ids=seg)
+
+    def loss(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None) -> jax.Array:
+        return forward(q, k, v, seg).astype(jnp.float32).sum()
+
+    fn: Callable[..., Any] = jax.grad(loss, argnums=(0, 1, 2)) if job.get("backward", True) else forward
+    return [Program("attention", jax.jit(fn), (q, kv, kv, seg))], {}
+
+
+JOBS = {"train": train_job, "attention": attention_job}

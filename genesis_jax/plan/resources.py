@@ -1,0 +1,128 @@
+"""What a GPU compile left behind, read back: each kernel's registers and spills (ptxas's
+verbose log), its launch shape and dynamic shared memory (XLA's thunk sequence), the Pallas
+calls among them and the largest temporary buffers (the optimized HLO and its buffer assignment)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+# Custom-call targets of Pallas kernels in optimized HLO (Triton lowering, Mosaic GPU).
+PALLAS_TARGETS = ("__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2")
+REGISTER_FILE = 65536  # 32-bit registers per SM (sm_80 and sm_90)
+REGISTER_GRANULE = 256  # registers are allocated per warp in units of this many
+SHARED_PER_SM = 233472  # bytes of shared memory per SM on Hopper (228 KiB)
+SHARED_RESERVED = 1024  # bytes the runtime reserves per block
+THREADS_PER_SM = 2048
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
+_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers")
+_THUNK = re.compile(r"(\S+) grid: \[(\d+), (\d+), (\d+)\] threads: \[(\d+), (\d+), (\d+)\]\s+shared_memory: (\d+) bytes")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"", re.MULTILINE)
+_VALUE = re.compile(r"value: <\d+ ([^ >]+) @\d+> \(size=(\d+),offset=\d+\): (.+)$")
+
+
+@dataclass
+class Kernel:
+    name: str
+    target: str = ""  # sm_90a
+    registers: int | None = None  # per thread
+    spill_stores: int | None = None  # bytes per thread
+    spill_loads: int | None = None
+    stack: int | None = None  # bytes per thread
+    shared_memory: int | None = None  # dynamic shared memory per block, bytes
+    threads: int | None = None  # per block
+    grid: tuple[int, int, int] | None = None
+    pallas: bool = False
+
+    @property
+    def spills(self) -> bool:
+        return bool(self.spill_stores or self.spill_loads)
+
+    def blocks_per_sm(self) -> int | None:
+        """Resident blocks per SM that registers, shared memory and threads allow (occupancy)."""
+        if self.registers is None or self.threads is None or self.shared_memory is None:
+            return None
+        warps = math.ceil(self.threads / 32)
+        per_warp = math.ceil(self.registers * 32 / REGISTER_GRANULE) * REGISTER_GRANULE
+        by_registers = REGISTER_FILE // max(per_warp * warps, 1)
+        by_shared = SHARED_PER_SM // (self.shared_memory + SHARED_RESERVED)
+        return min(by_registers, by_shared, THREADS_PER_SM // self.threads)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "blocks_per_sm": self.blocks_per_sm()}
+
+
+def ptxas_report(log: str) -> dict[str, Kernel]:
+    """Per entry function: registers, stack and spill bytes from `ptxas -v` output in XLA's log
+    (each ptxas run is one log message, so its lines stay together)."""
+    kernels: dict[str, Kernel] = {}
+    current: Kernel | None = None
+    for line in log.splitlines():
+        if m := _ENTRY.search(line):
+            current = kernels.setdefault(m.group(1), Kernel(m.group(1)))
+            current.target = m.group(2)
+        elif current is not None and (m := _SPILL.search(line)):
+            current.stack, current.spill_stores, current.spill_loads = (int(x) for x in m.groups())
+        elif current is not None and (m := _USED.search(line)):
+            current.registers = int(m.group(1))
+    return kernels
+
+
+def _latest(dump: Path, suffix: str) -> str:
+    files = sorted(dump.glob(f"*{suffix}"))
+    return files[-1].read_text(encoding="utf-8", errors="replace") if files else ""
+
+
+def kernels(log: str, dump: Path) -> list[Kernel]:
+    """Every kernel of one compiled program: ptxas's figures joined with the launch shapes."""
+    found = ptxas_report(log)
+    for m in _THUNK.finditer(_latest(dump, ".thunk_sequence.txt")):
+        k = found.setdefault(m.group(1), Kernel(m.group(1)))
+        k.grid = (int(m.group(2)), int(m.group(3)), int(m.group(4)))
+        k.threads = int(m.group(5)) * int(m.group(6)) * int(m.group(7))
+        k.shared_memory = max(k.shared_memory or 0, int(m.group(8)))
+    for name in pallas_names(_latest(dump, "_gpu_after_optimizations.txt")):
+        found.setdefault(name, Kernel(name)).pallas = True
+    return sorted(found.values(), key=lambda k: (not k.pallas, k.name))
+
+
+def pallas_names(hlo: str) -> set[str]:
+    """Kernel names of the Pallas calls in optimized HLO text."""
+    out = set()
+    for line in hlo.splitlines():
+        if any(f'custom_call_target="{t}"' in line for t in PALLAS_TARGETS):
+            m = re.search(r'\bname = \\?"([^"\\]+)', line)
+            if m:
+                out.add(m.group(1))
+    return out
+
+
+def largest_temporaries(dump: Path, n: int = 5) -> list[dict[str, Any]]:
+    """The biggest values in the program's temporary buffer, alike ones counted together: bytes
+    each, count, shape, and the JAX operation that made them (op_name without the jit and
+    autodiff wrappers)."""
+    ops = {m.group(1): m.group(2) for m in _INSTR.finditer(_latest(dump, "_gpu_after_optimizations.txt"))}
+    groups: dict[tuple[int, str, str], int] = {}
+    in_temp = False
+    for line in _latest(dump, "_gpu_after_optimizations-buffer-assignment.txt").splitlines():
+        if line.startswith("allocation "):
+            in_temp = "preallocated-temp" in line
+        elif in_temp and (m := _VALUE.search(line)):
+            name, size, shape = m.group(1), int(m.group(2)), m.group(3)
+            if shape.startswith("("):
+                continue  # a tuple's index table
+            key = (size, re.sub(r"\{[\d,]*\}$", "", shape), shorten(ops.get(name.split("{")[0], "")))
+            groups[key] = groups.get(key, 0) + 1
+    top = sorted(groups.items(), key=lambda kv: -kv[0][0] * kv[1])[:n]
+    return [{"bytes": size, "count": count, "shape": shape, "op": op} for (size, shape, op), count in top]
+
+
+def shorten(op_name: str, parts: int = 5) -> str:
+    """A JAX op_name without its wrappers (jit(step), closed_call, jvp(), transpose()), last parts."""
+    pieces = [p for p in op_name.split("/") if p and not re.fullmatch(r"(jit\(step\)|closed_call|jvp\(\)|transpose\(\))", p)]
+    return "/".join(pieces[-parts:])

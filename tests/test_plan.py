@@ -1,0 +1,222 @@
+"""`python -m genesis_jax.plan` and the deviceless GPU compile under it.
+
+The parsing tests run everywhere. The compile tests (marked `gpu_compile`) need the `plan`
+extra (JAX's CUDA plugin and ptxas; no GPU): they build sm_90a code for the flash-attention
+kernel and whole train steps on this CPU, and CI runs them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from genesis_jax.plan import resources
+from genesis_jax.plan import target as targets
+from genesis_jax.plan.__main__ import main as plan_main
+from genesis_jax.plan.compile import JobResult, run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def toolchain_missing() -> str:
+    try:
+        targets.check_toolchain()
+    except targets.ToolchainMissing as e:
+        return str(e)
+    return ""
+
+
+def compiles(test: Callable[..., None]) -> Callable[..., None]:
+    """A test that compiles for a GPU: marked gpu_compile, skipped without the plan extra."""
+    why = toolchain_missing()
+    return pytest.mark.skipif(bool(why), reason=f"plan extra not installed: {why}")(pytest.mark.gpu_compile(test))
+
+PTXAS_LOG = """I1130 15:24:43.160571 31978 subprocess_compilation.cc:356] ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'genesis_flash_dq' for 'sm_90a'
+ptxas info    : Function properties for genesis_flash_dq
+    8 bytes stack frame, 16 bytes spill stores, 24 bytes spill loads
+ptxas info    : Used 136 registers, used 1 barriers
+I1130 15:24:43.194785 31978 subprocess_compilation.cc:356] ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'loop_reduce_fusion' for 'sm_90a'
+ptxas info    : Function properties for loop_reduce_fusion
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 22 registers, used 0 barriers
+"""
+
+
+def test_ptxas_log_is_read_per_kernel():
+    k = resources.ptxas_report(PTXAS_LOG)
+    assert set(k) == {"genesis_flash_dq", "loop_reduce_fusion"}
+    dq = k["genesis_flash_dq"]
+    assert (dq.registers, dq.stack, dq.spill_stores, dq.spill_loads, dq.target) == (136, 8, 16, 24, "sm_90a")
+    assert dq.spills and not k["loop_reduce_fusion"].spills
+
+
+def test_resident_blocks_per_sm_by_hand():
+    # 166 registers -> 5312 per warp -> 5376 allocated; 8 warps: 43008 of 65536 -> 1 block.
+    assert resources.Kernel("a", registers=166, threads=256, shared_memory=32768).blocks_per_sm() == 1
+    # 128 registers x 4 warps = 16384 -> 4 blocks by registers; 64 KiB (+1 KiB) -> 3 by shared memory.
+    assert resources.Kernel("b", registers=128, threads=128, shared_memory=65536).blocks_per_sm() == 3
+    # 32 registers x 2 warps: 32 by registers, 227 by shared memory, 2048 / 64 = 32 by threads.
+    assert resources.Kernel("c", registers=32, threads=64, shared_memory=0).blocks_per_sm() == 32
+
+
+def test_dump_files_give_launch_shapes_pallas_calls_and_largest_temporaries(tmp_path: Path):
+    (tmp_path / "module_0001.jit_step.thunk_sequence.txt").write_text(
+        "001: kCustomKernel [source | next=002 (1)] genesis_flash_fwd grid: [8, 2, 8] threads: [256, 1, 1]  "
+        "shared_memory: 98304 bytes\n"
+        "002: kCustomKernel [prev=001 (1) | sink] loop_reduce_fusion grid: [2048, 1, 1] threads: [128, 1, 1]  "
+        "shared_memory: 0 bytes\n")
+    (tmp_path / "module_0001.jit_step.sm_9.0a_gpu_after_optimizations.txt").write_text(
+        '  %pallas_call.8 = (bf16[2,8]{1,0}) custom-call(%q.1), custom_call_target="__gpu$xla.gpu.triton", '
+        'backend_config={grid_x = 8 : i32, name = \\"genesis_flash_fwd\\", num_warps = 8 : i32}, '
+        'metadata={op_name="jit(step)/while/body/closed_call/jvp()/attn/genesis_flash_fwd/pallas_call"}\n'
+        '  %fusion.3 = f32[40,64]{1,0} fusion(%p), kind=kLoop, metadata={op_name="jit(step)/while/body/mlp/dot_general"}\n')
+    (tmp_path / "module_0001.jit_step.sm_9.0a_gpu_after_optimizations-buffer-assignment.txt").write_text(
+        "allocation 0: size 64, parameter 0, shape |f32[16]| at ShapeIndex {}:\n"
+        " value: <1 p.1 @0> (size=64,offset=0): f32[16]{0}\n"
+        "allocation 1: size 30000, preallocated-temp:\n"
+        " value: <2 fusion.3 @0> (size=10240,offset=0): f32[40,64]{1,0}\n"
+        " value: <3 fusion.3{1} @0> (size=10240,offset=10240): f32[40,64]{1,0}\n"
+        " value: <4 pallas_call.8{} @0> (size=24,offset=20480): (bf16[2,8]{1,0})\n"
+        " value: <5 pallas_call.8{0} @0> (size=9000,offset=20504): bf16[2,8]{1,0}\n")
+    ks = {k.name: k for k in resources.kernels(PTXAS_LOG, tmp_path)}
+    fwd = ks["genesis_flash_fwd"]
+    assert fwd.pallas and (fwd.grid, fwd.threads, fwd.shared_memory) == ((8, 2, 8), 256, 98304)
+    assert not ks["loop_reduce_fusion"].pallas and ks["genesis_flash_dq"].registers == 136
+    largest = resources.largest_temporaries(tmp_path)
+    assert largest[0] == {"bytes": 10240, "count": 2, "shape": "f32[40,64]", "op": "while/body/mlp/dot_general"}
+    assert largest[1]["shape"] == "bf16[2,8]" and largest[1]["op"].endswith("genesis_flash_fwd/pallas_call")
+    assert len(largest) == 2  # the parameter and the tuple's index table are not temporaries
+
+
+def test_missing_toolchain_is_one_line_with_the_install_command(monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]):
+    monkeypatch.setattr(targets.importlib.util, "find_spec", lambda name: None)
+    code = plan_main(["--config", str(ROOT / "configs" / "gpu_bench.toml")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "CUDA plugin" in err and f"jax[cuda13-local]=={targets.jaxlib_version()}" in err and "nvidia-cuda-nvcc" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "a100"], "--target 'a100': expected one of h100, h200, local"),
+    (["--devices", "0"], "--devices 0: expected at least 1"),
+    (["--set", "model.atention=pallas"], "unknown config key model.atention"),
+])
+def test_usage_errors_exit_2(args: list[str], message: str, capsys: pytest.CaptureFixture[str]):
+    code = plan_main(["--config", str(ROOT / "configs" / "gpu_bench.toml"), *args])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+# -- compiled for sm_90a --------------------------------------------------------------------
+
+def kernel_job(dtype: str, hd: int, causal: bool = True, segments: bool = True, heads: tuple[int, int] = (8, 4),
+               seq: int = 1000) -> dict[str, object]:
+    """Forward and backward (the gradient's program holds all three kernels) at the default
+    block sizes; a length that is no block multiple."""
+    return {"kind": "attention", "shape": [2, seq, seq, *heads, hd], "dtype": dtype, "causal": causal,
+            "segments": segments}
+
+
+KERNEL_JOBS = {
+    # causal, segments, GQA 2:1: every row of the default block-size tables, fp16 at 64 and 128
+    **{f"{dtype}-hd{hd}": kernel_job(dtype, hd) for dtype in ("bfloat16", "float32") for hd in (32, 64, 128, 256)},
+    **{f"float16-hd{hd}": kernel_job("float16", hd) for hd in (64, 128)},
+    "bfloat16-hd128-plain-gqa4": kernel_job("bfloat16", 128, causal=False, segments=False, heads=(8, 2), seq=512),
+    "bfloat16-hd24-padded": kernel_job("bfloat16", 24, heads=(12, 12), seq=300),
+}
+
+
+@pytest.fixture(scope="module")
+def kernel_results() -> dict[str, JobResult]:
+    compiled = run(list(KERNEL_JOBS.values()), "h200")
+    return dict(zip(KERNEL_JOBS, compiled.results))
+
+
+@compiles
+@pytest.mark.parametrize("name", list(KERNEL_JOBS))
+def test_kernel_compiles_for_sm90a_without_spills(name: str, kernel_results: dict[str, JobResult]):
+    r = kernel_results[name]
+    assert r.ok, r.error
+    ks = {k["name"]: k for k in r.kernels()}
+    assert set(ks) == {"genesis_flash_fwd", "genesis_flash_dq", "genesis_flash_dkv"}
+    for k in ks.values():
+        assert k["target"] == "sm_90a", k
+        assert k["registers"] is not None and k["registers"] <= 255, k
+        assert k["spill_stores"] == 0 and k["spill_loads"] == 0, k
+        assert 0 < k["shared_memory"] <= 232448, k  # H100/H200 opt-in shared memory per block
+
+
+@compiles
+def test_export_for_cuda_needs_no_gpu_with_a_compile_only_default_device():
+    """What tests/test_flash_attention.py's export relies on, on JAX 0.11 (the Triton lowering
+    reads the GPU kind from the default device)."""
+    import jax
+    import jax.numpy as jnp
+    from jax import export
+
+    from kernels import flash_attention
+
+    device = targets.compile_only_devices("h100")[0]
+    q = jax.ShapeDtypeStruct((1, 100, 4, 64), jnp.bfloat16)
+    with jax.default_device(device):
+        exp = export.export(jax.jit(lambda q: flash_attention(q, q, q)), platforms=["cuda"],
+                            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(q)
+    assert exp.mlir_module().count("xla.gpu.triton") == 1
+
+
+def plan_cli(capsys: pytest.CaptureFixture[str], corpus: Path, *args: str) -> tuple[int, str]:
+    code = plan_main(["--config", str(ROOT / "configs" / "gpu_bench.toml"), "--set", f"data.corpus={corpus}", *args])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+@compiles
+def test_every_shipped_gpu_config_fits_an_h200(fixture_corpus: Path, capsys: pytest.CaptureFixture[str]):
+    import tomllib
+
+    gpu_configs = [p for p in sorted((ROOT / "configs").glob("*.toml"))
+                   if tomllib.loads(p.read_text())["model"].get("attention", "xla") != "xla"]
+    assert gpu_configs, "no shipped config targets a GPU"
+    for path in gpu_configs:
+        code = plan_main(["--config", str(path), "--set", f"data.corpus={fixture_corpus}", "--target", "h200"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "attention pallas" in out and ": fits" in out and "genesis_flash_dkv" in out
+
+
+@compiles
+def test_an_oversized_config_does_not_fit_and_exits_1(fixture_corpus: Path, capsys: pytest.CaptureFixture[str]):
+    # logits alone: 32768 x 2048 x 260 float32 = 65 GiB (flattened to 67108864 rows), several times over.
+    code, out = plan_cli(capsys, fixture_corpus, "--set", "model.preset=test", "--set", "training.batch_size=32768",
+                         "--set", "data.seq_len=2048")
+    assert code == 1, out
+    assert "DOES NOT FIT" in out and "verdict: needs" in out and "f32[67108864,260]" in out
+
+
+@compiles
+def test_sharded_state_per_device_matches_the_hand_count(fixture_corpus: Path, capsys: pytest.CaptureFixture[str]):
+    """Preset `test` (dim 32, 2 layers, SwiGLU 64, RMSNorm, tied 260-byte embedding): 28,960
+    float32 parameters. Under fsdp = 2 every matrix is split in two; the 5 norm scales are not."""
+    n_params, norms = 260 * 32 + 2 * (4 * 32 * 32 + 3 * 32 * 64 + 2 * 32) + 32, 5 * 32
+    assert n_params == 28960
+    code, out = plan_cli(capsys, fixture_corpus, "--set", "model.preset=test", "--set", "model.norm_type=rmsnorm",
+                         "--set", "parallel.fsdp=2",
+                         "--set", "parallel.data=1", "--set", "model.attention=pallas", "--set", "training.batch_size=4",
+                         "--json", str(fixture_corpus.parent / "plan.json"))
+    assert code == 0, out
+    import json
+
+    plan = json.loads((fixture_corpus.parent / "plan.json").read_text())
+    info = plan["job"]["info"]
+    assert plan["devices"] == 2 and info["n_parameters"] == n_params
+    assert info["parameters"] == 4 * ((n_params - norms) // 2 + norms)
+    assert info["optimizer"] >= 2 * info["parameters"]  # Adam's two moments, sharded alike
+
+
+@compiles
+def test_a_mesh_the_batch_cannot_split_is_a_usage_error(fixture_corpus: Path, capsys: pytest.CaptureFixture[str]):
+    code, out = plan_cli(capsys, fixture_corpus, "--set", "parallel.data=2", "--set", "training.batch_size=3")
+    assert code == 2 and "training.batch_size = 3 is not divisible" in out
