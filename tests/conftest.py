@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Callable, ContextManager
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Fast compiles here and in every training process a test launches (they inherit the variable).
@@ -51,6 +53,22 @@ def fixture_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     writer = CorpusWriter()
     import_textdir(writer, write_textdir(base / "src"))
     return writer.write(base / "corpus", val_fraction=0.1, split_seed=0)
+
+
+@pytest.fixture
+def cuda_lowering() -> Callable[[], ContextManager[object]]:
+    """A context for lowering to CUDA without a GPU: JAX 0.11's Triton lowering reads the GPU
+    kind from the default device, so that is a compile-only H100 (the `plan` extra) where it is
+    installed; JAX 0.10 needs nothing. Nothing may execute inside it."""
+    from genesis_jax.plan import target as targets
+
+    try:
+        device = targets.compile_only_devices("h100")[0]
+    except targets.ToolchainMissing as e:
+        if tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11):
+            pytest.skip(f"lowering for CUDA on JAX {jax.__version__} without a GPU needs the plan extra: {e}")
+        return contextlib.nullcontext
+    return lambda: jax.default_device(device)
 
 
 def write_small_run_config(path: Path, corpus: Path, max_steps: int, val_interval: int, extra: str = "") -> Path:

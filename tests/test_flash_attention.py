@@ -183,7 +183,7 @@ def test_bad_arguments_raise_value_error_naming_them(args, message):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-def test_kernels_lower_to_triton_for_cuda(dtype):
+def test_kernels_lower_to_triton_for_cuda(dtype, cuda_lowering):
     """Without a GPU, lower for CUDA anyway: every kernel must pass Pallas's Triton lowering
     (compiling that IR to machine code happens on a GPU only)."""
     from jax import export
@@ -196,11 +196,12 @@ def test_kernels_lower_to_triton_for_cuda(dtype):
     seg = jax.ShapeDtypeStruct((2, 200), jnp.int32)
     triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     for fn, kernels in ((loss, 1), (jax.grad(loss, argnums=(0, 1, 2)), 3)):
-        exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(q, kv, kv, seg)
+        with cuda_lowering():
+            exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(q, kv, kv, seg)
         assert exp.mlir_module().count("xla.gpu.triton") == kernels  # forward; forward + dq + dk/dv
 
 
-def test_model_train_loss_lowers_with_the_kernel_for_cuda():
+def test_model_train_loss_lowers_with_the_kernel_for_cuda(cuda_lowering):
     """The scanned, rematerialised model with the kernel lowers for CUDA (bf16, GQA)."""
     import functools
 
@@ -216,7 +217,8 @@ def test_model_train_loss_lowers_with_the_kernel_for_cuda():
 
     triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     tokens = jax.ShapeDtypeStruct((4, 96), jnp.int32)
-    exp = export.export(jax.jit(jax.grad(loss)), platforms=["cuda"], disabled_checks=[triton])(params, tokens)
+    with cuda_lowering():
+        exp = export.export(jax.jit(jax.grad(loss)), platforms=["cuda"], disabled_checks=[triton])(params, tokens)
     assert exp.mlir_module().count("xla.gpu.triton") >= 3
 
 

@@ -149,24 +149,6 @@ def test_kernel_compiles_for_sm90a_without_spills(name: str, kernel_results: dic
         assert 0 < k["shared_memory"] <= 232448, k  # H100/H200 opt-in shared memory per block
 
 
-@compiles
-def test_export_for_cuda_needs_no_gpu_with_a_compile_only_default_device():
-    """What tests/test_flash_attention.py's export relies on, on JAX 0.11 (the Triton lowering
-    reads the GPU kind from the default device)."""
-    import jax
-    import jax.numpy as jnp
-    from jax import export
-
-    from kernels import flash_attention
-
-    device = targets.compile_only_devices("h100")[0]
-    q = jax.ShapeDtypeStruct((1, 100, 4, 64), jnp.bfloat16)
-    with jax.default_device(device):
-        exp = export.export(jax.jit(lambda q: flash_attention(q, q, q)), platforms=["cuda"],
-                            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(q)
-    assert exp.mlir_module().count("xla.gpu.triton") == 1
-
-
 def plan_cli(capsys: pytest.CaptureFixture[str], corpus: Path, *args: str) -> tuple[int, str]:
     code = plan_main(["--config", str(ROOT / "configs" / "gpu_bench.toml"), "--set", f"data.corpus={corpus}", *args])
     out = capsys.readouterr()
