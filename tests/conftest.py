@@ -71,6 +71,23 @@ def cuda_lowering() -> Callable[[], ContextManager[object]]:
     return lambda: jax.default_device(device)
 
 
+def toolchain_missing() -> str:
+    """Why this machine cannot compile for a GPU ("" when it can)."""
+    from genesis_jax.plan import target as targets
+
+    try:
+        targets.check_toolchain()
+    except targets.ToolchainMissing as e:
+        return str(e)
+    return ""
+
+
+def compiles(test: Callable[..., None]) -> Callable[..., None]:
+    """A test that compiles for a GPU: marked gpu_compile, skipped without the plan extra."""
+    why = toolchain_missing()
+    return pytest.mark.skipif(bool(why), reason=f"plan extra not installed: {why}")(pytest.mark.gpu_compile(test))
+
+
 def write_small_run_config(path: Path, corpus: Path, max_steps: int, val_interval: int, extra: str = "") -> Path:
     """A `test`-preset run on the fixture corpus, for CLI tests that need a trained run."""
     path.write_text(f'[model]\npreset = "test"\ncompute_dtype = "float32"\n[data]\ncorpus = "{corpus}"\nseq_len = 32\n'

@@ -1,12 +1,13 @@
 """The benchmark scripts run end to end on the CPU (no timing claims: plumbing only)."""
 
+import csv
 import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, compiles, toolchain_missing
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
@@ -36,10 +37,27 @@ def test_attention_sweep_dry_run(tmp_path):
 
 
 def test_train_step_benchmark_runs(tmp_path):
+    """With the plan extra, the first variant's predicted peak memory comes along (the GPU suite
+    sets it beside the measured one); the CPU reports no measured peak."""
+    plan = [] if toolchain_missing() else ["--plan-target", "h200"]
     r = subprocess.run([sys.executable, "benchmarks/train_step.py", "--set", "model.preset=test", "--set", "data.seq_len=32",
-                        "--set", "training.batch_size=4", "--steps", "2", "--loop-steps", "8",
+                        "--set", "training.batch_size=4", "--steps", "2", "--loop-steps", "8", *plan,
                         "--variant", "a:", "--variant", "wwm:model.remat=true", "--out", str(tmp_path / "t.csv")],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = (tmp_path / "t.csv").read_text().splitlines()
-    assert len(rows) == 3 and rows[0].startswith("variant,model")
+    rows = list(csv.DictReader((tmp_path / "t.csv").open()))
+    assert len(rows) == 2 and rows[0]["variant"] == "a" and "model" in rows[0]
+    if plan:
+        assert float(rows[0]["plan_peak_mib"]) > 0 and rows[1]["plan_peak_mib"] == ""
+
+
+@compiles
+def test_kernel_resources_benchmark_chooses_a_setting(tmp_path):
+    r = subprocess.run([sys.executable, "benchmarks/kernel_resources.py", "--quick", "--head-dims", "64", "--dtypes",
+                        "bfloat16", "--seq", "256", "--out", str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "chosen bfloat16 hd64 forward: " in r.stdout and "chosen bfloat16 hd64 backward: " in r.stdout
+    rows = list(csv.DictReader((tmp_path / "kernel_resources.csv").open()))
+    assert {row["kernel"] for row in rows} == {"genesis_flash_fwd", "genesis_flash_dq", "genesis_flash_dkv"}
+    assert all(row["registers"] and row["spill_stores"] for row in rows)

@@ -7,7 +7,6 @@ kernel and whole train steps on this CPU, and CI runs them."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -16,21 +15,10 @@ from genesis_jax.plan import target as targets
 from genesis_jax.plan.__main__ import main as plan_main
 from genesis_jax.plan.compile import JobResult, run
 
+from conftest import compiles
+
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def toolchain_missing() -> str:
-    try:
-        targets.check_toolchain()
-    except targets.ToolchainMissing as e:
-        return str(e)
-    return ""
-
-
-def compiles(test: Callable[..., None]) -> Callable[..., None]:
-    """A test that compiles for a GPU: marked gpu_compile, skipped without the plan extra."""
-    why = toolchain_missing()
-    return pytest.mark.skipif(bool(why), reason=f"plan extra not installed: {why}")(pytest.mark.gpu_compile(test))
 
 PTXAS_LOG = """I1130 15:24:43.160571 31978 subprocess_compilation.cc:356] ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function 'genesis_flash_dq' for 'sm_90a'
@@ -79,6 +67,7 @@ def test_dump_files_give_launch_shapes_pallas_calls_and_largest_temporaries(tmp_
         "allocation 1: size 30000, preallocated-temp:\n"
         " value: <2 fusion.3 @0> (size=10240,offset=0): f32[40,64]{1,0}\n"
         " value: <3 fusion.3{1} @0> (size=10240,offset=10240): f32[40,64]{1,0}\n"
+        " value: <6 copy.1 @0> (size=10240,offset=10240): f32[40,64]{1,0}\n"  # the same buffer, later
         " value: <4 pallas_call.8{} @0> (size=24,offset=20480): (bf16[2,8]{1,0})\n"
         " value: <5 pallas_call.8{0} @0> (size=9000,offset=20504): bf16[2,8]{1,0}\n")
     ks = {k.name: k for k in resources.kernels(PTXAS_LOG, tmp_path)}
@@ -108,6 +97,17 @@ def test_missing_toolchain_is_one_line_with_the_install_command(monkeypatch: pyt
 def test_usage_errors_exit_2(args: list[str], message: str, capsys: pytest.CaptureFixture[str]):
     code = plan_main(["--config", str(ROOT / "configs" / "gpu_bench.toml"), *args])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_target_local_without_a_gpu_is_a_usage_error(capsys: pytest.CaptureFixture[str]):
+    import jax
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("this machine has a GPU: --target local compiles for it")
+    code = plan_main(["--config", str(ROOT / "configs" / "tiny.toml"), "--target", "local"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == ("error: --target local: 0 GPU(s) here, 1 asked for (use --target h100 or h200 to "
+                                 "compile for absent GPUs)")
 
 
 # -- compiled for sm_90a --------------------------------------------------------------------

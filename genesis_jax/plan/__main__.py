@@ -77,7 +77,15 @@ def report(args: argparse.Namespace, c: Compiled, n_devices: int) -> tuple[list[
     lines.append(f"  peak {peak / MIB:,.1f} MiB of {c.memory_limit / MIB:,.1f} MiB usable{frac}: "
                  f"{'fits' if fits else 'DOES NOT FIT'}")
     lines.append("largest temporaries of the train step (MiB each x count, shape, operation):")
-    lines += [f"  {v['bytes'] / MIB:>10,.1f} x {v['count']:<3} {v['shape']:<26} {v['op']}" for v in r.programs[0]["largest"]]
+    per_layer = False
+    activations = f"[{info['n_layers']},{info['rows_per_device']},"  # per layer, per sequence
+    for v in r.programs[0]["largest"]:
+        layered = activations in v["shape"]
+        per_layer |= layered
+        lines.append(f"  {v['bytes'] / MIB:>10,.1f} x {v['count']:<3} {v['shape']:<26} "
+                     + ("activations of every layer, kept for the backward pass" if layered else v["op"]))
+    if per_layer and not info["remat"]:
+        lines.append("  (model.remat = true recomputes each block in the backward pass instead of keeping these)")
     lines.append("compile: " + ", ".join(f"{p['name']} {p['compile_s']:.1f} s" for p in r.programs))
     failures = [] if fits else [f"needs {peak / MIB:,.0f} MiB per device, {c.memory_limit / MIB:,.0f} MiB usable"]
     kernels = r.kernels()

@@ -100,7 +100,7 @@ def run(jobs: list[dict[str, Any]], target: str, devices: int = 1, workdir: Path
         fatal = root / "fatal.json"
         if fatal.exists():
             f = json.loads(fatal.read_text(encoding="utf-8"))
-            raise UserError(f"--target {target}: {f['error']}")
+            raise UserError(f["error"] if f["user_error"] else f"--target {target}: {f['error']}")
         progressed = False
         for i, job in enumerate(jobs):
             where = root / f"job{i:03d}"

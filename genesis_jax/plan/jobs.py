@@ -69,10 +69,13 @@ def train_job(job: dict[str, Any], devices: list[jax.Device]) -> tuple[list[Prog
         "validation_batch": 2 * bytes_per_device(window),
         "n_parameters": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
         "attention": attention.backend(m.attention).name,
+        "n_layers": m.n_layers,
+        "remat": m.remat,
         "model": f"{m.preset} (dim {m.dim}, {m.n_layers} layers, {m.n_heads}/{m.n_kv_heads} heads of {m.head_dim}, "
                  f"{m.compute_dtype})",
         "batch": f"{t.grad_accum_steps} x {t.batch_size} x {cfg.data.seq_len} tokens per step "
                  f"({t.batch_size // split} sequences per device per micro-batch)",
+        "rows_per_device": t.batch_size // split,
         "mesh": dict(mesh.shape),
     }
     programs = [

@@ -23,7 +23,7 @@ _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) b
 _USED = re.compile(r"Used (\d+) registers")
 _THUNK = re.compile(r"(\S+) grid: \[(\d+), (\d+), (\d+)\] threads: \[(\d+), (\d+), (\d+)\]\s+shared_memory: (\d+) bytes")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"", re.MULTILINE)
-_VALUE = re.compile(r"value: <\d+ ([^ >]+) @\d+> \(size=(\d+),offset=\d+\): (.+)$")
+_VALUE = re.compile(r"value: <\d+ ([^ >]+) @\d+> \(size=(\d+),offset=(\d+)\): (.+)$")
 
 
 @dataclass
@@ -103,26 +103,28 @@ def pallas_names(hlo: str) -> set[str]:
 
 
 def largest_temporaries(dump: Path, n: int = 5) -> list[dict[str, Any]]:
-    """The biggest values in the program's temporary buffer, alike ones counted together: bytes
-    each, count, shape, and the JAX operation that made them (op_name without the jit and
-    autodiff wrappers)."""
+    """The biggest buffers in the program's temporary allocation (values XLA places at the same
+    offset share one buffer, counted once), alike ones counted together: bytes each, count,
+    shape, and the JAX operation that made the first value (op_name without its wrappers)."""
     ops = {m.group(1): m.group(2) for m in _INSTR.finditer(_latest(dump, "_gpu_after_optimizations.txt"))}
-    groups: dict[tuple[int, str, str], int] = {}
+    buffers: dict[tuple[int, int], tuple[str, str]] = {}  # (offset, size) -> (shape, op)
     in_temp = False
     for line in _latest(dump, "_gpu_after_optimizations-buffer-assignment.txt").splitlines():
         if line.startswith("allocation "):
             in_temp = "preallocated-temp" in line
         elif in_temp and (m := _VALUE.search(line)):
-            name, size, shape = m.group(1), int(m.group(2)), m.group(3)
-            if shape.startswith("("):
-                continue  # a tuple's index table
-            key = (size, re.sub(r"\{[\d,]*\}$", "", shape), shorten(ops.get(name.split("{")[0], "")))
-            groups[key] = groups.get(key, 0) + 1
+            name, size, offset, shape = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+            if not shape.startswith("("):  # a tuple's index table is not data
+                buffers.setdefault((offset, size), (re.sub(r"\{[\d,]*\}$", "", shape),
+                                                    shorten(ops.get(name.split("{")[0], ""))))
+    groups: dict[tuple[int, str, str], int] = {}
+    for (_, size), (shape, op) in buffers.items():
+        groups[(size, shape, op)] = groups.get((size, shape, op), 0) + 1
     top = sorted(groups.items(), key=lambda kv: -kv[0][0] * kv[1])[:n]
     return [{"bytes": size, "count": count, "shape": shape, "op": op} for (size, shape, op), count in top]
 
 
 def shorten(op_name: str, parts: int = 5) -> str:
     """A JAX op_name without its wrappers (jit(step), closed_call, jvp(), transpose()), last parts."""
-    pieces = [p for p in op_name.split("/") if p and not re.fullmatch(r"(jit\(step\)|closed_call|jvp\(\)|transpose\(\))", p)]
+    pieces = [p for p in op_name.split("/") if p and not re.fullmatch(r"(jit\(step\)|closed_call|jvp\(.*\)|transpose\(.*\))", p)]
     return "/".join(pieces[-parts:])

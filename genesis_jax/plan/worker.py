@@ -91,7 +91,8 @@ def main(argv: list[str]) -> int:
     try:
         devices, limit = open_target(spec["target"], spec["devices"])
     except Exception as e:  # noqa: BLE001 - reported by the parent in one line
-        fatal = {"error": f"{type(e).__name__}: {e}".strip().splitlines()[0], "user_error": isinstance(e, UserError)}
+        text = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        fatal = {"error": text.strip().splitlines()[0], "user_error": isinstance(e, UserError)}
         (root / "fatal.json").write_text(json.dumps(fatal), encoding="utf-8")
         return 1
     (root / "device.json").write_text(json.dumps({"kind": devices[0].device_kind, "bytes_limit": limit}), encoding="utf-8")
