@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, ContextManager
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Fast compiles here and in every training process a test launches (they inherit the variable).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# One compilation cache for the session: the training processes tests launch (an uninterrupted
+# run and its resumed twin, say) compile the same programs, and load them the second time.
+_CACHE = tempfile.mkdtemp(prefix="genesis_jax_test_cache_")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax
 import pytest

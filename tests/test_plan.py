@@ -196,6 +196,7 @@ def test_sharded_state_per_device_matches_the_hand_count(fixture_corpus: Path, c
     assert plan["devices"] == 2 and info["n_parameters"] == n_params
     assert info["parameters"] == 4 * ((n_params - norms) // 2 + norms)
     assert info["optimizer"] >= 2 * info["parameters"]  # Adam's two moments, sharded alike
+    assert info["batch_bytes"] == 2 * (512 * 9 + 4)  # 2 rows per device of 512 tokens: int32 x 2 + bool, a locale
 
 
 @compiles

@@ -45,7 +45,8 @@ class JobResult:
                      + val["memory"]["output_size_in_bytes"])
         temps = train["memory"]["temp_size_in_bytes"]
         rows = [("parameters", info["parameters"]), ("optimizer state", info["optimizer"]), ("corpus", info["corpus"]),
-                ("train step temporaries", temps), ("other (PRNG key, controls, metrics)", train_total - held - temps),
+                ("train step temporaries", temps), ("  of which the batch, drawn on the device", info["batch_bytes"]),
+                ("other (PRNG key, controls, metrics)", train_total - held - temps),
                 ("train step total", train_total),
                 ("validation total (state, corpus, its batch and temporaries)", val_total)]
         return rows, max(train_total, val_total)

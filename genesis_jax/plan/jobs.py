@@ -76,6 +76,8 @@ def train_job(job: dict[str, Any], devices: list[jax.Device]) -> tuple[list[Prog
         "batch": f"{t.grad_accum_steps} x {t.batch_size} x {cfg.data.seq_len} tokens per step "
                  f"({t.batch_size // split} sequences per device per micro-batch)",
         "rows_per_device": t.batch_size // split,
+        # inputs and labels (int32), mask (bool) per token, a locale (int32) per row: drawn on the device
+        "batch_bytes": t.grad_accum_steps * (t.batch_size // split) * (cfg.data.seq_len * 9 + 4),
         "mesh": dict(mesh.shape),
     }
     programs = [

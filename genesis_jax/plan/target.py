@@ -100,10 +100,12 @@ def check_toolchain() -> None:
 
 
 def worker_env(target: str, base: dict[str, str]) -> dict[str, str]:
-    """The compiler process's environment: ptxas's resource report logged, and nothing that
-    would make the compiled program differ from a training run's (tests' fast-compile flag)."""
+    """The compiler process's environment: ptxas's resource report logged, every program really
+    compiled (no persistent cache), and nothing that would make the compiled program differ from
+    a training run's (tests' fast-compile flag)."""
     env = dict(base)
     env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a cached program is not compiled: ptxas would report nothing
     env["TF_CPP_MIN_LOG_LEVEL"] = "0"
     env["TF_CPP_VMODULE"] = "subprocess_compilation=2"  # ptxas -v: registers, spills, per kernel
     if target != LOCAL:
