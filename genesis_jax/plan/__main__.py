@@ -20,7 +20,7 @@ from .. import config as config_lib
 from ..cli import run_cli
 from ..errors import UserError
 from . import target as targets
-from .compile import Compiled, run
+from .compile import Compiled, JobResult, run
 
 MIB = 2**20
 
@@ -57,20 +57,11 @@ def kernel_table(kernels: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def report(args: argparse.Namespace, c: Compiled, n_devices: int) -> tuple[list[str], list[str]]:
-    """The printed plan, and the reasons it fails (empty: exit 0)."""
-    r = c.results[0]
-    where = f"{c.device_kind}" + (f" (sm_{c.target.compute_capability.replace('.', '')}a, {c.target.sm_count} SMs)"
-                                  if c.target else " (this machine)")
-    lines = [f"plan: {args.config} for {n_devices} x {where}, target {args.target}"]
-    if not r.ok:
-        return lines + [f"compile failed: {r.error}"], [f"the compile failed: {r.error}"]
+def memory_lines(r: JobResult, c: Compiled) -> tuple[list[str], list[str]]:
+    """The memory table with the largest temporaries, and the failure if it does not fit."""
     info = r.info
-    lines += [f"model {info['model']}: {info['n_parameters']:,} parameters, attention {info['attention']}",
-              f"batch {info['batch']}; mesh {' x '.join(f'{k} {v}' for k, v in info['mesh'].items())}", "",
-              f"{'memory per device':<62} {'MiB':>10}"]
     rows, peak = r.memory_rows()
-    lines += [f"  {label:<60} {b / MIB:>10,.1f}" for label, b in rows]
+    lines = [f"{'memory per device':<62} {'MiB':>10}"] + [f"  {label:<60} {b / MIB:>10,.1f}" for label, b in rows]
     fits = peak <= c.memory_limit
     frac = "" if c.target is None else (f" ({targets.memory_fraction():.0%} of {c.target.memory_bytes / MIB:,.0f} MiB, "
                                         "XLA_PYTHON_CLIENT_MEM_FRACTION)")
@@ -86,21 +77,39 @@ def report(args: argparse.Namespace, c: Compiled, n_devices: int) -> tuple[list[
                      + ("activations of every layer, kept for the backward pass" if layered else v["op"]))
     if per_layer and not info["remat"]:
         lines.append("  (model.remat = true recomputes each block in the backward pass instead of keeping these)")
-    lines.append("compile: " + ", ".join(f"{p['name']} {p['compile_s']:.1f} s" for p in r.programs))
     failures = [] if fits else [f"needs {peak / MIB:,.0f} MiB per device, {c.memory_limit / MIB:,.0f} MiB usable"]
-    kernels = r.kernels()
-    if kernels:
-        lines += ["", "Pallas kernels (per thread: registers, spill bytes, stack; per block: shared memory, threads):"]
-        lines += kernel_table(kernels)
-        spilling = [k["name"] for k in kernels if k["spill_stores"] or k["spill_loads"]]
-        if spilling:
-            failures.append(f"kernels spill registers: {', '.join(spilling)}")
-        unknown = [k["name"] for k in kernels if k["registers"] is None]
-        if unknown:
-            lines.append(f"  (no ptxas report for {', '.join(unknown)}: their registers and spills are unknown)")
-    else:
-        lines += ["", f"no Pallas kernels (attention {info['attention']})"]
     return lines, failures
+
+
+def kernel_lines(r: JobResult) -> tuple[list[str], list[str]]:
+    """The Pallas kernels' resources, and the failure if any spills."""
+    kernels = r.kernels()
+    if not kernels:
+        return [f"no Pallas kernels (attention {r.info['attention']})"], []
+    lines = ["Pallas kernels (per thread: registers, spill bytes, stack; per block: shared memory, threads):"]
+    lines += kernel_table(kernels)
+    unknown = [k["name"] for k in kernels if k["registers"] is None]
+    if unknown:
+        lines.append(f"  (no ptxas report for {', '.join(unknown)}: their registers and spills are unknown)")
+    spilling = [k["name"] for k in kernels if k["spill_stores"] or k["spill_loads"]]
+    return lines, [f"kernels spill registers: {', '.join(spilling)}"] if spilling else []
+
+
+def report(args: argparse.Namespace, c: Compiled, n_devices: int) -> tuple[list[str], list[str]]:
+    """The printed plan, and the reasons it fails (empty: exit 0)."""
+    r = c.results[0]
+    where = c.device_kind + (f" (sm_{c.target.compute_capability.replace('.', '')}a, {c.target.sm_count} SMs)"
+                             if c.target else " (this machine)")
+    lines = [f"plan: {args.config} for {n_devices} x {where}, target {args.target}"]
+    if not r.ok:
+        return lines + [f"compile failed: {r.error}"], [f"the compile failed: {r.error}"]
+    info = r.info
+    lines += [f"model {info['model']}: {info['n_parameters']:,} parameters, attention {info['attention']}",
+              f"batch {info['batch']}; mesh {' x '.join(f'{k} {v}' for k, v in info['mesh'].items())}", ""]
+    memory, memory_failures = memory_lines(r, c)
+    kernel, kernel_failures = kernel_lines(r)
+    lines += memory + ["compile: " + ", ".join(f"{p['name']} {p['compile_s']:.1f} s" for p in r.programs), ""] + kernel
+    return lines, memory_failures + kernel_failures
 
 
 def main(argv: list[str] | None = None) -> int:
