@@ -2,10 +2,11 @@
 dk/dv passes are Pallas kernels too. Layout `[batch, seq, heads, head_dim]`.
 
 Design (see kernels/README.md): the grid runs over (query block, batch, head) in the forward
-and dq passes and over (key block, batch, query head) in the dk/dv pass; each program loops
-over the other sequence axis with online softmax in float32, skipping blocks that a causal
-mask hides entirely. Any length works: sequences are padded to the block size in the wrapper
-and padded keys are masked inside the kernel. Softmax runs in base 2 (exp2 with log2(e) folded
+and dq passes and over (key block, batch, KV head) in the dk/dv pass, which loops over the
+query heads of its group inside; each program loops over the other sequence axis with online
+softmax in float32, skipping blocks that a causal mask hides entirely and computing no mask on
+the blocks it sees whole. Any length works: sequences are padded to the block size in the
+wrapper and padded keys are masked inside the kernel. Softmax runs in base 2 (exp2 with log2(e) folded
 into the scale); the forward saves each row's base-2 max and log2 sum for the backward.
 """
 
@@ -104,6 +105,18 @@ def _kv_blocks_seen(iq: jax.Array, block_q: int, block_k: int, n_kv_blocks: int,
     return jnp.maximum(jnp.minimum(n_kv_blocks, last), 0)
 
 
+def _kv_blocks_whole(iq: jax.Array, block_q: int, block_k: int, kv_len: int, causal_offset: int | None,
+                     hi: jax.Array | int) -> jax.Array | int:
+    """Leading key blocks that every query of block `iq` sees in full (real keys, not cut by
+    the causal diagonal): their tiles need no mask. Only without segments."""
+    real = kv_len // block_k  # key blocks with no padded key
+    if causal_offset is None:
+        return min(real, hi) if isinstance(hi, int) else jnp.minimum(real, hi)
+    # key block j is whole when its last key (j + 1) * block_k - 1 <= the block's first query + offset
+    whole = lax.div(jnp.maximum(iq * block_q + causal_offset + 1, 0), block_k)
+    return jnp.minimum(jnp.minimum(whole, real), hi)
+
+
 def _fwd_kernel(*refs: Any, sm_scale: float, causal_offset: int | None, kv_len: int, block_q: int,
                 block_k: int, n_kv_blocks: int, has_segments: bool) -> None:
     if has_segments:
@@ -117,24 +130,31 @@ def _fwd_kernel(*refs: Any, sm_scale: float, causal_offset: int | None, kv_len: 
     q_seg = qseg_ref[...] if qseg_ref is not None else None
     scale = sm_scale * LOG2E
 
-    def body(j: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    Carry = tuple[jax.Array, jax.Array, jax.Array]
+
+    def body(j: jax.Array, carry: Carry, masked: bool) -> Carry:
         acc, m_prev, l_prev = carry
         ks = pl.ds(j * block_k, block_k)
         k, v = k_ref[ks, :], v_ref[ks, :]
         s = _dot(q, k, trans_b=True) * scale
-        k_seg = kseg_ref[ks] if kseg_ref is not None else None
-        visible = _mask(q_pos, j * block_k + jnp.arange(block_k), kv_len, causal_offset, q_seg, k_seg)
-        s = jnp.where(visible, s, MASK_VALUE)
+        if masked:
+            k_seg = kseg_ref[ks] if kseg_ref is not None else None
+            visible = _mask(q_pos, j * block_k + jnp.arange(block_k), kv_len, causal_offset, q_seg, k_seg)
+            s = jnp.where(visible, s, MASK_VALUE)
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
-        p = jnp.where(visible, jnp.exp2(s - m_next[:, None]), 0.0)
+        p = jnp.exp2(s - m_next[:, None])
+        if masked:
+            p = jnp.where(visible, p, 0.0)
         corr = jnp.exp2(m_prev - m_next)
         acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_next, l_prev * corr + jnp.sum(p, axis=-1)
 
     hi = _kv_blocks_seen(iq, block_q, block_k, n_kv_blocks, causal_offset)
+    whole = 0 if has_segments else _kv_blocks_whole(iq, block_q, block_k, kv_len, causal_offset, hi)
     acc0 = jnp.zeros((block_q, q.shape[-1]), jnp.float32)
     m0 = jnp.full((block_q,), -jnp.inf, jnp.float32)
-    acc, m, l = lax.fori_loop(0, hi, body, (acc0, m0, jnp.zeros((block_q,), jnp.float32)))
+    carry = lax.fori_loop(0, whole, functools.partial(body, masked=False), (acc0, m0, jnp.zeros((block_q,), jnp.float32)))
+    acc, m, l = lax.fori_loop(whole, hi, functools.partial(body, masked=True), carry)
     empty = l == 0.0
     o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
     # The row max and log2 of the sum are kept apart: at large logits one float32 lse = m + log2(l)
@@ -157,22 +177,27 @@ def _dq_kernel(*refs: Any, sm_scale: float, causal_offset: int | None, kv_len: i
     q_seg = qseg_ref[...] if qseg_ref is not None else None
     scale = sm_scale * LOG2E
 
-    def body(j: jax.Array, dq: jax.Array) -> jax.Array:
+    def body(j: jax.Array, dq: jax.Array, masked: bool) -> jax.Array:
         ks = pl.ds(j * block_k, block_k)
         k, v = k_ref[ks, :], v_ref[ks, :]
-        k_seg = kseg_ref[ks] if kseg_ref is not None else None
-        visible = _mask(q_pos, j * block_k + jnp.arange(block_k), kv_len, causal_offset, q_seg, k_seg)
-        p = jnp.where(visible, jnp.exp2((_dot(q, k, trans_b=True) * scale - m[:, None]) - ll[:, None]), 0.0)
+        p = jnp.exp2((_dot(q, k, trans_b=True) * scale - m[:, None]) - ll[:, None])
+        if masked:
+            k_seg = kseg_ref[ks] if kseg_ref is not None else None
+            p = jnp.where(_mask(q_pos, j * block_k + jnp.arange(block_k), kv_len, causal_offset, q_seg, k_seg), p, 0.0)
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
     hi = _kv_blocks_seen(iq, block_q, block_k, n_kv_blocks, causal_offset)
-    dq = lax.fori_loop(0, hi, body, jnp.zeros(q.shape, jnp.float32))
+    whole = 0 if has_segments else _kv_blocks_whole(iq, block_q, block_k, kv_len, causal_offset, hi)
+    dq = lax.fori_loop(0, whole, functools.partial(body, masked=False), jnp.zeros(q.shape, jnp.float32))
+    dq = lax.fori_loop(whole, hi, functools.partial(body, masked=True), dq)
     dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(*refs: Any, sm_scale: float, causal_offset: int | None, kv_len: int, block_q: int,
-                block_k: int, n_q_blocks: int, has_segments: bool) -> None:
+                block_k: int, n_q_blocks: int, group: int, has_segments: bool) -> None:
+    """One key block of one KV head: loops over the `group` query heads that read it, then over
+    their query blocks, so dK/dV are summed in registers (no per-query-head partials)."""
     if has_segments:
         q_ref, k_ref, v_ref, do_ref, m_ref, ll_ref, delta_ref, qseg_ref, kseg_ref, dk_ref, dv_ref = refs
     else:
@@ -183,26 +208,40 @@ def _dkv_kernel(*refs: Any, sm_scale: float, causal_offset: int | None, kv_len: 
     k_pos = jk * block_k + jnp.arange(block_k)
     k_seg = kseg_ref[...] if kseg_ref is not None else None
     scale = sm_scale * LOG2E
+    Carry = tuple[jax.Array, jax.Array]
 
-    def body(i: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    def body(i: jax.Array, carry: Carry, hh: jax.Array, masked: bool) -> Carry:
         dk, dv = carry
         qs = pl.ds(i * block_q, block_q)
-        q, do = q_ref[qs, :], do_ref[qs, :]
-        m, ll, delta = m_ref[qs], ll_ref[qs], delta_ref[qs]
-        q_seg = qseg_ref[qs] if qseg_ref is not None else None
-        visible = _mask(i * block_q + jnp.arange(block_q), k_pos, kv_len, causal_offset, q_seg, k_seg)
-        p = jnp.where(visible, jnp.exp2((_dot(q, k, trans_b=True) * scale - m[:, None]) - ll[:, None]), 0.0)
+        q, do = q_ref[qs, hh, :], do_ref[qs, hh, :]
+        m, ll, delta = m_ref[hh, qs], ll_ref[hh, qs], delta_ref[hh, qs]
+        p = jnp.exp2((_dot(q, k, trans_b=True) * scale - m[:, None]) - ll[:, None])
+        if masked:
+            q_seg = qseg_ref[qs] if qseg_ref is not None else None
+            p = jnp.where(_mask(i * block_q + jnp.arange(block_q), k_pos, kv_len, causal_offset, q_seg, k_seg), p, 0.0)
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
         dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
-    lo = 0
+    lo: jax.Array | int = 0
+    whole: jax.Array | int = 0  # the first query block that sees this key block whole
     if causal_offset is not None:  # queries before this key block cannot see it
-        lo = jnp.maximum(lax.div(jk * block_k - causal_offset, block_q), 0)
-        lo = jnp.minimum(lo, n_q_blocks)
+        lo = jnp.minimum(jnp.maximum(lax.div(jk * block_k - causal_offset, block_q), 0), n_q_blocks)
+        first = jnp.maximum((jk + 1) * block_k - 1 - causal_offset, 0)
+        whole = jnp.minimum(jnp.maximum(lax.div(first + block_q - 1, block_q), lo), n_q_blocks)
+    if has_segments:  # any tile may cut a segment
+        whole = n_q_blocks
+    else:  # a key block holding padded keys is masked throughout
+        padded = ((jk + 1) * block_k > kv_len).astype(jnp.int32)
+        whole = whole + (n_q_blocks - whole) * padded
+
+    def head(hh: jax.Array, carry: Carry) -> Carry:
+        carry = lax.fori_loop(lo, whole, functools.partial(body, hh=hh, masked=True), carry)
+        return lax.fori_loop(whole, n_q_blocks, functools.partial(body, hh=hh, masked=False), carry)
+
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(lo, n_q_blocks, body, (zeros, zeros))
+    dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
     dk_ref[...] = (dk * sm_scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -309,34 +348,28 @@ def _backward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.A
         interpret=st.interpret, name="genesis_flash_dq",
     )(*args)
 
-    # dk, dv: one program per (key block, batch, query head), looping over query blocks;
-    # the query heads sharing a KV head are summed afterwards (no atomics).
+    # dk, dv: one program per (key block, batch, KV head), looping over the query heads of its
+    # group inside (no atomics, no per-query-head partials).
     specs = [
-        pl.BlockSpec((None, c["sq_p"], None, d), lambda j, b, h: (b, 0, h, 0)),
-        pl.BlockSpec((None, bk, None, d), lambda j, b, h: (b, j, h // g, 0)),
-        pl.BlockSpec((None, bk, None, d), lambda j, b, h: (b, j, h // g, 0)),
-        pl.BlockSpec((None, c["sq_p"], None, d), lambda j, b, h: (b, 0, h, 0)),
-        pl.BlockSpec((None, None, c["sq_p"]), lambda j, b, h: (b, h, 0)),
-        pl.BlockSpec((None, None, c["sq_p"]), lambda j, b, h: (b, h, 0)),
-        pl.BlockSpec((None, None, c["sq_p"]), lambda j, b, h: (b, h, 0)),
+        pl.BlockSpec((None, c["sq_p"], g, d), lambda j, b, h: (b, 0, h, 0)),
+        pl.BlockSpec((None, bk, None, d), lambda j, b, h: (b, j, h, 0)),
+        pl.BlockSpec((None, bk, None, d), lambda j, b, h: (b, j, h, 0)),
+        pl.BlockSpec((None, c["sq_p"], g, d), lambda j, b, h: (b, 0, h, 0)),
+        pl.BlockSpec((None, g, c["sq_p"]), lambda j, b, h: (b, h, 0)),
+        pl.BlockSpec((None, g, c["sq_p"]), lambda j, b, h: (b, h, 0)),
+        pl.BlockSpec((None, g, c["sq_p"]), lambda j, b, h: (b, h, 0)),
     ]
     args = [q, k, v, do, *stats, delta]
     if seg:
         specs += [pl.BlockSpec((None, c["sq_p"]), lambda j, b, h: (b, 0)), pl.BlockSpec((None, bk), lambda j, b, h: (b, j))]
         args += [qseg, kseg]
-    kv_shape = (c["b"], c["skv_p"], c["hq"], d)
-    acc_dtype = jnp.float32 if g > 1 else k.dtype
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, n_q_blocks=c["nq"], **common), grid=(c["nk"], c["b"], c["hq"]),
+        functools.partial(_dkv_kernel, n_q_blocks=c["nq"], group=g, **common), grid=(c["nk"], c["b"], c["hq"] // g),
         in_specs=specs,
         out_specs=[pl.BlockSpec((None, bk, None, d), lambda j, b, h: (b, j, h, 0))] * 2,
-        out_shape=[jax.ShapeDtypeStruct(kv_shape, acc_dtype)] * 2, compiler_params=_params(st, backward=True),
-        interpret=st.interpret, name="genesis_flash_dkv",
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_params(st, backward=True), interpret=st.interpret, name="genesis_flash_dkv",
     )(*args)
-    if g > 1:
-        hkv = c["hq"] // g
-        dk = dk.reshape(c["b"], c["skv_p"], hkv, g, d).sum(axis=3).astype(k.dtype)
-        dv = dv.reshape(c["b"], c["skv_p"], hkv, g, d).sum(axis=3).astype(v.dtype)
     return dq, dk, dv
 
 
