@@ -61,3 +61,13 @@ def test_kernel_resources_benchmark_chooses_a_setting(tmp_path):
     rows = list(csv.DictReader((tmp_path / "kernel_resources.csv").open()))
     assert {row["kernel"] for row in rows} == {"genesis_flash_fwd", "genesis_flash_dq", "genesis_flash_dkv"}
     assert all(row["registers"] and row["spill_stores"] for row in rows)
+
+
+def test_torch_step_benchmark_ends_with_the_ratio():
+    pytest.importorskip("torch", reason="PyTorch is an optional benchmark dependency")
+    r = subprocess.run([sys.executable, "benchmarks/torch_step.py", "--dims", "32,2,2,64", "--seq", "16", "--batch", "2",
+                        "--rounds", "1", "--steps", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[-3].startswith("jax ") and lines[-2].startswith("torch ") and lines[-1].startswith("ratio ")
+    assert float(lines[-1].split()[1]) > 0
