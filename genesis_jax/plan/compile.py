@@ -69,10 +69,11 @@ class Compiled:
     results: list[JobResult]
 
 
-def _crash_reason(where: Path) -> str:
-    """The last lines of a compile log that look like the fatal error."""
+def _crash_reason(where: Path, stderr: str) -> str:
+    """The last line of the job's compile log (or of the process's own output) that looks like
+    the fatal error."""
     logs = sorted(where.glob("*/compile.log"))
-    text = logs[-1].read_text(encoding="utf-8", errors="replace") if logs else ""
+    text = logs[-1].read_text(encoding="utf-8", errors="replace") if logs else stderr
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith(("I", "W"))]
     fatal = [ln for ln in lines if "error" in ln.lower() or "fatal" in ln.lower() or "abort" in ln.lower()]
     return (fatal or lines or ["no message"])[-1][:300]
@@ -111,7 +112,7 @@ def run(jobs: list[dict[str, Any]], target: str, devices: int = 1, workdir: Path
                 results[i] = JobResult(job, **json.loads((where / "result.json").read_text(encoding="utf-8")))
                 progressed = True
             elif (where / "started").exists():  # it ended the process
-                reason = _crash_reason(where)
+                reason = _crash_reason(where, proc.stderr)
                 results[i] = JobResult(job, ok=False, error=f"the compiler process died (exit {proc.returncode}): {reason}")
                 (where / "result.json").write_text(json.dumps({"ok": False, "error": results[i].error}), encoding="utf-8")
                 progressed = True
