@@ -46,7 +46,7 @@ class Setup:
     state_sharding: Any  # TrainState-shaped tree of NamedSharding (sharding.state_shardings)
     has_words: bool
     corpus: Corpus
-    streams: Streams
+    streams: Streams  # as HostData.streams
 
 
 def load_data(cfg: Config) -> HostData:
