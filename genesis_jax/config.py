@@ -49,6 +49,7 @@ class ModelConfig:
     rope_base: float = 10000.0  # rotary embedding base
     attention: str = "xla"  # attention backend: a name in attention.BACKENDS, or "auto"
     remat: bool = False  # recompute each block in the backward pass to save memory
+    scan_unroll: int = 1  # blocks per iteration of the layer scan (n_layers: no loop); compiles slower, may run faster
     embed_init_std: float = 0.02  # std of the tied embedding; sets initial logit scale
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # activations and matmuls; weights stay float32
 
@@ -68,6 +69,7 @@ class ModelSpec:
     rope_base: float
     attention: str
     remat: bool
+    scan_unroll: int
     embed_init_std: float
     compute_dtype: Literal["bfloat16", "float32"]
 

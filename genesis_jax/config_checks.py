@@ -36,7 +36,7 @@ def validate(cfg: Config) -> None:
                        ("training.grad_accum_steps", t.grad_accum_steps), ("training.log_interval", t.log_interval),
                        ("training.val_windows", t.val_windows), ("data.seq_len", d.seq_len),
                        ("checkpoint.save_interval", c.save_interval), ("checkpoint.keep", c.keep),
-                       ("optim.lr", o.lr), ("model.rope_base", m.rope_base)]:
+                       ("optim.lr", o.lr), ("model.rope_base", m.rope_base), ("model.scan_unroll", m.scan_unroll)]:
         _positive(key, value)
     if m.dim % m.n_heads:
         raise ConfigError(f"model.n_heads = {m.n_heads} does not divide model.dim = {m.dim}")

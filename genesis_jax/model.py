@@ -203,7 +203,7 @@ class Llama(nnx.Module):
 
         if self.cfg.remat:
             body = jax.checkpoint(body)
-        x, _ = jax.lax.scan(body, x, state)
+        x, _ = jax.lax.scan(body, x, state, unroll=min(self.cfg.scan_unroll, self.cfg.n_layers))
         return self.final_norm(x)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:

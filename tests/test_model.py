@@ -204,3 +204,20 @@ def test_remat_puts_a_checkpoint_around_each_block():
     remat_names = {"checkpoint", "remat", "remat2"}
     assert primitives(_model(remat=True)[1]) & remat_names
     assert not primitives(_model(remat=False)[1]) & remat_names
+
+
+def test_scan_unroll_reaches_the_layer_scan_and_changes_no_value():
+    """model.scan_unroll is a program change only: the forward's scan carries it (capped at
+    the layer count), and the logits stay those of the rolled loop."""
+    tokens = jnp.asarray(np.random.default_rng(5).integers(4, 260, size=(2, 9)), jnp.int32)
+
+    def scan_unrolls(model) -> list[int]:
+        graphdef, params = nnx.split(model)
+        jaxpr = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(tokens))(params).jaxpr
+        return [eqn.params["unroll"] for eqn in jaxpr.eqns if eqn.primitive.name == "scan"]
+
+    _, rolled = _model()
+    _, unrolled = _model(scan_unroll=2)
+    _, capped = _model(scan_unroll=64)
+    assert scan_unrolls(rolled) == [1] and scan_unrolls(unrolled) == [2] and scan_unrolls(capped) == [2]
+    np.testing.assert_allclose(rolled(tokens), unrolled(tokens), rtol=1e-6, atol=1e-6)
