@@ -151,3 +151,14 @@ def bytes_per_device(tree: Any) -> dict[int, int]:
         for shard in leaf.addressable_shards:
             out[shard.device.id] = out.get(shard.device.id, 0) + shard.data.nbytes
     return out
+
+
+def shard_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded shapes (`jax.ShapeDtypeStruct`s with a
+    sharding, nothing allocated: `bytes_per_device` measures placed arrays), from each leaf's
+    shard shape; PRNG keys, a few bytes each, are not counted."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            total += math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+    return total

@@ -109,9 +109,9 @@ def _kv_blocks_whole(iq: jax.Array, block_q: int, block_k: int, kv_len: int, cau
                      hi: jax.Array | int) -> jax.Array | int:
     """Leading key blocks that every query of block `iq` sees in full (real keys, not cut by
     the causal diagonal): their tiles need no mask. Only without segments."""
-    real = kv_len // block_k  # key blocks with no padded key
+    real = kv_len // block_k  # key blocks with no padded key (never more than `hi`)
     if causal_offset is None:
-        return min(real, hi) if isinstance(hi, int) else jnp.minimum(real, hi)
+        return real
     # key block j is whole when its last key (j + 1) * block_k - 1 <= the block's first query + offset
     whole = lax.div(jnp.maximum(iq * block_q + causal_offset + 1, 0), block_k)
     return jnp.minimum(jnp.minimum(whole, real), hi)

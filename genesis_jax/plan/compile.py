@@ -92,6 +92,10 @@ def run(jobs: list[dict[str, Any]], target: str, devices: int = 1, workdir: Path
     root = Path(tempfile.mkdtemp(prefix="genesis_plan_")) if own else workdir
     assert root is not None
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob("job[0-9]*"):  # an earlier run's, in a kept directory
+        shutil.rmtree(stale)
+    for stale in (root / "fatal.json", root / "device.json"):
+        stale.unlink(missing_ok=True)
     (root / "jobs.json").write_text(json.dumps({"target": target, "devices": devices, "jobs": jobs}), encoding="utf-8")
     env = targets.worker_env(target, dict(os.environ))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH", "")]))

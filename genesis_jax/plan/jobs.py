@@ -19,7 +19,7 @@ from .. import config as config_lib
 from ..eval_suite import jit_validation_step
 from ..runtime import abstract_state, jit_step, load_data
 from ..sampler import MaskParams
-from ..sharding import batch_sharding, batch_split, check_devices, make_mesh, replicated
+from ..sharding import batch_sharding, batch_split, check_devices, make_mesh, replicated, shard_bytes
 from ..step import StepControls
 
 
@@ -33,16 +33,6 @@ class Program:
 def shaped(tree: Any, sharding: jax.sharding.Sharding) -> Any:
     """Shape-and-dtype stand-ins for a tree of arrays, placed by one sharding."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
-def bytes_per_device(tree: Any) -> int:
-    """Bytes one device holds of a tree of sharded stand-ins (the largest shard of each leaf)."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            continue  # a few bytes of key data
-        total += math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-    return total
 
 
 def train_job(job: dict[str, Any], devices: list[jax.Device]) -> tuple[list[Program], dict[str, Any]]:
@@ -63,10 +53,10 @@ def train_job(job: dict[str, Any], devices: list[jax.Device]) -> tuple[list[Prog
     t, m = cfg.training, cfg.model
     split = batch_split(mesh)
     info = {
-        "parameters": bytes_per_device(state.params),
-        "optimizer": bytes_per_device((state.opt_state, state.step, state.loss_ema)),
-        "corpus": bytes_per_device(corpus),
-        "validation_batch": 2 * bytes_per_device(window),
+        "parameters": shard_bytes(state.params),
+        "optimizer": shard_bytes((state.opt_state, state.step, state.loss_ema)),
+        "corpus": shard_bytes(corpus),
+        "validation_batch": 2 * shard_bytes(window),
         "n_parameters": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
         "attention": attention.backend(m.attention).name,
         "n_layers": m.n_layers,
