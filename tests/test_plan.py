@@ -46,6 +46,8 @@ def test_resident_blocks_per_sm_by_hand():
     assert resources.Kernel("a", registers=166, threads=256, shared_memory=32768).blocks_per_sm() == 1
     # 128 registers x 4 warps = 16384 -> 4 blocks by registers; 64 KiB (+1 KiB) -> 3 by shared memory.
     assert resources.Kernel("b", registers=128, threads=128, shared_memory=65536).blocks_per_sm() == 3
+    # 170 registers -> 5440 per warp, allocated in 256s: 5632; x 4 warps = 22528 -> 2 blocks (3 unrounded).
+    assert resources.Kernel("r", registers=170, threads=128, shared_memory=0).blocks_per_sm() == 2
     # 32 registers x 2 warps: 32 by registers, 227 by shared memory, 2048 / 64 = 32 by threads.
     assert resources.Kernel("c", registers=32, threads=64, shared_memory=0).blocks_per_sm() == 32
 
