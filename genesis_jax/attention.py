@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 
 import jax
 
-from kernels import decode_attention, flash_attention, reference_attention, target_platform
+from kernels import blocked_attention, decode_attention, flash_attention, reference_attention, target_platform
 
 from .errors import ConfigError
 
@@ -101,7 +101,9 @@ def _plain(fn: Callable[..., jax.Array]) -> AttentionFn:
     return attend
 
 
-register(Backend("xla", _plain(reference_attention), decode_attention, None,
+register(Backend("xla", _plain(blocked_attention), decode_attention, None,
+                 "blocked jnp attention with a recomputing backward (kernels/blocked_attention.py): the fast path off the GPU"))
+register(Backend("reference", _plain(reference_attention), decode_attention, None,
                  "plain jnp softmax attention (float32 softmax); the reference every other backend is checked against"))
 # Off the GPU the Pallas kernel runs in interpret mode: correct and slow, for tests.
 register(Backend("pallas", _plain(flash_attention), decode_attention, None,

@@ -1,7 +1,7 @@
 """`python -m genesis_jax.verify`: is this machine ready to train?
 
 Prints devices and versions, then for each registered attention backend (and `auto`): whether it is available, a tiny
-model forward and backward against the `xla` reference, and a short timing. Exit 0 only if
+model forward and backward against the `reference` backend (plain jnp attention), and a short timing. Exit 0 only if
 every available check passes.
 """
 
@@ -77,7 +77,7 @@ def check_backend(backend: str, dtype: str, preset: str, seq: int) -> dict[str, 
     try:
         key = (dtype, preset, seq)
         if key not in _REFERENCE:  # one reference per setting, whatever the number of backends
-            _REFERENCE[key] = loss_and_grads(attention.BACKENDS["xla"])[1:3]
+            _REFERENCE[key] = loss_and_grads(attention.BACKENDS["reference"])[1:3]
         logits_r, grads_r = _REFERENCE[key]
         _, logits_t, grads_t, rerun = loss_and_grads(chosen)
         t0 = time.perf_counter()

@@ -9,13 +9,19 @@ import jax
 import jax.numpy as jnp
 
 
-def _check(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+def check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
     b, _, hq, d = q.shape
     skv, hkv = k.shape[1], k.shape[2]
     if k.shape != (b, skv, hkv, d) or v.shape != k.shape:
         raise ValueError(f"k and v must be [batch, seq_kv, heads_kv, {d}] like q's batch; got k {k.shape}, v {v.shape}")
     if hq % hkv:
         raise ValueError(f"heads_q = {hq} is not a multiple of heads_kv = {hkv}")
+
+
+def check_segments(q: jax.Array, k: jax.Array, segment_ids: jax.Array | None) -> None:
+    b, sq = q.shape[:2]
+    if segment_ids is not None and (segment_ids.shape != (b, sq) or sq != k.shape[1]):
+        raise ValueError(f"segment_ids must be [batch, seq] = {(b, sq)} for self-attention; got {segment_ids.shape}")
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
@@ -55,7 +61,7 @@ def reference_attention(
     `interpret` are accepted for signature parity with the kernel and ignored.
     """
     del block_sizes, interpret
-    _check(q, k, v)
+    check_shapes(q, k, v)
     b, sq, _, d = q.shape
     skv = k.shape[1]
     mask = jnp.ones((sq, skv), dtype=bool)
@@ -63,8 +69,7 @@ def reference_attention(
         mask = jnp.tril(mask, k=skv - sq)
     mask = jnp.broadcast_to(mask, (b, sq, skv))
     if segment_ids is not None:
-        if segment_ids.shape != (b, sq) or sq != skv:
-            raise ValueError(f"segment_ids must be [batch, seq] = {(b, sq)} for self-attention; got {segment_ids.shape}")
+        check_segments(q, k, segment_ids)
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     return masked_attention(q, k, v, mask, d**-0.5 if sm_scale is None else sm_scale)
 
@@ -72,7 +77,7 @@ def reference_attention(
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array) -> jax.Array:
     """Causal attention of queries at positions `start..start+seq_q` over a KV cache
     `[batch, max_len, heads_kv, head_dim]` whose entries up to `start + seq_q` are filled."""
-    _check(q, k_cache, v_cache)
+    check_shapes(q, k_cache, v_cache)
     b, sq, _, d = q.shape
     visible = jnp.arange(k_cache.shape[1])[None, :] <= (start + jnp.arange(sq))[:, None]  # [seq_q, max_len]
     return masked_attention(q, k_cache, v_cache, jnp.broadcast_to(visible, (b, *visible.shape)), d**-0.5)

@@ -1,4 +1,5 @@
-"""The Pallas kernel (interpret mode on CPU) against a float64 NumPy attention with gradients."""
+"""The attention kernels against a float64 NumPy attention with gradients: the Pallas kernel
+(interpret mode on CPU) and the blocked XLA attention of the `xla` backend."""
 
 import math
 
@@ -11,7 +12,7 @@ from flax import nnx
 from genesis_jax import config as C
 from genesis_jax.model import Llama
 from genesis_jax.attention import Backend
-from kernels import BlockSizes, decode_attention, flash_attention, reference_attention
+from kernels import BlockSizes, blocked_attention, decode_attention, flash_attention, reference_attention
 
 
 def np_attention_with_grads(q, k, v, do, causal, seg):
@@ -57,7 +58,8 @@ def rel_err(got, want):
     return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-1 * want.size ** 0.5)
 
 
-def run_case(b, sq, skv, hq, hkv, d, causal, segments, dtype, seed, scale=1.0, blocks=None):
+def run_case(b, sq, skv, hq, hkv, d, causal, segments, dtype, seed, attend, scale=1.0):
+    """Relative errors of `attend`'s output and gradients against float64."""
     rng = np.random.default_rng(seed)
     q = (scale * rng.normal(size=(b, sq, hq, d))).astype(np.float32)
     k = (scale * rng.normal(size=(b, skv, hkv, d))).astype(np.float32)
@@ -71,7 +73,7 @@ def run_case(b, sq, skv, hq, hkv, d, causal, segments, dtype, seed, scale=1.0, b
     segj = None if seg is None else jnp.asarray(seg)
 
     def f(q_, k_, v_):
-        return flash_attention(q_, k_, v_, causal=causal, segment_ids=segj, block_sizes=blocks)
+        return attend(q_, k_, v_, causal=causal, segment_ids=segj)
 
     out, vjp = jax.vjp(f, qj, kj, vj)
     grads = vjp(doj)
@@ -83,6 +85,13 @@ def run_case(b, sq, skv, hq, hkv, d, causal, segments, dtype, seed, scale=1.0, b
 
 
 SMALL = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=32)
+# Both kernels with 16-position blocks, so that the cases below cross several blocks. The
+# blocked attention is jitted: run op by op, its many small ops cost seconds per case.
+blocked_jit = jax.jit(blocked_attention, static_argnames=("causal", "sm_scale", "block_q"))
+KERNELS = {
+    "pallas": lambda q, k, v, **kw: flash_attention(q, k, v, block_sizes=SMALL, **kw),
+    "blocked": lambda q, k, v, **kw: blocked_jit(q, k, v, block_q=16, **kw),
+}
 
 CASES = [
     # b, sq, skv, hq, hkv, d, causal, segments
@@ -95,28 +104,33 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_q{}_k{}_h{}/{}_d{}_{}{}".format(
     *c[:6], "causal" if c[6] else "full", "_seg" if c[7] else ""))
-def test_float32_matches_float64_reference(case):
-    out_err, grad_errs = run_case(*case, dtype=jnp.float32, seed=sum(case[:6]), blocks=SMALL)
+def test_float32_matches_float64_reference(case, kernel):
+    out_err, grad_errs = run_case(*case, dtype=jnp.float32, seed=sum(case[:6]), attend=KERNELS[kernel])
     assert out_err <= 1e-5
     assert max(grad_errs) <= 1e-5, grad_errs
 
 
 @pytest.mark.parametrize("case", [(2, 70, 70, 4, 2, 64, True, True), (1, 48, 48, 2, 2, 128, False, False)],
                          ids=["hd64_gqa_causal_seg", "hd128_full"])
-def test_bfloat16_within_1e2(case):
-    out_err, grad_errs = run_case(*case, dtype=jnp.bfloat16, seed=3)
+@pytest.mark.parametrize("kernel", ["pallas", "blocked"])
+def test_bfloat16_within_1e2(case, kernel):
+    attend = blocked_jit if kernel == "blocked" else flash_attention  # default block sizes
+    out_err, grad_errs = run_case(*case, dtype=jnp.bfloat16, seed=3, attend=attend)
     assert out_err <= 1e-2
     assert max(grad_errs) <= 1e-2, grad_errs
 
 
-def test_large_logits_do_not_overflow():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_large_logits_do_not_overflow(kernel):
     # Logits of magnitude ~4e3: a naive exp overflows; online softmax must not. At this scale a
     # recomputed float32 logit may differ by one ulp (~5e-4 absolute) from the forward's, which
     # moves a recomputed probability by that much relatively: the backward pass is held to that
     # bound, or to three times the XLA reference's own error if larger.
-    out_err, grad_errs = run_case(1, 32, 32, 2, 2, 16, True, False, dtype=jnp.float32, seed=5, scale=30.0, blocks=SMALL)
+    out_err, grad_errs = run_case(1, 32, 32, 2, 2, 16, True, False, dtype=jnp.float32, seed=5, scale=30.0,
+                                  attend=KERNELS[kernel])
     rng = np.random.default_rng(5)
     q = (30.0 * rng.normal(size=(1, 32, 2, 16))).astype(np.float32)
     k = (30.0 * rng.normal(size=(1, 32, 2, 16))).astype(np.float32)
@@ -132,14 +146,16 @@ def test_large_logits_do_not_overflow():
         assert ours <= max(recompute_bound, 3 * xla), (grad_errs, ref_errs, recompute_bound)
 
 
-def test_fully_masked_rows_are_zero_not_nan():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fully_masked_rows_are_zero_not_nan(kernel):
     q = jnp.ones((1, 40, 2, 16))
     kv = jnp.ones((1, 24, 2, 16))
-    out = flash_attention(q, kv, kv, causal=True, block_sizes=SMALL)
+    out = KERNELS[kernel](q, kv, kv, causal=True)
     assert np.all(np.asarray(out[:, :16]) == 0.0) and np.isfinite(np.asarray(out)).all()
 
 
-def test_matches_reference_inside_the_model():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_matches_reference_inside_the_model(kernel):
     cfg = C.from_dict({"model": {"preset": "test", "n_kv_heads": 2, "compute_dtype": "float32"}})
     tokens = jnp.asarray(np.random.default_rng(0).integers(4, 260, size=(2, 21)), jnp.int32)
 
@@ -151,12 +167,9 @@ def test_matches_reference_inside_the_model():
             logits = nnx.merge(g, p)(tokens)
             return -jnp.mean(jax.nn.log_softmax(logits)[:, :-1, :] * jax.nn.one_hot(tokens[:, 1:], 260)) * 260
 
-        return jax.value_and_grad(loss)(params)
+        return jax.jit(jax.value_and_grad(loss))(params)
 
-    def kernel(q, k, v, **kw):
-        return flash_attention(q, k, v, block_sizes=SMALL, **kw)
-
-    (l_ref, g_ref), (l_ker, g_ker) = loss_and_grads(reference_attention), loss_and_grads(kernel)
+    (l_ref, g_ref), (l_ker, g_ker) = loss_and_grads(reference_attention), loss_and_grads(KERNELS[kernel])
     assert float(l_ker) == pytest.approx(float(l_ref), rel=1e-6)
     for a, b in zip(jax.tree.leaves(g_ker), jax.tree.leaves(g_ref)):
         assert rel_err(a, b) < 1e-4
@@ -222,7 +235,8 @@ def test_model_train_loss_lowers_with_the_kernel_for_cuda(cuda_lowering):
     assert exp.mlir_module().count("xla.gpu.triton") >= 3
 
 
-def test_causal_block_skipping_never_reads_a_future_block():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_causal_block_skipping_never_reads_a_future_block(kernel):
     """Values can not show block skipping (masked tiles contribute 0 either way), but NaNs can:
     0 * NaN is NaN, so a tile that is loaded and masked still poisons its result. With NaN in
     every key/value row from 32 on, queries 0-31 (query blocks 0 and 1 of 16) and their dq stay
@@ -232,7 +246,7 @@ def test_causal_block_skipping_never_reads_a_future_block():
     rng = np.random.default_rng(0)
     b, s, h, d = 1, 64, 2, 16
     q, k, v, do = (jnp.asarray(rng.normal(size=(b, s, h, d)), jnp.float32) for _ in range(4))
-    fn = lambda q_, k_, v_: flash_attention(q_, k_, v_, causal=True, block_sizes=SMALL)  # noqa: E731
+    fn = lambda q_, k_, v_: KERNELS[kernel](q_, k_, v_, causal=True)  # noqa: E731
     k_bad, v_bad = k.at[:, 32:].set(jnp.nan), v.at[:, 32:].set(jnp.nan)
     out, vjp = jax.vjp(fn, q, k_bad, v_bad)
     dq, _, _ = vjp(do)
@@ -243,3 +257,22 @@ def test_causal_block_skipping_never_reads_a_future_block():
     _, dk, dv = vjp(do_bad)
     assert np.isfinite(np.asarray(dk[:, 32:])).all() and np.isfinite(np.asarray(dv[:, 32:])).all()
     assert np.isnan(np.asarray(dv[:, :32])).all()
+
+
+def test_blocked_backward_saves_no_score_matrix():
+    """The memory-efficient backward: what the forward keeps for the backward is the inputs,
+    the output and one float32 log-sum-exp per row, nothing of size seq_q x seq_kv."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    b, s, hq, hkv, d = 2, 96, 4, 2, 16
+    q = jnp.ones((b, s, hq, d))
+    kv = jnp.ones((b, s, hkv, d))
+    saved = saved_residuals(lambda q_, k_, v_: blocked_attention(q_, k_, v_, block_q=32), q, kv, kv)
+    sizes = sorted(int(np.prod(aval.shape)) for aval, _ in saved)
+    assert max(sizes) == q.size and sum(sizes) <= 2 * q.size + 2 * kv.size + b * s * hq, saved
+
+
+def test_blocked_default_blocks_on_a_long_gqa_sequence():
+    """The default block size over many blocks with an uneven tail, GQA 3:1 and segments."""
+    out_err, grad_errs = run_case(1, 200, 200, 6, 2, 32, True, True, dtype=jnp.float32, seed=7, attend=blocked_jit)
+    assert out_err <= 1e-5 and max(grad_errs) <= 1e-5, grad_errs

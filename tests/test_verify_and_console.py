@@ -18,8 +18,8 @@ def test_verify_passes_real_backends_and_fails_a_wrong_one(tmp_path, capsys, mon
     out = tmp_path / "verify.csv"
     assert verify.main(["--out", str(out)]) == 0
     rows = {r["backend"]: r for r in csv.DictReader(out.open())}
-    assert set(rows) == {"xla", "pallas", "cudnn", "auto"}  # every registered backend, read from the registry
-    assert rows["xla"]["status"] == "pass" and rows["pallas"]["status"] == "pass" and rows["auto"]["status"] == "pass"
+    assert set(rows) == {"xla", "reference", "pallas", "cudnn", "auto"}  # every registered backend, read from the registry
+    assert all(rows[name]["status"] == "pass" for name in ("xla", "reference", "pallas", "auto"))
     assert rows["cudnn"]["status"] == "unavailable"  # no GPU here
 
     def future(q, k, v, *, causal=True, segment_ids=None, sm_scale=None):
@@ -28,8 +28,8 @@ def test_verify_passes_real_backends_and_fails_a_wrong_one(tmp_path, capsys, mon
     # A backend registered once is checked by verify (and accepted by the config) with no other change.
     monkeypatch.setitem(attention.BACKENDS, "future", Backend("future", future, decode_attention, None, "a wrong kernel"))
     assert C.from_dict({"model": {"attention": "future"}}).model.attention == "future"
-    # pallas and cudnn were checked above: the second run checks the new one (and xla, auto) only.
-    monkeypatch.setattr(attention, "BACKENDS", {k: attention.BACKENDS[k] for k in ("xla", "future")})
+    # The others were checked above: the second run checks the new one (and xla, auto) only.
+    monkeypatch.setattr(attention, "BACKENDS", {k: attention.BACKENDS[k] for k in ("reference", "xla", "future")})
     assert verify.main([]) == 1
     text = capsys.readouterr().out
     assert "future | float32 | FAIL" in text and "1 check(s) failed" in text
