@@ -121,13 +121,19 @@ def torch_step_fn(args: argparse.Namespace, dims: list[int]) -> Callable[[int], 
 
 
 def jax_step_fn(args: argparse.Namespace, dims: list[int]) -> Callable[[int], None]:
+    return jax_step(args, dims)[0]
+
+
+def jax_step(args: argparse.Namespace, dims: list[int]) -> tuple[Callable[[int], None], Any]:
+    """One train step of the engine at these dims (args: seq, batch, dtype), and its compiled program."""
     dim, layers, heads, ffn = dims
     corpus = synthetic_corpus(Path(tempfile.gettempdir()) / "genesis_jax_bench_corpus")
     cfg = C.load(ROOT / "configs" / "tiny.toml", [
         f"data.corpus={corpus}", f"data.seq_len={args.seq}", f"training.batch_size={args.batch}",
         f"model.dim={dim}", f"model.n_layers={layers}", f"model.n_heads={heads}", f"model.n_kv_heads={heads}",
         f"model.intermediate_size={ffn}", "model.norm_type=deepnorm", "model.attention=xla",
-        f"model.compute_dtype={args.dtype}", "optim.grad_clip=1.0", "optim.lr=1e-3", "training.max_steps=100000"])
+        f"model.compute_dtype={args.dtype}", "optim.grad_clip=1.0", "optim.lr=1e-3", "training.max_steps=100000",
+        *(getattr(args, "set", None) or [])])
     setup = build(cfg)
     controls = StepControls.make(mask=MaskParams.make(mask_id=cfg.data.mask_id))
     t0 = time.perf_counter()
@@ -140,7 +146,7 @@ def jax_step_fn(args: argparse.Namespace, dims: list[int]) -> Callable[[int], No
         state[0], metrics = compiled(state[0], setup.device_corpus, key, controls)
         jax.block_until_ready(metrics)
 
-    return step
+    return step, compiled
 
 
 def timed(step: Callable[[int], None], steps: int, start: int) -> float:
@@ -158,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=5, help="steps per side per round")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override the JAX side's config (repeatable)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="PyTorch intra-op threads")
     args = ap.parse_args(argv)
     try:

@@ -85,9 +85,12 @@ def accumulate_grads(grad_fn: GradFn, params: nnx.State, batches: Batch) -> tupl
         (loss, aux), g = grad_fn(params, batch)
         return (l_acc + loss, jax.tree.map(jnp.add, g_acc, g)), aux
 
+    n = jax.tree.leaves(batches)[0].shape[0]
+    if n == 1:  # no loop: a one-trip loop still zero-fills the layer scan's saved activations on CPU
+        (loss, aux), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batches))
+        return loss, grads, jax.tree.map(lambda x: x[None], aux)
     zeros = jax.tree.map(jnp.zeros_like, params)
     (loss_sum, grads), aux = jax.lax.scan(micro_step, (jnp.float32(0.0), zeros), batches)
-    n = jax.tree.leaves(batches)[0].shape[0]
     return loss_sum / n, jax.tree.map(lambda g: g / n, grads), aux
 
 
