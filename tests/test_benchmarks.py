@@ -71,3 +71,31 @@ def test_torch_step_benchmark_ends_with_the_ratio():
     lines = r.stdout.strip().splitlines()
     assert lines[-3].startswith("jax ") and lines[-2].startswith("torch ") and lines[-1].startswith("ratio ")
     assert float(lines[-1].split()[1]) > 0
+
+
+def test_profile_step_charges_self_time_to_our_functions():
+    r = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--dims", "32,2,2,64", "--seq", "32", "--batch", "2",
+                        "--steps", "1", "--top", "50"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()
+            if line.strip() and not line.startswith(("#", "function "))}
+    # The model's matmuls and the attention appear under their own functions; both columns are filled.
+    for fn in ("model.SwiGLU.__call__", "blocked_attention.blocked_attention", "model.Attention.qkv"):
+        assert float(rows[fn][2]) > 0, (fn, rows[fn])
+    assert sum(float(v[0]) for v in rows.values()) > 0 and sum(float(v[1]) for v in rows.values()) > 0
+    assert sum(float(v[3].rstrip("%")) for v in rows.values()) == pytest.approx(100, abs=0.5)
+
+
+def test_profile_self_times_subtract_nested_events_per_thread():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from profile_step import self_times
+
+    events = [  # a loop (0-100) holding two ops, one of which holds another; a second thread apart
+        {"ph": "X", "tid": 1, "name": "while", "ts": 0, "dur": 100},
+        {"ph": "X", "tid": 1, "name": "dot", "ts": 10, "dur": 30},
+        {"ph": "X", "tid": 1, "name": "exp", "ts": 15, "dur": 5},
+        {"ph": "X", "tid": 1, "name": "add", "ts": 50, "dur": 20},
+        {"ph": "X", "tid": 2, "name": "dot", "ts": 20, "dur": 40},
+        {"ph": "M", "tid": 2, "name": "thread_name"},
+    ]
+    assert self_times(events) == {"while": 50, "dot": 65, "exp": 5, "add": 20}
