@@ -12,6 +12,7 @@ from typing import Any
 
 # Custom-call targets of Pallas kernels in optimized HLO (Triton lowering, Mosaic GPU).
 PALLAS_TARGETS = ("__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2")
+MOSAIC_SUFFIX = "_mosaic_gpu_kernel"  # ptxas's name of a Mosaic GPU kernel: its Python body's name + this
 REGISTER_FILE = 65536  # 32-bit registers per SM (sm_80 and sm_90)
 REGISTER_GRANULE = 256  # registers are allocated per warp in units of this many
 SHARED_PER_SM = 233472  # bytes of shared memory per SM on Hopper (228 KiB)
@@ -88,6 +89,9 @@ def kernels(log: str, dump: Path) -> list[Kernel]:
         k.shared_memory = max(k.shared_memory or 0, int(m.group(8)))
     for name in pallas_names(_latest(dump, "_gpu_after_optimizations.txt")):
         found.setdefault(name, Kernel(name)).pallas = True
+    for name, k in found.items():
+        if name.endswith(MOSAIC_SUFFIX):  # launched by the custom call, absent from the thunk sequence
+            k.pallas = True
     return sorted(found.values(), key=lambda k: (not k.pallas, k.name))
 
 

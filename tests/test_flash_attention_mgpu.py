@@ -1,0 +1,50 @@
+"""The Mosaic GPU forward kernel in GPU interpret mode (CPU), race detection on, against the
+float64 attention of test_flash_attention.py."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.flash_attention_mgpu import MosaicBlocks, flash_attention_mgpu
+from test_flash_attention import np_attention_with_grads, rel_err
+
+interpret_gpu = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call",
+                                    reason="this JAX has no GPU interpret mode")
+from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: E402
+
+CASES = [
+    # b, sq, skv, hq, hkv, d, causal, segments, dtype
+    (1, 64, 64, 1, 1, 64, False, False, jnp.bfloat16),  # one tile
+    (1, 100, 100, 2, 1, 64, True, False, jnp.bfloat16),  # odd length, GQA 2:1, diagonal and padded tiles
+    (1, 130, 130, 2, 2, 128, True, True, jnp.bfloat16),  # three key tiles through a two-slot ring, segments
+    (1, 70, 50, 2, 1, 64, True, False, jnp.float16),  # seq_q > seq_kv: the first 20 rows see nothing
+    (2, 45, 45, 4, 1, 32, False, True, jnp.float16),  # GQA 4:1, segments, head_dim 32 padded to 64
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_q{}_k{}_h{}/{}_d{}_{}{}_{}".format(
+    *c[:6], "causal" if c[6] else "full", "_seg" if c[7] else "", jnp.dtype(c[8]).name))
+def test_forward_matches_float64_without_races(case):
+    b, sq, skv, hq, hkv, d, causal, segments, dtype = case
+    rng = np.random.default_rng(sq + d)
+    q, k, v = (rng.normal(size=(b, s, h, d)) for s, h in ((sq, hq), (skv, hkv), (skv, hkv)))
+    seg = rng.integers(0, 3, size=(b, sq)).astype(np.int32) if segments else None
+    qj, kj, vj = (jnp.asarray(x, dtype) for x in (q, k, v))
+    want, _ = np_attention_with_grads(*(np.asarray(x, np.float32) for x in (qj, kj, vj)),
+                                      np.zeros((b, sq, hq, d)), causal, seg)
+    interpret_gpu.reset_gpu_interpret_mode_state()
+    out = flash_attention_mgpu(qj, kj, vj, causal=causal, segment_ids=None if seg is None else jnp.asarray(seg),
+                               interpret=InterpretGPUParams(detect_races=True))
+    assert out.dtype == dtype and out.shape == q.shape
+    assert not interpret_gpu.get_races().races_found
+    assert rel_err(out, want) <= 1e-2
+    if sq > skv and causal:
+        assert np.all(np.asarray(out[:, :sq - skv], np.float32) == 0.0)
+
+
+def test_float32_and_bad_blocks_are_refused_with_the_reason():
+    x = jnp.zeros((1, 8, 2, 64), jnp.float32)
+    with pytest.raises(ValueError, match="float32 runs in kernels.flash_attention"):
+        flash_attention_mgpu(x, x, x)
+    with pytest.raises(ValueError, match="block_q must be 64"):
+        MosaicBlocks(block_q=128)
