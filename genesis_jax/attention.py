@@ -13,7 +13,10 @@ from typing import Callable, Protocol
 
 import jax
 
-from kernels import blocked_attention, decode_attention, flash_attention, reference_attention, target_platform
+from kernels import (blocked_attention, decode_attention, flash_attention, flash_attention_mgpu, reference_attention,
+                     target_platform)
+from kernels.flash_attention_mgpu import HEAD_DIMS as MOSAIC_HEAD_DIMS
+from kernels.flash_attention_mgpu import SUPPORTED_DTYPES as MOSAIC_DTYPES
 
 from .errors import ConfigError
 
@@ -90,6 +93,15 @@ def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale, implementation="cudnn")
 
 
+def _mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+            segment_ids: jax.Array | None = None, sm_scale: float | None = None) -> jax.Array:
+    """The Mosaic GPU kernel where it applies (bf16/fp16, head_dim <= 128), the Triton one elsewhere."""
+    kernel = flash_attention_mgpu
+    if q.dtype not in MOSAIC_DTYPES or q.shape[-1] > MOSAIC_HEAD_DIMS[-1]:
+        kernel = flash_attention
+    return kernel(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale)
+
+
 def _plain(fn: Callable[..., jax.Array]) -> AttentionFn:
     """The kernels' own keywords (block sizes, interpret) stay at their defaults here."""
 
@@ -108,4 +120,7 @@ register(Backend("reference", _plain(reference_attention), decode_attention, Non
 # Off the GPU the Pallas kernel runs in interpret mode: correct and slow, for tests.
 register(Backend("pallas", _plain(flash_attention), decode_attention, None,
                  "our fused flash-attention kernel (kernels/flash_attention.py)", compiled_on=("gpu",)))
+# GPU only: off it the Mosaic kernel runs in GPU interpret mode, for its own tests (minutes per model step).
+register(Backend("mosaic", _mosaic, decode_attention, ("gpu",),
+                 "our Mosaic GPU kernel for Hopper (kernels/flash_attention_mgpu.py); float32 or head_dim > 128: pallas"))
 register(Backend("cudnn", _cudnn, decode_attention, ("gpu",), "cuDNN's fused attention through jax.nn"))

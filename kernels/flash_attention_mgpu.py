@@ -25,11 +25,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from .mgpu_ops import COLS, ROWS, TILED, Ops, cols, interpret_params, produce, rows
 from .platform import target_platform
 from .reference import check_segments, check_shapes
 
 LOG2E = math.log2(math.e)
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+EMPTY_ROW_LSE = 1e30  # base-2 log-sum-exp of a row with no visible key: its recomputed p are 0
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 # Padded head dims: a 128-byte swizzle needs 64 two-byte elements per row. 256 is not offered:
 # with one 64-row tile per warpgroup its float32 accumulator spills (296 bytes per thread on sm_90a).
@@ -43,10 +45,13 @@ class MosaicBlocks:
     block_q: int = 64  # rows of one wgmma: a warpgroup's M
     block_k: int = 64
     stages: int = 2  # key/value tiles in flight
+    block_q_dkv: int = 32  # query rows per step of the dk/dv kernel (64 spills at head_dim 128)
 
     def __post_init__(self) -> None:
         if self.block_q != 64 or self.block_k % 64 or self.block_k > 256 or self.stages < 1:
             raise ValueError(f"MosaicBlocks: block_q must be 64, block_k a multiple of 64 up to 256, stages >= 1; got {self}")
+        if self.block_q_dkv not in (32, 64):
+            raise ValueError(f"MosaicBlocks: block_q_dkv must be 32 or 64; got {self.block_q_dkv}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +64,14 @@ class _Static:
     segments: bool
     blocks: MosaicBlocks
     interpret: Any  # False or InterpretGPUParams
+
+    @property
+    def sm_scale(self) -> float:
+        return self.scale2 / LOG2E
+
+    @property
+    def ops(self) -> Ops:
+        return Ops(self.interpret is not False)
 
 
 def _kv_steps(st: _Static, qi: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -78,24 +91,29 @@ def _kv_steps(st: _Static, qi: jax.Array) -> tuple[jax.Array, jax.Array]:
     return n, jnp.minimum(whole, n)
 
 
-def _kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, kseg_ref: Any, o_ref: Any,
-            scratch: Any) -> None:
+def visible(st: _Static, ops: Ops, q0: jax.Array, k0: jax.Array, shape: tuple[int, int], qseg: jax.Array | None,
+            kseg: jax.Array | None, keys_on_rows: bool = False) -> jax.Array:
+    """Which (query, key) pairs of a tile may attend: keys inside the true length, the causal
+    rule, equal segments. Queries run along the rows (along the columns if `keys_on_rows`)."""
+    qd, kd = (1, 0) if keys_on_rows else (0, 1)
+    qpos, kpos = ops.iota(shape, qd) + q0, ops.iota(shape, kd) + k0
+    ok = kpos < st.skv
+    if st.causal:
+        ok &= qpos + (st.skv - st.sq) >= kpos
+    if st.segments:
+        spread = {0: rows, 1: cols}
+        ok &= spread[qd](qseg, shape) == spread[kd](kseg, shape)
+    return ok
+
+
+def _fwd_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, kseg_ref: Any, o_ref: Any,
+                lse_ref: Any, scratch: Any) -> None:
     bq, bk, stages = st.blocks.block_q, st.blocks.block_k, st.blocks.stages
-    (q_smem, k_smem, v_smem, p_smem, qseg_smem, kseg_smem), (q_bar, ready, consumed) = scratch
+    (q_smem, k_smem, v_smem, p_smem, qseg_smem, kseg_smem, lse_smem), (q_bar, ready, consumed) = scratch
     b, h, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q")
     kvh = lax.div(h, jnp.int32(st.group))
     n_kv, n_whole = _kv_steps(st, qi)
-    interpreting = st.interpret is not False
-    cast = (lambda x, _: x) if interpreting else plgpu.layout_cast
-    rows_layout, cols_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
-
-    def load(ref: Any, layout: Any) -> jax.Array:
-        return ref[...] if interpreting else plgpu.load(ref, (), layout=layout)
-
-    def iota(dim: int) -> jax.Array:
-        if interpreting:
-            return lax.broadcasted_iota(jnp.int32, (bq, bk), dim)
-        return plgpu.broadcasted_iota(jnp.int32, (bq, bk), dim, layout=plgpu.Layout.WGMMA)
+    ops = st.ops
 
     @pl.when(lax.axis_index("wg") == 0)
     def _compute() -> None:
@@ -103,109 +121,104 @@ def _kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, kseg
         if st.segments:
             plgpu.copy_gmem_to_smem(qseg_ref.at[b, pl.ds(qi * bq, bq)], qseg_smem, q_bar)
         plgpu.barrier_wait(q_bar)
-        qseg = load(qseg_smem, rows_layout) if st.segments else None
-        m = cast(jnp.full((bq,), MASK_VALUE, jnp.float32), rows_layout)
-        l = cast(jnp.full((bq,), 0.0, jnp.float32), rows_layout)
-        acc = cast(jnp.full((bq, q_smem.shape[-1]), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+        qseg = ops.load(qseg_smem, ROWS) if st.segments else None
+        m, l = ops.full((bq,), MASK_VALUE, ROWS), ops.full((bq,), 0.0, ROWS)
+        acc = ops.full((bq, q_smem.shape[-1]), 0.0, plgpu.Layout.WGMMA)
 
         def step(j: jax.Array, carry: tuple[jax.Array, ...], masked: bool) -> tuple[jax.Array, ...]:
             acc, m, l = carry
             slot = lax.rem(j, jnp.int32(stages))
             plgpu.barrier_wait(ready.at[slot])
-            if interpreting:  # the interpreter has no wgmma with a transposed operand
-                s = jnp.dot(q_smem[...], k_smem.at[slot][...].T, preferred_element_type=jnp.float32)
-            else:
-                def qk(acc_ref: Any) -> jax.Array:
-                    plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                    return acc_ref[...]
-
-                s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-            s = s * st.scale2
-            visible = None
+            s = ops.mm_t(q_smem, k_smem.at[slot]) * st.scale2
+            ok = None
             if masked:
-                cols = iota(1) + j * bk
-                visible = cols < st.skv
-                if st.causal:
-                    visible &= iota(0) + qi * bq + (st.skv - st.sq) >= cols
-                if st.segments:
-                    kseg = load(kseg_smem.at[slot], cols_layout)
-                    visible &= (lax.broadcast_in_dim(qseg, (bq, bk), [0])
-                                == lax.broadcast_in_dim(kseg, (bq, bk), [1]))
-                s = jnp.where(visible, s, MASK_VALUE)
+                kseg = ops.load(kseg_smem.at[slot], COLS) if st.segments else None
+                ok = visible(st, ops, qi * bq, j * bk, (bq, bk), qseg, kseg)
+                s = jnp.where(ok, s, MASK_VALUE)
             m_new = jnp.maximum(m, s.max(axis=1))
             alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, (bq, bk), [0]))
-            if visible is not None:
-                p = jnp.where(visible, p, 0.0)
+            p = jnp.exp2(s - rows(m_new, (bq, bk)))
+            if ok is not None:
+                p = jnp.where(ok, p, 0.0)
             l = l * alpha + p.sum(axis=1)
             p_smem[...] = p.astype(p_smem.dtype)
             plgpu.commit_smem()
-
-            def pv(acc_ref: Any) -> jax.Array:
-                plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
-                return acc_ref[...]
-
-            o = pl.run_scoped(pv, plgpu.ACC(acc.shape, jnp.float32))
+            o = ops.mm(p_smem, v_smem.at[slot])
             plgpu.barrier_arrive(consumed.at[slot])
-            return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + o, m_new, l
+            return acc * rows(alpha, acc.shape) + o, m_new, l
 
         carry = lax.fori_loop(0, n_whole, functools.partial(step, masked=False), (acc, m, l))
         acc, m, l = lax.fori_loop(n_whole, n_kv, functools.partial(step, masked=True), carry)
-        acc = acc / lax.broadcast_in_dim(jnp.where(l == 0.0, 1.0, l), acc.shape, [0])  # empty rows give 0
+        empty = l == 0.0
+        acc = acc / rows(jnp.where(empty, 1.0, l), acc.shape)  # a row that sees nothing gives 0
+        lse_smem[...] = jnp.where(empty, EMPTY_ROW_LSE, m + jnp.log2(jnp.where(empty, 1.0, l)))
         q_smem[...] = acc.astype(q_smem.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(qi * bq, bq), h])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(qi * bq, bq)])
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(lax.axis_index("wg") == 1)
     def _memory() -> None:
-        @pl.loop(0, n_kv)
-        def _(j: jax.Array) -> None:
-            slot = lax.rem(j, jnp.int32(stages))
-
-            @pl.when(j >= stages)
-            def _() -> None:
-                plgpu.barrier_wait(consumed.at[slot])  # the compute warpgroup is done with this slot
-
-            rows = pl.ds(j * bk, bk)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh], k_smem.at[slot], ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], v_smem.at[slot], ready.at[slot])
+        def copies(j: jax.Array, slot: jax.Array) -> None:
+            keys = pl.ds(j * bk, bk)
+            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kvh], k_smem.at[slot], ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kvh], v_smem.at[slot], ready.at[slot])
             if st.segments:
-                plgpu.copy_gmem_to_smem(kseg_ref.at[b, rows], kseg_smem.at[slot], ready.at[slot])
+                plgpu.copy_gmem_to_smem(kseg_ref.at[b, keys], kseg_smem.at[slot], ready.at[slot])
 
-        # Before leaving, wait for the compute warpgroup to release the last slots: its waits
-        # must not see a barrier whose arrivals outlive the block.
-        @pl.loop(jnp.maximum(n_kv - stages, 0), n_kv)
-        def _(j: jax.Array) -> None:
-            plgpu.barrier_wait(consumed.at[lax.rem(j, jnp.int32(stages))])
+        produce(n_kv, stages, ready, consumed, copies)
 
 
-def _call(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array, kseg: jax.Array) -> jax.Array:
+def _forward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array, kseg: jax.Array
+             ) -> tuple[jax.Array, jax.Array]:
+    """Output (padded) and each row's base-2 log-sum-exp `[batch, heads, seq]`."""
     bq, bk, stages = st.blocks.block_q, st.blocks.block_k, st.blocks.stages
     b, sq_pad, hq, d = q.shape
-    tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    copies = 3 if st.segments else 2
 
-    def genesis_flash_mgpu_fwd(q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, kseg_ref: Any, o_ref: Any) -> None:
+    def genesis_flash_mgpu_fwd(*refs: Any) -> None:
         pl.run_scoped(
-            lambda *scratch: _kernel(st, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, scratch),
-            (plgpu.SMEM((bq, d), q.dtype, transforms=tiled),
-             plgpu.SMEM((stages, bk, d), q.dtype, transforms=tiled),
-             plgpu.SMEM((stages, bk, d), q.dtype, transforms=tiled),
-             plgpu.SMEM((bq, bk), q.dtype, transforms=tiled),
+            lambda *scratch: _fwd_kernel(st, *refs, scratch),
+            (plgpu.SMEM((bq, d), q.dtype, transforms=TILED),
+             plgpu.SMEM((stages, bk, d), q.dtype, transforms=TILED),
+             plgpu.SMEM((stages, bk, d), q.dtype, transforms=TILED),
+             plgpu.SMEM((bq, bk), q.dtype, transforms=TILED),
              plgpu.SMEM((bq,), jnp.int32),
-             plgpu.SMEM((stages, bk), jnp.int32)),
+             plgpu.SMEM((stages, bk), jnp.int32),
+             plgpu.SMEM((bq,), jnp.float32)),
             (plgpu.Barrier(num_arrivals=2 if st.segments else 1),
-             plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=3 if st.segments else 2, num_barriers=stages),
              plgpu.Barrier(num_arrivals=1, num_barriers=stages)),
             collective_axes="wg",
         )
 
     return plgpu.kernel(
-        genesis_flash_mgpu_fwd, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(hq, sq_pad // bq, b),
-        grid_names=("heads", "q", "batch"), num_threads=2, thread_name="wg",
+        genesis_flash_mgpu_fwd,
+        out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, sq_pad), jnp.float32)),
+        grid=(hq, sq_pad // bq, b), grid_names=("heads", "q", "batch"), num_threads=2, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True), interpret=st.interpret,
     )(q, k, v, qseg, kseg)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attend(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array, kseg: jax.Array) -> jax.Array:
+    return _forward(st, q, k, v, qseg, kseg)[0]
+
+
+def _attend_fwd(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array, kseg: jax.Array
+                ) -> tuple[jax.Array, tuple[Any, ...]]:
+    o, lse = _forward(st, q, k, v, qseg, kseg)
+    return o, (q, k, v, qseg, kseg, o, lse)
+
+
+def _attend_bwd(st: _Static, res: tuple[Any, ...], do: jax.Array) -> tuple[Any, ...]:
+    from .flash_attention_mgpu_bwd import backward
+
+    q, k, v, qseg, kseg, o, lse = res
+    return (*backward(st, q, k, v, qseg, kseg, o, lse, do), None, None)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def _fit(x: jax.Array, length: int) -> jax.Array:
@@ -228,12 +241,7 @@ def flash_attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bo
     if d > HEAD_DIMS[-1]:
         raise ValueError(f"flash_attention_mgpu: head_dim {d} > {HEAD_DIMS[-1]} (kernels.flash_attention takes up to 256)")
     blocks = block_sizes or MosaicBlocks()
-    if interpret is None:
-        interpret = target_platform() != "gpu"
-    if interpret is True:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-        interpret = InterpretGPUParams()
+    interpret = interpret_params(interpret, target_platform())
     b, sq, hq, _ = q.shape
     skv, hkv = k.shape[1], k.shape[2]
     dp = next(x for x in HEAD_DIMS if x >= d)
@@ -246,6 +254,6 @@ def flash_attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bo
     seg = jnp.zeros((b, max(sq, skv)), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     st = _Static(sq, skv, hq // hkv, causal, (d**-0.5 if sm_scale is None else float(sm_scale)) * LOG2E,
                  segment_ids is not None, blocks, interpret)
-    out = _call(st, pad(q, sq_pad), pad(k, skv_pad), pad(v, skv_pad),
+    out = _attend(st, pad(q, sq_pad), pad(k, skv_pad), pad(v, skv_pad),
                 _fit(seg, sq_pad), _fit(seg, skv_pad))
     return out[:, :sq, :, :d]

@@ -1,6 +1,7 @@
-"""The Mosaic GPU forward kernel in GPU interpret mode (CPU), race detection on, against the
-float64 attention of test_flash_attention.py."""
+"""The Mosaic GPU kernels (forward, dq, dk/dv) in GPU interpret mode (CPU), race detection on,
+against the float64 attention and gradients of test_flash_attention.py."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,30 +15,33 @@ from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # no
 
 CASES = [
     # b, sq, skv, hq, hkv, d, causal, segments, dtype
-    (1, 64, 64, 1, 1, 64, False, False, jnp.bfloat16),  # one tile
     (1, 100, 100, 2, 1, 64, True, False, jnp.bfloat16),  # odd length, GQA 2:1, diagonal and padded tiles
-    (1, 130, 130, 2, 2, 128, True, True, jnp.bfloat16),  # three key tiles through a two-slot ring, segments
+    (1, 130, 130, 1, 1, 128, True, True, jnp.bfloat16),  # three key tiles through a two-slot ring, segments
     (1, 70, 50, 2, 1, 64, True, False, jnp.float16),  # seq_q > seq_kv: the first 20 rows see nothing
-    (2, 45, 45, 4, 1, 32, False, True, jnp.float16),  # GQA 4:1, segments, head_dim 32 padded to 64
+    (1, 45, 45, 4, 1, 32, False, True, jnp.float16),  # GQA 4:1, segments, head_dim 32 padded to 64
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_q{}_k{}_h{}/{}_d{}_{}{}_{}".format(
     *c[:6], "causal" if c[6] else "full", "_seg" if c[7] else "", jnp.dtype(c[8]).name))
-def test_forward_matches_float64_without_races(case):
+def test_forward_and_backward_match_float64_without_races(case):
     b, sq, skv, hq, hkv, d, causal, segments, dtype = case
     rng = np.random.default_rng(sq + d)
-    q, k, v = (rng.normal(size=(b, s, h, d)) for s, h in ((sq, hq), (skv, hkv), (skv, hkv)))
+    q, k, v, do = (rng.normal(size=(b, s, h, d)) for s, h in ((sq, hq), (skv, hkv), (skv, hkv), (sq, hq)))
     seg = rng.integers(0, 3, size=(b, sq)).astype(np.int32) if segments else None
-    qj, kj, vj = (jnp.asarray(x, dtype) for x in (q, k, v))
-    want, _ = np_attention_with_grads(*(np.asarray(x, np.float32) for x in (qj, kj, vj)),
-                                      np.zeros((b, sq, hq, d)), causal, seg)
+    qj, kj, vj, doj = (jnp.asarray(x, dtype) for x in (q, k, v, do))
+    want, want_grads = np_attention_with_grads(*(np.asarray(x, np.float32) for x in (qj, kj, vj, doj)), causal, seg)
     interpret_gpu.reset_gpu_interpret_mode_state()
-    out = flash_attention_mgpu(qj, kj, vj, causal=causal, segment_ids=None if seg is None else jnp.asarray(seg),
-                               interpret=InterpretGPUParams(detect_races=True))
-    assert out.dtype == dtype and out.shape == q.shape
+    segj = None if seg is None else jnp.asarray(seg)
+    out, vjp = jax.vjp(lambda a, b_, c: flash_attention_mgpu(a, b_, c, causal=causal, segment_ids=segj,
+                                                             interpret=InterpretGPUParams(detect_races=True)), qj, kj, vj)
+    grads = vjp(doj)
     assert not interpret_gpu.get_races().races_found
+    assert out.dtype == dtype and out.shape == q.shape
     assert rel_err(out, want) <= 1e-2
+    for g, w, x in zip(grads, want_grads, (qj, kj, vj)):
+        assert g.dtype == dtype and g.shape == x.shape
+        assert rel_err(g, w) <= 1e-2
     if sq > skv and causal:
         assert np.all(np.asarray(out[:, :sq - skv], np.float32) == 0.0)
 

@@ -1,0 +1,210 @@
+"""The backward pass of the Mosaic GPU attention: a dq kernel (one block per query tile and
+query head, looping over key tiles) and a dk/dv kernel (one block per key tile and KV head,
+looping over the query heads of its group and their query tiles), each fed by a memory
+warpgroup through a ring of shared-memory slots like the forward. Probabilities are recomputed
+from the forward's base-2 log-sum-exp; delta = rowsum(dO * O) is one XLA op before them."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from .flash_attention_mgpu import _kv_steps, _Static, visible
+from .mgpu_ops import COLS, ROWS, TILED, cols, produce, rows, tiled
+
+
+def _dq_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, kseg_ref: Any, do_ref: Any,
+               lse_ref: Any, delta_ref: Any, dq_ref: Any, scratch: Any) -> None:
+    bq, bk, stages = st.blocks.block_q, st.blocks.block_k, st.blocks.stages
+    (q_smem, do_smem, ds_smem, k_smem, v_smem, qseg_smem, kseg_smem, lse_smem, delta_smem), \
+        (q_bar, ready, consumed) = scratch
+    b, h, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q")
+    kvh = lax.div(h, jnp.int32(st.group))
+    n_kv, n_whole = _kv_steps(st, qi)
+    ops, here = st.ops, pl.ds(qi * bq, bq)
+
+    @pl.when(lax.axis_index("wg") == 0)
+    def _compute() -> None:
+        plgpu.copy_gmem_to_smem(q_ref.at[b, here, h], q_smem, q_bar)
+        plgpu.copy_gmem_to_smem(do_ref.at[b, here, h], do_smem, q_bar)
+        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, here], lse_smem, q_bar)
+        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, here], delta_smem, q_bar)
+        if st.segments:
+            plgpu.copy_gmem_to_smem(qseg_ref.at[b, here], qseg_smem, q_bar)
+        plgpu.barrier_wait(q_bar)
+        lse, delta = ops.load(lse_smem, ROWS), ops.load(delta_smem, ROWS)
+        qseg = ops.load(qseg_smem, ROWS) if st.segments else None
+
+        def step(j: jax.Array, dq: jax.Array, masked: bool) -> jax.Array:
+            slot = lax.rem(j, jnp.int32(stages))
+            plgpu.barrier_wait(ready.at[slot])
+            p = jnp.exp2(ops.mm_t(q_smem, k_smem.at[slot]) * st.scale2 - rows(lse, (bq, bk)))
+            if masked:
+                kseg = ops.load(kseg_smem.at[slot], COLS) if st.segments else None
+                p = jnp.where(visible(st, ops, qi * bq, j * bk, (bq, bk), qseg, kseg), p, 0.0)
+            ds = p * (ops.mm_t(do_smem, v_smem.at[slot]) - rows(delta, (bq, bk)))
+            ds_smem[...] = ds.astype(ds_smem.dtype)
+            plgpu.commit_smem()
+            dq = dq + ops.mm(ds_smem, k_smem.at[slot])
+            plgpu.barrier_arrive(consumed.at[slot])
+            return dq
+
+        dq = ops.full((bq, q_smem.shape[-1]), 0.0, plgpu.Layout.WGMMA)
+        dq = lax.fori_loop(0, n_whole, functools.partial(step, masked=False), dq)
+        dq = lax.fori_loop(n_whole, n_kv, functools.partial(step, masked=True), dq)
+        q_smem[...] = (dq * st.sm_scale).astype(q_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, here, h])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(lax.axis_index("wg") == 1)
+    def _memory() -> None:
+        def copies(j: jax.Array, slot: jax.Array) -> None:
+            keys = pl.ds(j * bk, bk)
+            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kvh], k_smem.at[slot], ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kvh], v_smem.at[slot], ready.at[slot])
+            if st.segments:
+                plgpu.copy_gmem_to_smem(kseg_ref.at[b, keys], kseg_smem.at[slot], ready.at[slot])
+
+        produce(n_kv, stages, ready, consumed, copies)
+
+
+def _q_tiles(st: _Static, kj: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(first query tile that sees key tile kj, first one that sees all of it unmasked)."""
+    bq, bk = st.blocks.block_q_dkv, st.blocks.block_k
+    n_q = pl.cdiv(st.sq, bq)
+    if not st.causal:
+        padded = (kj + 1) * bk > st.skv
+        return jnp.int32(0), jnp.where(padded | st.segments, n_q, 0).astype(jnp.int32)
+    offset = st.skv - st.sq  # query row r sees keys <= r + offset
+
+    def tile(row: jax.Array, round_up: int) -> jax.Array:
+        return jnp.minimum(lax.div(jnp.maximum(row, 0) + round_up, jnp.int32(bq)), n_q)
+
+    first = tile(kj * bk - offset, 0)  # the tile holding the first row that sees the tile's first key
+    whole = tile(kj * bk + bk - 1 - offset, bq - 1)  # the first tile whose rows all see its last key
+    padded = (kj + 1) * bk > st.skv
+    return first, jnp.where(padded | st.segments, n_q, whole)
+
+
+def _dkv_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, kseg_ref: Any, do_ref: Any,
+                lse_ref: Any, delta_ref: Any, dk_ref: Any, dv_ref: Any, scratch: Any) -> None:
+    bq, bk, stages, g = st.blocks.block_q_dkv, st.blocks.block_k, st.blocks.stages, st.group
+    (k_smem, v_smem, p_smem, q_smem, do_smem, kseg_smem, qseg_smem, lse_smem, delta_smem), \
+        (k_bar, ready, consumed) = scratch
+    b, kvh, kj = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("k")
+    first, masked_end = _q_tiles(st, kj)
+    n_q = jnp.int32(pl.cdiv(st.sq, bq))
+    per_head = n_q - first
+    ops, here = st.ops, pl.ds(kj * bk, bk)
+
+    @pl.when(lax.axis_index("wg") == 0)
+    def _compute() -> None:
+        plgpu.copy_gmem_to_smem(k_ref.at[b, here, kvh], k_smem, k_bar)
+        plgpu.copy_gmem_to_smem(v_ref.at[b, here, kvh], v_smem, k_bar)
+        if st.segments:
+            plgpu.copy_gmem_to_smem(kseg_ref.at[b, here], kseg_smem, k_bar)
+        plgpu.barrier_wait(k_bar)
+        kseg = ops.load(kseg_smem, ROWS) if st.segments else None
+        shape = (bk, bq)
+
+        def step(qi: jax.Array, carry: tuple[jax.Array, ...], masked: bool) -> tuple[jax.Array, ...]:
+            t, dk, dv = carry
+            slot = lax.rem(t, jnp.int32(stages))
+            plgpu.barrier_wait(ready.at[slot])
+            lse, delta = ops.load(lse_smem.at[slot], COLS), ops.load(delta_smem.at[slot], COLS)
+            p = jnp.exp2(ops.mm_t(k_smem, q_smem.at[slot]) * st.scale2 - cols(lse, shape))  # P^T
+            if masked:
+                qseg = ops.load(qseg_smem.at[slot], COLS) if st.segments else None
+                p = jnp.where(visible(st, ops, qi * bq, kj * bk, shape, qseg, kseg, keys_on_rows=True), p, 0.0)
+            p_smem[...] = p.astype(p_smem.dtype)
+            plgpu.commit_smem()
+            dv = dv + ops.mm(p_smem, do_smem.at[slot])
+            ds = p * (ops.mm_t(v_smem, do_smem.at[slot]) - cols(delta, shape))  # dS^T
+            p_smem[...] = ds.astype(p_smem.dtype)
+            plgpu.commit_smem()
+            dk = dk + ops.mm(p_smem, q_smem.at[slot])
+            plgpu.barrier_arrive(consumed.at[slot])
+            return t + 1, dk, dv
+
+        def head(_: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+            carry = lax.fori_loop(first, masked_end, functools.partial(step, masked=True), carry)
+            return lax.fori_loop(masked_end, n_q, functools.partial(step, masked=False), carry)
+
+        zero = ops.full((bk, k_smem.shape[-1]), 0.0, plgpu.Layout.WGMMA)
+        _, dk, dv = lax.fori_loop(0, g, head, (jnp.int32(0), zero, zero))
+        k_smem[...] = (dk * st.sm_scale).astype(k_smem.dtype)
+        v_smem[...] = dv.astype(v_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, here, kvh])
+        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, here, kvh])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(lax.axis_index("wg") == 1)
+    def _memory() -> None:
+        def copies(t: jax.Array, slot: jax.Array) -> None:
+            h = kvh * g + lax.div(t, per_head)
+            rows_ = pl.ds((first + lax.rem(t, per_head)) * bq, bq)
+            for src, dst in ((q_ref.at[b, rows_, h], q_smem), (do_ref.at[b, rows_, h], do_smem),
+                             (lse_ref.at[b, h, rows_], lse_smem), (delta_ref.at[b, h, rows_], delta_smem)):
+                plgpu.copy_gmem_to_smem(src, dst.at[slot], ready.at[slot])
+            if st.segments:
+                plgpu.copy_gmem_to_smem(qseg_ref.at[b, rows_], qseg_smem.at[slot], ready.at[slot])
+
+        produce(g * per_head, stages, ready, consumed, copies)
+
+
+def backward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array, kseg: jax.Array,
+             o: jax.Array, lse: jax.Array, do: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """dq, dk, dv of the padded inputs."""
+    bq, bk, stages = st.blocks.block_q, st.blocks.block_k, st.blocks.stages
+    b, sq_pad, hq, d = q.shape
+    skv_pad, hkv = k.shape[1], k.shape[2]
+    delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
+    inputs = (q, k, v, qseg, kseg, do, lse, delta)
+    extra = 1 if st.segments else 0
+    params = dict(num_threads=2, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+                  interpret=st.interpret)
+
+    def genesis_flash_mgpu_dq(*refs: Any) -> None:
+        pl.run_scoped(
+            lambda *scratch: _dq_kernel(st, *refs, scratch),
+            (plgpu.SMEM((bq, d), q.dtype, transforms=TILED), plgpu.SMEM((bq, d), q.dtype, transforms=TILED),
+             plgpu.SMEM((bq, bk), q.dtype, transforms=TILED),
+             plgpu.SMEM((stages, bk, d), q.dtype, transforms=TILED),
+             plgpu.SMEM((stages, bk, d), q.dtype, transforms=TILED),
+             plgpu.SMEM((bq,), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32),
+             plgpu.SMEM((bq,), jnp.float32), plgpu.SMEM((bq,), jnp.float32)),
+            (plgpu.Barrier(num_arrivals=4 + extra), plgpu.Barrier(num_arrivals=2 + extra, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=1, num_barriers=stages)),
+            collective_axes="wg",
+        )
+
+    bqk = st.blocks.block_q_dkv
+    t = tiled(bqk)  # every operand of one wgmma shares a swizzle, and P^T's rows are bqk long
+
+    def genesis_flash_mgpu_dkv(*refs: Any) -> None:
+        pl.run_scoped(
+            lambda *scratch: _dkv_kernel(st, *refs, scratch),
+            (plgpu.SMEM((bk, d), q.dtype, transforms=t), plgpu.SMEM((bk, d), q.dtype, transforms=t),
+             plgpu.SMEM((bk, bqk), q.dtype, transforms=t),
+             plgpu.SMEM((stages, bqk, d), q.dtype, transforms=t),
+             plgpu.SMEM((stages, bqk, d), q.dtype, transforms=t),
+             plgpu.SMEM((bk,), jnp.int32), plgpu.SMEM((stages, bqk), jnp.int32),
+             plgpu.SMEM((stages, bqk), jnp.float32), plgpu.SMEM((stages, bqk), jnp.float32)),
+            (plgpu.Barrier(num_arrivals=2 + extra), plgpu.Barrier(num_arrivals=4 + extra, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=1, num_barriers=stages)),
+            collective_axes="wg",
+        )
+
+    dq = plgpu.kernel(genesis_flash_mgpu_dq, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+                      grid=(hq, sq_pad // bq, b), grid_names=("heads", "q", "batch"), **params)(*inputs)
+    dk, dv = plgpu.kernel(genesis_flash_mgpu_dkv, out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype),) * 2,
+                          grid=(hkv, skv_pad // bk, b), grid_names=("heads", "k", "batch"), **params)(*inputs)
+    return dq, dk, dv

@@ -1,0 +1,103 @@
+"""Building blocks shared by the Mosaic GPU attention kernels, each with its GPU interpret-mode
+form where JAX 0.10's interpreter has no rule for the compiled one (kernels/README.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+ROWS = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
+COLS = plgpu.Layout.WGMMA.reduce(0)  # one value per column
+TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # 128-byte swizzle of 2-byte rows
+
+
+def tiled(minor: int) -> tuple[Any, Any]:
+    """Shared-memory transforms of a 2-byte tile whose rows hold `minor` elements (32 or more)."""
+    swizzle = min(128, 2 * minor)
+    return plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops:
+    interpreting: bool
+
+    def cast(self, x: jax.Array, layout: Any) -> jax.Array:
+        return x if self.interpreting else plgpu.layout_cast(x, layout)
+
+    def full(self, shape: tuple[int, ...], value: float, layout: Any) -> jax.Array:
+        return self.cast(jnp.full(shape, value, jnp.float32), layout)
+
+    def load(self, ref: Any, layout: Any) -> jax.Array:
+        return ref[...] if self.interpreting else plgpu.load(ref, (), layout=layout)
+
+    def iota(self, shape: tuple[int, int], dim: int) -> jax.Array:
+        if self.interpreting:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+    def mm(self, a: Any, b: Any) -> jax.Array:
+        """a @ b of two shared-memory tiles, float32, by wgmma."""
+        def run(acc: Any) -> jax.Array:
+            plgpu.wgmma(acc, a, b)
+            return acc[...]
+
+        return pl.run_scoped(run, plgpu.ACC((a.shape[0], b.shape[1]), jnp.float32))
+
+    def mm_t(self, a: Any, b: Any) -> jax.Array:
+        """a @ b^T of two shared-memory tiles, float32: wgmma with a transposed operand, which
+        the interpreter lacks (there: a jnp dot of the same tiles)."""
+        if self.interpreting:
+            return jnp.dot(a[...], b[...].T, preferred_element_type=jnp.float32)
+
+        def run(acc: Any) -> jax.Array:
+            plgpu.wgmma(acc, a, plgpu.transpose_ref(b, (1, 0)))
+            return acc[...]
+
+        return pl.run_scoped(run, plgpu.ACC((a.shape[0], b.shape[0]), jnp.float32))
+
+
+def rows(x: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """A per-row vector broadcast over a tile's columns."""
+    return lax.broadcast_in_dim(x, shape, [0])
+
+
+def cols(x: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """A per-column vector broadcast over a tile's rows."""
+    return lax.broadcast_in_dim(x, shape, [1])
+
+
+def produce(n: jax.Array, stages: int, ready: Any, consumed: Any,
+            copies: Callable[[jax.Array, jax.Array], None]) -> None:
+    """The memory warpgroup: for steps 0..n, wait until the consumer released the step's slot,
+    then issue `copies(step, slot)` (TMA copies that arrive on `ready.at[slot]`). Waits for the
+    last slots' release before returning, so that no arrival outlives the block."""
+    @pl.loop(0, n)
+    def _(j: jax.Array) -> None:
+        slot = lax.rem(j, jnp.int32(stages))
+
+        @pl.when(j >= stages)
+        def _() -> None:
+            plgpu.barrier_wait(consumed.at[slot])
+
+        copies(j, slot)
+
+    @pl.loop(jnp.maximum(n - stages, 0), n)
+    def _(j: jax.Array) -> None:
+        plgpu.barrier_wait(consumed.at[lax.rem(j, jnp.int32(stages))])
+
+
+def interpret_params(interpret: Any, platform: str) -> Any:
+    """False (compile) or the interpreter's parameters: None interprets off the GPU."""
+    if interpret is None:
+        interpret = platform != "gpu"
+    if interpret is True:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        return InterpretGPUParams()
+    return interpret
