@@ -3,13 +3,13 @@ memory, wgmma from shared memory, and warp specialisation (a memory warpgroup ke
 key/value tiles filled while the compute warpgroup multiplies). Layout `[batch, seq, heads,
 head_dim]`, the contract of `flash_attention` (kernels/README.md, "Mosaic GPU kernel").
 
-Only the forward pass exists so far: the function has no VJP yet, and no `model.attention`
-backend uses it.
+Differentiable: a custom VJP whose dq and dk/dv passes are Mosaic GPU kernels too
+(flash_attention_mgpu_bwd.py). `model.attention = "mosaic"` uses it on a GPU.
 
-In GPU interpret mode (CPU, `interpret=True` or an `InterpretGPUParams`) the kernel runs as
-written except where JAX 0.10's interpreter has no rule: layout casts and layout-carrying loads
-become plain reads, and the Q K^T product (a wgmma whose shared-memory operand is transposed)
-becomes a jnp dot of the same shared-memory tiles; the P V product runs as wgmma there too.
+In GPU interpret mode (CPU, `interpret=True` or an `InterpretGPUParams`) the kernels run as
+written except where JAX 0.10's interpreter has no rule (mgpu_ops.Ops): layout casts and
+layout-carrying loads become plain reads, and a product with a transposed shared-memory operand
+(Q K^T and the like) becomes a jnp dot of the same tiles; the other products run as wgmma.
 """
 
 from __future__ import annotations
