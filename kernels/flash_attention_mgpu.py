@@ -1,7 +1,7 @@
-"""Flash attention forward on Pallas Mosaic GPU, for Hopper (sm_90a): TMA loads into shared
-memory, wgmma from shared memory, and warp specialisation (a memory warpgroup keeps a ring of
-key/value tiles filled while the compute warpgroup multiplies). Layout `[batch, seq, heads,
-head_dim]`, the contract of `flash_attention` (kernels/README.md, "Mosaic GPU kernel").
+"""Flash attention on Pallas Mosaic GPU for Hopper (sm_90a), and its forward kernel: TMA loads
+into shared memory, wgmma from shared memory, and warp specialisation (a memory warpgroup keeps
+a ring of key/value tiles filled while the compute warpgroup multiplies). Layout `[batch, seq,
+heads, head_dim]`, the contract of `flash_attention` (kernels/README.md, "Mosaic GPU kernels").
 
 Differentiable: a custom VJP whose dq and dk/dv passes are Mosaic GPU kernels too
 (flash_attention_mgpu_bwd.py). `model.attention = "mosaic"` uses it on a GPU.
@@ -45,7 +45,7 @@ class MosaicBlocks:
     block_q: int = 64  # rows of one wgmma: a warpgroup's M
     block_k: int = 64
     stages: int = 2  # key/value tiles in flight
-    block_q_dkv: int = 32  # query rows per step of the dk/dv kernel (64 spills at head_dim 128)
+    block_q_dkv: int = 32  # query rows per dk/dv step (64: 254 registers at head_dim 64, spills at 128)
 
     def __post_init__(self) -> None:
         if self.block_q != 64 or self.block_k % 64 or self.block_k > 256 or self.stages < 1:
