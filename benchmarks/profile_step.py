@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 
-from benchmarks.torch_step import jax_step  # noqa: E402
+from benchmarks.torch_step import add_step_arguments, jax_step, parse_dims  # noqa: E402
 
 OURS = ("genesis_jax/", "kernels/")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?metadata=\{([^}]*)\}", re.M)
@@ -112,18 +112,13 @@ def self_times(trace: list[dict[str, Any]]) -> collections.Counter[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dims", default="192,16,6,768", help="dim,layers,heads,ffn")
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override the config (repeatable)")
+    add_step_arguments(ap)
     ap.add_argument("--steps", type=int, default=3, help="steps traced")
     ap.add_argument("--top", type=int, default=12, help="rows of the per-function table")
     ap.add_argument("--trace-dir", type=Path, help="keep the trace here (default: a temporary folder)")
     args = ap.parse_args(argv)
-    dims = [int(x) for x in args.dims.split(",")]
-    if len(dims) != 4 or dims[0] % dims[2]:
-        print(f"error: --dims {args.dims}: expected dim,layers,heads,ffn with heads dividing dim", file=sys.stderr)
+    dims = parse_dims(args.dims)
+    if dims is None:
         return 2
     step, compiled = jax_step(args, dims)
     names = attribution(compiled.as_text())

@@ -134,7 +134,7 @@ def jax_step(args: argparse.Namespace, dims: list[int]) -> tuple[Callable[[int],
         f"model.dim={dim}", f"model.n_layers={layers}", f"model.n_heads={heads}", f"model.n_kv_heads={heads}",
         f"model.intermediate_size={ffn}", "model.norm_type=deepnorm", "model.attention=xla",
         f"model.compute_dtype={args.dtype}", "optim.grad_clip=1.0", "optim.lr=1e-3", "training.max_steps=100000",
-        *(getattr(args, "set", None) or [])])
+        *(args.set or [])])
     setup = build(cfg)
     controls = StepControls.make(mask=MaskParams.make(mask_id=cfg.data.mask_id))
     t0 = time.perf_counter()
@@ -157,15 +157,32 @@ def timed(step: Callable[[int], None], steps: int, start: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_step_arguments(ap: argparse.ArgumentParser) -> None:
+    """The model and batch of the step this script and profile_step.py build (`jax_step`)."""
     ap.add_argument("--dims", default="192,16,6,768", help="dim,layers,heads,ffn")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override our step's config (repeatable)")
+
+
+def parse_dims(text: str) -> list[int] | None:
+    """dim, layers, heads, ffn from --dims, or None (with the error printed) when malformed."""
+    try:
+        dims = [int(x) for x in text.split(",")]
+    except ValueError:
+        dims = []
+    if len(dims) != 4 or dims[0] % dims[2]:
+        print(f"error: --dims {text}: expected dim,layers,heads,ffn with heads dividing dim", file=sys.stderr)
+        return None
+    return dims
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_arguments(ap)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=5, help="steps per side per round")
-    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override the JAX side's config (repeatable)")
     ap.add_argument("--pause", type=float, default=0.5,
                     help="seconds idle before each side's round: without it, on 2 cores, the threads one side leaves "
                          "spinning slow the other (PyTorch 7,918 tokens/s alone, 1,979 interleaved at 128/4/4/512)")
@@ -176,9 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("error: PyTorch is not installed (pip install torch)", file=sys.stderr)
         return 2
-    dims = [int(x) for x in args.dims.split(",")]
-    if len(dims) != 4 or dims[0] % dims[2]:
-        print(f"error: --dims {args.dims}: expected dim,layers,heads,ffn with heads dividing dim", file=sys.stderr)
+    dims = parse_dims(args.dims)
+    if dims is None:
         return 2
     torch.set_num_threads(args.threads)
     print(f"# dims {args.dims}, seq {args.seq}, batch {args.batch}, {args.dtype}; jax {jax.__version__} on "

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +106,22 @@ def visible(st: _Static, ops: Ops, q0: jax.Array, k0: jax.Array, shape: tuple[in
     return ok
 
 
+def kv_copies(st: _Static, refs: tuple[Any, Any, Any], rings: tuple[Any, Any, Any], ready: Any, b: jax.Array,
+              kvh: jax.Array) -> Callable[[jax.Array, jax.Array], None]:
+    """The memory warpgroup's copies of key tile j (keys, values, key segment ids) of KV head
+    `kvh` into ring slot `slot`, for the kernels that loop over key tiles."""
+    (k_ref, v_ref, kseg_ref), (k_ring, v_ring, kseg_ring), bk = refs, rings, st.blocks.block_k
+
+    def copies(j: jax.Array, slot: jax.Array) -> None:
+        keys = pl.ds(j * bk, bk)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kvh], k_ring.at[slot], ready.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kvh], v_ring.at[slot], ready.at[slot])
+        if st.segments:
+            plgpu.copy_gmem_to_smem(kseg_ref.at[b, keys], kseg_ring.at[slot], ready.at[slot])
+
+    return copies
+
+
 def _fwd_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, kseg_ref: Any, o_ref: Any,
                 lse_ref: Any, scratch: Any) -> None:
     bq, bk, stages = st.blocks.block_q, st.blocks.block_k, st.blocks.stages
@@ -160,14 +176,8 @@ def _fwd_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, 
 
     @pl.when(lax.axis_index("wg") == 1)
     def _memory() -> None:
-        def copies(j: jax.Array, slot: jax.Array) -> None:
-            keys = pl.ds(j * bk, bk)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kvh], k_smem.at[slot], ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kvh], v_smem.at[slot], ready.at[slot])
-            if st.segments:
-                plgpu.copy_gmem_to_smem(kseg_ref.at[b, keys], kseg_smem.at[slot], ready.at[slot])
-
-        produce(n_kv, stages, ready, consumed, copies)
+        produce(n_kv, stages, ready, consumed,
+                kv_copies(st, (k_ref, v_ref, kseg_ref), (k_smem, v_smem, kseg_smem), ready, b, kvh))
 
 
 def _forward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array, kseg: jax.Array

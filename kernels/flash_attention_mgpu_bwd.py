@@ -15,7 +15,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .flash_attention_mgpu import _kv_steps, _Static, visible
+from .flash_attention_mgpu import _kv_steps, _Static, kv_copies, visible
 from .mgpu_ops import COLS, ROWS, TILED, cols, produce, rows, tiled
 
 SPLIT_DKV_ABOVE = 64  # padded head_dim above which dk and dv are computed by separate passes
@@ -67,14 +67,8 @@ def _dq_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, k
 
     @pl.when(lax.axis_index("wg") == 1)
     def _memory() -> None:
-        def copies(j: jax.Array, slot: jax.Array) -> None:
-            keys = pl.ds(j * bk, bk)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kvh], k_smem.at[slot], ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kvh], v_smem.at[slot], ready.at[slot])
-            if st.segments:
-                plgpu.copy_gmem_to_smem(kseg_ref.at[b, keys], kseg_smem.at[slot], ready.at[slot])
-
-        produce(n_kv, stages, ready, consumed, copies)
+        produce(n_kv, stages, ready, consumed,
+                kv_copies(st, (k_ref, v_ref, kseg_ref), (k_smem, v_smem, kseg_smem), ready, b, kvh))
 
 
 def _q_tiles(st: _Static, kj: jax.Array) -> tuple[jax.Array, jax.Array]:

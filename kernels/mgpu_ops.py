@@ -14,13 +14,15 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 ROWS = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
 COLS = plgpu.Layout.WGMMA.reduce(0)  # one value per column
-TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # 128-byte swizzle of 2-byte rows
 
 
 def tiled(minor: int) -> tuple[Any, Any]:
     """Shared-memory transforms of a 2-byte tile whose rows hold `minor` elements (32 or more)."""
     swizzle = min(128, 2 * minor)
     return plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle)
+
+
+TILED = tiled(64)  # a 128-byte swizzle of 2-byte rows
 
 
 @dataclasses.dataclass(frozen=True)
