@@ -13,10 +13,7 @@ from typing import Callable, Protocol
 
 import jax
 
-from kernels import (blocked_attention, decode_attention, flash_attention, flash_attention_mgpu, reference_attention,
-                     target_platform)
-from kernels.flash_attention_mgpu import HEAD_DIMS as MOSAIC_HEAD_DIMS
-from kernels.flash_attention_mgpu import SUPPORTED_DTYPES as MOSAIC_DTYPES
+from kernels import blocked_attention, decode_attention, flash_attention, reference_attention, target_platform
 
 from .errors import ConfigError
 
@@ -96,8 +93,10 @@ def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
 def _mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
             segment_ids: jax.Array | None = None, sm_scale: float | None = None) -> jax.Array:
     """The Mosaic GPU kernel where it applies (bf16/fp16, head_dim <= 128), the Triton one elsewhere."""
+    from kernels.flash_attention_mgpu import HEAD_DIMS, SUPPORTED_DTYPES, flash_attention_mgpu  # loads Mosaic GPU
+
     kernel = flash_attention_mgpu
-    if q.dtype not in MOSAIC_DTYPES or q.shape[-1] > MOSAIC_HEAD_DIMS[-1]:
+    if q.dtype not in SUPPORTED_DTYPES or q.shape[-1] > HEAD_DIMS[-1]:
         kernel = flash_attention
     return kernel(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale)
 
