@@ -1,6 +1,7 @@
 """What a GPU compile left behind, read back: each kernel's registers and spills (ptxas's
-verbose log), its launch shape and dynamic shared memory (XLA's thunk sequence), the Pallas
-calls among them and the largest temporary buffers (the optimized HLO and its buffer assignment)."""
+verbose log), its launch shape and dynamic shared memory (XLA's thunk sequence; for Mosaic GPU
+kernels, the kernel module their custom call carries), the Pallas calls among them and the
+largest temporary buffers (the optimized HLO and its buffer assignment)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 # Custom-call targets of Pallas kernels in optimized HLO (Triton lowering, Mosaic GPU).
 PALLAS_TARGETS = ("__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2")
@@ -79,9 +80,14 @@ def _latest(dump: Path, suffix: str) -> str:
     return files[-1].read_text(encoding="utf-8", errors="replace") if files else ""
 
 
-def kernels(log: str, dump: Path) -> list[Kernel]:
-    """Every kernel of one compiled program: ptxas's figures joined with the launch shapes."""
+def kernels(log: str, dump: Path, launches: Sequence[Kernel] = ()) -> list[Kernel]:
+    """Every kernel of one compiled program: ptxas's figures joined with the launch shapes
+    (XLA's, and `launches`: the Mosaic GPU kernels', see mosaic_launches)."""
     found = ptxas_report(log)
+    for launch in launches:
+        k = found.setdefault(launch.name, Kernel(launch.name))
+        k.grid, k.threads = launch.grid, launch.threads
+        k.shared_memory = max(k.shared_memory or 0, launch.shared_memory or 0)
     for m in _THUNK.finditer(_latest(dump, ".thunk_sequence.txt")):
         k = found.setdefault(m.group(1), Kernel(m.group(1)))
         k.grid = (int(m.group(2)), int(m.group(3)), int(m.group(4)))
@@ -93,6 +99,71 @@ def kernels(log: str, dump: Path) -> list[Kernel]:
         if name.endswith(MOSAIC_SUFFIX):  # launched by the custom call, absent from the thunk sequence
             k.pallas = True
     return sorted(found.values(), key=lambda k: (not k.pallas, k.name))
+
+
+def mosaic_launches(stablehlo: Any) -> list[Kernel]:
+    """Grid, threads and dynamic shared memory of each Mosaic GPU kernel in a lowered program
+    (`Lowered.compiler_ir("stablehlo")`). Its custom call launches it when it runs, so neither
+    ptxas's log nor XLA's thunk sequence has them; the kernel module the call carries (MLIR
+    bytecode) holds one launch op whose operands are constants. Named as ptxas names it."""
+    from jax._src.interpreters import mlir
+    from jax._src.lib.mlir import ir
+
+    context: ir.Context | None = None
+    out: list[Kernel] = []
+    for call in _walk(stablehlo.operation):
+        if call.name != "stablehlo.custom_call" or "mhlo.backend_config" not in call.attributes:
+            continue
+        if ir.StringAttr(call.attributes["call_target_name"]).value not in PALLAS_TARGETS[1:]:
+            continue
+        config = call.attributes["mhlo.backend_config"]
+        if not isinstance(config, ir.DictAttr) or "module" not in config:
+            continue
+        if context is None:
+            from jax.experimental.mosaic.gpu import dialect
+
+            context = mlir.make_ir_context()
+            context.allow_unregistered_dialects = True
+            dialect.register_dialect(context)
+        module = ir.Module.parse(ir.StringAttr(config["module"]).value_bytes, context=context)
+        function = ""
+        for op in _walk(module.operation):
+            if op.name.endswith("func.func"):
+                function = ir.StringAttr(op.attributes["sym_name"]).value
+            elif op.name.endswith("gpu.launch"):
+                out.append(_launch(op, function + "_kernel"))
+    return out
+
+
+def _walk(op: Any) -> Iterator[Any]:
+    """Every operation nested in `op`, in order (MLIR Python bindings)."""
+    for region in op.regions:
+        for block in region.blocks:
+            for child in block.operations:
+                yield child.operation
+                yield from _walk(child.operation)
+
+
+def _launch(op: Any, name: str) -> Kernel:
+    """A gpu.launch's grid, block and dynamic shared memory, from the constants that feed it
+    (operand segments: async tokens, grid x y z, block x y z, cluster x y z, shared memory)."""
+    from jax._src.lib.mlir import ir
+
+    sizes = list(ir.DenseI32ArrayAttr(op.attributes["operandSegmentSizes"]))
+    operands = list(op.operands)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+
+    def constant(segment: int) -> int | None:
+        if not sizes[segment]:
+            return None
+        owner = operands[starts[segment]].owner
+        value = owner.attributes["value"] if "value" in owner.attributes else None
+        return ir.IntegerAttr(value).value if isinstance(value, ir.IntegerAttr) else None
+
+    grid, block = [constant(i) for i in (1, 2, 3)], [constant(i) for i in (4, 5, 6)]
+    return Kernel(name, grid=tuple(grid) if None not in grid else None,  # type: ignore[arg-type]
+                  threads=math.prod(block) if None not in block else None,  # type: ignore[arg-type]
+                  shared_memory=constant(10) or 0, pallas=True)
 
 
 def pallas_names(hlo: str) -> set[str]:

@@ -58,14 +58,16 @@ def compile_program(p: Program, where: Path) -> dict[str, Any]:
     log = where / "compile.log"
     t0 = time.perf_counter()
     with native_log(log):
-        compiled = p.fn.trace(*p.args).lower().compile(compiler_options=options)
+        lowered = p.fn.trace(*p.args).lower()
+        compiled = lowered.compile(compiler_options=options)
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     memory = {k: int(getattr(mem, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
                                                 "temp_size_in_bytes", "generated_code_size_in_bytes")}
     text = log.read_text(encoding="utf-8", errors="replace")
+    launches = resources.mosaic_launches(lowered.compiler_ir("stablehlo"))
     return {"name": p.name, "compile_s": seconds, "memory": memory,
-            "kernels": [k.to_json() for k in resources.kernels(text, dump)],
+            "kernels": [k.to_json() for k in resources.kernels(text, dump, launches)],
             "largest": resources.largest_temporaries(dump)}
 
 
