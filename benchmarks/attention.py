@@ -103,6 +103,17 @@ def baselines() -> dict[str, Callable[..., jax.Array]]:
     return {"jax_xla": jax_xla, "jax_mha": bundled_mha}
 
 
+def mosaic_variants() -> dict[str, Callable[..., jax.Array]]:
+    """The Mosaic kernel's design alternatives (kernels/README.md), to time beside its defaults."""
+    from kernels.flash_attention_mgpu import MosaicBlocks, flash_attention_mgpu
+
+    def bind(blocks: MosaicBlocks) -> Callable[..., jax.Array]:
+        return lambda q, k, v, causal: flash_attention_mgpu(q, k, v, causal=causal, block_sizes=blocks)
+
+    return {"mosaic_1wg": bind(MosaicBlocks(compute_wgs=1)), "mosaic_no_pingpong": bind(MosaicBlocks(ping_pong=False)),
+            "mosaic_p_smem": bind(MosaicBlocks(p_in_registers=False))}
+
+
 def rel(a: jax.Array, b: jax.Array) -> float:
     a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(b64), 1e-30))
@@ -250,7 +261,8 @@ def main() -> int:
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--causal", default="true,false", help="which masks of the paper grid")
     ap.add_argument("--backends", default=",".join([*attention.BACKENDS, "jax_xla", "jax_mha"]),
-                    help="registered engine backends and baselines (jax_xla, jax_mha) to time")
+                    help="registered engine backends, baselines (jax_xla, jax_mha) and Mosaic kernel variants "
+                         "(mosaic_1wg, mosaic_no_pingpong, mosaic_p_smem) to time")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -262,6 +274,11 @@ def main() -> int:
     ap.add_argument("--sweep-limit", type=int, default=0, help="try only the first N settings (0 = all)")
     args = ap.parse_args()
 
+    known = {**engine_backends(), **baselines(), **mosaic_variants()}
+    unknown = [b for b in args.backends.split(",") if b not in known]
+    if unknown:
+        print(f"error: --backends: unknown {', '.join(unknown)} (known: {', '.join(known)})", file=sys.stderr)
+        return 2
     on_gpu = jax.default_backend() == "gpu"
     dtype = jnp.dtype(args.dtype)
     if args.dry_run:
@@ -283,7 +300,7 @@ def main() -> int:
         print(f"# bf16 matmul 8192^3: {peak:.1f} TFLOP/s (same process)")
     if args.sweep:
         return sweep(shapes, dtype, args)
-    backends = {k: v for k, v in {**engine_backends(), **baselines()}.items() if k in args.backends.split(",")}
+    backends = {k: v for k, v in known.items() if k in args.backends.split(",")}
     rows: list[dict[str, Any]] = []
     for s in shapes:
         inputs = make_inputs(s, dtype, 1 if args.dry_run else 3)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU suite for a lent H200 (see README "GPU suite"). Runs from the checkout with
 # PYTHONPATH=. (nothing is pip-installed there) on a synthetic corpus, and writes its tables
-# under $OUT (default ./gpu_out). Budget: each stage has its own timeout (90 + 250 + 200 s, at
-# most 9 minutes together); a stage that times out leaves the others' tables.
+# under $OUT (default ./gpu_out). Budget: each stage has its own timeout (90 + 220 + 60 + 200 s,
+# at most 9.5 minutes together); a stage that times out leaves the others' tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
@@ -26,10 +26,14 @@ echo "== attention kernels: ours (pallas: Triton, mosaic: Mosaic GPU), the jnp r
 # Model shapes (with and without GQA) and the FlashAttention grid's causal hd128 row, then the
 # headline shape non-causal and at hd64 (seq 2048). The blocked `xla` backend is a CPU path: not timed.
 B=pallas,mosaic,reference,cudnn,jax_xla,jax_mha
-timeout 250 bash -c "python benchmarks/attention.py --backends $B --shapes model,paper --seqs 512,2048,8192 \
+timeout 220 bash -c "python benchmarks/attention.py --backends $B --shapes model,paper --seqs 512,2048,8192 \
   --head-dims 128 --causal true --iters 20 --out $OUT \
   && python benchmarks/attention.py --backends $B --shapes paper --seqs 2048 --head-dims 64,128 --causal false \
   --iters 20 --out $OUT/noncausal" 2>&1 | tee "$OUT/attention.txt" || status=1
+
+echo "== Mosaic kernel variants (kernels/README.md): defaults vs one compute warpgroup, no ping-pong, P via shared memory"
+timeout 60 python benchmarks/attention.py --backends mosaic,mosaic_1wg,mosaic_no_pingpong,mosaic_p_smem \
+  --shapes paper --seqs 4096 --head-dims 128 --causal true --iters 10 --no-torch 2>&1 | tee -a "$OUT/attention.txt" || status=1
 
 echo "== train step: bare jitted step vs training loop, two model sizes, bf16; the first variant's measured"
 echo "   peak memory beside the peak python -m genesis_jax.plan predicts for an H200 (compiled deviceless)"

@@ -40,18 +40,34 @@ HEAD_DIMS = (64, 128)
 
 @dataclasses.dataclass(frozen=True)
 class MosaicBlocks:
-    """Tile sizes and the depth of the key/value ring in shared memory."""
+    """Tile sizes, the depth of the key/value ring in shared memory, and the forward's
+    warpgroup plan (kernels/README.md, "Mosaic GPU kernels")."""
 
     block_q: int = 64  # rows of one wgmma: a warpgroup's M
     block_k: int = 64
     stages: int = 2  # key/value tiles in flight
     block_q_dkv: int = 32  # query rows per dk/dv step (64: 254 registers at head_dim 64, spills at 128)
+    compute_wgs: int = 2  # forward: warpgroups of block_q query rows that share each key/value tile
+    ping_pong: bool = True  # forward, 2 compute warpgroups: one's softmax while the other multiplies
+    p_in_registers: bool = True  # forward: P as wgmma's register operand, not through shared memory
+    registers: tuple[int, int] = (232, 40)  # forward, 2 compute warpgroups: per thread, compute and memory
 
     def __post_init__(self) -> None:
         if self.block_q != 64 or self.block_k % 64 or self.block_k > 256 or self.stages < 1:
             raise ValueError(f"MosaicBlocks: block_q must be 64, block_k a multiple of 64 up to 256, stages >= 1; got {self}")
         if self.block_q_dkv not in (32, 64):
             raise ValueError(f"MosaicBlocks: block_q_dkv must be 32 or 64; got {self.block_q_dkv}")
+        if self.compute_wgs not in (1, 2):
+            raise ValueError(f"MosaicBlocks: compute_wgs must be 1 or 2; got {self.compute_wgs}")
+        compute, memory = self.registers
+        if compute % 8 or memory % 8 or not 24 <= memory <= compute <= 256 or (2 * compute + memory) * 128 > 65536:
+            raise ValueError(f"MosaicBlocks: registers (compute, memory) must be multiples of 8 in [24, 256] whose "
+                             f"2 x compute + memory warpgroups fit 65536 registers; got {self.registers}")
+
+    @property
+    def rows(self) -> int:
+        """Query rows of one forward block."""
+        return self.block_q * self.compute_wgs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,30 +140,46 @@ def kv_copies(st: _Static, refs: tuple[Any, Any, Any], rings: tuple[Any, Any, An
 
 def _fwd_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, kseg_ref: Any, o_ref: Any,
                 lse_ref: Any, scratch: Any) -> None:
-    bq, bk, stages = st.blocks.block_q, st.blocks.block_k, st.blocks.stages
-    (q_smem, k_smem, v_smem, p_smem, qseg_smem, kseg_smem, lse_smem), (q_bar, ready, consumed) = scratch
-    b, h, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q")
+    blocks = st.blocks
+    bq, bk, stages, wgs = blocks.block_q, blocks.block_k, blocks.stages, blocks.compute_wgs
+    (q_all, k_smem, v_smem, p_all, qseg_all, kseg_smem, lse_all), (q_bar, ready, consumed, schedule) = scratch
+    b, h, block, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q"), lax.axis_index("wg")
     kvh = lax.div(h, jnp.int32(st.group))
-    n_kv, n_whole = _kv_steps(st, qi)
+    n_kv = _kv_steps(st, block * wgs + wgs - 1)[0]  # every compute warpgroup takes every tile of the ring
     ops = st.ops
 
-    @pl.when(lax.axis_index("wg") == 0)
+    def sync() -> None:
+        """Both compute warpgroups reach this point (the ping-pong's schedule barrier)."""
+        plgpu.barrier_arrive(schedule)
+        plgpu.barrier_wait(schedule)
+
+    alternate = schedule is not None
+    issued = sync if alternate else None
+
+    @pl.when(wg < wgs)
     def _compute() -> None:
-        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(qi * bq, bq), h], q_smem, q_bar)
+        if wgs > 1:
+            plgpu.set_max_registers(blocks.registers[0], action="increase")
+        qi = block * wgs + wg  # this warpgroup's query tile
+        q_smem, lse_smem, q_rows = q_all.at[wg], lse_all.at[wg], pl.ds(qi * bq, bq)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, q_rows, h], q_smem, q_bar.at[wg])
         if st.segments:
-            plgpu.copy_gmem_to_smem(qseg_ref.at[b, pl.ds(qi * bq, bq)], qseg_smem, q_bar)
-        plgpu.barrier_wait(q_bar)
-        qseg = ops.load(qseg_smem, ROWS) if st.segments else None
+            plgpu.copy_gmem_to_smem(qseg_ref.at[b, q_rows], qseg_all.at[wg], q_bar.at[wg])
+        plgpu.barrier_wait(q_bar.at[wg])
+        qseg = ops.load(qseg_all.at[wg], ROWS) if st.segments else None
         m, l = ops.full((bq,), MASK_VALUE, ROWS), ops.full((bq,), 0.0, ROWS)
         acc = ops.full((bq, q_smem.shape[-1]), 0.0, plgpu.Layout.WGMMA)
+        n_whole = _kv_steps(st, qi)[1]
+        if alternate:
+            pl.when(wg == 1)(sync)  # one phase behind warpgroup 0 from here on
 
         def step(j: jax.Array, carry: tuple[jax.Array, ...], masked: bool) -> tuple[jax.Array, ...]:
             acc, m, l = carry
             slot = lax.rem(j, jnp.int32(stages))
             plgpu.barrier_wait(ready.at[slot])
-            s = ops.mm_t(q_smem, k_smem.at[slot]) * st.scale2
+            s = ops.mm_t(q_smem, k_smem.at[slot], issued) * st.scale2
             ok = None
-            if masked:
+            if masked:  # a tile past this warpgroup's diagonal is all masked: its p are 0
                 kseg = ops.load(kseg_smem.at[slot], COLS) if st.segments else None
                 ok = visible(st, ops, qi * bq, j * bk, (bq, bk), qseg, kseg)
                 s = jnp.where(ok, s, MASK_VALUE)
@@ -157,25 +189,35 @@ def _fwd_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, 
             if ok is not None:
                 p = jnp.where(ok, p, 0.0)
             l = l * alpha + p.sum(axis=1)
-            p_smem[...] = p.astype(p_smem.dtype)
-            plgpu.commit_smem()
-            o = ops.mm(p_smem, v_smem.at[slot])
+            acc = acc * rows(alpha, acc.shape)
+            if alternate:
+                sync()  # done with softmax; the tensor cores are this warpgroup's again
+            if p_all is None:
+                acc = ops.mm_acc_registers(acc, p.astype(k_smem.dtype), v_smem.at[slot])
+            else:
+                p_all.at[wg][...] = p.astype(p_all.dtype)
+                plgpu.commit_smem()
+                acc = ops.mm_acc(acc, p_all.at[wg], v_smem.at[slot])
             plgpu.barrier_arrive(consumed.at[slot])
-            return acc * rows(alpha, acc.shape) + o, m_new, l
+            return acc, m_new, l
 
         carry = lax.fori_loop(0, n_whole, functools.partial(step, masked=False), (acc, m, l))
         acc, m, l = lax.fori_loop(n_whole, n_kv, functools.partial(step, masked=True), carry)
+        if alternate:
+            pl.when(wg == 0)(sync)  # the phase warpgroup 1 went ahead with
         empty = l == 0.0
         acc = acc / rows(jnp.where(empty, 1.0, l), acc.shape)  # a row that sees nothing gives 0
         lse_smem[...] = jnp.where(empty, EMPTY_ROW_LSE, m + jnp.log2(jnp.where(empty, 1.0, l)))
         q_smem[...] = acc.astype(q_smem.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(qi * bq, bq), h])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(qi * bq, bq)])
+        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, q_rows, h])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, q_rows])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(lax.axis_index("wg") == 1)
+    @pl.when(wg == wgs)
     def _memory() -> None:
+        if wgs > 1:
+            plgpu.set_max_registers(blocks.registers[1], action="decrease")
         produce(n_kv, stages, ready, consumed,
                 kv_copies(st, (k_ref, v_ref, kseg_ref), (k_smem, v_smem, kseg_smem), ready, b, kvh))
 
@@ -183,30 +225,34 @@ def _fwd_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, 
 def _forward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array, kseg: jax.Array
              ) -> tuple[jax.Array, jax.Array]:
     """Output (padded) and each row's base-2 log-sum-exp `[batch, heads, seq]`."""
-    bq, bk, stages = st.blocks.block_q, st.blocks.block_k, st.blocks.stages
+    blocks = st.blocks
+    bq, bk, stages, wgs = blocks.block_q, blocks.block_k, blocks.stages, blocks.compute_wgs
     b, sq_pad, hq, d = q.shape
+    p_smem = None if blocks.p_in_registers and st.interpret is False else plgpu.SMEM((wgs, bq, bk), q.dtype, transforms=TILED)
+    schedule = plgpu.Barrier(num_arrivals=2) if wgs == 2 and blocks.ping_pong else None
 
     def genesis_flash_mgpu_fwd(*refs: Any) -> None:
         pl.run_scoped(
             lambda *scratch: _fwd_kernel(st, *refs, scratch),
-            (plgpu.SMEM((bq, d), q.dtype, transforms=TILED),
+            (plgpu.SMEM((wgs, bq, d), q.dtype, transforms=TILED),
              plgpu.SMEM((stages, bk, d), q.dtype, transforms=TILED),
              plgpu.SMEM((stages, bk, d), q.dtype, transforms=TILED),
-             plgpu.SMEM((bq, bk), q.dtype, transforms=TILED),
-             plgpu.SMEM((bq,), jnp.int32),
+             p_smem,
+             plgpu.SMEM((wgs, bq), jnp.int32),
              plgpu.SMEM((stages, bk), jnp.int32),
-             plgpu.SMEM((bq,), jnp.float32)),
-            (plgpu.Barrier(num_arrivals=2 if st.segments else 1),
+             plgpu.SMEM((wgs, bq), jnp.float32)),
+            (plgpu.Barrier(num_arrivals=2 if st.segments else 1, num_barriers=wgs),
              plgpu.Barrier(num_arrivals=3 if st.segments else 2, num_barriers=stages),
-             plgpu.Barrier(num_arrivals=1, num_barriers=stages)),
+             plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+             schedule),
             collective_axes="wg",
         )
 
     return plgpu.kernel(
         genesis_flash_mgpu_fwd,
         out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, sq_pad), jnp.float32)),
-        grid=(hq, sq_pad // bq, b), grid_names=("heads", "q", "batch"), num_threads=2, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True), interpret=st.interpret,
+        grid=(hq, sq_pad // blocks.rows, b), grid_names=("heads", "q", "batch"), num_threads=wgs + 1,
+        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True), interpret=st.interpret,
     )(q, k, v, qseg, kseg)
 
 
@@ -255,7 +301,7 @@ def flash_attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bo
     b, sq, hq, _ = q.shape
     skv, hkv = k.shape[1], k.shape[2]
     dp = next(x for x in HEAD_DIMS if x >= d)
-    sq_pad = pl.cdiv(sq, blocks.block_q) * blocks.block_q
+    sq_pad = pl.cdiv(sq, blocks.rows) * blocks.rows
     skv_pad = pl.cdiv(skv, blocks.block_k) * blocks.block_k
 
     def pad(x: jax.Array, length: int) -> jax.Array:

@@ -18,9 +18,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from .flash_attention_mgpu import _kv_steps, _Static, kv_copies, visible
 from .mgpu_ops import COLS, ROWS, TILED, cols, produce, rows, tiled
 
-SPLIT_DKV_ABOVE = 64  # padded head_dim above which dk and dv are computed by separate passes
-
-
 def _dq_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, kseg_ref: Any, do_ref: Any,
                lse_ref: Any, delta_ref: Any, dq_ref: Any, scratch: Any) -> None:
     bq, bk, stages = st.blocks.block_q, st.blocks.block_k, st.blocks.stages
@@ -53,7 +50,7 @@ def _dq_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, k
             ds = p * (ops.mm_t(do_smem, v_smem.at[slot]) - rows(delta, (bq, bk)))
             ds_smem[...] = ds.astype(ds_smem.dtype)
             plgpu.commit_smem()
-            dq = dq + ops.mm(ds_smem, k_smem.at[slot])
+            dq = ops.mm_acc(dq, ds_smem, k_smem.at[slot])
             plgpu.barrier_arrive(consumed.at[slot])
             return dq
 
@@ -89,10 +86,9 @@ def _q_tiles(st: _Static, kj: jax.Array) -> tuple[jax.Array, jax.Array]:
     return first, jnp.where(padded | st.segments, n_q, whole)
 
 
-def _dkv_kernel(st: _Static, parts: tuple[str, ...], q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any,
-                kseg_ref: Any, do_ref: Any, lse_ref: Any, delta_ref: Any, *refs: Any) -> None:
-    """dk and/or dv (`parts`) of one key tile: one float32 accumulator each."""
-    *out_refs, scratch = refs
+def _dkv_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, kseg_ref: Any, do_ref: Any,
+                lse_ref: Any, delta_ref: Any, dk_ref: Any, dv_ref: Any, scratch: Any) -> None:
+    """dk and dv of one key tile, accumulated in place in two float32 tiles (wgmma)."""
     bq, bk, stages, g = st.blocks.block_q_dkv, st.blocks.block_k, st.blocks.stages, st.group
     (k_smem, v_smem, p_smem, q_smem, do_smem, kseg_smem, qseg_smem, lse_smem, delta_smem), \
         (k_bar, ready, consumed) = scratch
@@ -113,8 +109,7 @@ def _dkv_kernel(st: _Static, parts: tuple[str, ...], q_ref: Any, k_ref: Any, v_r
         shape = (bk, bq)
 
         def step(qi: jax.Array, carry: tuple[Any, ...], masked: bool) -> tuple[Any, ...]:
-            t, accs = carry
-            acc = dict(zip(parts, accs))
+            t, dk, dv = carry
             slot = lax.rem(t, jnp.int32(stages))
             plgpu.barrier_wait(ready.at[slot])
             lse, delta = ops.load(lse_smem.at[slot], COLS), ops.load(delta_smem.at[slot], COLS)
@@ -122,32 +117,27 @@ def _dkv_kernel(st: _Static, parts: tuple[str, ...], q_ref: Any, k_ref: Any, v_r
             if masked:
                 qseg = ops.load(qseg_smem.at[slot], COLS) if st.segments else None
                 p = jnp.where(visible(st, ops, qi * bq, kj * bk, shape, qseg, kseg, keys_on_rows=True), p, 0.0)
-            if "dv" in parts:
-                p_smem[...] = p.astype(p_smem.dtype)
-                plgpu.commit_smem()
-                acc["dv"] = acc["dv"] + ops.mm(p_smem, do_smem.at[slot])
-            if "dk" in parts:
-                ds = p * (ops.mm_t(v_smem, do_smem.at[slot]) - cols(delta, shape))  # dS^T
-                p_smem[...] = ds.astype(p_smem.dtype)
-                plgpu.commit_smem()
-                acc["dk"] = acc["dk"] + ops.mm(p_smem, q_smem.at[slot])
+            p_smem[...] = p.astype(p_smem.dtype)
+            plgpu.commit_smem()
+            dv = ops.mm_acc(dv, p_smem, do_smem.at[slot])
+            ds = p * (ops.mm_t(v_smem, do_smem.at[slot]) - cols(delta, shape))  # dS^T
+            p_smem[...] = ds.astype(p_smem.dtype)
+            plgpu.commit_smem()
+            dk = ops.mm_acc(dk, p_smem, q_smem.at[slot])
             plgpu.barrier_arrive(consumed.at[slot])
-            return t + 1, tuple(acc[part] for part in parts)
+            return t + 1, dk, dv
 
         def head(_: jax.Array, carry: tuple[Any, ...]) -> tuple[Any, ...]:
             carry = lax.fori_loop(first, masked_end, functools.partial(step, masked=True), carry)
             return lax.fori_loop(masked_end, n_q, functools.partial(step, masked=False), carry)
 
         zero = ops.full((bk, k_smem.shape[-1]), 0.0, plgpu.Layout.WGMMA)
-        _, accs = lax.fori_loop(0, g, head, (jnp.int32(0), (zero,) * len(parts)))
-        acc = dict(zip(parts, accs))
-        staging = {"dk": k_smem, "dv": v_smem}  # K and V are no longer read
-        for part, out_ref in zip(parts, out_refs):
-            scale = st.sm_scale if part == "dk" else 1.0
-            staging[part][...] = (acc[part] * scale).astype(k_smem.dtype)
+        _, dk, dv = lax.fori_loop(0, g, head, (jnp.int32(0), zero, zero))
+        k_smem[...] = (dk * st.sm_scale).astype(k_smem.dtype)  # K and V are no longer read
+        v_smem[...] = dv.astype(v_smem.dtype)
         plgpu.commit_smem()
-        for part, out_ref in zip(parts, out_refs):
-            plgpu.copy_smem_to_gmem(staging[part], out_ref.at[b, here, kvh])
+        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, here, kvh])
+        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, here, kvh])
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(lax.axis_index("wg") == 1)
@@ -193,14 +183,8 @@ def backward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Ar
     bqk = st.blocks.block_q_dkv
     t = tiled(bqk)  # every operand of one wgmma shares a swizzle, and P^T's rows are bqk long
 
-    def dkv_kernel(parts: tuple[str, ...]) -> Any:
-        def body(*refs: Any) -> None:
-            pl.run_scoped(lambda *scratch: _dkv_kernel(st, parts, *refs, scratch), *dkv_scratch,
-                          collective_axes="wg")
-
-        body.__name__ = body.__qualname__ = "genesis_flash_mgpu_" + "".join(parts)  # the kernel's name in ptxas
-        return plgpu.kernel(body, out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype),) * len(parts),
-                            grid=(hkv, skv_pad // bk, b), grid_names=("heads", "k", "batch"), **params)
+    def genesis_flash_mgpu_dkdv(*refs: Any) -> None:
+        pl.run_scoped(lambda *scratch: _dkv_kernel(st, *refs, scratch), *dkv_scratch, collective_axes="wg")
 
     dkv_scratch = (
         (plgpu.SMEM((bk, d), q.dtype, transforms=t), plgpu.SMEM((bk, d), q.dtype, transforms=t),
@@ -214,8 +198,6 @@ def backward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Ar
     )
     dq = plgpu.kernel(genesis_flash_mgpu_dq, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
                       grid=(hq, sq_pad // bq, b), grid_names=("heads", "q", "batch"), **params)(*inputs)
-    if d <= SPLIT_DKV_ABOVE:
-        dk, dv = dkv_kernel(("dk", "dv"))(*inputs)
-    else:  # two float32 [block_k, head_dim] accumulators would spill: one pass each, P recomputed
-        (dk,), (dv,) = dkv_kernel(("dk",))(*inputs), dkv_kernel(("dv",))(*inputs)
+    dk, dv = plgpu.kernel(genesis_flash_mgpu_dkdv, out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype),) * 2,
+                          grid=(hkv, skv_pad // bk, b), grid_names=("heads", "k", "batch"), **params)(*inputs)
     return dq, dk, dv

@@ -51,17 +51,44 @@ class Ops:
 
         return pl.run_scoped(run, plgpu.ACC((a.shape[0], b.shape[1]), jnp.float32))
 
-    def mm_t(self, a: Any, b: Any) -> jax.Array:
+    def mm_t(self, a: Any, b: Any, issued: Callable[[], None] | None = None) -> jax.Array:
         """a @ b^T of two shared-memory tiles, float32: wgmma with a transposed operand, which
-        the interpreter lacks (there: a jnp dot of the same tiles)."""
+        the interpreter lacks (there: a jnp dot of the same tiles). `issued` runs while the
+        wgmma is in flight (a schedule barrier between warpgroups)."""
         if self.interpreting:
-            return jnp.dot(a[...], b[...].T, preferred_element_type=jnp.float32)
+            out = jnp.dot(a[...], b[...].T, preferred_element_type=jnp.float32)
+            if issued is not None:
+                issued()
+            return out
 
         def run(acc: Any) -> jax.Array:
             plgpu.wgmma(acc, a, plgpu.transpose_ref(b, (1, 0)))
+            if issued is not None:
+                issued()
             return acc[...]
 
         return pl.run_scoped(run, plgpu.ACC((a.shape[0], b.shape[0]), jnp.float32))
+
+    def mm_acc(self, acc: jax.Array, a: Any, b: Any) -> jax.Array:
+        """acc + a @ b (shared-memory tiles), accumulated in place by wgmma: no second float32
+        tile in registers. The interpreter runs no run_state: there the product is added."""
+        if self.interpreting:
+            return acc + self.mm(a, b)
+
+        def run(ref: Any) -> None:
+            plgpu.wgmma(ref, a, b)
+
+        return pl.run_state(run)(plgpu.ACC.init(acc))
+
+    def mm_acc_registers(self, acc: jax.Array, a: jax.Array, b: Any) -> jax.Array:
+        """acc + a @ b with `a` in registers (WGMMA layout, 2-byte) as wgmma's A operand. Compiled
+        only: the interpreter has no rule for it (kernels pass such tiles through shared memory there)."""
+        assert not self.interpreting
+
+        def run(ref: Any) -> None:
+            plgpu.wgmma(ref, a, b)
+
+        return pl.run_state(run)(plgpu.ACC.init(acc))
 
 
 def rows(x: jax.Array, shape: tuple[int, int]) -> jax.Array:

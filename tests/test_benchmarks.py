@@ -26,6 +26,10 @@ def test_attention_benchmark_dry_run():
     # Timing is refused off the GPU rather than reporting interpret-mode speed.
     r = subprocess.run([sys.executable, "benchmarks/attention.py"], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert r.returncode == 2 and "needs a GPU" in r.stderr
+    # A misspelt backend is an error, not a table without it.
+    r = subprocess.run([sys.executable, "benchmarks/attention.py", "--dry-run", "--backends", "pallas,mosaic_1wgg"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown mosaic_1wgg" in r.stderr and "mosaic_no_pingpong" in r.stderr
 
 
 def test_attention_sweep_dry_run(tmp_path):

@@ -153,9 +153,7 @@ def test_kernel_compiles_for_sm90a_without_spills(name: str, kernel_results: dic
 
 MOSAIC_JOBS = {f"{dtype}-hd{hd}": {**kernel_job(dtype, hd), "kernel": "flash_attention_mgpu"}
                for dtype in ("bfloat16", "float16") for hd in (64, 128)}
-# Forward, dq, and dk/dv in one pass at head_dim 64 or in two (dk, dv) above it.
-MOSAIC_KERNELS = {hd: {f"genesis_flash_mgpu_{k}_mosaic_gpu_kernel" for k in ("fwd", "dq", *parts)}
-                  for hd, parts in ((64, ("dkdv",)), (128, ("dk", "dv")))}
+MOSAIC_KERNELS = {f"genesis_flash_mgpu_{k}_mosaic_gpu_kernel" for k in ("fwd", "dq", "dkdv")}
 
 
 @pytest.fixture(scope="module")
@@ -163,20 +161,23 @@ def mosaic_results() -> dict[str, JobResult]:
     return dict(zip(MOSAIC_JOBS, run(list(MOSAIC_JOBS.values()), "h200").results))
 
 
-def mosaic_tile_bytes(kernel: str, hd: int, itemsize: int = 2) -> tuple[int, int]:
+def mosaic_tile_bytes(kernel: str, hd: int, itemsize: int = 2) -> tuple[int, int, int]:
     """Bytes of the tiles a Mosaic kernel must hold in shared memory at the default blocks, by
     hand from the design (kernels/README.md), and its grid size for MOSAIC_JOBS' shape: fwd
-    Q, the K/V ring, P; dq Q, dO, dS, the K/V ring; dk/dv K, V, a dS^T step, the Q/dO ring."""
+    Q per compute warpgroup and the K/V ring (P stays in registers); dq Q, dO, dS, the K/V
+    ring; dk/dv K, V, a P^T / dS^T step, the Q/dO ring."""
     from kernels.flash_attention_mgpu import MosaicBlocks
 
     blocks = MosaicBlocks()
-    bq, bk, stages, bqk = blocks.block_q, blocks.block_k, blocks.stages, blocks.block_q_dkv
+    bq, bk, stages, bqk, wgs = blocks.block_q, blocks.block_k, blocks.stages, blocks.block_q_dkv, blocks.compute_wgs
     batch, seq, heads_q, heads_kv = 2, 1000, 8, 4
     part = kernel.removeprefix("genesis_flash_mgpu_").removesuffix("_mosaic_gpu_kernel")
-    elements = {"fwd": bq * hd + 2 * stages * bk * hd + bq * bk,
-                "dq": 2 * bq * hd + bq * bk + 2 * stages * bk * hd}.get(part, 2 * bk * hd + bk * bqk + 2 * stages * bqk * hd)
-    grid = batch * -(-seq // 64) * (heads_q if part in ("fwd", "dq") else heads_kv)
-    return elements * itemsize, grid
+    elements = {"fwd": wgs * bq * hd + 2 * stages * bk * hd,
+                "dq": 2 * bq * hd + bq * bk + 2 * stages * bk * hd,
+                "dkdv": 2 * bk * hd + bk * bqk + 2 * stages * bqk * hd}[part]
+    rows = {"fwd": wgs * bq, "dq": bq, "dkdv": bk}[part]
+    grid = batch * -(-seq // rows) * (heads_kv if part == "dkdv" else heads_q)
+    return elements * itemsize, grid, 128 * (wgs + 1 if part == "fwd" else 2)
 
 
 @compiles
@@ -185,18 +186,19 @@ def test_mosaic_kernels_compile_for_sm90a_without_spills(name: str, mosaic_resul
     """The Mosaic GPU kernels (causal, segments, GQA 2:1, a length that is no tile multiple)
     compile to machine code, forward and backward; ptxas names them after the kernel bodies.
     Their launch (grid, threads, dynamic shared memory) is read from the kernel module: shared
-    memory holds the tiles plus at most 8 KiB of barriers, segments and row statistics."""
+    memory holds the tiles plus at most 8 KiB of barriers, segments and row statistics; the
+    forward runs two compute warpgroups and a memory one, the backward kernels one and one."""
     r = mosaic_results[name]
     assert r.ok, r.error
     ks = {k["name"]: k for k in r.kernels()}
     hd = r.job["shape"][-1]
-    assert set(ks) == MOSAIC_KERNELS[hd]
+    assert set(ks) == MOSAIC_KERNELS
     for k in ks.values():
         assert k["target"] == "sm_90a" and k["registers"] is not None and k["registers"] <= 255, k
         assert k["spill_stores"] == 0 and k["spill_loads"] == 0, k
-        tiles, grid = mosaic_tile_bytes(k["name"], hd)
+        tiles, grid, threads = mosaic_tile_bytes(k["name"], hd)
         assert tiles <= k["shared_memory"] <= tiles + 8192, (tiles, k)
-        assert k["threads"] == 256 and k["grid"][0] * k["grid"][1] * k["grid"][2] == grid, k  # 2 warpgroups
+        assert k["threads"] == threads and k["grid"][0] * k["grid"][1] * k["grid"][2] == grid, k
         assert k["blocks_per_sm"] >= 1, k
 
 
