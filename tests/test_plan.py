@@ -223,6 +223,21 @@ def test_every_shipped_gpu_config_fits_an_h200(fixture_corpus: Path, capsys: pyt
 
 
 @compiles
+def test_a_train_step_with_the_mosaic_kernels_compiles_for_sm90a(fixture_corpus: Path,
+                                                                 capsys: pytest.CaptureFixture[str]):
+    """The Mosaic kernels inside the model (layer scan, bf16, head_dim 32 padded to 64) in the
+    whole train step, reported with their launch figures in the plan's kernel table."""
+    code, out = plan_cli(capsys, fixture_corpus, "--set", "model.attention=mosaic", "--set", "model.preset=test",
+                         "--set", "training.batch_size=4")
+    assert code == 0, out
+    assert "attention mosaic" in out and "verdict: fits" in out
+    table = {line.split()[0]: line.split() for line in out.splitlines() if "_mosaic_gpu_kernel" in line}
+    assert set(table) == MOSAIC_KERNELS, out
+    for name, (*_, shared_kib, threads, blocks) in table.items():
+        assert 0 < float(shared_kib) <= 227 and int(threads) in (256, 384) and int(blocks) >= 1, (name, out)
+
+
+@compiles
 def test_an_oversized_config_does_not_fit_and_exits_1(fixture_corpus: Path, capsys: pytest.CaptureFixture[str]):
     # logits alone: 32768 x 2048 x 260 float32 = 65 GiB (flattened to 67108864 rows), several times over.
     code, out = plan_cli(capsys, fixture_corpus, "--set", "model.preset=test", "--set", "training.batch_size=32768",

@@ -47,12 +47,13 @@ def kernel_table(kernels: list[dict[str, Any]]) -> list[str]:
     def show(v: Any) -> str:
         return "?" if v is None else str(v)
 
-    lines = [f"  {'kernel':<24} {'registers':>9} {'spill st/ld B':>14} {'stack B':>8} {'shared KiB':>10} "
+    w = max([24, *(len(k["name"]) for k in kernels)])
+    lines = [f"  {'kernel':<{w}} {'registers':>9} {'spill st/ld B':>14} {'stack B':>8} {'shared KiB':>10} "
              f"{'threads':>7} {'blocks/SM':>9}"]
     for k in kernels:
         shared = "?" if k["shared_memory"] is None else f"{k['shared_memory'] / 1024:.1f}"
         spill = f"{show(k['spill_stores'])}/{show(k['spill_loads'])}"
-        lines.append(f"  {k['name']:<24} {show(k['registers']):>9} {spill:>14} {show(k['stack']):>8} {shared:>10} "
+        lines.append(f"  {k['name']:<{w}} {show(k['registers']):>9} {spill:>14} {show(k['stack']):>8} {shared:>10} "
                      f"{show(k['threads']):>7} {show(k['blocks_per_sm']):>9}")
     return lines
 
