@@ -49,7 +49,7 @@ class MosaicBlocks:
     block_q_dkv: int = 32  # query rows per dk/dv step (64: 254 registers at head_dim 64, spills at 128)
     compute_wgs: int = 2  # forward: warpgroups of block_q query rows that share each key/value tile
     ping_pong: bool = True  # forward, 2 compute warpgroups: one's softmax while the other multiplies
-    p_in_registers: bool = True  # forward: P as wgmma's register operand, not through shared memory
+    p_in_registers: bool = True  # P (and the backward's dS) as wgmma's register operand, not through shared memory
     registers: tuple[int, int] = (232, 40)  # forward, 2 compute warpgroups: per thread, compute and memory
 
     def __post_init__(self) -> None:

@@ -16,7 +16,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .flash_attention_mgpu import _kv_steps, _Static, kv_copies, visible
-from .mgpu_ops import COLS, ROWS, TILED, cols, produce, rows, tiled
+from .mgpu_ops import COLS, ROWS, TILED, Ops, cols, produce, rows, tiled
+
+def _accumulate(ops: Ops, acc: jax.Array, a: jax.Array, a_smem: Any, b: Any) -> jax.Array:
+    """acc + a @ b with `a` (float32 in registers) cast to the inputs' dtype: as wgmma's register
+    operand when there is no staging tile `a_smem`, else written to it first."""
+    if a_smem is None:
+        return ops.mm_acc_registers(acc, a.astype(b.dtype), b)
+    a_smem[...] = a.astype(a_smem.dtype)
+    plgpu.commit_smem()
+    return ops.mm_acc(acc, a_smem, b)
+
 
 def _dq_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, kseg_ref: Any, do_ref: Any,
                lse_ref: Any, delta_ref: Any, dq_ref: Any, scratch: Any) -> None:
@@ -48,9 +58,7 @@ def _dq_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, k
                 kseg = ops.load(kseg_smem.at[slot], COLS) if st.segments else None
                 p = jnp.where(visible(st, ops, qi * bq, j * bk, (bq, bk), qseg, kseg), p, 0.0)
             ds = p * (ops.mm_t(do_smem, v_smem.at[slot]) - rows(delta, (bq, bk)))
-            ds_smem[...] = ds.astype(ds_smem.dtype)
-            plgpu.commit_smem()
-            dq = ops.mm_acc(dq, ds_smem, k_smem.at[slot])
+            dq = _accumulate(ops, dq, ds, ds_smem, k_smem.at[slot])
             plgpu.barrier_arrive(consumed.at[slot])
             return dq
 
@@ -117,13 +125,9 @@ def _dkv_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, 
             if masked:
                 qseg = ops.load(qseg_smem.at[slot], COLS) if st.segments else None
                 p = jnp.where(visible(st, ops, qi * bq, kj * bk, shape, qseg, kseg, keys_on_rows=True), p, 0.0)
-            p_smem[...] = p.astype(p_smem.dtype)
-            plgpu.commit_smem()
-            dv = ops.mm_acc(dv, p_smem, do_smem.at[slot])
+            dv = _accumulate(ops, dv, p, p_smem, do_smem.at[slot])
             ds = p * (ops.mm_t(v_smem, do_smem.at[slot]) - cols(delta, shape))  # dS^T
-            p_smem[...] = ds.astype(p_smem.dtype)
-            plgpu.commit_smem()
-            dk = ops.mm_acc(dk, p_smem, q_smem.at[slot])
+            dk = _accumulate(ops, dk, ds, p_smem, q_smem.at[slot])
             plgpu.barrier_arrive(consumed.at[slot])
             return t + 1, dk, dv
 
@@ -163,6 +167,7 @@ def backward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Ar
     delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
     inputs = (q, k, v, qseg, kseg, do, lse, delta)
     extra = 1 if st.segments else 0
+    staged = not st.blocks.p_in_registers or st.interpret is not False  # P, dS through shared memory
     params = dict(num_threads=2, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
                   interpret=st.interpret)
 
@@ -170,7 +175,7 @@ def backward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Ar
         pl.run_scoped(
             lambda *scratch: _dq_kernel(st, *refs, scratch),
             (plgpu.SMEM((bq, d), q.dtype, transforms=TILED), plgpu.SMEM((bq, d), q.dtype, transforms=TILED),
-             plgpu.SMEM((bq, bk), q.dtype, transforms=TILED),
+             plgpu.SMEM((bq, bk), q.dtype, transforms=TILED) if staged else None,
              plgpu.SMEM((stages, bk, d), q.dtype, transforms=TILED),
              plgpu.SMEM((stages, bk, d), q.dtype, transforms=TILED),
              plgpu.SMEM((bq,), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32),
@@ -188,7 +193,7 @@ def backward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Ar
 
     dkv_scratch = (
         (plgpu.SMEM((bk, d), q.dtype, transforms=t), plgpu.SMEM((bk, d), q.dtype, transforms=t),
-         plgpu.SMEM((bk, bqk), q.dtype, transforms=t),
+         plgpu.SMEM((bk, bqk), q.dtype, transforms=t) if staged else None,
          plgpu.SMEM((stages, bqk, d), q.dtype, transforms=t),
          plgpu.SMEM((stages, bqk, d), q.dtype, transforms=t),
          plgpu.SMEM((bk,), jnp.int32), plgpu.SMEM((stages, bqk), jnp.int32),

@@ -164,8 +164,8 @@ def mosaic_results() -> dict[str, JobResult]:
 def mosaic_tile_bytes(kernel: str, hd: int, itemsize: int = 2) -> tuple[int, int, int]:
     """Bytes of the tiles a Mosaic kernel must hold in shared memory at the default blocks, by
     hand from the design (kernels/README.md), and its grid size for MOSAIC_JOBS' shape: fwd
-    Q per compute warpgroup and the K/V ring (P stays in registers); dq Q, dO, dS, the K/V
-    ring; dk/dv K, V, a P^T / dS^T step, the Q/dO ring."""
+    Q per compute warpgroup and the K/V ring; dq Q, dO and the K/V ring; dk/dv K, V and the
+    Q/dO ring (P and dS stay in registers)."""
     from kernels.flash_attention_mgpu import MosaicBlocks
 
     blocks = MosaicBlocks()
@@ -173,8 +173,8 @@ def mosaic_tile_bytes(kernel: str, hd: int, itemsize: int = 2) -> tuple[int, int
     batch, seq, heads_q, heads_kv = 2, 1000, 8, 4
     part = kernel.removeprefix("genesis_flash_mgpu_").removesuffix("_mosaic_gpu_kernel")
     elements = {"fwd": wgs * bq * hd + 2 * stages * bk * hd,
-                "dq": 2 * bq * hd + bq * bk + 2 * stages * bk * hd,
-                "dkdv": 2 * bk * hd + bk * bqk + 2 * stages * bqk * hd}[part]
+                "dq": 2 * bq * hd + 2 * stages * bk * hd,
+                "dkdv": 2 * bk * hd + 2 * stages * bqk * hd}[part]
     rows = {"fwd": wgs * bq, "dq": bq, "dkdv": bk}[part]
     grid = batch * -(-seq // rows) * (heads_kv if part == "dkdv" else heads_q)
     return elements * itemsize, grid, 128 * (wgs + 1 if part == "fwd" else 2)
