@@ -110,7 +110,9 @@ def mosaic_variants() -> dict[str, Callable[..., jax.Array]]:
     def bind(blocks: MosaicBlocks) -> Callable[..., jax.Array]:
         return lambda q, k, v, causal: flash_attention_mgpu(q, k, v, causal=causal, block_sizes=blocks)
 
-    return {"mosaic_1wg": bind(MosaicBlocks(compute_wgs=1)), "mosaic_no_pingpong": bind(MosaicBlocks(ping_pong=False)),
+    return {"mosaic_1wg": bind(MosaicBlocks(compute_wgs=1, compute_wgs_bwd=1)),
+            "mosaic_1wg_bwd": bind(MosaicBlocks(compute_wgs_bwd=1)),
+            "mosaic_no_pingpong": bind(MosaicBlocks(ping_pong=False)),
             "mosaic_p_smem": bind(MosaicBlocks(p_in_registers=False))}
 
 
@@ -262,7 +264,7 @@ def main() -> int:
     ap.add_argument("--causal", default="true,false", help="which masks of the paper grid")
     ap.add_argument("--backends", default=",".join([*attention.BACKENDS, "jax_xla", "jax_mha"]),
                     help="registered engine backends, baselines (jax_xla, jax_mha) and Mosaic kernel variants "
-                         "(mosaic_1wg, mosaic_no_pingpong, mosaic_p_smem) to time")
+                         "(mosaic_1wg, mosaic_1wg_bwd, mosaic_no_pingpong, mosaic_p_smem) to time")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)

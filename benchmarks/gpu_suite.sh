@@ -31,8 +31,9 @@ timeout 220 bash -c "python benchmarks/attention.py --backends $B --shapes model
   && python benchmarks/attention.py --backends $B --shapes paper --seqs 2048 --head-dims 64,128 --causal false \
   --iters 20 --out $OUT/noncausal" 2>&1 | tee "$OUT/attention.txt" || status=1
 
-echo "== Mosaic kernel variants (kernels/README.md): defaults vs one compute warpgroup, no ping-pong, P via shared memory"
-timeout 60 python benchmarks/attention.py --backends mosaic,mosaic_1wg,mosaic_no_pingpong,mosaic_p_smem \
+echo "== Mosaic kernel variants (kernels/README.md): defaults vs one compute warpgroup (everywhere, in the backward),"
+echo "   no ping-pong, P and dS via shared memory"
+timeout 60 python benchmarks/attention.py --backends mosaic,mosaic_1wg,mosaic_1wg_bwd,mosaic_no_pingpong,mosaic_p_smem \
   --shapes paper --seqs 4096 --head-dims 128 --causal true --iters 10 --no-torch 2>&1 | tee -a "$OUT/attention.txt" || status=1
 
 echo "== train step: bare jitted step vs training loop, two model sizes, bf16; the first variant's measured"

@@ -48,17 +48,18 @@ class MosaicBlocks:
     stages: int = 2  # key/value tiles in flight
     block_q_dkv: int = 32  # query rows per dk/dv step (64: 254 registers at head_dim 64, spills at 128)
     compute_wgs: int = 2  # forward: warpgroups of block_q query rows that share each key/value tile
+    compute_wgs_bwd: int = 2  # backward: dq's warpgroups of block_q rows, dk/dv's of block_k keys, sharing the ring
     ping_pong: bool = True  # forward, 2 compute warpgroups: one's softmax while the other multiplies
     p_in_registers: bool = True  # P (and the backward's dS) as wgmma's register operand, not through shared memory
-    registers: tuple[int, int] = (232, 40)  # forward, 2 compute warpgroups: per thread, compute and memory
+    registers: tuple[int, int] = (232, 40)  # 2 compute warpgroups: per thread, compute and memory (setmaxnreg)
 
     def __post_init__(self) -> None:
         if self.block_q != 64 or self.block_k % 64 or self.block_k > 256 or self.stages < 1:
             raise ValueError(f"MosaicBlocks: block_q must be 64, block_k a multiple of 64 up to 256, stages >= 1; got {self}")
         if self.block_q_dkv not in (32, 64):
             raise ValueError(f"MosaicBlocks: block_q_dkv must be 32 or 64; got {self.block_q_dkv}")
-        if self.compute_wgs not in (1, 2):
-            raise ValueError(f"MosaicBlocks: compute_wgs must be 1 or 2; got {self.compute_wgs}")
+        if self.compute_wgs not in (1, 2) or self.compute_wgs_bwd not in (1, 2):
+            raise ValueError(f"MosaicBlocks: compute_wgs and compute_wgs_bwd must be 1 or 2; got {self}")
         compute, memory = self.registers
         if compute % 8 or memory % 8 or not 24 <= memory <= compute <= 256 or (2 * compute + memory) * 128 > 65536:
             raise ValueError(f"MosaicBlocks: registers (compute, memory) must be multiples of 8 in [24, 256] whose "
@@ -68,6 +69,16 @@ class MosaicBlocks:
     def rows(self) -> int:
         """Query rows of one forward block."""
         return self.block_q * self.compute_wgs
+
+    @property
+    def q_multiple(self) -> int:
+        """What the query length is padded to: a forward block and a dq block."""
+        return self.block_q * max(self.compute_wgs, self.compute_wgs_bwd)
+
+    @property
+    def kv_multiple(self) -> int:
+        """What the key length is padded to: a dk/dv block."""
+        return self.block_k * self.compute_wgs_bwd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,8 +312,8 @@ def flash_attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bo
     b, sq, hq, _ = q.shape
     skv, hkv = k.shape[1], k.shape[2]
     dp = next(x for x in HEAD_DIMS if x >= d)
-    sq_pad = pl.cdiv(sq, blocks.rows) * blocks.rows
-    skv_pad = pl.cdiv(skv, blocks.block_k) * blocks.block_k
+    sq_pad = pl.cdiv(sq, blocks.q_multiple) * blocks.q_multiple
+    skv_pad = pl.cdiv(skv, blocks.kv_multiple) * blocks.kv_multiple
 
     def pad(x: jax.Array, length: int) -> jax.Array:
         return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dp - d)))

@@ -18,6 +18,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from .flash_attention_mgpu import _kv_steps, _Static, kv_copies, visible
 from .mgpu_ops import COLS, ROWS, TILED, Ops, cols, produce, rows, tiled
 
+
 def _accumulate(ops: Ops, acc: jax.Array, a: jax.Array, a_smem: Any, b: Any) -> jax.Array:
     """acc + a @ b with `a` (float32 in registers) cast to the inputs' dtype: as wgmma's register
     operand when there is no staging tile `a_smem`, else written to it first."""
@@ -28,33 +29,42 @@ def _accumulate(ops: Ops, acc: jax.Array, a: jax.Array, a_smem: Any, b: Any) -> 
     return ops.mm_acc(acc, a_smem, b)
 
 
+def _registers(st: _Static, role: int) -> None:
+    """With two compute warpgroups, move registers to them from the memory warpgroup (role 1)."""
+    if st.blocks.compute_wgs_bwd > 1:
+        plgpu.set_max_registers(st.blocks.registers[role], action="decrease" if role else "increase")
+
+
 def _dq_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, kseg_ref: Any, do_ref: Any,
                lse_ref: Any, delta_ref: Any, dq_ref: Any, scratch: Any) -> None:
-    bq, bk, stages = st.blocks.block_q, st.blocks.block_k, st.blocks.stages
-    (q_smem, do_smem, ds_smem, k_smem, v_smem, qseg_smem, kseg_smem, lse_smem, delta_smem), \
-        (q_bar, ready, consumed) = scratch
-    b, h, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q")
+    bq, bk, stages, wgs = st.blocks.block_q, st.blocks.block_k, st.blocks.stages, st.blocks.compute_wgs_bwd
+    (q_all, do_all, ds_all, k_smem, v_smem, qseg_all, kseg_smem, lse_all, delta_all), (q_bar, ready, consumed) = scratch
+    b, h, block, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q"), lax.axis_index("wg")
     kvh = lax.div(h, jnp.int32(st.group))
-    n_kv, n_whole = _kv_steps(st, qi)
-    ops, here = st.ops, pl.ds(qi * bq, bq)
+    n_kv = _kv_steps(st, block * wgs + wgs - 1)[0]  # every compute warpgroup takes every tile of the ring
+    ops = st.ops
 
-    @pl.when(lax.axis_index("wg") == 0)
+    @pl.when(wg < wgs)
     def _compute() -> None:
-        plgpu.copy_gmem_to_smem(q_ref.at[b, here, h], q_smem, q_bar)
-        plgpu.copy_gmem_to_smem(do_ref.at[b, here, h], do_smem, q_bar)
-        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, here], lse_smem, q_bar)
-        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, here], delta_smem, q_bar)
+        _registers(st, 0)
+        qi = block * wgs + wg
+        here, mine = pl.ds(qi * bq, bq), q_bar.at[wg]
+        q_smem, do_smem, ds_smem = q_all.at[wg], do_all.at[wg], None if ds_all is None else ds_all.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[b, here, h], q_smem, mine)
+        plgpu.copy_gmem_to_smem(do_ref.at[b, here, h], do_smem, mine)
+        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, here], lse_all.at[wg], mine)
+        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, here], delta_all.at[wg], mine)
         if st.segments:
-            plgpu.copy_gmem_to_smem(qseg_ref.at[b, here], qseg_smem, q_bar)
-        plgpu.barrier_wait(q_bar)
-        lse, delta = ops.load(lse_smem, ROWS), ops.load(delta_smem, ROWS)
-        qseg = ops.load(qseg_smem, ROWS) if st.segments else None
+            plgpu.copy_gmem_to_smem(qseg_ref.at[b, here], qseg_all.at[wg], mine)
+        plgpu.barrier_wait(mine)
+        lse, delta = ops.load(lse_all.at[wg], ROWS), ops.load(delta_all.at[wg], ROWS)
+        qseg = ops.load(qseg_all.at[wg], ROWS) if st.segments else None
 
         def step(j: jax.Array, dq: jax.Array, masked: bool) -> jax.Array:
             slot = lax.rem(j, jnp.int32(stages))
             plgpu.barrier_wait(ready.at[slot])
             p = jnp.exp2(ops.mm_t(q_smem, k_smem.at[slot]) * st.scale2 - rows(lse, (bq, bk)))
-            if masked:
+            if masked:  # a tile past this warpgroup's diagonal is all masked: its p are 0
                 kseg = ops.load(kseg_smem.at[slot], COLS) if st.segments else None
                 p = jnp.where(visible(st, ops, qi * bq, j * bk, (bq, bk), qseg, kseg), p, 0.0)
             ds = p * (ops.mm_t(do_smem, v_smem.at[slot]) - rows(delta, (bq, bk)))
@@ -62,6 +72,7 @@ def _dq_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, k
             plgpu.barrier_arrive(consumed.at[slot])
             return dq
 
+        n_whole = _kv_steps(st, qi)[1]
         dq = ops.full((bq, q_smem.shape[-1]), 0.0, plgpu.Layout.WGMMA)
         dq = lax.fori_loop(0, n_whole, functools.partial(step, masked=False), dq)
         dq = lax.fori_loop(n_whole, n_kv, functools.partial(step, masked=True), dq)
@@ -70,8 +81,9 @@ def _dq_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, k
         plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, here, h])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(lax.axis_index("wg") == 1)
+    @pl.when(wg == wgs)
     def _memory() -> None:
+        _registers(st, 1)
         produce(n_kv, stages, ready, consumed,
                 kv_copies(st, (k_ref, v_ref, kseg_ref), (k_smem, v_smem, kseg_smem), ready, b, kvh))
 
@@ -96,24 +108,29 @@ def _q_tiles(st: _Static, kj: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _dkv_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, kseg_ref: Any, do_ref: Any,
                 lse_ref: Any, delta_ref: Any, dk_ref: Any, dv_ref: Any, scratch: Any) -> None:
-    """dk and dv of one key tile, accumulated in place in two float32 tiles (wgmma)."""
-    bq, bk, stages, g = st.blocks.block_q_dkv, st.blocks.block_k, st.blocks.stages, st.group
-    (k_smem, v_smem, p_smem, q_smem, do_smem, kseg_smem, qseg_smem, lse_smem, delta_smem), \
-        (k_bar, ready, consumed) = scratch
-    b, kvh, kj = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("k")
-    first, masked_end = _q_tiles(st, kj)
+    """dk and dv of one key tile per compute warpgroup, accumulated in place in two float32
+    tiles (wgmma); the warpgroups share the ring of query tiles."""
+    bq, bk, stages, g, wgs = (st.blocks.block_q_dkv, st.blocks.block_k, st.blocks.stages, st.group,
+                              st.blocks.compute_wgs_bwd)
+    (k_all, v_all, p_all, q_smem, do_smem, kseg_all, qseg_smem, lse_smem, delta_smem), (k_bar, ready, consumed) = scratch
+    b, kvh, block, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("k"), lax.axis_index("wg")
+    first = _q_tiles(st, block * wgs)[0]  # the block's first key tile is seen first
     n_q = jnp.int32(pl.cdiv(st.sq, bq))
     per_head = n_q - first
-    ops, here = st.ops, pl.ds(kj * bk, bk)
+    ops = st.ops
 
-    @pl.when(lax.axis_index("wg") == 0)
+    @pl.when(wg < wgs)
     def _compute() -> None:
-        plgpu.copy_gmem_to_smem(k_ref.at[b, here, kvh], k_smem, k_bar)
-        plgpu.copy_gmem_to_smem(v_ref.at[b, here, kvh], v_smem, k_bar)
+        _registers(st, 0)
+        kj = block * wgs + wg
+        here, mine = pl.ds(kj * bk, bk), k_bar.at[wg]
+        k_smem, v_smem, p_smem = k_all.at[wg], v_all.at[wg], None if p_all is None else p_all.at[wg]
+        plgpu.copy_gmem_to_smem(k_ref.at[b, here, kvh], k_smem, mine)
+        plgpu.copy_gmem_to_smem(v_ref.at[b, here, kvh], v_smem, mine)
         if st.segments:
-            plgpu.copy_gmem_to_smem(kseg_ref.at[b, here], kseg_smem, k_bar)
-        plgpu.barrier_wait(k_bar)
-        kseg = ops.load(kseg_smem, ROWS) if st.segments else None
+            plgpu.copy_gmem_to_smem(kseg_ref.at[b, here], kseg_all.at[wg], mine)
+        plgpu.barrier_wait(mine)
+        kseg = ops.load(kseg_all.at[wg], ROWS) if st.segments else None
         shape = (bk, bq)
 
         def step(qi: jax.Array, carry: tuple[Any, ...], masked: bool) -> tuple[Any, ...]:
@@ -122,7 +139,7 @@ def _dkv_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, 
             plgpu.barrier_wait(ready.at[slot])
             lse, delta = ops.load(lse_smem.at[slot], COLS), ops.load(delta_smem.at[slot], COLS)
             p = jnp.exp2(ops.mm_t(k_smem, q_smem.at[slot]) * st.scale2 - cols(lse, shape))  # P^T
-            if masked:
+            if masked:  # query tiles before this warpgroup's first are all masked: their p are 0
                 qseg = ops.load(qseg_smem.at[slot], COLS) if st.segments else None
                 p = jnp.where(visible(st, ops, qi * bq, kj * bk, shape, qseg, kseg, keys_on_rows=True), p, 0.0)
             dv = _accumulate(ops, dv, p, p_smem, do_smem.at[slot])
@@ -130,6 +147,8 @@ def _dkv_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, 
             dk = _accumulate(ops, dk, ds, p_smem, q_smem.at[slot])
             plgpu.barrier_arrive(consumed.at[slot])
             return t + 1, dk, dv
+
+        masked_end = _q_tiles(st, kj)[1]
 
         def head(_: jax.Array, carry: tuple[Any, ...]) -> tuple[Any, ...]:
             carry = lax.fori_loop(first, masked_end, functools.partial(step, masked=True), carry)
@@ -144,8 +163,10 @@ def _dkv_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, 
         plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, here, kvh])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(lax.axis_index("wg") == 1)
+    @pl.when(wg == wgs)
     def _memory() -> None:
+        _registers(st, 1)
+
         def copies(t: jax.Array, slot: jax.Array) -> None:
             h = kvh * g + lax.div(t, per_head)
             rows_ = pl.ds((first + lax.rem(t, per_head)) * bq, bq)
@@ -161,27 +182,28 @@ def _dkv_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, 
 def backward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array, kseg: jax.Array,
              o: jax.Array, lse: jax.Array, do: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """dq, dk, dv of the padded inputs."""
-    bq, bk, stages = st.blocks.block_q, st.blocks.block_k, st.blocks.stages
+    bq, bk, stages, wgs = st.blocks.block_q, st.blocks.block_k, st.blocks.stages, st.blocks.compute_wgs_bwd
     b, sq_pad, hq, d = q.shape
     skv_pad, hkv = k.shape[1], k.shape[2]
     delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
     inputs = (q, k, v, qseg, kseg, do, lse, delta)
     extra = 1 if st.segments else 0
     staged = not st.blocks.p_in_registers or st.interpret is not False  # P, dS through shared memory
-    params = dict(num_threads=2, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+    params = dict(num_threads=wgs + 1, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
                   interpret=st.interpret)
 
     def genesis_flash_mgpu_dq(*refs: Any) -> None:
         pl.run_scoped(
             lambda *scratch: _dq_kernel(st, *refs, scratch),
-            (plgpu.SMEM((bq, d), q.dtype, transforms=TILED), plgpu.SMEM((bq, d), q.dtype, transforms=TILED),
-             plgpu.SMEM((bq, bk), q.dtype, transforms=TILED) if staged else None,
+            (plgpu.SMEM((wgs, bq, d), q.dtype, transforms=TILED), plgpu.SMEM((wgs, bq, d), q.dtype, transforms=TILED),
+             plgpu.SMEM((wgs, bq, bk), q.dtype, transforms=TILED) if staged else None,
              plgpu.SMEM((stages, bk, d), q.dtype, transforms=TILED),
              plgpu.SMEM((stages, bk, d), q.dtype, transforms=TILED),
-             plgpu.SMEM((bq,), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32),
-             plgpu.SMEM((bq,), jnp.float32), plgpu.SMEM((bq,), jnp.float32)),
-            (plgpu.Barrier(num_arrivals=4 + extra), plgpu.Barrier(num_arrivals=2 + extra, num_barriers=stages),
-             plgpu.Barrier(num_arrivals=1, num_barriers=stages)),
+             plgpu.SMEM((wgs, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32),
+             plgpu.SMEM((wgs, bq), jnp.float32), plgpu.SMEM((wgs, bq), jnp.float32)),
+            (plgpu.Barrier(num_arrivals=4 + extra, num_barriers=wgs),
+             plgpu.Barrier(num_arrivals=2 + extra, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)),
             collective_axes="wg",
         )
 
@@ -192,17 +214,18 @@ def backward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Ar
         pl.run_scoped(lambda *scratch: _dkv_kernel(st, *refs, scratch), *dkv_scratch, collective_axes="wg")
 
     dkv_scratch = (
-        (plgpu.SMEM((bk, d), q.dtype, transforms=t), plgpu.SMEM((bk, d), q.dtype, transforms=t),
-         plgpu.SMEM((bk, bqk), q.dtype, transforms=t) if staged else None,
+        (plgpu.SMEM((wgs, bk, d), q.dtype, transforms=t), plgpu.SMEM((wgs, bk, d), q.dtype, transforms=t),
+         plgpu.SMEM((wgs, bk, bqk), q.dtype, transforms=t) if staged else None,
          plgpu.SMEM((stages, bqk, d), q.dtype, transforms=t),
          plgpu.SMEM((stages, bqk, d), q.dtype, transforms=t),
-         plgpu.SMEM((bk,), jnp.int32), plgpu.SMEM((stages, bqk), jnp.int32),
+         plgpu.SMEM((wgs, bk), jnp.int32), plgpu.SMEM((stages, bqk), jnp.int32),
          plgpu.SMEM((stages, bqk), jnp.float32), plgpu.SMEM((stages, bqk), jnp.float32)),
-        (plgpu.Barrier(num_arrivals=2 + extra), plgpu.Barrier(num_arrivals=4 + extra, num_barriers=stages),
-         plgpu.Barrier(num_arrivals=1, num_barriers=stages)),
+        (plgpu.Barrier(num_arrivals=2 + extra, num_barriers=wgs),
+         plgpu.Barrier(num_arrivals=4 + extra, num_barriers=stages),
+         plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)),
     )
     dq = plgpu.kernel(genesis_flash_mgpu_dq, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-                      grid=(hq, sq_pad // bq, b), grid_names=("heads", "q", "batch"), **params)(*inputs)
+                      grid=(hq, sq_pad // (bq * wgs), b), grid_names=("heads", "q", "batch"), **params)(*inputs)
     dk, dv = plgpu.kernel(genesis_flash_mgpu_dkdv, out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype),) * 2,
-                          grid=(hkv, skv_pad // bk, b), grid_names=("heads", "k", "batch"), **params)(*inputs)
+                          grid=(hkv, skv_pad // (bk * wgs), b), grid_names=("heads", "k", "batch"), **params)(*inputs)
     return dq, dk, dv

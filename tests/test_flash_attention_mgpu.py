@@ -13,7 +13,7 @@ interpret_gpu = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interp
                                     reason="this JAX has no GPU interpret mode")
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: E402
 
-ONE_WG = MosaicBlocks(compute_wgs=1)
+ONE_WG = MosaicBlocks(compute_wgs=1, compute_wgs_bwd=1)
 CASES = [
     # b, sq, skv, hq, hkv, d, causal, segments, dtype[, blocks]; the forward's default: two compute
     # warpgroups (128 query rows a block) alternating by a schedule barrier
@@ -56,7 +56,7 @@ def test_float32_and_bad_blocks_are_refused_with_the_reason():
         flash_attention_mgpu(x, x, x)
     with pytest.raises(ValueError, match="block_q must be 64"):
         MosaicBlocks(block_q=128)
-    with pytest.raises(ValueError, match="compute_wgs must be 1 or 2"):
+    with pytest.raises(ValueError, match="compute_wgs and compute_wgs_bwd must be 1 or 2"):
         MosaicBlocks(compute_wgs=3)
     with pytest.raises(ValueError, match="fit 65536 registers"):
         MosaicBlocks(registers=(240, 40))

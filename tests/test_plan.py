@@ -164,20 +164,21 @@ def mosaic_results() -> dict[str, JobResult]:
 def mosaic_tile_bytes(kernel: str, hd: int, itemsize: int = 2) -> tuple[int, int, int]:
     """Bytes of the tiles a Mosaic kernel must hold in shared memory at the default blocks, by
     hand from the design (kernels/README.md), and its grid size for MOSAIC_JOBS' shape: fwd
-    Q per compute warpgroup and the K/V ring; dq Q, dO and the K/V ring; dk/dv K, V and the
-    Q/dO ring (P and dS stay in registers)."""
+    Q per compute warpgroup and the K/V ring; dq Q and dO per compute warpgroup and the K/V
+    ring; dk/dv K and V per compute warpgroup and the Q/dO ring (P and dS stay in registers)."""
     from kernels.flash_attention_mgpu import MosaicBlocks
 
     blocks = MosaicBlocks()
-    bq, bk, stages, bqk, wgs = blocks.block_q, blocks.block_k, blocks.stages, blocks.block_q_dkv, blocks.compute_wgs
+    bq, bk, stages, bqk = blocks.block_q, blocks.block_k, blocks.stages, blocks.block_q_dkv
     batch, seq, heads_q, heads_kv = 2, 1000, 8, 4
     part = kernel.removeprefix("genesis_flash_mgpu_").removesuffix("_mosaic_gpu_kernel")
+    wgs = blocks.compute_wgs if part == "fwd" else blocks.compute_wgs_bwd
     elements = {"fwd": wgs * bq * hd + 2 * stages * bk * hd,
-                "dq": 2 * bq * hd + 2 * stages * bk * hd,
-                "dkdv": 2 * bk * hd + 2 * stages * bqk * hd}[part]
-    rows = {"fwd": wgs * bq, "dq": bq, "dkdv": bk}[part]
+                "dq": wgs * 2 * bq * hd + 2 * stages * bk * hd,
+                "dkdv": wgs * 2 * bk * hd + 2 * stages * bqk * hd}[part]
+    rows = wgs * (bk if part == "dkdv" else bq)
     grid = batch * -(-seq // rows) * (heads_kv if part == "dkdv" else heads_q)
-    return elements * itemsize, grid, 128 * (wgs + 1 if part == "fwd" else 2)
+    return elements * itemsize, grid, 128 * (wgs + 1)
 
 
 @compiles
@@ -186,8 +187,8 @@ def test_mosaic_kernels_compile_for_sm90a_without_spills(name: str, mosaic_resul
     """The Mosaic GPU kernels (causal, segments, GQA 2:1, a length that is no tile multiple)
     compile to machine code, forward and backward; ptxas names them after the kernel bodies.
     Their launch (grid, threads, dynamic shared memory) is read from the kernel module: shared
-    memory holds the tiles plus at most 8 KiB of barriers, segments and row statistics; the
-    forward runs two compute warpgroups and a memory one, the backward kernels one and one."""
+    memory holds the tiles plus at most 8 KiB of barriers, segments and row statistics; every
+    kernel runs two compute warpgroups and a memory one."""
     r = mosaic_results[name]
     assert r.ok, r.error
     ks = {k["name"]: k for k in r.kernels()}
