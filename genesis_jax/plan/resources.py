@@ -86,8 +86,9 @@ def kernels(log: str, dump: Path, launches: Sequence[Kernel] = ()) -> list[Kerne
     found = ptxas_report(log)
     for launch in launches:
         k = found.setdefault(launch.name, Kernel(launch.name))
-        k.grid, k.threads = launch.grid, launch.threads
-        k.shared_memory = max(k.shared_memory or 0, launch.shared_memory or 0)
+        k.grid, k.threads = launch.grid or k.grid, launch.threads or k.threads
+        if launch.shared_memory is not None:
+            k.shared_memory = max(k.shared_memory or 0, launch.shared_memory)
     for m in _THUNK.finditer(_latest(dump, ".thunk_sequence.txt")):
         k = found.setdefault(m.group(1), Kernel(m.group(1)))
         k.grid = (int(m.group(2)), int(m.group(3)), int(m.group(4)))
@@ -146,16 +147,19 @@ def _walk(op: Any) -> Iterator[Any]:
 
 def _launch(op: Any, name: str) -> Kernel:
     """A gpu.launch's grid, block and dynamic shared memory, from the constants that feed it
-    (operand segments: async tokens, grid x y z, block x y z, cluster x y z, shared memory)."""
+    (operand segments: async tokens, grid x y z, block x y z, cluster x y z, shared memory).
+    A figure that is not a constant, or a launch of another form, is left unknown."""
     from jax._src.lib.mlir import ir
 
+    if "operandSegmentSizes" not in op.attributes:
+        return Kernel(name, pallas=True)
     sizes = list(ir.DenseI32ArrayAttr(op.attributes["operandSegmentSizes"]))
+    if len(sizes) != 11:
+        return Kernel(name, pallas=True)
     operands = list(op.operands)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
 
     def constant(segment: int) -> int | None:
-        if not sizes[segment]:
-            return None
         owner = operands[starts[segment]].owner
         value = owner.attributes["value"] if "value" in owner.attributes else None
         return ir.IntegerAttr(value).value if isinstance(value, ir.IntegerAttr) else None
@@ -163,7 +167,7 @@ def _launch(op: Any, name: str) -> Kernel:
     grid, block = [constant(i) for i in (1, 2, 3)], [constant(i) for i in (4, 5, 6)]
     return Kernel(name, grid=tuple(grid) if None not in grid else None,  # type: ignore[arg-type]
                   threads=math.prod(block) if None not in block else None,  # type: ignore[arg-type]
-                  shared_memory=constant(10) or 0, pallas=True)
+                  shared_memory=constant(10) if sizes[10] else 0, pallas=True)
 
 
 def pallas_names(hlo: str) -> set[str]:
