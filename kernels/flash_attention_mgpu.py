@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .mgpu_ops import COLS, ROWS, TILED, Ops, cols, interpret_params, produce, rows
+from .mgpu_ops import COLS, ROWS, TILED, Ops, accumulate, cols, interpret_params, produce, rows, share_registers
 from .platform import target_platform
 from .reference import check_segments, check_shapes
 
@@ -169,8 +169,7 @@ def _fwd_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, 
 
     @pl.when(wg < wgs)
     def _compute() -> None:
-        if wgs > 1:
-            plgpu.set_max_registers(blocks.registers[0], action="increase")
+        share_registers(wgs, blocks.registers, memory=False)
         qi = block * wgs + wg  # this warpgroup's query tile
         q_smem, lse_smem, q_rows = q_all.at[wg], lse_all.at[wg], pl.ds(qi * bq, bq)
         plgpu.copy_gmem_to_smem(q_ref.at[b, q_rows, h], q_smem, q_bar.at[wg])
@@ -203,12 +202,7 @@ def _fwd_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, 
             acc = acc * rows(alpha, acc.shape)
             if alternate:
                 sync()  # done with softmax; the tensor cores are this warpgroup's again
-            if p_all is None:
-                acc = ops.mm_acc_registers(acc, p.astype(k_smem.dtype), v_smem.at[slot])
-            else:
-                p_all.at[wg][...] = p.astype(p_all.dtype)
-                plgpu.commit_smem()
-                acc = ops.mm_acc(acc, p_all.at[wg], v_smem.at[slot])
+            acc = accumulate(ops, acc, p, None if p_all is None else p_all.at[wg], v_smem.at[slot])
             plgpu.barrier_arrive(consumed.at[slot])
             return acc, m_new, l
 
@@ -227,8 +221,7 @@ def _fwd_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, 
 
     @pl.when(wg == wgs)
     def _memory() -> None:
-        if wgs > 1:
-            plgpu.set_max_registers(blocks.registers[1], action="decrease")
+        share_registers(wgs, blocks.registers, memory=True)
         produce(n_kv, stages, ready, consumed,
                 kv_copies(st, (k_ref, v_ref, kseg_ref), (k_smem, v_smem, kseg_smem), ready, b, kvh))
 

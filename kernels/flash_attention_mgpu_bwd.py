@@ -16,23 +16,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .flash_attention_mgpu import _kv_steps, _Static, kv_copies, visible
-from .mgpu_ops import COLS, ROWS, TILED, Ops, cols, produce, rows, tiled
-
-
-def _accumulate(ops: Ops, acc: jax.Array, a: jax.Array, a_smem: Any, b: Any) -> jax.Array:
-    """acc + a @ b with `a` (float32 in registers) cast to the inputs' dtype: as wgmma's register
-    operand when there is no staging tile `a_smem`, else written to it first."""
-    if a_smem is None:
-        return ops.mm_acc_registers(acc, a.astype(b.dtype), b)
-    a_smem[...] = a.astype(a_smem.dtype)
-    plgpu.commit_smem()
-    return ops.mm_acc(acc, a_smem, b)
-
-
-def _registers(st: _Static, role: int) -> None:
-    """With two compute warpgroups, move registers to them from the memory warpgroup (role 1)."""
-    if st.blocks.compute_wgs_bwd > 1:
-        plgpu.set_max_registers(st.blocks.registers[role], action="decrease" if role else "increase")
+from .mgpu_ops import COLS, ROWS, TILED, accumulate, cols, produce, rows, share_registers, tiled
 
 
 def _dq_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, kseg_ref: Any, do_ref: Any,
@@ -46,7 +30,7 @@ def _dq_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, k
 
     @pl.when(wg < wgs)
     def _compute() -> None:
-        _registers(st, 0)
+        share_registers(wgs, st.blocks.registers, memory=False)
         qi = block * wgs + wg
         here, mine = pl.ds(qi * bq, bq), q_bar.at[wg]
         q_smem, do_smem, ds_smem = q_all.at[wg], do_all.at[wg], None if ds_all is None else ds_all.at[wg]
@@ -68,7 +52,7 @@ def _dq_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, k
                 kseg = ops.load(kseg_smem.at[slot], COLS) if st.segments else None
                 p = jnp.where(visible(st, ops, qi * bq, j * bk, (bq, bk), qseg, kseg), p, 0.0)
             ds = p * (ops.mm_t(do_smem, v_smem.at[slot]) - rows(delta, (bq, bk)))
-            dq = _accumulate(ops, dq, ds, ds_smem, k_smem.at[slot])
+            dq = accumulate(ops, dq, ds, ds_smem, k_smem.at[slot])
             plgpu.barrier_arrive(consumed.at[slot])
             return dq
 
@@ -83,7 +67,7 @@ def _dq_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, k
 
     @pl.when(wg == wgs)
     def _memory() -> None:
-        _registers(st, 1)
+        share_registers(wgs, st.blocks.registers, memory=True)
         produce(n_kv, stages, ready, consumed,
                 kv_copies(st, (k_ref, v_ref, kseg_ref), (k_smem, v_smem, kseg_smem), ready, b, kvh))
 
@@ -121,7 +105,7 @@ def _dkv_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, 
 
     @pl.when(wg < wgs)
     def _compute() -> None:
-        _registers(st, 0)
+        share_registers(wgs, st.blocks.registers, memory=False)
         kj = block * wgs + wg
         here, mine = pl.ds(kj * bk, bk), k_bar.at[wg]
         k_smem, v_smem, p_smem = k_all.at[wg], v_all.at[wg], None if p_all is None else p_all.at[wg]
@@ -142,9 +126,9 @@ def _dkv_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, 
             if masked:  # query tiles before this warpgroup's first are all masked: their p are 0
                 qseg = ops.load(qseg_smem.at[slot], COLS) if st.segments else None
                 p = jnp.where(visible(st, ops, qi * bq, kj * bk, shape, qseg, kseg, keys_on_rows=True), p, 0.0)
-            dv = _accumulate(ops, dv, p, p_smem, do_smem.at[slot])
+            dv = accumulate(ops, dv, p, p_smem, do_smem.at[slot])
             ds = p * (ops.mm_t(v_smem, do_smem.at[slot]) - cols(delta, shape))  # dS^T
-            dk = _accumulate(ops, dk, ds, p_smem, q_smem.at[slot])
+            dk = accumulate(ops, dk, ds, p_smem, q_smem.at[slot])
             plgpu.barrier_arrive(consumed.at[slot])
             return t + 1, dk, dv
 
@@ -165,7 +149,7 @@ def _dkv_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, 
 
     @pl.when(wg == wgs)
     def _memory() -> None:
-        _registers(st, 1)
+        share_registers(wgs, st.blocks.registers, memory=True)
 
         def copies(t: jax.Array, slot: jax.Array) -> None:
             h = kvh * g + lax.div(t, per_head)

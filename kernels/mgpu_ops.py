@@ -70,8 +70,10 @@ class Ops:
         return pl.run_scoped(run, plgpu.ACC((a.shape[0], b.shape[0]), jnp.float32))
 
     def mm_acc(self, acc: jax.Array, a: Any, b: Any) -> jax.Array:
-        """acc + a @ b (shared-memory tiles), accumulated in place by wgmma: no second float32
-        tile in registers. The interpreter runs no run_state: there the product is added."""
+        """acc + a @ b accumulated in place by wgmma (no second float32 tile in registers); `a`
+        a shared-memory tile or, compiled, a 2-byte register array in the WGMMA layout. The
+        interpreter has neither run_state nor a register operand: there `a` must be a tile
+        (kernels stage such values in shared memory), and the product is added."""
         if self.interpreting:
             return acc + self.mm(a, b)
 
@@ -80,15 +82,22 @@ class Ops:
 
         return pl.run_state(run)(plgpu.ACC.init(acc))
 
-    def mm_acc_registers(self, acc: jax.Array, a: jax.Array, b: Any) -> jax.Array:
-        """acc + a @ b with `a` in registers (WGMMA layout, 2-byte) as wgmma's A operand. Compiled
-        only: the interpreter has no rule for it (kernels pass such tiles through shared memory there)."""
-        assert not self.interpreting
 
-        def run(ref: Any) -> None:
-            plgpu.wgmma(ref, a, b)
+def share_registers(compute_wgs: int, registers: tuple[int, int], memory: bool) -> None:
+    """With two compute warpgroups, move registers (per thread: compute, memory) to them from
+    the memory warpgroup (setmaxnreg): the first call in each warpgroup's branch."""
+    if compute_wgs > 1:
+        plgpu.set_max_registers(registers[memory], action="decrease" if memory else "increase")
 
-        return pl.run_state(run)(plgpu.ACC.init(acc))
+
+def accumulate(ops: Ops, acc: jax.Array, a: jax.Array, staging: Any, b: Any) -> jax.Array:
+    """acc + a @ b with `a` (float32 in registers) cast to b's dtype: wgmma's register operand
+    when there is no `staging` tile, else written to that shared-memory tile first."""
+    if staging is None:
+        return ops.mm_acc(acc, a.astype(b.dtype), b)
+    staging[...] = a.astype(staging.dtype)
+    plgpu.commit_smem()
+    return ops.mm_acc(acc, staging, b)
 
 
 def rows(x: jax.Array, shape: tuple[int, int]) -> jax.Array:
