@@ -100,6 +100,11 @@ class _Static:
     def ops(self) -> Ops:
         return Ops(self.interpret is not False)
 
+    @property
+    def staged(self) -> bool:
+        """P and dS go through shared memory: asked for, or interpreted (no register operand there)."""
+        return not self.blocks.p_in_registers or self.interpret is not False
+
 
 def _kv_steps(st: _Static, qi: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(key tiles query tile qi reads, of which the first ones need no mask)."""
@@ -232,7 +237,7 @@ def _forward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Ar
     blocks = st.blocks
     bq, bk, stages, wgs = blocks.block_q, blocks.block_k, blocks.stages, blocks.compute_wgs
     b, sq_pad, hq, d = q.shape
-    p_smem = None if blocks.p_in_registers and st.interpret is False else plgpu.SMEM((wgs, bq, bk), q.dtype, transforms=TILED)
+    p_smem = plgpu.SMEM((wgs, bq, bk), q.dtype, transforms=TILED) if st.staged else None
     schedule = plgpu.Barrier(num_arrivals=2) if wgs == 2 and blocks.ping_pong else None
 
     def genesis_flash_mgpu_fwd(*refs: Any) -> None:

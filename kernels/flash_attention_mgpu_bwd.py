@@ -172,7 +172,7 @@ def backward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Ar
     delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
     inputs = (q, k, v, qseg, kseg, do, lse, delta)
     extra = 1 if st.segments else 0
-    staged = not st.blocks.p_in_registers or st.interpret is not False  # P, dS through shared memory
+    staged = st.staged
     params = dict(num_threads=wgs + 1, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
                   interpret=st.interpret)
 
