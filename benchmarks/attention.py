@@ -19,6 +19,7 @@ error message in place of a time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -222,26 +223,52 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(" | ".join(v[:w].ljust(w) for v, w in zip(x, widths)))
 
 
-def sweep(shapes: list[Shape], dtype: Any, args: argparse.Namespace) -> int:
-    """Block-size search for our kernel: the table kernels/README.md keeps per shape."""
+def sweep_settings(kernel: str) -> list[tuple[str, Callable[..., jax.Array]]]:
+    """(label, attention) for each block-size setting of `kernel` (pallas: SWEEP; mosaic: key
+    tiles of 64 or 128, rings of 2 or 3 slots, dk/dv query steps of 32 or 64)."""
+    if kernel == "pallas":
+        return [(f"q{bs.block_q} k{bs.block_k} bq{bs.block_q_bwd} bk{bs.block_k_bwd} w{bs.num_warps} s{bs.num_stages}",
+                 lambda q, k, v, causal, bs=bs: flash_attention(q, k, v, causal=causal, block_sizes=bs))
+                for bs in SWEEP]
+    from kernels.flash_attention_mgpu import MosaicBlocks, flash_attention_mgpu
+
+    out = []
+    for bk, stages, bqk in ((64, 2, 32), (128, 2, 32), (64, 3, 32), (128, 3, 32), (64, 2, 64)):
+        blocks = MosaicBlocks(block_k=bk, stages=stages, block_q_dkv=bqk)
+        out.append((f"k{bk} stages{stages} dkv{bqk}",
+                    lambda q, k, v, causal, b=blocks: flash_attention_mgpu(q, k, v, causal=causal, block_sizes=b)))
+    return out
+
+
+def sweep_shapes(shapes: list[Shape], dtype: Any, settings: list[tuple[str, Callable[..., jax.Array]]],
+                 args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The fastest setting per shape and mode (the first that works, in a dry run)."""
     best: list[dict[str, Any]] = []
     for s in shapes:
         inputs = make_inputs(s, dtype, 1 if args.dry_run else 3)
         refs = references(s, inputs)
         for mode in ("fwd", "fwd+bwd"):
             results = []
-            for bs in SWEEP[: args.sweep_limit or None]:
-                fn = lambda q, k, v, causal, bs=bs: flash_attention(q, k, v, causal=causal, block_sizes=bs)  # noqa: E731
-                row = [r for r in measure("pallas", fn, s, inputs, refs, args.iters, args.warmup, not args.dry_run)
-                       if r["mode"] == mode][0]
+            for label, fn in settings:
+                row = [r for r in measure(args.sweep_kernel, fn, s, inputs, refs, args.iters, args.warmup,
+                                          not args.dry_run) if r["mode"] == mode][0]
                 if "error" not in row:
-                    results.append((row.get("ms", 0.0), bs, row))
+                    results.append((row.get("ms", 0.0), label, row))
             if results:
-                ms, bs, row = min(results, key=lambda x: x[0])
-                best.append({**row, "block_sizes": f"q{bs.block_q} k{bs.block_k} bq{bs.block_q_bwd} "
-                                                   f"bk{bs.block_k_bwd} w{bs.num_warps} s{bs.num_stages}",
-                             "tried": len(results)})
+                ms, label, row = min(results, key=lambda x: x[0])
+                best.append({**row, "block_sizes": label, "tried": len(results)})
         del inputs, refs
+    return best
+
+
+def sweep(shapes: list[Shape], dtype: Any, args: argparse.Namespace) -> int:
+    """Block-size search for one of our kernels: the tables kernels/README.md keeps per shape."""
+    settings = sweep_settings(args.sweep_kernel)[: args.sweep_limit or None]
+    # GPU interpret mode deadlocks when one jitted program holds a Mosaic forward and backward
+    # kernel (kernels/README.md): the dry run of the Mosaic sweep runs op by op.
+    eager = args.dry_run and args.sweep_kernel == "mosaic"
+    with jax.disable_jit() if eager else contextlib.nullcontext():
+        best = sweep_shapes(shapes, dtype, settings, args)
     for r in best:
         t = f"{r['ms']:.3f} ms {r['tflops']:.1f} TFLOP/s" if "ms" in r else "untimed (dry run)"
         print(f"{r['mode']:8s} b{r['batch']} s{r['seq']} h{r['heads_q']}/{r['heads_kv']} d{r['head_dim']} "
@@ -272,7 +299,9 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes, every path, no timing (CPU)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--sweep", action="store_true",
-                    help="time our kernel with every block-size setting in SWEEP and print the best per shape and mode")
+                    help="time one of our kernels with each of its block-size settings and print the best per shape and mode")
+    ap.add_argument("--sweep-kernel", default="pallas", choices=["pallas", "mosaic"],
+                    help="the kernel --sweep tries (mosaic: bf16/fp16 on a Hopper GPU)")
     ap.add_argument("--sweep-limit", type=int, default=0, help="try only the first N settings (0 = all)")
     args = ap.parse_args()
 
@@ -286,6 +315,8 @@ def main() -> int:
     if args.dry_run:
         shapes = [Shape("dry", 1, 40, 4, 2, 16, True), Shape("dry", 1, 32, 2, 2, 32, False)]
         dtype = jnp.float32
+        if args.sweep and args.sweep_kernel == "mosaic":  # bf16/fp16 only; GPU interpret mode is slow
+            shapes, dtype = shapes[:1], jnp.dtype(jnp.bfloat16)
     else:
         if not on_gpu:
             print("error: timing needs a GPU (interpret-mode times are not kernel speeds); use --dry-run", file=sys.stderr)
@@ -296,7 +327,7 @@ def main() -> int:
                          [x.strip().lower() == "true" for x in args.causal.split(",")])
             if "paper" in wanted else [])
     dev = jax.devices()[0]
-    print(f"# {dev.device_kind}, jax {jax.__version__}, {args.dtype if not args.dry_run else 'float32 (dry run)'}")
+    print(f"# {dev.device_kind}, jax {jax.__version__}, {jnp.dtype(dtype).name}{' (dry run)' if args.dry_run else ''}")
     peak = None if args.dry_run else matmul_tflops(dtype)
     if peak:
         print(f"# bf16 matmul 8192^3: {peak:.1f} TFLOP/s (same process)")

@@ -22,11 +22,14 @@ CASES = [
     (1, 70, 50, 2, 1, 64, True, False, jnp.float16),  # seq_q > seq_kv: the first 20 rows see nothing
     (1, 45, 45, 4, 1, 32, False, True, jnp.float16),  # GQA 4:1, segments, head_dim 32 padded to 64
     (1, 150, 150, 2, 1, 64, True, True, jnp.bfloat16, ONE_WG),  # one compute warpgroup, 3 query tiles
+    # key tiles of 128 through a 3-slot ring (settings of the benchmark's Mosaic sweep)
+    (1, 200, 200, 2, 1, 64, True, True, jnp.bfloat16, MosaicBlocks(block_k=128, stages=3)),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_q{}_k{}_h{}/{}_d{}_{}{}_{}{}".format(
-    *c[:6], "causal" if c[6] else "full", "_seg" if c[7] else "", jnp.dtype(c[8]).name, "_1wg" if len(c) > 9 else ""))
+    *c[:6], "causal" if c[6] else "full", "_seg" if c[7] else "", jnp.dtype(c[8]).name, "" if len(c) < 10 else "_" + "_".join(f"{k}{v}" for k, v in vars(c[9]).items()
+                                        if v != getattr(MosaicBlocks(), k))))
 def test_forward_and_backward_match_float64_without_races(case):
     b, sq, skv, hq, hkv, d, causal, segments, dtype = case[:9]
     blocks = case[9] if len(case) > 9 else None
