@@ -1,10 +1,12 @@
 """Attention kernels side by side: every backend the engine registers (genesis_jax/attention.py:
-our Pallas kernel, the XLA reference, cuDNN), then baselines outside the engine: JAX's own
-`dot_product_attention` (XLA), JAX's bundled Pallas `mha`, and PyTorch SDPA (flash, cuDNN) in a
-separate process. Forward and forward+backward.
+our Triton and Mosaic kernels, the XLA references, cuDNN), then baselines outside the engine:
+JAX's own `dot_product_attention` (XLA), JAX's bundled Pallas `mha`, and PyTorch SDPA (flash,
+cuDNN) in a separate process; on request, the Mosaic kernel's design variants. Forward and
+forward+backward.
 
   PYTHONPATH=. python benchmarks/attention.py [--shapes model,paper] [--seqs 512,1024,2048,4096,8192]
-      [--head-dims 64,128] [--iters 20] [--out DIR] [--no-torch]
+      [--head-dims 64,128] [--backends ...] [--iters 20] [--out DIR] [--no-torch]
+  PYTHONPATH=. python benchmarks/attention.py --sweep [--sweep-kernel pallas|mosaic] ...  # block sizes
   python benchmarks/attention.py --dry-run     # CPU: checks every path on tiny shapes, times nothing
 
 Conventions: forward FLOPs = 4 * batch * heads_q * seq_q * seq_kv * head_dim, halved when
