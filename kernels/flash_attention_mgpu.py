@@ -25,7 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .mgpu_ops import COLS, ROWS, TILED, Ops, accumulate, cols, interpret_params, produce, rows, share_registers
+from .mgpu_ops import (COLS, ROWS, TILED, Ops, accumulate, cols, interpret_params, load_tiles, produce, rows,
+                       share_registers, store_tiles)
 from .platform import target_platform
 from .reference import check_segments, check_shapes
 
@@ -177,10 +178,8 @@ def _fwd_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, 
         share_registers(wgs, blocks.registers, memory=False)
         qi = block * wgs + wg  # this warpgroup's query tile
         q_smem, lse_smem, q_rows = q_all.at[wg], lse_all.at[wg], pl.ds(qi * bq, bq)
-        plgpu.copy_gmem_to_smem(q_ref.at[b, q_rows, h], q_smem, q_bar.at[wg])
-        if st.segments:
-            plgpu.copy_gmem_to_smem(qseg_ref.at[b, q_rows], qseg_all.at[wg], q_bar.at[wg])
-        plgpu.barrier_wait(q_bar.at[wg])
+        load_tiles([(q_ref.at[b, q_rows, h], q_smem)]
+                   + ([(qseg_ref.at[b, q_rows], qseg_all.at[wg])] if st.segments else []), q_bar.at[wg])
         qseg = ops.load(qseg_all.at[wg], ROWS) if st.segments else None
         m, l = ops.full((bq,), MASK_VALUE, ROWS), ops.full((bq,), 0.0, ROWS)
         acc = ops.full((bq, q_smem.shape[-1]), 0.0, plgpu.Layout.WGMMA)
@@ -219,10 +218,7 @@ def _fwd_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, 
         acc = acc / rows(jnp.where(empty, 1.0, l), acc.shape)  # a row that sees nothing gives 0
         lse_smem[...] = jnp.where(empty, EMPTY_ROW_LSE, m + jnp.log2(jnp.where(empty, 1.0, l)))
         q_smem[...] = acc.astype(q_smem.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, q_rows, h])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, q_rows])
-        plgpu.wait_smem_to_gmem(0)
+        store_tiles([(q_smem, o_ref.at[b, q_rows, h]), (lse_smem, lse_ref.at[b, h, q_rows])])
 
     @pl.when(wg == wgs)
     def _memory() -> None:

@@ -16,7 +16,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .flash_attention_mgpu import _kv_steps, _Static, kv_copies, visible
-from .mgpu_ops import COLS, ROWS, TILED, accumulate, cols, produce, rows, share_registers, tiled
+from .mgpu_ops import (COLS, ROWS, TILED, accumulate, cols, load_tiles, produce, rows, share_registers,
+                       store_tiles, tiled)
 
 
 def _dq_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, kseg_ref: Any, do_ref: Any,
@@ -32,15 +33,11 @@ def _dq_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, k
     def _compute() -> None:
         share_registers(wgs, st.blocks.registers, memory=False)
         qi = block * wgs + wg
-        here, mine = pl.ds(qi * bq, bq), q_bar.at[wg]
+        here = pl.ds(qi * bq, bq)
         q_smem, do_smem, ds_smem = q_all.at[wg], do_all.at[wg], None if ds_all is None else ds_all.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[b, here, h], q_smem, mine)
-        plgpu.copy_gmem_to_smem(do_ref.at[b, here, h], do_smem, mine)
-        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, here], lse_all.at[wg], mine)
-        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, here], delta_all.at[wg], mine)
-        if st.segments:
-            plgpu.copy_gmem_to_smem(qseg_ref.at[b, here], qseg_all.at[wg], mine)
-        plgpu.barrier_wait(mine)
+        load_tiles([(q_ref.at[b, here, h], q_smem), (do_ref.at[b, here, h], do_smem),
+                    (lse_ref.at[b, h, here], lse_all.at[wg]), (delta_ref.at[b, h, here], delta_all.at[wg])]
+                   + ([(qseg_ref.at[b, here], qseg_all.at[wg])] if st.segments else []), q_bar.at[wg])
         lse, delta = ops.load(lse_all.at[wg], ROWS), ops.load(delta_all.at[wg], ROWS)
         qseg = ops.load(qseg_all.at[wg], ROWS) if st.segments else None
 
@@ -61,9 +58,7 @@ def _dq_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, k
         dq = lax.fori_loop(0, n_whole, functools.partial(step, masked=False), dq)
         dq = lax.fori_loop(n_whole, n_kv, functools.partial(step, masked=True), dq)
         q_smem[...] = (dq * st.sm_scale).astype(q_smem.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, here, h])
-        plgpu.wait_smem_to_gmem(0)
+        store_tiles([(q_smem, dq_ref.at[b, here, h])])
 
     @pl.when(wg == wgs)
     def _memory() -> None:
@@ -107,13 +102,10 @@ def _dkv_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, 
     def _compute() -> None:
         share_registers(wgs, st.blocks.registers, memory=False)
         kj = block * wgs + wg
-        here, mine = pl.ds(kj * bk, bk), k_bar.at[wg]
+        here = pl.ds(kj * bk, bk)
         k_smem, v_smem, p_smem = k_all.at[wg], v_all.at[wg], None if p_all is None else p_all.at[wg]
-        plgpu.copy_gmem_to_smem(k_ref.at[b, here, kvh], k_smem, mine)
-        plgpu.copy_gmem_to_smem(v_ref.at[b, here, kvh], v_smem, mine)
-        if st.segments:
-            plgpu.copy_gmem_to_smem(kseg_ref.at[b, here], kseg_all.at[wg], mine)
-        plgpu.barrier_wait(mine)
+        load_tiles([(k_ref.at[b, here, kvh], k_smem), (v_ref.at[b, here, kvh], v_smem)]
+                   + ([(kseg_ref.at[b, here], kseg_all.at[wg])] if st.segments else []), k_bar.at[wg])
         kseg = ops.load(kseg_all.at[wg], ROWS) if st.segments else None
         shape = (bk, bq)
 
@@ -142,10 +134,7 @@ def _dkv_kernel(st: _Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, 
         _, dk, dv = lax.fori_loop(0, g, head, (jnp.int32(0), zero, zero))
         k_smem[...] = (dk * st.sm_scale).astype(k_smem.dtype)  # K and V are no longer read
         v_smem[...] = dv.astype(v_smem.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, here, kvh])
-        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, here, kvh])
-        plgpu.wait_smem_to_gmem(0)
+        store_tiles([(k_smem, dk_ref.at[b, here, kvh]), (v_smem, dv_ref.at[b, here, kvh])])
 
     @pl.when(wg == wgs)
     def _memory() -> None:

@@ -83,6 +83,23 @@ class Ops:
         return pl.run_state(run)(plgpu.ACC.init(acc))
 
 
+def load_tiles(copies: list[tuple[Any, Any]], barrier: Any) -> None:
+    """TMA copies (HBM source, shared-memory tile) that all arrive on `barrier`, then the wait
+    for them: a warpgroup's own tiles, loaded once before its loop."""
+    for src, dst in copies:
+        plgpu.copy_gmem_to_smem(src, dst, barrier)
+    plgpu.barrier_wait(barrier)
+
+
+def store_tiles(copies: list[tuple[Any, Any]]) -> None:
+    """The warpgroup's shared-memory writes made visible to TMA, each tile copied to its HBM
+    destination, and the wait until they have left shared memory."""
+    plgpu.commit_smem()
+    for src, dst in copies:
+        plgpu.copy_smem_to_gmem(src, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
 def share_registers(compute_wgs: int, registers: tuple[int, int], memory: bool) -> None:
     """With two compute warpgroups, move registers (per thread: compute, memory) to them from
     the memory warpgroup (setmaxnreg): the first call in each warpgroup's branch."""
