@@ -42,7 +42,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from genesis_jax import attention  # noqa: E402
-from kernels import BlockSizes, flash_attention, reference_attention  # noqa: E402
+from genesis_jax.kernels.flash_attention import BlockSizes, flash_attention  # noqa: E402
+from genesis_jax.kernels.reference import reference_attention  # noqa: E402
 
 SWEEP = [BlockSizes(bq, bk, bqb, bkb, num_warps=w, num_stages=st)
          for bq, bk in ((64, 64), (128, 64), (128, 128), (64, 32))
@@ -108,7 +109,7 @@ def baselines() -> dict[str, Callable[..., jax.Array]]:
 
 def mosaic_variants() -> dict[str, Callable[..., jax.Array]]:
     """The Mosaic kernel's design alternatives (kernels/README.md), to time beside its defaults."""
-    from kernels.flash_attention_mgpu import MosaicBlocks, flash_attention_mgpu
+    from genesis_jax.kernels.flash_attention_mgpu import MosaicBlocks, flash_attention_mgpu
 
     def bind(blocks: MosaicBlocks) -> Callable[..., jax.Array]:
         return lambda q, k, v, causal: flash_attention_mgpu(q, k, v, causal=causal, block_sizes=blocks)
@@ -232,7 +233,7 @@ def sweep_settings(kernel: str) -> list[tuple[str, Callable[..., jax.Array]]]:
         return [(f"q{bs.block_q} k{bs.block_k} bq{bs.block_q_bwd} bk{bs.block_k_bwd} w{bs.num_warps} s{bs.num_stages}",
                  lambda q, k, v, causal, bs=bs: flash_attention(q, k, v, causal=causal, block_sizes=bs))
                 for bs in SWEEP]
-    from kernels.flash_attention_mgpu import MosaicBlocks, flash_attention_mgpu
+    from genesis_jax.kernels.flash_attention_mgpu import MosaicBlocks, flash_attention_mgpu
 
     out = []
     for bk, stages, bqk in ((64, 2, 32), (128, 2, 32), (64, 3, 32), (128, 3, 32), (64, 2, 64)):

@@ -1,7 +1,12 @@
 """genesis-jax: a JAX/Flax training engine for deep byte-level Llama models."""
 
+import importlib.abc as _abc
+import importlib.machinery as _machinery
 import importlib.util as _importlib_util
 import os as _os
+import sys as _sys
+from types import ModuleType as _ModuleType
+from typing import Sequence as _Sequence
 
 __version__ = "0.1.0"
 
@@ -12,6 +17,24 @@ def _found(module: str) -> bool:
     except ModuleNotFoundError:  # its parent package is absent
         return False
 
+
+class _CheckoutKernels(_abc.MetaPathFinder):
+    """`genesis_jax.kernels` from a checkout's top-level kernels/ folder when nothing is installed
+    (`PYTHONPATH=.`); an install maps the folder to that name itself. Asked last, so an install wins."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def find_spec(self, fullname: str, path: _Sequence[str] | None,
+                  target: _ModuleType | None = None) -> _machinery.ModuleSpec | None:
+        if fullname != f"{__name__}.kernels":
+            return None
+        return _machinery.PathFinder.find_spec(fullname, [self.root])
+
+
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_checkout, "kernels", "flash_attention.py")):
+    _sys.meta_path.append(_CheckoutKernels(_checkout))
 
 # With the `plan` extra (JAX's CUDA compiler plugin, no CUDA libraries) on a machine without
 # cuDNN, the plugin's version check would print a traceback at every JAX start before JAX

@@ -13,7 +13,10 @@ from typing import Callable, Protocol
 
 import jax
 
-from kernels import blocked_attention, decode_attention, flash_attention, reference_attention, target_platform
+from .kernels.blocked_attention import blocked_attention
+from .kernels.flash_attention import flash_attention
+from .kernels.platform import target_platform
+from .kernels.reference import decode_attention, reference_attention
 
 from .errors import ConfigError
 
@@ -93,7 +96,7 @@ def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
 def _mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
             segment_ids: jax.Array | None = None, sm_scale: float | None = None) -> jax.Array:
     """The Mosaic GPU kernel where it applies (bf16/fp16, head_dim <= 128), the Triton one elsewhere."""
-    from kernels.flash_attention_mgpu import HEAD_DIMS, SUPPORTED_DTYPES, flash_attention_mgpu  # loads Mosaic GPU
+    from .kernels.flash_attention_mgpu import HEAD_DIMS, SUPPORTED_DTYPES, flash_attention_mgpu  # loads Mosaic GPU
 
     kernel = flash_attention_mgpu
     if q.dtype not in SUPPORTED_DTYPES or q.shape[-1] > HEAD_DIMS[-1]:

@@ -12,7 +12,9 @@ from flax import nnx
 from genesis_jax import config as C
 from genesis_jax.model import Llama
 from genesis_jax.attention import Backend
-from kernels import BlockSizes, blocked_attention, decode_attention, flash_attention, reference_attention
+from genesis_jax.kernels.blocked_attention import blocked_attention
+from genesis_jax.kernels.flash_attention import BlockSizes, flash_attention
+from genesis_jax.kernels.reference import decode_attention, reference_attention
 
 
 def np_attention_with_grads(q, k, v, do, causal, seg):

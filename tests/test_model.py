@@ -10,7 +10,7 @@ from flax import nnx
 
 from genesis_jax import config as C
 from genesis_jax.model import Llama, deepnorm_alpha, deepnorm_beta, rope
-from kernels import reference_attention
+from genesis_jax.kernels.reference import reference_attention
 
 
 def np_attention(q, k, v, causal=True, segment_ids=None):

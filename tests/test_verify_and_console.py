@@ -11,7 +11,7 @@ from genesis_jax.attention import Backend
 from genesis_jax.checkpoint import Checkpointer
 from genesis_jax.config import CheckpointConfig
 from genesis_jax.logs import Console, format_line
-from kernels import decode_attention, reference_attention
+from genesis_jax.kernels.reference import decode_attention, reference_attention
 
 
 def test_verify_passes_real_backends_and_fails_a_wrong_one(tmp_path, capsys, monkeypatch):

@@ -5,6 +5,7 @@ process (worker.py); nothing here executes on a device."""
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -12,11 +13,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-import kernels
-
 from .. import attention
 from .. import config as config_lib
 from ..eval_suite import jit_validation_step
+from ..kernels.flash_attention import BlockSizes
 from ..runtime import abstract_state, jit_step, load_data
 from ..sampler import MaskParams
 from ..sharding import batch_sharding, batch_split, check_devices, make_mesh, replicated, shard_bytes
@@ -79,7 +79,7 @@ def train_job(job: dict[str, Any], devices: list[jax.Device]) -> tuple[list[Prog
 
 
 def attention_job(job: dict[str, Any], devices: list[jax.Device]) -> tuple[list[Program], dict[str, Any]]:
-    """One kernel call (`job["kernel"]` in `kernels`), forward or forward and backward, compiled
+    """One kernel call (`job["kernel"]`: a module of `genesis_jax.kernels` and its function), forward or forward and backward, compiled
     (never interpreted) at the job's shape, dtype and block sizes."""
     b, sq, skv, hq, hkv, d = job["shape"]
     dtype = jnp.dtype(job["dtype"])
@@ -89,8 +89,9 @@ def attention_job(job: dict[str, Any], devices: list[jax.Device]) -> tuple[list[
     seg = jax.ShapeDtypeStruct((b, sq), jnp.int32, sharding=on) if job.get("segments") else None
     options: dict[str, Any] = {"causal": job.get("causal", True), "interpret": False}
     if job.get("block_sizes"):
-        options["block_sizes"] = kernels.BlockSizes(**job["block_sizes"])
-    kernel = functools.partial(getattr(kernels, job.get("kernel", "flash_attention")), **options)
+        options["block_sizes"] = BlockSizes(**job["block_sizes"])
+    name = job.get("kernel", "flash_attention")
+    kernel = functools.partial(getattr(importlib.import_module(f"..kernels.{name}", __package__), name), **options)
 
     def forward(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None) -> jax.Array:
         return kernel(q, k, v, segment_ids=seg)
