@@ -51,6 +51,10 @@ fi
 cp /etc/resolv.conf /etc/hosts "$root/etc/"
 cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/host-ca-bundle.crt"
 
+mkdir -p "$(dirname "$root")"
+exec 9>"$root.lock"
+flock 9  # one run at a time: runs share the root filesystem's mount points
+
 mounted=()
 cleanup() {
     local i

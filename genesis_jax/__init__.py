@@ -2,20 +2,14 @@
 
 import importlib.abc as _abc
 import importlib.machinery as _machinery
-import importlib.util as _importlib_util
 import os as _os
 import sys as _sys
 from types import ModuleType as _ModuleType
 from typing import Sequence as _Sequence
 
+from .compat import module_available as _found
+
 __version__ = "0.1.0"
-
-
-def _found(module: str) -> bool:
-    try:
-        return _importlib_util.find_spec(module) is not None
-    except ModuleNotFoundError:  # its parent package is absent
-        return False
 
 
 class _CheckoutKernels(_abc.MetaPathFinder):

@@ -12,6 +12,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from ..compat import mosaic_load, transposed_ref
+
 ROWS = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
 COLS = plgpu.Layout.WGMMA.reduce(0)  # one value per column
 
@@ -36,7 +38,7 @@ class Ops:
         return self.cast(jnp.full(shape, value, jnp.float32), layout)
 
     def load(self, ref: Any, layout: Any) -> jax.Array:
-        return ref[...] if self.interpreting else plgpu.load(ref, (), layout=layout)
+        return ref[...] if self.interpreting else mosaic_load(ref, layout)
 
     def iota(self, shape: tuple[int, int], dim: int) -> jax.Array:
         if self.interpreting:
@@ -62,7 +64,7 @@ class Ops:
             return out
 
         def run(acc: Any) -> jax.Array:
-            plgpu.wgmma(acc, a, plgpu.transpose_ref(b, (1, 0)))
+            plgpu.wgmma(acc, a, transposed_ref(b))
             if issued is not None:
                 issued()
             return acc[...]

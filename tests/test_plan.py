@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from genesis_jax.compat import thunk_launches
 from genesis_jax.plan import resources
 from genesis_jax.plan import target as targets
 from genesis_jax.plan.__main__ import main as plan_main
@@ -50,6 +51,17 @@ def test_resident_blocks_per_sm_by_hand():
     assert resources.Kernel("r", registers=170, threads=128, shared_memory=0).blocks_per_sm() == 2
     # 32 registers x 2 warps: 32 by registers, 227 by shared memory, 2048 / 64 = 32 by threads.
     assert resources.Kernel("c", registers=32, threads=64, shared_memory=0).blocks_per_sm() == 32
+
+
+def test_thunk_launches_are_read_in_each_jax_versions_format():
+    """The thunk-sequence line of one launch as JAX 0.10/0.11 and as JAX 0.12 write it."""
+    old = ("001: kCustomKernel [source | next=002 (1)] genesis_flash_fwd grid: [2, 2, 8] threads: [256, 1, 1]  "
+           "shared_memory: 66048 bytes")
+    new = ("    001: kCustomKernel [source       | next=002 (1)] kernel=genesis_flash_fwd, profile_annotation="
+           "pallas_call.8, launch dimensions=blocks: {2, 2, 8}, threads/block: {256, 1, 1}, cluster_dim=nullopt, "
+           "shmem_bytes=66048, use_pdl=true")
+    for text in (old, new):
+        assert list(thunk_launches(text)) == [("genesis_flash_fwd", (2, 2, 8), (256, 1, 1), 66048)]
 
 
 def test_dump_files_give_launch_shapes_pallas_calls_and_largest_temporaries(tmp_path: Path):
@@ -272,3 +284,13 @@ def test_sharded_state_per_device_matches_the_hand_count(fixture_corpus: Path, c
 def test_a_mesh_the_batch_cannot_split_is_a_usage_error(fixture_corpus: Path, capsys: pytest.CaptureFixture[str]):
     code, out = plan_cli(capsys, fixture_corpus, "--set", "parallel.data=2", "--set", "training.batch_size=3")
     assert code == 2 and "training.batch_size = 3 is not divisible" in out
+
+
+def test_plan_off_linux_x86_64_says_where_it_runs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    monkeypatch.setattr(targets.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(targets.platform, "machine", lambda: "arm64")
+    monkeypatch.setattr(targets.sys, "platform", "darwin")
+    code = plan_main(["--config", str(ROOT / "configs" / "gpu_bench.toml")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "Linux x86_64 only" in err and "darwin arm64" in err

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from ..compat import thunk_launches
+
 # Custom-call targets of Pallas kernels in optimized HLO (Triton lowering, Mosaic GPU).
 PALLAS_TARGETS = ("__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2")
 MOSAIC_SUFFIX = "_mosaic_gpu_kernel"  # ptxas's name of a Mosaic GPU kernel: its Python body's name + this
@@ -23,7 +25,6 @@ THREADS_PER_SM = 2048
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers")
-_THUNK = re.compile(r"(\S+) grid: \[(\d+), (\d+), (\d+)\] threads: \[(\d+), (\d+), (\d+)\]\s+shared_memory: (\d+) bytes")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"", re.MULTILINE)
 _VALUE = re.compile(r"value: <\d+ ([^ >]+) @\d+> \(size=(\d+),offset=(\d+)\): (.+)$")
 
@@ -89,11 +90,10 @@ def kernels(log: str, dump: Path, launches: Sequence[Kernel] = ()) -> list[Kerne
         k.grid, k.threads = launch.grid or k.grid, launch.threads or k.threads
         if launch.shared_memory is not None:
             k.shared_memory = max(k.shared_memory or 0, launch.shared_memory)
-    for m in _THUNK.finditer(_latest(dump, ".thunk_sequence.txt")):
-        k = found.setdefault(m.group(1), Kernel(m.group(1)))
-        k.grid = (int(m.group(2)), int(m.group(3)), int(m.group(4)))
-        k.threads = int(m.group(5)) * int(m.group(6)) * int(m.group(7))
-        k.shared_memory = max(k.shared_memory or 0, int(m.group(8)))
+    for name, grid, threads, shared in thunk_launches(_latest(dump, ".thunk_sequence.txt")):
+        k = found.setdefault(name, Kernel(name))
+        k.grid, k.threads = grid, math.prod(threads)
+        k.shared_memory = max(k.shared_memory or 0, shared)
     for name in pallas_names(_latest(dump, "_gpu_after_optimizations.txt")):
         found.setdefault(name, Kernel(name)).pallas = True
     for name, k in found.items():

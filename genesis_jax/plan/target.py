@@ -6,13 +6,16 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import platform
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 
+from ..compat import module_available
 from ..errors import UserError
 
 TARGET_DIR = Path(__file__).resolve().parent / "targets"
@@ -69,10 +72,7 @@ def install_command() -> str:
 def ptxas() -> str | None:
     """Where XLA will find ptxas: the nvidia-cuda-nvcc wheel first, then PATH and CUDA's usual home."""
     for spec_name in ("nvidia.cu13", "nvidia.cuda_nvcc"):
-        try:
-            spec = importlib.util.find_spec(spec_name)
-        except ModuleNotFoundError:
-            spec = None
+        spec = importlib.util.find_spec(spec_name) if module_available(spec_name) else None
         for root in (spec.submodule_search_locations or []) if spec else []:
             candidate = Path(root) / "bin" / "ptxas"
             if candidate.is_file():
@@ -86,7 +86,10 @@ def ptxas() -> str | None:
 
 def check_toolchain() -> None:
     """The CUDA plugin at the installed jaxlib's version, and ptxas; else one line saying what to install."""
-    plugin = next((dist for module, dist in CUDA_PLUGINS.items() if importlib.util.find_spec(module)), None)
+    plugin = next((dist for module, dist in CUDA_PLUGINS.items() if module_available(module)), None)
+    if plugin is None and (sys.platform, platform.machine()) != ("linux", "x86_64"):
+        raise ToolchainMissing(f"compiling for a GPU needs JAX's CUDA plugin and ptxas, which exist for Linux x86_64 "
+                               f"only (this is {sys.platform} {platform.machine()}): run plan on a Linux x86_64 machine")
     if plugin is None:
         raise ToolchainMissing(f"compiling for a GPU needs JAX's CUDA plugin, which is not installed; install it with: "
                                f"{install_command()}")

@@ -1,0 +1,69 @@
+"""Where the Python and JAX versions we support differ, bridged in one place.
+
+Supported: Python 3.11 to 3.13; JAX 0.10.2 to 0.12.x (what pyproject.toml admits, each tested).
+Every branch below names the JAX range it covers. Nothing here imports JAX at module load, so the
+package imports (and `module_available` answers) before JAX starts.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import re
+from typing import Any, Iterator
+
+
+def module_available(name: str) -> bool:
+    """Whether `name` can be imported, without importing it: False also when a parent package is
+    absent (importlib.util.find_spec("a.b") raises ModuleNotFoundError when `a` is missing)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """(0, 11, 2) from "0.11.2", "0.11.2.dev20260101" or "0.12.0rc1": the leading numbers."""
+    return tuple(int(n) for n in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def jax_version() -> tuple[int, ...]:
+    return version_tuple(importlib.metadata.version("jax"))
+
+
+def mosaic_load(ref: Any, layout: Any) -> Any:
+    """`plgpu.load` of a whole shared-memory ref into registers with `layout`. Its index argument
+    was required up to JAX 0.10, optional in 0.11 and is gone in 0.12."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if jax_version() < (0, 11):
+        return plgpu.load(ref, (), layout=layout)
+    return plgpu.load(ref, layout=layout)
+
+
+def transposed_ref(ref: Any) -> Any:
+    """A 2-D (transformed) ref with its axes swapped, as a wgmma operand. `plgpu.transpose_ref`
+    did exactly this up to JAX 0.11 (deprecated in 0.11.2, removed in 0.12.1); the method is
+    the same on every supported version."""
+    return ref.transpose((1, 0))
+
+
+# XLA's thunk-sequence dump, one kernel launch per line: (name, grid, threads per block, dynamic
+# shared memory bytes) in each format the supported JAX versions write.
+THUNK_LAUNCHES = (
+    # JAX 0.10 and 0.11: "NAME grid: [x, y, z] threads: [x, y, z]  shared_memory: N bytes"
+    re.compile(r"(?P<name>\S+) grid: \[(?P<grid>\d+, \d+, \d+)\] threads: \[(?P<threads>\d+, \d+, \d+)\]"
+               r"\s+shared_memory: (?P<shared>\d+) bytes"),
+    # JAX 0.12: "kernel=NAME, ... launch dimensions=blocks: {x, y, z}, threads/block: {x, y, z}, ... shmem_bytes=N"
+    re.compile(r"kernel=(?P<name>[^,\s]+),.*?launch dimensions=blocks: \{(?P<grid>\d+, \d+, \d+)\}, "
+               r"threads/block: \{(?P<threads>\d+, \d+, \d+)\}.*?shmem_bytes=(?P<shared>\d+)"),
+)
+
+
+def thunk_launches(text: str) -> Iterator[tuple[str, tuple[int, int, int], tuple[int, int, int], int]]:
+    """Every kernel launch in a thunk-sequence dump, whichever supported format it is in."""
+    for pattern in THUNK_LAUNCHES:
+        for m in pattern.finditer(text):
+            grid = tuple(int(n) for n in m.group("grid").split(","))
+            threads = tuple(int(n) for n in m.group("threads").split(","))
+            yield m.group("name"), grid, threads, int(m.group("shared"))  # type: ignore[misc]
