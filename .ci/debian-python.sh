@@ -32,6 +32,10 @@ mirror() {  # the Debian mirror this machine's own apt sources use
     echo "${uri:-http://deb.debian.org/debian}"
 }
 
+mkdir -p "$(dirname "$root")"
+exec 9>"$root.lock"
+flock 9  # one run at a time: runs share the root filesystem and its mount points
+
 unmount_under() {  # a failed debootstrap can leave its /proc mounted: never delete through a mount
     grep -F " $1/" /proc/mounts | awk '{print $2}' | sort -r | xargs -r -n 1 umount -l
 }
@@ -39,7 +43,6 @@ if [ ! -x "$root/usr/bin/python3" ]; then
     echo "debian-python: bootstrapping Debian 13 into $root" >&2
     unmount_under "$root.partial"
     rm -rf --one-file-system "$root.partial"
-    mkdir -p "$(dirname "$root")"
     if ! debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
             trixie "$root.partial" "$(mirror)" >"$root.log" 2>&1; then
         unmount_under "$root.partial"
@@ -50,10 +53,6 @@ if [ ! -x "$root/usr/bin/python3" ]; then
 fi
 cp /etc/resolv.conf /etc/hosts "$root/etc/"
 cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/host-ca-bundle.crt"
-
-mkdir -p "$(dirname "$root")"
-exec 9>"$root.lock"
-flock 9  # one run at a time: runs share the root filesystem's mount points
 
 mounted=()
 cleanup() {

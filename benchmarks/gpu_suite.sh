@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
-# One-shot GPU suite for a lent H200 (see README "GPU suite"). Runs from the checkout with
-# PYTHONPATH=. (nothing is pip-installed there) on a synthetic corpus, and writes its tables
+# One-shot GPU suite for an H100/H200 (see README "GPU suite"). Runs from the checkout with
+# PYTHONPATH=. (nothing needs to be pip-installed) on a synthetic corpus, and writes its tables
 # under $OUT (default ./gpu_out). Budget: each stage has its own timeout (90 + 220 + 60 + 200 s,
 # at most 9.5 minutes together); a stage that times out leaves the others' tables.
+#
+# --rehearse: the same stages on a CPU, to meet on a laptop any error the GPU run could meet:
+# verify, every attention path of each stage at tiny shapes (interpreted, untimed), one step of
+# each train-step variant at a tiny batch, and each variant's train step compiled for an H200 by
+# the plan tool (needs the `plan` extra). Timeouts are 6x the GPU's.
 set -uo pipefail
+REHEARSE=0
+[ "${1:-}" = "--rehearse" ] && REHEARSE=1
+limit() { echo $(( $1 * (REHEARSE ? 6 : 1) )); }
+DRY=$([ $REHEARSE = 1 ] && echo --dry-run)
+TINY_STEP=$([ $REHEARSE = 1 ] && echo "--steps 1 --loop-steps 0 --set data.seq_len=64 --set training.batch_size=2")
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-export OUT=${OUT:-gpu_out}  # at most 8 files come back from a lent machine: this suite writes 8
+export OUT=${OUT:-gpu_out}  # the suite writes 8 files there
 mkdir -p "$OUT"
 STAMP=$(date -u +%Y-%m-%d)
 status=0
@@ -20,31 +30,40 @@ status=0
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== correctness: model forward/backward per attention backend vs reference (python -m genesis_jax.verify)"
-timeout 90 python -m genesis_jax.verify --out "$OUT/verify.csv" 2>&1 | tee "$OUT/verify.txt" || status=1
+timeout "$(limit 90)" python -m genesis_jax.verify --out "$OUT/verify.csv" 2>&1 | tee "$OUT/verify.txt" || status=1
 
 echo "== attention kernels: ours (pallas: Triton, mosaic: Mosaic GPU), the jnp reference, cudnn vs jax.nn XLA, bundled mha, PyTorch SDPA (bf16)"
 # Model shapes (with and without GQA) and the FlashAttention grid's causal hd128 row, then the
 # headline shape non-causal and at hd64 (seq 2048). The blocked `xla` backend is a CPU path: not timed.
 B=pallas,mosaic,reference,cudnn,jax_xla,jax_mha
-timeout 220 bash -c "python benchmarks/attention.py --backends $B --shapes model,paper --seqs 512,2048,8192 \
-  --head-dims 128 --causal true --iters 20 --out $OUT \
+timeout "$(limit 220)" bash -c "python benchmarks/attention.py --backends $B --shapes model,paper --seqs 512,2048,8192 \
+  --head-dims 128 --causal true --iters 20 --out $OUT $DRY \
   && python benchmarks/attention.py --backends $B --shapes paper --seqs 2048 --head-dims 64,128 --causal false \
-  --iters 20 --out $OUT/noncausal" 2>&1 | tee "$OUT/attention.txt" || status=1
+  --iters 20 --out $OUT/noncausal $DRY" 2>&1 | tee "$OUT/attention.txt" || status=1
 
 echo "== Mosaic kernel variants (kernels/README.md): defaults vs one compute warpgroup (everywhere, in the backward),"
 echo "   no ping-pong, P and dS via shared memory"
-timeout 60 python benchmarks/attention.py --backends mosaic,mosaic_1wg,mosaic_1wg_bwd,mosaic_no_pingpong,mosaic_p_smem \
-  --shapes paper --seqs 4096 --head-dims 128 --causal true --iters 10 --no-torch 2>&1 | tee -a "$OUT/attention.txt" || status=1
+timeout "$(limit 60)" python benchmarks/attention.py --backends mosaic,mosaic_1wg,mosaic_1wg_bwd,mosaic_no_pingpong,mosaic_p_smem \
+  --shapes paper --seqs 4096 --head-dims 128 --causal true --iters 10 --no-torch $DRY 2>&1 | tee -a "$OUT/attention.txt" || status=1
 
 echo "== train step: bare jitted step vs training loop, two model sizes, bf16; the first variant's measured"
 echo "   peak memory beside the peak python -m genesis_jax.plan predicts for an H200 (compiled deviceless)"
-timeout 200 python benchmarks/train_step.py --config configs/gpu_bench.toml --steps 20 --loop-steps 40 \
-  --plan-target h200 \
+# shellcheck disable=SC2086  # TINY_STEP is words on purpose
+timeout "$(limit 200)" python benchmarks/train_step.py --config configs/gpu_bench.toml --steps 20 --loop-steps 40 \
+  --plan-target h200 $TINY_STEP \
   --variant "deep_narrow_40:model.preset=deep_narrow_40" \
   --variant "microscope:model.preset=microscope" \
   --variant "deep_narrow_40-wwm:model.preset=deep_narrow_40,mask=wwm" \
   --variant "deep_narrow_40-span:model.preset=deep_narrow_40,mask=span" \
   --out "$OUT/train_step.csv" 2>&1 | grep -v -E '^(step|val) ' | tee "$OUT/train_step.txt" || status=1
+
+if [ $REHEARSE = 1 ]; then
+  echo "== rehearsal: each train-step variant's program compiled for an H200 (python -m genesis_jax.plan)"
+  for preset in deep_narrow_40 microscope; do
+    timeout 600 python -m genesis_jax.plan --config configs/gpu_bench.toml --set model.preset=$preset --target h200 \
+      2>&1 | tee -a "$OUT/plan.txt" || status=1
+  done
+fi
 
 echo "suite finished with status $status; tables in $OUT"
 exit $status

@@ -48,6 +48,11 @@ def transposed_ref(ref: Any) -> Any:
     return ref.transpose((1, 0))
 
 
+# Operand segments of the gpu.launch in a Mosaic GPU kernel module: 11 with JAX 0.10 (async
+# tokens, grid x y z, block x y z, cluster x y z, dynamic shared memory), 12 from JAX 0.11 (the
+# same, then one more); the first 11 mean the same in both.
+GPU_LAUNCH_SEGMENTS = (11, 12)
+
 # XLA's thunk-sequence dump, one kernel launch per line: (name, grid, threads per block, dynamic
 # shared memory bytes) in each format the supported JAX versions write.
 THUNK_LAUNCHES = (

@@ -9,17 +9,13 @@ import dataclasses
 import hashlib
 import json
 import math
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+import tomllib  # Python >= 3.11: no tomli needed
 
 from .config_checks import did_you_mean, validate
 from .errors import ConfigError

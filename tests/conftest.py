@@ -21,12 +21,25 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def our_modules() -> list[str]:
+    """Every module name of the package, the kernels (genesis_jax.kernels) included."""
+    names = [".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (ROOT / "genesis_jax").rglob("*.py")]
+    names += [f"genesis_jax.kernels.{p.stem}" for p in (ROOT / "kernels").glob("*.py")]
+    return [n.removesuffix(".__init__") for n in names]
+
+
+# The processes tests launch turn a deprecation warning met in our code into an error too
+# (PYTHONWARNINGS takes exact module names, hence the list).
+os.environ["PYTHONWARNINGS"] = ",".join(
+    [*filter(None, os.environ.get("PYTHONWARNINGS", "").split(",")), *(f"error::DeprecationWarning:{m}" for m in our_modules())])
+
 import jax
 import pytest
 
 jax.config.update("jax_disable_most_optimizations", True)
-
-ROOT = Path(__file__).resolve().parent.parent
 
 # Parallel verses: the same key in each locale is the same sentence in another language.
 FIXTURE_TEXT = {

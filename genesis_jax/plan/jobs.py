@@ -83,7 +83,7 @@ def attention_job(job: dict[str, Any], devices: list[jax.Device]) -> tuple[list[
     (never interpreted) at the job's shape, dtype and block sizes."""
     b, sq, skv, hq, hkv, d = job["shape"]
     dtype = jnp.dtype(job["dtype"])
-    on = jax.sharding.SingleDeviceSharding(devices[0])
+    on = jax.sharding.make_single_device_sharding(devices[0])
     q = jax.ShapeDtypeStruct((b, sq, hq, d), dtype, sharding=on)
     kv = jax.ShapeDtypeStruct((b, skv, hkv, d), dtype, sharding=on)
     seg = jax.ShapeDtypeStruct((b, sq), jnp.int32, sharding=on) if job.get("segments") else None

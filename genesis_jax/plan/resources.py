@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..compat import thunk_launches
+from ..compat import GPU_LAUNCH_SEGMENTS, thunk_launches
 
 # Custom-call targets of Pallas kernels in optimized HLO (Triton lowering, Mosaic GPU).
 PALLAS_TARGETS = ("__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2")
@@ -147,14 +147,15 @@ def _walk(op: Any) -> Iterator[Any]:
 
 def _launch(op: Any, name: str) -> Kernel:
     """A gpu.launch's grid, block and dynamic shared memory, from the constants that feed it
-    (operand segments: async tokens, grid x y z, block x y z, cluster x y z, shared memory).
+    (operand segments: async tokens, grid x y z, block x y z, cluster x y z, shared memory, and
+    from JAX 0.11 on one more).
     A figure that is not a constant, or a launch of another form, is left unknown."""
     from jax._src.lib.mlir import ir
 
     if "operandSegmentSizes" not in op.attributes:
         return Kernel(name, pallas=True)
     sizes = list(ir.DenseI32ArrayAttr(op.attributes["operandSegmentSizes"]))
-    if len(sizes) != 11:
+    if len(sizes) not in GPU_LAUNCH_SEGMENTS:
         return Kernel(name, pallas=True)
     operands = list(op.operands)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
