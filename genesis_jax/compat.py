@@ -72,3 +72,13 @@ def thunk_launches(text: str) -> Iterator[tuple[str, tuple[int, int, int], tuple
             grid = tuple(int(n) for n in m.group("grid").split(","))
             threads = tuple(int(n) for n in m.group("threads").split(","))
             yield m.group("name"), grid, threads, int(m.group("shared"))  # type: ignore[misc]
+
+
+def add_into_prefix(acc: Any, update: Any) -> Any:
+    """`acc[..., :n] += update` (n = update's last dimension). When n is the whole axis this is
+    a plain add: JAX 0.11.2's Shardy partitioner crashes XLA (SIGSEGV in its shardy-xla pass)
+    on the scatter-add `.at[..., :n].add` lowers to when it spans the whole axis inside
+    `jax.shard_map`, which is where the attention kernels run on a mesh. The plain add is also
+    what every version should run there."""
+    n = update.shape[-1]
+    return acc + update if n == acc.shape[-1] else acc.at[..., :n].add(update)

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ..compat import add_into_prefix
 from .reference import check_shapes, check_segments
 
 DEFAULT_BLOCK_Q = 64
@@ -119,13 +120,13 @@ def _backward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Ar
         qb, dob, kb, vb = q[:, :, r0:r1], do[:, :, r0:r1], k[:, :, :kend], v[:, :, :kend]
         s = _scores(st, qb, kb, _mask(a, e, kend, skv - sq, g, causal_cut, seg))
         p = jnp.exp(s - lse[:, :, r0:r1, None])
-        dvt = dvt.at[..., :kend].add(jnp.einsum("bhqd,bhqk->bhdk", dob, p.astype(do.dtype),
-                                                preferred_element_type=jnp.float32))
+        dvt = add_into_prefix(dvt, jnp.einsum("bhqd,bhqk->bhdk", dob, p.astype(do.dtype),
+                                              preferred_element_type=jnp.float32))
         dp = jnp.einsum("bhqd,bhkd->bhqk", dob, vb, preferred_element_type=jnp.float32)
         ds = p * (dp - delta[:, :, r0:r1, None]) * st.scale
         dqs.append(jnp.einsum("bhqk,bhkd->bhqd", ds.astype(kb.dtype), kb, preferred_element_type=jnp.float32))
-        dkt = dkt.at[..., :kend].add(jnp.einsum("bhqd,bhqk->bhdk", qb, ds.astype(qb.dtype),
-                                                preferred_element_type=jnp.float32))
+        dkt = add_into_prefix(dkt, jnp.einsum("bhqd,bhqk->bhdk", qb, ds.astype(qb.dtype),
+                                              preferred_element_type=jnp.float32))
     dk, dv = (jnp.swapaxes(x, 2, 3) for x in (dkt, dvt))
     return jnp.concatenate(dqs, axis=2).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
