@@ -82,3 +82,13 @@ def add_into_prefix(acc: Any, update: Any) -> Any:
     what every version should run there."""
     n = update.shape[-1]
     return acc + update if n == acc.shape[-1] else acc.at[..., :n].add(update)
+
+
+def persistent_cache_unsafe(platform: str, processes: int) -> str:
+    """Why JAX's persistent compilation cache must stay off for this run ("" when it may be on).
+    JAX 0.12 on the CPU: the processes of a run resumed after one of them was killed deadlock
+    in their first collective when they load programs that the killed run cached (seen with
+    gloo on JAX 0.12.1; 0.10.2 and 0.11.2 resume fine)."""
+    if platform == "cpu" and processes > 1 and jax_version() >= (0, 12):
+        return "JAX >= 0.12 multi-process CPU runs can deadlock on programs a killed run cached"
+    return ""

@@ -6,11 +6,13 @@ alone writes the console, the logs and the lock; all take part in checkpoints.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from .compat import persistent_cache_unsafe
 from .errors import UserError
 
 
@@ -40,6 +42,10 @@ def initialize(args: argparse.Namespace) -> None:
     kwargs = {} if args.distributed else {"coordinator_address": args.coordinator, "num_processes": args.num_processes,
                                           "process_id": args.process_id}
     jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=args.heartbeat_timeout)
+    if why := persistent_cache_unsafe(jax.default_backend(), jax.process_count()):
+        jax.config.update("jax_enable_compilation_cache", False)
+        if jax.config.jax_compilation_cache_dir and is_primary():
+            print(f"note: the persistent compilation cache is off for this run: {why}", file=sys.stderr)
 
 
 def is_primary() -> bool:
