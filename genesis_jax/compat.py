@@ -7,6 +7,7 @@ package imports (and `module_available` answers) before JAX starts.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import re
@@ -27,6 +28,7 @@ def version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", text.split("+")[0])[:3])
 
 
+@functools.cache
 def jax_version() -> tuple[int, ...]:
     return version_tuple(importlib.metadata.version("jax"))
 

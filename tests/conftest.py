@@ -83,12 +83,13 @@ def cuda_lowering() -> Callable[[], ContextManager[object]]:
     """A context for lowering to CUDA without a GPU: JAX 0.11's Triton lowering reads the GPU
     kind from the default device, so that is a compile-only H100 (the `plan` extra) where it is
     installed; JAX 0.10 needs nothing. Nothing may execute inside it."""
+    from genesis_jax.compat import jax_version
     from genesis_jax.plan import target as targets
 
     try:
         device = targets.compile_only_devices("h100")[0]
     except targets.ToolchainMissing as e:
-        if tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11):
+        if jax_version() >= (0, 11):
             pytest.skip(f"lowering for CUDA on JAX {jax.__version__} without a GPU needs the plan extra: {e}")
         return contextlib.nullcontext
     return lambda: jax.default_device(device)
