@@ -64,11 +64,13 @@ DEFAULT_BLOCKS = (
     (MAX_HEAD_DIM, BlockSizes(64, 32, 32, 16, num_warps=4, num_stages=2, num_warps_bwd=4, num_stages_bwd=1)),
 )
 # float32 dots run at full precision (no TF32): every product is an FMA loop, so tiles are smaller.
+# Above head_dim 64 the backward settings are those without spills under both JAX 0.10's and
+# JAX 0.12's Triton (the earlier 32x16 / 8-warp dk/dv spilled 4 to 12 bytes under 0.12).
 DEFAULT_BLOCKS_F32 = (
     (32, BlockSizes(64, 32, 32, 32, num_warps=8, num_stages=3, num_warps_bwd=8, num_stages_bwd=2)),
     (64, BlockSizes(64, 32, 32, 32, num_warps=8, num_stages=3, num_warps_bwd=8, num_stages_bwd=2)),
-    (128, BlockSizes(32, 32, 32, 16, num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=1)),
-    (MAX_HEAD_DIM, BlockSizes(32, 16, 16, 16, num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=1)),
+    (128, BlockSizes(32, 32, 16, 16, num_warps=8, num_stages=2, num_warps_bwd=4, num_stages_bwd=1)),
+    (MAX_HEAD_DIM, BlockSizes(32, 16, 16, 16, num_warps=8, num_stages=2, num_warps_bwd=16, num_stages_bwd=1)),
 )
 
 

@@ -62,7 +62,7 @@ def test_every_module_of_ours_imports_without_a_deprecation_warning():
     """Module-level uses of deprecated JAX names (uses inside functions are caught by the
     warning filters the suite runs under: pyproject.toml and conftest.py)."""
     code = ("import pkgutil, warnings, importlib, genesis_jax\n"
-            "warnings.simplefilter('error', DeprecationWarning)\n"
+            "warnings.filterwarnings('error', category=DeprecationWarning, module='genesis_jax')\n"
             "for m in pkgutil.walk_packages(genesis_jax.__path__, 'genesis_jax.'):\n"
             "    if not m.name.endswith('__main__'):\n"
             "        importlib.import_module(m.name)\n"
