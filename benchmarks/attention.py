@@ -333,19 +333,19 @@ def main() -> int:
                          [x.strip().lower() == "true" for x in args.causal.split(",")])
             if "paper" in wanted else [])
     dev = jax.devices()[0]
-    dry = " (dry run; the Mosaic kernels in bfloat16 on the first shape)" if args.dry_run and any(
-        k.startswith("mosaic") for k in args.backends.split(",")) else " (dry run)" if args.dry_run else ""
+    backends = {k: v for k, v in known.items() if k in args.backends.split(",")}
+    # The Mosaic kernel takes bf16/fp16 only (its backend routes float32 elsewhere): a dry run
+    # checks it at bf16 on the first shape, op by op, since GPU interpret mode deadlocks on one
+    # jitted program holding its forward and backward.
+    mosaic = {k: v for k, v in backends.items() if args.dry_run and k.startswith("mosaic")}
+    dry = " (dry run; the Mosaic kernels in bfloat16 on the first shape)" if mosaic else " (dry run)" * args.dry_run
     print(f"# {dev.device_kind}, jax {jax.__version__}, {jnp.dtype(dtype).name}{dry}")
     peak = None if args.dry_run else matmul_tflops(dtype)
     if peak:
         print(f"# bf16 matmul 8192^3: {peak:.1f} TFLOP/s (same process)")
     if args.sweep:
         return sweep(shapes, dtype, args)
-    backends = {k: v for k, v in known.items() if k in args.backends.split(",")}
-    # (dtype, shapes, backends, context) per pass. The Mosaic kernel takes bf16/fp16 only (its
-    # backend routes float32 elsewhere): a dry run checks it at bf16 on the first shape, op by op,
-    # since GPU interpret mode deadlocks on one jitted program holding its forward and backward.
-    mosaic = {k: v for k, v in backends.items() if args.dry_run and k.startswith("mosaic")}
+    # (dtype, shapes, backends, context) per pass
     passes = [(dtype, shapes, {k: v for k, v in backends.items() if k not in mosaic}, contextlib.nullcontext)]
     if mosaic:
         passes.append((jnp.dtype(jnp.bfloat16), shapes[:1], mosaic, jax.disable_jit))

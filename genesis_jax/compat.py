@@ -43,13 +43,6 @@ def mosaic_load(ref: Any, layout: Any) -> Any:
     return plgpu.load(ref, layout=layout)
 
 
-def transposed_ref(ref: Any) -> Any:
-    """A 2-D (transformed) ref with its axes swapped, as a wgmma operand. `plgpu.transpose_ref`
-    did exactly this up to JAX 0.11 (deprecated in 0.11.2, removed in 0.12.1); the method is
-    the same on every supported version."""
-    return ref.transpose((1, 0))
-
-
 # Operand segments of the gpu.launch in a Mosaic GPU kernel module: 11 with JAX 0.10 (async
 # tokens, grid x y z, block x y z, cluster x y z, dynamic shared memory), 12 from JAX 0.11 (the
 # same, then one more); the first 11 mean the same in both.

@@ -12,7 +12,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ..compat import mosaic_load, transposed_ref
+from ..compat import mosaic_load
 
 ROWS = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma tile
 COLS = plgpu.Layout.WGMMA.reduce(0)  # one value per column
@@ -64,7 +64,7 @@ class Ops:
             return out
 
         def run(acc: Any) -> jax.Array:
-            plgpu.wgmma(acc, a, transposed_ref(b))
+            plgpu.wgmma(acc, a, b.transpose((1, 0)))  # what plgpu.transpose_ref (gone in JAX 0.12.1) did
             if issued is not None:
                 issued()
             return acc[...]
