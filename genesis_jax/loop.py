@@ -127,7 +127,7 @@ class TrainLoop:
         elif s > self.observed:  # research state first, so a failure in logging cannot lose it
             self.observed = s
             self.last_loss = float(m["loss"])
-            signals = self.research.observe(s, m, self.cfg.mtl.task_ema_decay)
+            signals = self.research.observe(s, m)
         for sig in signals:
             self.signal(sig)
         tc = self.cfg.training
@@ -192,7 +192,7 @@ class TrainLoop:
         if not vals:
             return False
         self.last_val = vals["val/loss"]
-        grokking = self.research.validated(done, vals["val/loss"], self.cfg)
+        grokking = self.research.validated(done, vals["val/loss"])
         if grokking is not None:
             self.signal(grokking)
         self.write(done, vals)

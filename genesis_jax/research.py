@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .analytics import LocaleEMA, validation_drop
-from .config import Config
+from .config import Config, EvalConfig
 from .curriculum import Curriculum, Signal
 from .tasks import TASK_NAMES
 
@@ -27,11 +27,15 @@ class ResearchState:
     last_grokking: int | None  # step of the last grokking signal
     nonfinite_events: int  # skipped updates or rollbacks so far
     lr_scale: float  # product of the rollbacks' learning-rate scales
+    task_ema_decay: float  # mtl.task_ema_decay (configuration, not saved)
+    grokking: EvalConfig  # eval.grokking_* (configuration, not saved)
 
     @classmethod
     def fresh(cls, cfg: Config, locales: list[str], has_words: bool) -> "ResearchState":
+        """Every config key the research state reads enters here, once."""
         return cls(Curriculum(cfg.curriculum, cfg.training.log_interval, has_words),
-                   LocaleEMA(locales, cfg.curriculum.locale_ema_decay), {}, [], None, 0, 1.0)
+                   LocaleEMA(locales, cfg.curriculum.locale_ema_decay), {}, [], None, 0, 1.0,
+                   cfg.mtl.task_ema_decay, cfg.eval)
 
     @classmethod
     def restore(cls, cfg: Config, locales: list[str], has_words: bool, meta: dict[str, Any]) -> "ResearchState":
@@ -56,7 +60,7 @@ class ResearchState:
                 "task_ema": self.task_ema, "val_history": self.val_history, "last_grokking": self.last_grokking,
                 "nonfinite": {"events": self.nonfinite_events, "lr_scale": self.lr_scale}}
 
-    def observe(self, step: int, m: dict[str, np.ndarray], task_ema_decay: float) -> list[Signal]:
+    def observe(self, step: int, m: dict[str, np.ndarray]) -> list[Signal]:
         """The finite metrics of one step (fetched to the host): EMAs, then the curriculum."""
         self.locale_ema.update([float(x) for x in m["locale_loss_sum"]], [float(x) for x in m["locale_count"]])
         for name in TASK_NAMES[1:]:
@@ -64,12 +68,13 @@ class ResearchState:
                 for what in ("loss", "acc"):
                     v, k = float(m[f"task/{name}/{what}"]), f"{name}/{what}"
                     prev = self.task_ema.get(k)
-                    self.task_ema[k] = v if prev is None else task_ema_decay * prev + (1 - task_ema_decay) * v
+                    d = self.task_ema_decay
+                    self.task_ema[k] = v if prev is None else d * prev + (1 - d) * v
         return self.curriculum.observe(step, float(m["loss"]), float(m["loss_ema"]))
 
-    def validated(self, step: int, loss: float, cfg: Config) -> Signal | None:
+    def validated(self, step: int, loss: float) -> Signal | None:
         """Record a validation loss; a grokking signal when it fell fast enough (eval.grokking_*)."""
-        e = cfg.eval
+        e = self.grokking
         signal = None
         recent = self.last_grokking is not None and step - self.last_grokking < e.grokking_window
         if e.grokking_drop > 0 and step >= e.grokking_min_step and not recent:

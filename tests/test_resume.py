@@ -37,6 +37,10 @@ plateau_min_delta = 0.5
 stun_max_count = 2
 stun_cooldown_steps = 100
 stun_recovery_steps = 40
+[eval]
+grokking_min_step = 100
+grokking_window = 150
+grokking_drop = 0.01
 """
 
 
@@ -83,6 +87,45 @@ def logged(run_dir: Path, table: str = "training_logs", cols: str = "step, loss,
         return []
     finally:
         con.close()
+
+
+def research_fields(run_dir: Path, step: int) -> dict[str, object]:
+    """The research state a checkpoint holds, one entry per field ("curriculum.baseline",
+    "locale_ema.ema.en", "last_grokking", ...), lists kept whole."""
+    meta = json.loads((run_dir / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+
+    def flat(prefix: str, d: object) -> dict[str, object]:
+        if isinstance(d, dict):
+            return {k: v for key, sub in d.items() for k, v in flat(f"{prefix}.{key}" if prefix else str(key), sub).items()}
+        return {prefix: d}
+
+    return flat("", meta["research"])
+
+
+def assert_same_research_state(ref: Path, run: Path, fields: list[str]) -> None:
+    """Every checkpoint both runs hold carries the same research state, field by field; the
+    named fields must be among them (so that a field dropped from the state fails too)."""
+    steps = sorted({int(p.name) for p in (ref / "checkpoints").iterdir() if p.name.isdigit()}
+                   & {int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()})
+    assert steps, "no checkpoint step in common"
+    for step in steps:
+        a, b = research_fields(ref, step), research_fields(run, step)
+        assert sorted(a) == sorted(b), (step, sorted(set(a) ^ set(b)))
+        for name in fields:
+            assert any(k == name or k.startswith(name + ".") for k in a), f"no research field {name}"
+        for name in a:
+            assert np.allclose(np.asarray(a[name] if a[name] is not None else np.nan, float),
+                               np.asarray(b[name] if b[name] is not None else np.nan, float), rtol=1e-6, equal_nan=True
+                               ) if _numeric(a[name]) and _numeric(b[name]) else a[name] == b[name], (
+                f"research field {name} at step {step}: uninterrupted {a[name]!r}, resumed {b[name]!r}")
+
+
+def _numeric(v: object) -> bool:
+    try:
+        np.asarray(v if v is not None else np.nan, float)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def run_until(cfg: Path, run_dir: Path, min_step: int, sig: int) -> subprocess.Popen:
@@ -226,7 +269,15 @@ def curriculum_reference(tmp_path_factory, fixture_corpus):
     assert (30, "lr_stun") in kinds and (225, "lr_stun") in kinds
     assert (60, "wwm_activation") in kinds and (142, "span_activation") in kinds and (194, "span_anchor") in kinds
     assert not [s for s, k in kinds if k == "lr_stun" and 62 <= s < 194]  # none inside a ramp
+    # Validations at 0, 100, 200, 300: the first eligible one signals; 200 is inside its window.
+    assert (100, "grokking") in kinds and (200, "grokking") not in kinds
     return cfg, run
+
+
+RESEARCH_FIELDS = ["curriculum.starts", "curriculum.baseline", "curriculum.anchors", "curriculum.improvement",
+                   "curriculum.stuns", "curriculum.last_observed", "curriculum.analytics.lifetime",
+                   "curriculum.analytics.wwm", "curriculum.analytics.span", "locale_ema", "val_history",
+                   "last_grokking", "nonfinite.events", "nonfinite.lr_scale"]
 
 
 @pytest.mark.parametrize("kill_at", [110, 240], ids=["mid-wwm-ramp", "after-second-stun"])
@@ -248,6 +299,7 @@ def test_curriculum_resume_after_sigkill_is_exact(curriculum_reference, tmp_path
     la, lb = lang(ref), lang(run)
     assert [x[:2] for x in la] == [x[:2] for x in lb]
     np.testing.assert_allclose([x[2] or 0 for x in lb], [x[2] or 0 for x in la], rtol=1e-6)
+    assert_same_research_state(ref, run, RESEARCH_FIELDS)
 
 
 def test_grokking_signal_pins_its_checkpoint(fixture_corpus, tmp_path):
@@ -305,6 +357,8 @@ def test_multitask_resume_after_sigkill_is_exact(fixture_corpus, tmp_path):
     assert [x[:2] for x in ta if x[1].startswith("task/")] == [x[:2] for x in tb if x[1].startswith("task/")]
     np.testing.assert_allclose([x[2] for x in tb if x[1].startswith("task/")],
                                [x[2] for x in ta if x[1].startswith("task/")], rtol=1e-6)
+    assert_same_research_state(ref, run, [*RESEARCH_FIELDS, "task_ema.coherence/loss", "task_ema.cross_ref/acc",
+                                          "task_ema.paraphrase/loss"])
 
 
 def tensorboard_scalars(run: Path) -> dict[str, dict[int, float]]:

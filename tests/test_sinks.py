@@ -67,8 +67,8 @@ def test_research_state_round_trips_whole_and_reads_the_older_flat_layout():
              "locale_loss_sum": np.array([2.0, 6.0]), "locale_count": np.array([1.0, 2.0]),
              "task/coherence/count": np.float32(1.0), "task/coherence/loss": np.float32(0.75),
              "task/coherence/acc": np.float32(0.5)}
-        r.observe(s, m, task_ema_decay=0.9)
-    r.validated(30, 2.5, cfg)
+        r.observe(s, m)
+    r.validated(30, 2.5)
     r.nonfinite_events, r.lr_scale = 2, 0.25
     saved = as_json(r.state_dict())  # what a checkpoint's metadata holds
     back = ResearchState.restore(cfg, ["en", "fr"], True, {"research": saved})
