@@ -102,3 +102,55 @@ def test_stun_scales_adam_first_moment_without_retracing(stepper):
                           jax.tree.leaves(mu_old)):
         np.testing.assert_allclose(np.asarray(m1) - np.asarray(ms), b1 * 0.5 * m0, rtol=1e-4, atol=1e-8)
     assert len(traces) == 1
+
+
+@pytest.mark.parametrize("decay_embedding", [False, True])
+def test_two_train_steps_are_adamw_in_float64(fixture_corpus, decay_embedding):
+    """The parameters after two train steps against AdamW written out in float64 NumPy: global
+    norm clipping, Adam moments with bias correction, eps outside the root, decoupled weight
+    decay on linear kernels only (and the embedding when asked), the warmup/cosine rate times
+    the stun's multiplier, and the stun's first-moment scale before the second update."""
+    from flax import nnx
+
+    from genesis_jax.corpus.store import open_corpus
+    from genesis_jax.sampler import lm_batch
+    from genesis_jax.step import make_loss_fn
+
+    o = dict(lr=0.01, warmup_steps=1, min_lr_ratio=0.2, beta1=0.8, beta2=0.9, eps=1e-6, weight_decay=0.3,
+             decay_embedding=decay_embedding, grad_clip=0.05)
+    cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32", "n_layers": 1}, "data": {"seq_len": 16},
+                       "training": {"batch_size": 2, "max_steps": 5}, "optim": o})
+    c = open_corpus(fixture_corpus)
+    dc = build_device_corpus(*c.stream(c.locales, heldout=False), 16)
+    model = init_model(cfg)
+    graphdef = nnx.graphdef(model)
+    state = jax.device_put(init_state(cfg, model), NamedSharding(make_mesh(), P()))
+    step = jax.jit(make_train_step(cfg, graphdef, make_mesh()))
+    loss = make_loss_fn(graphdef)
+    key = jax.random.key(3)
+    controls = [StepControls.make(1.0, 1.0), StepControls.make(0.5, 0.25)]
+
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
+    decays = ["['kernel']" in n or (decay_embedding and n.startswith("['embed']")) for n in names]
+    assert sum(decays) == 7 + decay_embedding and not any(d for n, d in zip(names, decays) if "norm" in n)
+    f64 = lambda tree: [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]  # noqa: E731
+    mu = [np.zeros_like(p) for p in f64(state.params)]
+    nu = [np.zeros_like(p) for p in f64(state.params)]
+    for s, ctl in enumerate(controls):
+        params = f64(state.params)
+        batch = lm_batch(dc, jax.random.fold_in(key, s), 2, 16, ctl.mask)
+        grads = f64(jax.grad(loss)(state.params, batch))
+        norm = math.sqrt(sum(float((g * g).sum()) for g in grads))
+        grads = [g * min(1.0, o["grad_clip"] / norm) for g in grads]
+        lr = (o["lr"] * (s + 1) / 2 if s < 1 else
+              o["lr"] * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 4)))) * float(ctl.lr_mult)
+        state, m = step(state, dc, key, ctl)
+        assert float(m["grad_norm"]) == pytest.approx(norm, rel=1e-4)
+        t = s + 1
+        for i, (p, g) in enumerate(zip(params, grads)):
+            mu[i] = o["beta1"] * float(ctl.mu_scale) * mu[i] + (1 - o["beta1"]) * g
+            nu[i] = o["beta2"] * nu[i] + (1 - o["beta2"]) * g * g
+            update = (mu[i] / (1 - o["beta1"] ** t)) / (np.sqrt(nu[i] / (1 - o["beta2"] ** t)) + o["eps"])
+            want = p - lr * (update + o["weight_decay"] * p * decays[i])
+            got = np.asarray(jax.tree.leaves(state.params)[i], np.float64)
+            assert np.abs(got - want).max() <= 1e-3 * np.abs(want - p).max() + 1e-7, (s, names[i])

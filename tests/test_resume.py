@@ -95,7 +95,7 @@ def research_fields(run_dir: Path, step: int) -> dict[str, object]:
     meta = json.loads((run_dir / "checkpoints" / str(step) / "meta" / "metadata").read_text())
 
     def flat(prefix: str, d: object) -> dict[str, object]:
-        if isinstance(d, dict):
+        if isinstance(d, dict) and d:
             return {k: v for key, sub in d.items() for k, v in flat(f"{prefix}.{key}" if prefix else str(key), sub).items()}
         return {prefix: d}
 

@@ -228,3 +228,32 @@ def test_a_registered_mask_kind_reaches_the_step_switch_and_the_evaluation(monke
     assert {"recon/odd/accuracy", "recon/odd/cer"} <= {x.key for x in eval_metrics()}
     with pytest.raises(ValueError, match="unknown mask kind 'even'; known: none, random, wwm, span, odd"):
         MaskParams.make("even")
+
+
+def test_span_lengths_are_uniform_over_min_to_max_words(latin):
+    """k ~ uniform{span_min_len .. span_max_len}, one draw per batch (closed form: each value
+    with probability 1 / (max - min + 1)). A batch's k is read back from its masks: at this
+    density most spans stand alone, so the shortest masked run of words away from the window
+    edges is k. 160 batches: each of the 4 counts is 40 +- 6.1 (binomial), held to +-4 sigma."""
+    lo, hi, n = 2, 5, 160
+    draw = jax.jit(lm_batch, static_argnums=(2, 3))
+    counts = dict.fromkeys(range(lo, hi + 1), 0)
+    for seed in range(n):
+        b = draw(latin, jax.random.key(1000 + seed), 32, 64, MaskParams.make("span", 0.25, lo, hi))
+        runs = []
+        for m_row, w_row in zip(np.asarray(b.masked), _window_words(latin, b)):
+            dec = _word_decisions(m_row[None], w_row[None], skip_first=1)
+            r = 0
+            for i, d in enumerate(dec):
+                if d:
+                    r += 1
+                    continue
+                if r and i - r > 0:
+                    runs.append(r)
+                r = 0
+        assert runs, seed
+        k = min(runs)
+        assert k in counts, (seed, k)
+        counts[k] += 1
+    sigma = (n * (1 / 4) * (3 / 4)) ** 0.5
+    assert all(abs(c - n / 4) <= 4 * sigma for c in counts.values()), counts
