@@ -161,3 +161,61 @@ def test_stagnation_counts_only_once_the_mask_ramp_has_completed():
     assert fired["wwm_anchor"] == [82]
     assert fired["lr_stun"] == [103]
     assert cur.controls(104).lr_mult == 1.0 and cur.controls(105).lr_mult == 0.5
+
+
+def test_research_state_feeds_the_curriculum_loss_and_loss_ema_in_their_slots():
+    """The step's metrics reach the curriculum in their places: the phase test reads the device
+    loss EMA (flat here, so WWM activates at the first test window: baseline at 10, test at 15,
+    active from 17), the loss analytics read the raw loss (falling here, so its minimum is the
+    last loss), the locale EMAs read each locale's mean loss with decay locale_ema_decay."""
+    import numpy as np
+
+    from genesis_jax import config as C
+    from genesis_jax.research import ResearchState
+
+    cfg = C.from_dict({"training": {"log_interval": 1},
+                       "curriculum": {"wwm_trigger_steps": 10, "wwm_window": 5, "wwm_threshold": 0.01,
+                                      "locale_ema_decay": 0.5, "plateau_lr_patience": 0}})
+    r = ResearchState.fresh(cfg, ["en", "fr"], has_words=True)
+    signals = []
+    for s in range(20):
+        m = {"loss": np.float32(3.0 * 0.9 ** s), "loss_ema": np.float32(3.0),
+             "locale_loss_sum": np.array([2.0 * s, 9.0]), "locale_count": np.array([2.0, 3.0])}
+        signals += r.observe(s, m)
+    assert [(x.step, x.kind) for x in signals] == [(15, "wwm_activation")]
+    assert r.curriculum.controls(16).phase == BYTE and r.curriculum.controls(17).phase == WWM
+    assert r.curriculum.analytics["lifetime"].min_loss == pytest.approx(3.0 * 0.9 ** 19, rel=1e-6)
+    ema_en = 0.0
+    for s in range(1, 20):
+        ema_en = 0.5 * ema_en + 0.5 * s  # en's mean loss at step s is 2s / 2
+    assert r.locale_ema.ema["en"] == pytest.approx(ema_en) and r.locale_ema.ema["fr"] == pytest.approx(3.0)
+
+
+def test_stun_multipliers_and_ramps_against_hand_computed_values():
+    """Closed forms the phase machine must follow (found unguarded by mutation testing):
+    stuns compound (drop^n while permanent); a recovering stun ramps linearly back to exactly
+    1 and no further; a ramp of 0 steps starts at the target; the values the signals carry are
+    the multiplier from the stun's first step and the relative improvement that was tested."""
+    permanent = Curriculum(CurriculumConfig(plateau_lr_drop=0.5), 1, True)
+    permanent.stuns = [(10, 12), (30, 32)]
+    assert [permanent.lr_mult_at(s) for s in (11, 12, 31, 32, 500)] == [1.0, 0.5, 0.5, 0.25, 0.25]
+    assert [permanent.controls(s).mu_scale for s in (11, 12, 13, 32)] == [1.0, 0.5, 1.0, 0.5]
+    recovering = Curriculum(CurriculumConfig(plateau_lr_drop=0.2, stun_recovery_steps=10), 1, True)
+    recovering.stuns = [(10, 12)]
+    assert [recovering.lr_mult_at(s) for s in (12, 17, 22, 40)] == pytest.approx([0.2, 0.6, 1.0, 1.0])
+    one = Curriculum(CurriculumConfig(plateau_lr_drop=0.2, stun_recovery_steps=1), 1, True)
+    one.stuns = [(10, 12)]
+    assert [one.lr_mult_at(s) for s in (12, 13)] == pytest.approx([0.2, 1.0])
+    instant = Curriculum(CurriculumConfig(wwm_ramp_steps=0, wwm_mask_prob=0.3), 1, True)
+    instant.starts = {WWM: 5}
+    assert [instant.mask_prob_at(s) for s in (4, 5, 6)] == [0.0, 0.3, 0.3]
+    # Signals: a flat loss EMA stuns after the patience and activates WWM; their values.
+    cfg = CurriculumConfig(wwm_trigger_steps=10, wwm_window=5, wwm_threshold=0.05, plateau_lr_patience=4,
+                           plateau_lr_drop=0.5, stun_max_count=1)
+    cur = Curriculum(cfg, 1, True)
+    signals = [x for s in range(20) for x in cur.observe(s, 3.0 - 0.01 * min(s, 12), 3.0 - 0.01 * min(s, 12))]
+    stun = [x for x in signals if x.kind == "lr_stun"]
+    act = [x for x in signals if x.kind == "wwm_activation"]
+    assert len(stun) == 1 and stun[0].value == 0.5 and cur.lr_mult_at(stun[0].step + 2) == 0.5
+    assert len(act) == 1 and act[0].step == 15
+    assert act[0].value == pytest.approx((2.9 - 2.88) / 2.9)  # baseline at 10 (2.90), tested at 15 (2.88)

@@ -197,3 +197,36 @@ def test_task_losses_match_a_per_verse_float64_reference(setup):
             want = _bce_ref(logits, np.asarray(label, np.float64), np.asarray(valid, np.float64))
         np.testing.assert_allclose(float(loss), want[0], rtol=1e-4, atol=1e-6, err_msg=f"task {task} loss")
         assert float(acc) == pytest.approx(want[1]), f"task {task} accuracy"
+
+
+TASKS = ("lm", "coherence", "cross_ref", "paraphrase")
+
+
+@pytest.mark.parametrize("task", ["coherence", "paraphrase"])  # two compiles each: any swap involving either fails
+def test_each_task_loss_weight_scales_its_own_gradient(setup, task):
+    """The update's gradient is the mean over micro-batches of (weight of the micro-batch's task)
+    x (gradient of its loss): with every micro-batch drawn from one task (a one-hot mixture),
+    loss weights (2, 3, 5, 7) scale the clip-free gradient norm by that task's weight exactly,
+    and leave the reported task loss as it was (the weight is not a metric's)."""
+    c, _, _ = setup
+    tokens, words, starts = c.stream(c.locales, heldout=False)
+    mixture = {f"{t}_weight": float(t == task) for t in TASKS}
+    weights = dict(zip(TASKS, (2.0, 3.0, 5.0, 7.0)))
+    mesh = make_mesh()
+    out = []
+    for loss_w in ({f"{t}_loss_weight": 1.0 for t in TASKS}, {f"{t}_loss_weight": weights[t] for t in TASKS}):
+        cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32", "n_layers": 1}, "data": {"seq_len": 16},
+                           "training": {"batch_size": 2, "grad_accum_steps": 2, "max_steps": 4}, "optim": {"grad_clip": 0.0},
+                           "mtl": {"enabled": True, **mixture, **loss_w, "max_len": 32, "head_dim": 16,
+                                   "cross_ref_min_distance": 20}})
+        dc = dataclasses.replace(build_device_corpus(tokens, words, starts, 16),
+                                 verses=build_verse_index(c, c.locales, starts))
+        model = init_model(cfg)
+        step = jax.jit(make_train_step(cfg, nnx.graphdef(model), mesh, n_locales=3))
+        _, m = step(jax.device_put(init_state(cfg, model), NamedSharding(mesh, P())), dc, jax.random.key(0),
+                    StepControls.make())
+        out.append(jax.device_get(m))
+    plain, weighted = out
+    assert float(plain[f"task/{task}/count"]) == 2.0
+    assert float(weighted["grad_norm"]) == pytest.approx(weights[task] * float(plain["grad_norm"]), rel=1e-5)
+    assert float(weighted[f"task/{task}/loss"]) == pytest.approx(float(plain[f"task/{task}/loss"]), rel=1e-6)
