@@ -146,6 +146,21 @@ def test_span_masks_expected_word_fraction(latin, p, k):
     assert abs(decisions.mean() - expected) < 8 * sigma, (decisions.mean(), expected)
 
 
+def _interior_runs(corpus, b) -> list[int]:
+    """Lengths, in words, of the masked runs that end inside a window and do not touch its start."""
+    runs = []
+    for m_row, w_row in zip(np.asarray(b.masked), _window_words(corpus, b)):
+        r = 0
+        for i, d in enumerate(_word_decisions(m_row[None], w_row[None], skip_first=1)):
+            if d:
+                r += 1
+                continue
+            if r and i - r > 0:
+                runs.append(r)
+            r = 0
+    return runs
+
+
 def test_span_length_is_one_draw_per_batch(latin):
     # lm_batch splits its key into (start, mask) keys and the span masker splits the mask key
     # into (length, seeds): recompute this batch's k and check that every masked run of words
@@ -158,18 +173,7 @@ def test_span_length_is_one_draw_per_batch(latin):
         k = int(jax.random.randint(k_len, (), 1, 5))
         seen.add(k)
         b = jax.jit(lm_batch, static_argnums=(2, 3))(latin, key, 64, 64, MaskParams.make("span", 0.3, 1, 4))
-        words = _window_words(latin, b)
-        runs = []
-        for m_row, w_row in zip(np.asarray(b.masked), words):
-            dec = _word_decisions(m_row[None], w_row[None], skip_first=1)
-            r = 0
-            for i, d in enumerate(dec):
-                if d:
-                    r += 1
-                    continue
-                if r and i - r > 0:  # a finished run that does not touch the window start
-                    runs.append(r)
-                r = 0
+        runs = _interior_runs(latin, b)
         assert runs and min(runs) >= k, (k, sorted(runs)[:5])
     assert len(seen) > 1
 
@@ -240,17 +244,7 @@ def test_span_lengths_are_uniform_over_min_to_max_words(latin):
     counts = dict.fromkeys(range(lo, hi + 1), 0)
     for seed in range(n):
         b = draw(latin, jax.random.key(1000 + seed), 32, 64, MaskParams.make("span", 0.25, lo, hi))
-        runs = []
-        for m_row, w_row in zip(np.asarray(b.masked), _window_words(latin, b)):
-            dec = _word_decisions(m_row[None], w_row[None], skip_first=1)
-            r = 0
-            for i, d in enumerate(dec):
-                if d:
-                    r += 1
-                    continue
-                if r and i - r > 0:
-                    runs.append(r)
-                r = 0
+        runs = _interior_runs(latin, b)
         assert runs, seed
         k = min(runs)
         assert k in counts, (seed, k)
