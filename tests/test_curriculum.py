@@ -219,3 +219,17 @@ def test_stun_multipliers_and_ramps_against_hand_computed_values():
     assert len(stun) == 1 and stun[0].value == 0.5 and cur.lr_mult_at(stun[0].step + 2) == 0.5
     assert len(act) == 1 and act[0].step == 15
     assert act[0].value == pytest.approx((2.9 - 2.88) / 2.9)  # baseline at 10 (2.90), tested at 15 (2.88)
+
+
+def test_phase_tests_at_their_boundaries():
+    """Exact boundaries: a test window that improved by exactly the threshold does not switch
+    (the switch needs less than the threshold); the SPAN test takes its baseline exactly
+    span_trigger_steps after WWM began, and WWM's exactly at wwm_trigger_steps."""
+    cfg = CurriculumConfig(wwm_trigger_steps=10, wwm_window=5, wwm_threshold=0.25, span_trigger_steps=10,
+                           span_window=5, span_threshold=0.25, plateau_lr_patience=0, wwm_ramp_steps=0, span_ramp_steps=0)
+    exact = Curriculum(cfg, 1, True)
+    assert [x.kind for s in range(20) for x in exact.observe(s, 2.0 if s < 15 else 1.5, 2.0 if s < 15 else 1.5)] == []
+    flat = Curriculum(cfg, 1, True)
+    kinds = [(x.step, x.kind) for s in range(40) for x in flat.observe(s, 2.0, 2.0)]
+    # WWM: baseline 10, tested 15, active from 17; SPAN: baseline 17 + 10 = 27, tested 32.
+    assert kinds == [(15, "wwm_activation"), (17, "wwm_anchor"), (32, "span_activation"), (34, "span_anchor")]
