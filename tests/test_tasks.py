@@ -202,7 +202,7 @@ def test_task_losses_match_a_per_verse_float64_reference(setup):
 TASKS = ("lm", "coherence", "cross_ref", "paraphrase")
 
 
-@pytest.mark.parametrize("task", ["coherence", "paraphrase"])  # two compiles each: any swap involving either fails
+@pytest.mark.parametrize("task", ["coherence"])  # two compiles a task; 3 is no other task's weight, so any swap with it fails
 def test_each_task_loss_weight_scales_its_own_gradient(setup, task):
     """The update's gradient is the mean over micro-batches of (weight of the micro-batch's task)
     x (gradient of its loss): with every micro-batch drawn from one task (a one-hot mixture),
