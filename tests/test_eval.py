@@ -129,12 +129,10 @@ def test_summary_units_against_hand_computed_values():
     assert out["val/ppl/fr"] == pytest.approx(20.085536923187668)  # e^3
 
 
-def test_validation_windows_come_from_the_held_out_split(tmp_path):
-    """Every record has its own random text, so a window's bytes identify the split they came
-    from: all validation windows must be held-out text, none training text."""
+def random_text_corpus(tmp_path):
+    """Every record has its own random text, so a window's bytes identify the split it came from."""
     from genesis_jax.corpus.importers import import_textdir
     from genesis_jax.corpus.store import CorpusWriter
-    from genesis_jax.runtime import build
 
     rng = np.random.default_rng(0)
     src = tmp_path / "src"
@@ -144,7 +142,14 @@ def test_validation_windows_come_from_the_held_out_split(tmp_path):
         (src / f"{loc}.txt").write_text("\n".join(f"k{i:04d}\t{t}" for i, t in enumerate(lines)) + "\n")
     writer = CorpusWriter()
     import_textdir(writer, src)
-    corpus_dir = writer.write(tmp_path / "corpus", val_fraction=0.2)
+    return writer.write(tmp_path / "corpus", val_fraction=0.2)
+
+
+def test_validation_windows_come_from_the_held_out_split(tmp_path):
+    """All validation windows must be held-out text, none training text."""
+    from genesis_jax.runtime import build
+
+    corpus_dir = random_text_corpus(tmp_path)
     cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32"},
                        "data": {"corpus": str(corpus_dir), "seq_len": 32}, "training": {"val_windows": 8}})
     setup = build(cfg)
@@ -181,3 +186,39 @@ def test_eval_table_against_a_hand_written_one():
         "reconstruction random  accuracy 0.500  CER 0.750  masked 15.0%",
         "alignment              top-1 0.125  chance 0.125  keys 8",
     ]
+
+
+def test_the_evaluation_suite_reads_each_split_where_it_should(tmp_path):
+    """Held-out cross-entropy on held-out windows and the training figure on training windows
+    (each equal to the mean loss of windows cut by hand from its split), reconstruction windows
+    from held-out text only, and alignment on held-out verses only."""
+    from genesis_jax.data import val_windows
+    from genesis_jax.runtime import build
+    from genesis_jax.step import make_eval_step
+
+    corpus_dir = random_text_corpus(tmp_path)
+    cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32"},
+                       "data": {"corpus": str(corpus_dir), "seq_len": 32}, "training": {"batch_size": 4},
+                       "eval": {"alignment_keys": 6}})
+    setup = build(cfg)
+    corpus = open_corpus(corpus_dir)
+    suite = EvalSuite(cfg, corpus, setup.locales, setup.graphdef)
+    params = setup.state.params
+    ce = make_eval_step(setup.graphdef)
+    out = suite.cross_entropy(params, 4)
+    for split, name in ((True, "val/loss"), (False, "train/loss")):
+        tokens, _, starts = corpus.stream(setup.locales, heldout=split)
+        w = val_windows(tokens, starts, setup.locales, 32, 4)
+        assert out[name] == pytest.approx(float(np.mean(ce(params, jnp.asarray(w.inputs), jnp.asarray(w.labels)))), rel=1e-5)
+    held = bytes(corpus.stream(setup.locales, heldout=True)[0])
+    train = bytes(corpus.stream(setup.locales, heldout=False)[0])
+    ids, _, _ = suite._windows(4)
+    assert len(ids) == 8
+    for window in ids:
+        text = bytes((window - 4).astype(np.uint8))
+        assert text in held and text not in train
+    held_texts = {corpus.record_text(i) for i in np.flatnonzero(corpus.records["heldout"] == 1)}
+    seen = []
+    suite.embed = lambda p, texts: (seen.extend(texts), np.random.default_rng(len(seen)).normal(size=(len(texts), 4)))[1]
+    assert suite.alignment(params, 6)["align/keys"] == 6.0
+    assert len(seen) == 12 and all(t.decode() in held_texts for t in seen)
