@@ -206,7 +206,7 @@ def configs(key: str, probe: Probe, corpora: dict[str, str]) -> tuple[C.Config, 
     value = corpora["other"] if probe.value == "<other corpus>" else probe.value
     changed = merged(ctx, {section: {name: value}})
     a, b = C.from_dict(ctx), C.from_dict(changed)
-    assert a != b, f"{key}: the probe's value {value!r} is the context's"
+    assert a != b, f"{key} = {value!r} left the loaded config as it was (ignored at load, or the context's value)"
     return a, b
 
 
