@@ -251,3 +251,25 @@ def test_span_lengths_are_uniform_over_min_to_max_words(latin):
         counts[k] += 1
     sigma = (n * (1 / 4) * (3 / 4)) ** 0.5
     assert all(abs(c - n / 4) <= 4 * sigma for c in counts.values()), counts
+
+
+def test_locale_targeted_starts_are_uniform_over_exactly_the_valid_ones():
+    """A locale of L + k bytes has k valid window starts: targeted draws are uniform over
+    exactly those (the first included, none past the last), a locale of L + 1 bytes always
+    gives its one start, and a locale shorter than a window gives locale id -1 (skipped)."""
+    from genesis_jax.sampler import locale_window_starts
+
+    seq = 8
+    lengths = [seq + 1, seq + 4, seq]
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    data = np.full(bounds[-1], ord("a"), np.uint8)
+    corpus = build_device_corpus(data, np.zeros(len(data), bool), bounds, seq)
+    draw = jax.jit(locale_window_starts, static_argnums=2)
+    one, loc0 = (np.asarray(x) for x in draw(corpus, jax.random.key(0), 400, jnp.int32(0)))
+    assert (one == bounds[0]).all() and (loc0 == 0).all()
+    four, loc1 = (np.asarray(x) for x in draw(corpus, jax.random.key(1), 400, jnp.int32(1)))
+    counts = np.bincount(four - bounds[1], minlength=4)
+    assert len(counts) == 4 and (loc1 == 1).all()
+    assert all(abs(c - 100) <= 4 * (400 * 0.25 * 0.75) ** 0.5 for c in counts), counts
+    _, loc2 = draw(corpus, jax.random.key(2), 16, jnp.int32(2))
+    assert (np.asarray(loc2) == -1).all()
