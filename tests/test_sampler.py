@@ -273,3 +273,15 @@ def test_locale_targeted_starts_are_uniform_over_exactly_the_valid_ones():
     assert all(abs(c - 100) <= 4 * (400 * 0.25 * 0.75) ** 0.5 for c in counts), counts
     _, loc2 = draw(corpus, jax.random.key(2), 16, jnp.int32(2))
     assert (np.asarray(loc2) == -1).all()
+
+
+def test_a_split_beyond_the_int32_index_range_is_refused_at_its_first_byte_too_many():
+    """Window starts are int32 on the device: a split of 2**31 bytes or more is refused by name
+    (checked on the split's end, whatever the locales before it), one byte less is accepted."""
+    from genesis_jax.sampler import corpus_arrays
+
+    small = np.zeros(4, np.uint8)
+    assert int(corpus_arrays(small, small, np.array([0, 5, 2**31 - 1]), 8).locale_starts[-1]) == 2**31 - 1
+    for bounds in ([0, 2**31], [0, 5, 2**31]):
+        with pytest.raises(ValueError, match="exceeds the int32 index range"):
+            corpus_arrays(small, small, np.array(bounds), 8)
