@@ -285,3 +285,23 @@ def test_a_split_beyond_the_int32_index_range_is_refused_at_its_first_byte_too_m
     for bounds in ([0, 2**31], [0, 5, 2**31]):
         with pytest.raises(ValueError, match="exceeds the int32 index range"):
             corpus_arrays(small, small, np.array(bounds), 8)
+
+
+def test_window_starts_are_uniform_over_every_valid_start_of_every_locale():
+    """With locales of L + 1, L + 4, L and L + 2 bytes there are 1 + 4 + 0 + 2 = 7 valid
+    starts: draws cover exactly those 7, each with probability 1/7 (within 4 sigma over 1,400
+    draws), each with the locale whose bytes it starts in (a start drawn at a locale boundary
+    belongs to the next locale, never to the end of the previous one)."""
+    from genesis_jax.sampler import window_starts
+
+    seq = 8
+    lengths = [seq + 1, seq + 4, seq, seq + 2]
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    data = np.full(bounds[-1], ord("a"), np.uint8)
+    corpus = build_device_corpus(data, np.zeros(len(data), bool), bounds, seq)
+    valid = {int(bounds[i]) + j: i for i, n in enumerate(lengths) for j in range(n - seq)}
+    assert len(valid) == 7
+    starts, locs = (np.asarray(x) for x in jax.jit(window_starts, static_argnums=2)(corpus, jax.random.key(0), 1400))
+    assert {int(s): int(l) for s, l in zip(starts, locs)} == valid
+    counts = np.array([np.sum(starts == s) for s in valid])
+    assert all(abs(c - 200) <= 4 * (1400 / 7 * 6 / 7) ** 0.5 for c in counts), counts
