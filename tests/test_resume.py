@@ -114,18 +114,16 @@ def assert_same_research_state(ref: Path, run: Path, fields: list[str]) -> None:
         for name in fields:
             assert any(k == name or k.startswith(name + ".") for k in a), f"no research field {name}"
         for name in a:
-            assert np.allclose(np.asarray(a[name] if a[name] is not None else np.nan, float),
-                               np.asarray(b[name] if b[name] is not None else np.nan, float), rtol=1e-6, equal_nan=True
-                               ) if _numeric(a[name]) and _numeric(b[name]) else a[name] == b[name], (
+            assert _same(a[name], b[name]), (
                 f"research field {name} at step {step}: uninterrupted {a[name]!r}, resumed {b[name]!r}")
 
 
-def _numeric(v: object) -> bool:
+def _same(a: object, b: object) -> bool:
+    """Numbers (None read as NaN) within rtol 1e-6, anything else equal."""
     try:
-        np.asarray(v if v is not None else np.nan, float)
-        return True
+        return bool(np.allclose(np.asarray(a, float), np.asarray(b, float), rtol=1e-6, equal_nan=True))
     except (TypeError, ValueError):
-        return False
+        return a == b
 
 
 def run_until(cfg: Path, run_dir: Path, min_step: int, sig: int) -> subprocess.Popen:
