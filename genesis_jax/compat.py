@@ -33,6 +33,14 @@ def jax_version() -> tuple[int, ...]:
     return version_tuple(importlib.metadata.version("jax"))
 
 
+def fast_cpu_compile_flags() -> list[str]:
+    """XLA flags that trade some CPU run time for faster compilation, for workloads of many small
+    programs (the test suite). JAX 0.10: the older fusion emitters compile the `test` preset's
+    train step in about half the time (3.3 s -> 1.7 s; runs 12 -> 14 ms a step). From JAX 0.11
+    XLA has only the new emitters and aborts on the flag."""
+    return ["--xla_cpu_use_fusion_emitters=false"] if jax_version() < (0, 11) else []
+
+
 def mosaic_load(ref: Any, layout: Any) -> Any:
     """`plgpu.load` of a whole shared-memory ref into registers with `layout`. Its index argument
     was required up to JAX 0.10, optional in 0.11 and is gone in 0.12."""

@@ -13,6 +13,9 @@ from typing import Callable, ContextManager
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Fast compiles here and in every training process a test launches (they inherit the variable).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+from genesis_jax.compat import fast_cpu_compile_flags  # noqa: E402  (imports no JAX)
+
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *fast_cpu_compile_flags()]).strip()
 # One compilation cache for the session: the training processes tests launch (an uninterrupted
 # run and its resumed twin, say) compile the same programs, and load them the second time.
 _CACHE = tempfile.mkdtemp(prefix="genesis_jax_test_cache_")

@@ -71,7 +71,7 @@ def test_mesh_sizes_against_the_device_count():
 
 
 def devices_env(n: int) -> dict:
-    return {**ENV, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+    return {**ENV, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"}
 
 
 def test_resume_onto_other_meshes_follows_the_uninterrupted_run(fixture_corpus, tmp_path):
