@@ -6,6 +6,9 @@ kernel and whole train steps on this CPU, and CI runs them."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 from pathlib import Path
 
 import pytest
@@ -235,13 +238,24 @@ def test_every_shipped_gpu_config_fits_an_h200(fixture_corpus: Path, capsys: pyt
         assert "attention pallas" in out and ": fits" in out and "genesis_flash_dkv" in out
 
 
+@pytest.fixture(scope="module")
+def sharded_mosaic_plan(fixture_corpus: Path) -> tuple[int, str, dict]:
+    """One plan (its compile is the costly part) for two tests: preset `test` with the Mosaic
+    kernels, RMSNorm, on data 1 x fsdp 2 (exit code, printed report, --json document)."""
+    out_json = fixture_corpus.parent / "plan_sharded_mosaic.json"
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(out):
+        code = plan_main(["--config", str(ROOT / "configs" / "gpu_bench.toml"), "--set", f"data.corpus={fixture_corpus}",
+                     "--set", "model.preset=test", "--set", "model.norm_type=rmsnorm", "--set", "model.attention=mosaic",
+                     "--set", "parallel.data=1", "--set", "parallel.fsdp=2", "--set", "training.batch_size=4",
+                     "--json", str(out_json)])
+    return code, out.getvalue(), json.loads(out_json.read_text()) if code == 0 else {}
+
+
 @compiles
-def test_a_train_step_with_the_mosaic_kernels_compiles_for_sm90a(fixture_corpus: Path,
-                                                                 capsys: pytest.CaptureFixture[str]):
-    """The Mosaic kernels inside the model (layer scan, bf16, head_dim 32 padded to 64) in the
-    whole train step, reported with their launch figures in the plan's kernel table."""
-    code, out = plan_cli(capsys, fixture_corpus, "--set", "model.attention=mosaic", "--set", "model.preset=test",
-                         "--set", "training.batch_size=4")
+def test_a_train_step_with_the_mosaic_kernels_compiles_for_sm90a(sharded_mosaic_plan: tuple[int, str, dict]):
+    """The Mosaic kernels inside the model (layer scan, bf16, head_dim 8 padded to 64, per shard
+    under fsdp) in the whole train step, reported with their launch figures in the kernel table."""
+    code, out, _ = sharded_mosaic_plan
     assert code == 0, out
     assert "attention mosaic" in out and "verdict: fits" in out
     table = {line.split()[0]: line.split() for line in out.splitlines() if "_mosaic_gpu_kernel" in line}
@@ -260,19 +274,13 @@ def test_an_oversized_config_does_not_fit_and_exits_1(fixture_corpus: Path, caps
 
 
 @compiles
-def test_sharded_state_per_device_matches_the_hand_count(fixture_corpus: Path, capsys: pytest.CaptureFixture[str]):
+def test_sharded_state_per_device_matches_the_hand_count(sharded_mosaic_plan: tuple[int, str, dict]):
     """Preset `test` (dim 32, 2 layers, SwiGLU 64, RMSNorm, tied 260-byte embedding): 28,960
     float32 parameters. Under fsdp = 2 every matrix is split in two; the 5 norm scales are not."""
     n_params, norms = 260 * 32 + 2 * (4 * 32 * 32 + 3 * 32 * 64 + 2 * 32) + 32, 5 * 32
     assert n_params == 28960
-    code, out = plan_cli(capsys, fixture_corpus, "--set", "model.preset=test", "--set", "model.norm_type=rmsnorm",
-                         "--set", "parallel.fsdp=2",
-                         "--set", "parallel.data=1", "--set", "model.attention=pallas", "--set", "training.batch_size=4",
-                         "--json", str(fixture_corpus.parent / "plan.json"))
+    code, out, plan = sharded_mosaic_plan
     assert code == 0, out
-    import json
-
-    plan = json.loads((fixture_corpus.parent / "plan.json").read_text())
     info = plan["job"]["info"]
     assert plan["devices"] == 2 and info["n_parameters"] == n_params
     assert info["parameters"] == 4 * ((n_params - norms) // 2 + norms)
