@@ -96,6 +96,7 @@ class TrainingConfig:
     on_nonfinite: Literal["stop", "skip", "rollback"] = "stop"  # a NaN/inf loss or gradient norm: see README
     nonfinite_limit: int = 3  # skipped updates or rollbacks allowed in a run before it stops
     rollback_lr_scale: float = 0.5  # each rollback multiplies the learning rate by this
+    init_from: str = ""  # a Hugging Face model directory whose weights start a new run ("" = random init)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from .cli import run_cli
 from .config import Config
 from .distributed import add_arguments as add_distributed_arguments, initialize as initialize_distributed, is_primary
 from .errors import ConfigError, UserError
+from .hf.pretrained import start_from_pretrained
 from .logs import print_err
 from .loop import TrainLoop
 from .rundir import RunLock, prepare
@@ -146,6 +147,9 @@ def train_locked(cfg: Config, run_dir: Path, allow_corpus_change: bool) -> int:
         print_err(f"resuming {run_dir} from step {latest}")
         for line in diffs:
             print_err(f"  changed since the last launch: {line}")
+    elif cfg.training.init_from:
+        state = start_from_pretrained(state, setup.state_sharding, cfg)
+        print_err(f"starting from the weights in {cfg.training.init_from} (optimizer state fresh)")
     if is_primary():
         write_config(cfg, run_dir)  # only once the resume is known to be possible
 
@@ -222,6 +226,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--run-dir", help="run directory (default runs/<config name>)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a config key, typed by the schema (repeatable)")
+    ap.add_argument("--init-from", metavar="DIR",
+                    help="start a new run from a Hugging Face model directory (an export): training.init_from")
     ap.add_argument("--allow-corpus-change", action="store_true",
                     help="resume even though the corpus's content hash differs from the one the run trained on")
     add_distributed_arguments(ap)
@@ -233,7 +239,8 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
 
     def body() -> int:
-        cfg = config_lib.load(args.config, args.set)
+        overrides = args.set + ([f"training.init_from={args.init_from}"] if args.init_from else [])
+        cfg = config_lib.load(args.config, overrides)
         initialize_distributed(args)
         if jax.process_count() > 1 and cfg.eval.interval:
             raise ConfigError(f"eval.interval = {cfg.eval.interval}: the quick suite during training runs in single-process "

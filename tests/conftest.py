@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def our_modules() -> list[str]:
     """Every module name of the package, the kernels (genesis_jax.kernels) included."""
-    names = [".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (ROOT / "genesis_jax").rglob("*.py")]
+    names = [".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (ROOT / "genesis_jax").rglob("*.py")
+             if "remote" not in p.parts]  # hf/remote: torch code for transformers, carried by exports
     names += [f"genesis_jax.kernels.{p.stem}" for p in (ROOT / "kernels").glob("*.py")]
     return [n.removesuffix(".__init__") for n in names]
 

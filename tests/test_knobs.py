@@ -30,7 +30,7 @@ import json
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -125,6 +125,7 @@ PROBES: dict[str, Probe] = {
     "training.on_nonfinite": Probe("skip", "run", (DIVERGE_CTX,)),
     "training.nonfinite_limit": Probe(3, "run", (DIVERGE_CTX,)),
     "training.rollback_lr_scale": Probe(0.25, "run", (DIVERGE_CTX,)),
+    "training.init_from": Probe("<an export>", "run", (RUN_CTX,)),
     "optim.lr": step_probe(0.01),
     "optim.schedule": step_probe("constant"),
     "optim.warmup_steps": step_probe(2),
@@ -196,14 +197,31 @@ def corpora(fixture_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     base = tmp_path_factory.mktemp("other")
     writer = CorpusWriter()
     import_textdir(writer, write_textdir(base / "src", repeat=30))
-    return {"fixture": str(fixture_corpus), "other": str(writer.write(base / "corpus", val_fraction=0.2, split_seed=1))}
+    return {"fixture": str(fixture_corpus), "other": str(writer.write(base / "corpus", val_fraction=0.2, split_seed=1)),
+            "export": str(write_export(base / "export"))}
+
+
+def write_export(out: Path) -> Path:
+    """A Hugging Face directory of BASE's model with other weights (seed 7), for training.init_from."""
+    import json
+
+    from flax import nnx
+
+    from genesis_jax.hf import files, layout
+    from genesis_jax.step import init_model
+
+    cfg = C.from_dict(merged(BASE, {"training": {"seed": 7}}))
+    out.mkdir()
+    files.write_weights(layout.to_hf(nnx.to_pure_dict(nnx.state(init_model(cfg), nnx.Param)), cfg.model), out, 1 << 30)
+    (out / "config.json").write_text(json.dumps(files.hf_config(cfg, "float32")))
+    return out
 
 
 def configs(key: str, probe: Probe, corpora: dict[str, str]) -> tuple[C.Config, C.Config]:
     """(context, context with the key set to the probe's value)."""
     section, name = key.split(".")
     ctx = merged(BASE, {"data": {"corpus": corpora["fixture"]}}, *probe.context)
-    value = corpora["other"] if probe.value == "<other corpus>" else probe.value
+    value = {"<other corpus>": corpora["other"], "<an export>": corpora["export"]}.get(str(probe.value), probe.value)
     changed = merged(ctx, {section: {name: value}})
     a, b = C.from_dict(ctx), C.from_dict(changed)
     assert a != b, f"{key} = {value!r} left the loaded config as it was (ignored at load, or the context's value)"
