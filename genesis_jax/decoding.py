@@ -36,7 +36,7 @@ def generate(model: Llama, prompt: bytes, *, max_tokens: int, temperature: float
              top_p: float = 1.0, stop: list[str | bytes] | None = None, seed: int = 0,
              num_samples: int = 1) -> list[bytes]:
     """Continue `prompt` with a KV cache; each sample stops at its first stop sequence (which is
-    cut off), at a special id (</s>, or any id that is no byte), or after `max_tokens` bytes."""
+    cut off) or after `max_tokens` bytes."""
     if not prompt:
         raise UserError("--prompt must not be empty")
     ids = np.frombuffer(prompt, np.uint8).astype(np.int32) + BYTE_OFFSET
@@ -60,9 +60,6 @@ def generate(model: Llama, prompt: bytes, *, max_tokens: int, temperature: float
         host = np.asarray(nxt)
         for i in range(num_samples):
             if done[i]:
-                continue
-            if int(host[i]) < BYTE_OFFSET:  # </s> (or another id that is no byte) ends the sample
-                done[i] = True
                 continue
             out[i].append(int(host[i]) - BYTE_OFFSET)
             hit = [bytes(out[i]).find(s) for s in stops if s in out[i]]
