@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flax import nnx
 
 from . import config as config_lib
@@ -26,7 +25,7 @@ from .hf.layout import to_hf
 from .rundir import LoadedRun, load_run
 
 MANIFEST = "genesis_export.json"  # what an export wrote: the files a later --force may replace
-DTYPES = {"float32": np.float32, "bfloat16": "bfloat16"}
+DTYPES = ("float32", "bfloat16")
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", type=Path, required=True, help="run directory")
     ap.add_argument("--out", type=Path, required=True, help="model directory to write")
     ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights' dtype in the files")
+    ap.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype in the files")
     ap.add_argument("--max-shard-size", default="5GB", help="larger weights are split into shards with an index")
     ap.add_argument("--force", action="store_true",
                     help="write into an --out that holds other files (they are left as they are)")
@@ -71,9 +70,12 @@ def check_out(out: Path, force: bool) -> list[str]:
     previous: list[str] = []
     if (out / MANIFEST).is_file():
         try:
-            previous = [str(x) for x in json.loads((out / MANIFEST).read_text(encoding="utf-8"))["files"]]
+            listed = json.loads((out / MANIFEST).read_text(encoding="utf-8"))["files"]
         except (ValueError, KeyError, TypeError, OSError):
-            previous = []
+            listed = []
+        # plain names inside `out` only: a manifest never reaches another directory
+        previous = [x for x in (listed if isinstance(listed, list) else [])
+                    if isinstance(x, str) and Path(x).name == x and x not in ("", ".", "..")]
     others = sorted(p.name for p in out.iterdir() if p.name not in {*previous, MANIFEST})
     if others and not force:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")

@@ -235,6 +235,11 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, exports, tmp_path, capsy
     assert export.main(["--run", run, "--out", str(other), "--force"]) == 0
     names = sorted(p.name for p in other.iterdir())
     assert names == sorted({p.name for p in exports["rmsnorm"].iterdir()} | {"notes.txt"})
+    # A manifest naming a file elsewhere (edited, or not ours) reaches nothing outside --out.
+    (tmp_path / "victim.txt").write_text("keep")
+    (other / "genesis_export.json").write_text(json.dumps({"files": ["../victim.txt"]}))
+    assert export.main(["--run", run, "--out", str(other), "--force"]) == 0
+    assert (tmp_path / "victim.txt").read_text() == "keep"
     # Re-exporting into an export's own directory needs no --force.
     assert export.main(["--run", run, "--out", str(exports["rmsnorm"])]) == 0
     assert not [p for p in tmp_path.iterdir() if ".export-" in p.name]
