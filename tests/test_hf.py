@@ -292,6 +292,9 @@ def test_init_from_checks_the_config_first(exports, fixture_corpus, tmp_path, ca
     cfg = run_config(tmp_path / "b.toml", fixture_corpus, "rmsnorm")
     assert train.main(["--config", str(cfg), "--run-dir", str(tmp_path / "rb"), "--init-from", str(broken)]) == 2
     assert "no model.safetensors" in one_line_error(capsys)
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    assert train.main(["--config", str(cfg), "--run-dir", str(tmp_path / "rc"), "--init-from", str(broken)]) == 2
+    assert "not a readable safetensors file" in one_line_error(capsys)
 
 
 # -- transformers ----------------------------------------------------------------------------

@@ -23,14 +23,15 @@ RMS_EPS, LAYER_NORM_EPS = 1e-6, 1e-5  # model.RMSNorm's and model.LayerNorm's
 
 
 def need(module: str) -> Any:
-    """Import a library of the `hf` extra, or say in one line how to install it."""
+    """Import one of the libraries the Hugging Face layout needs (dependencies of genesis-jax,
+    absent where it runs from a checkout with nothing installed), or say in one line how to get it."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UserError(f"the Hugging Face layout needs the `{module.split('.')[0]}` package: "
-                        "install it with pip install 'genesis-jax[hf]'") from None
+        name = module.split(".")[0]
+        raise UserError(f"the Hugging Face layout needs the `{name}` package: pip install {name}") from None
 
 
 # -- weights -----------------------------------------------------------------------------------
@@ -65,8 +66,10 @@ def read_weights(directory: Path) -> dict[str, np.ndarray]:
     """Every tensor of a model directory (one file or an index of shards) as float32 NumPy."""
     safetensors = need("safetensors")
     if (directory / INDEX).is_file():
-        weight_map = json.loads((directory / INDEX).read_text(encoding="utf-8"))["weight_map"]
-        files = sorted(set(weight_map.values()))
+        try:
+            files = sorted(set(json.loads((directory / INDEX).read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{directory / INDEX}: not an index of shards ({e})") from None
     elif (directory / WEIGHTS).is_file():
         files = [WEIGHTS]
     else:
@@ -74,9 +77,12 @@ def read_weights(directory: Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for name in files:
         # The flax reader, since NumPy has no bfloat16 of its own.
-        with safetensors.safe_open(str(directory / name), framework="flax") as f:
-            for key in f.keys():
-                out[key] = np.asarray(f.get_tensor(key), np.float32)
+        try:
+            with safetensors.safe_open(str(directory / name), framework="flax") as f:
+                for key in f.keys():
+                    out[key] = np.asarray(f.get_tensor(key), np.float32)
+        except safetensors.SafetensorError as e:
+            raise UserError(f"{directory / name}: not a readable safetensors file ({e})") from None
     return out
 
 
