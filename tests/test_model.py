@@ -148,6 +148,18 @@ def test_causality():
     assert not np.allclose(la[:, 3], lb[:, 3])
 
 
+def test_packed_segments_attend_only_within_themselves():
+    """Two texts packed in one row with segment ids give each text the logits it has alone
+    (RoPE scores depend on relative positions only, so the second text's shifted positions
+    change nothing)."""
+    _, m = _model()
+    first, second = [10, 20, 30, 40, 50], [60, 70, 80]
+    packed = m(jnp.asarray([first + second], jnp.int32), jnp.asarray([[0] * 5 + [1] * 3], jnp.int32))
+    alone = [m(jnp.asarray([t], jnp.int32)) for t in (first, second)]
+    np.testing.assert_allclose(packed[:, :5], alone[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(packed[:, 5:], alone[1], rtol=1e-4, atol=1e-5)
+
+
 def _np_layernorm(x, eps=1e-5):
     mu = x.mean(-1, keepdims=True)
     return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
