@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true",
                     help="write into an --out that holds other files (they are left as they are)")
     args = ap.parse_args(argv)
-    return run_cli("genesis_jax.export", lambda: export(args), lambda: None)
+    return run_cli("genesis_jax.export", lambda: export(args))
 
 
 def export(args: argparse.Namespace) -> int:

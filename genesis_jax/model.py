@@ -21,6 +21,8 @@ from .attention import Backend
 from .config import ModelSpec
 from .tokenizer import VOCAB_SIZE
 
+RMS_EPS, LAYER_NORM_EPS = 1e-6, 1e-5  # the norms' epsilons (an export's config.json states them)
+
 KVCache = tuple[jax.Array, jax.Array]  # keys, values [batch, max_len, n_kv_heads, head_dim], stacked over layers in Llama
 
 
@@ -45,7 +47,7 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = RMS_EPS):
         self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
         self.eps = eps
 
@@ -56,7 +58,7 @@ class RMSNorm(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = LAYER_NORM_EPS):
         self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
         self.eps = eps

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..config import Config, ModelSpec
 from ..errors import UserError
-from ..model import deepnorm_alpha
+from ..model import LAYER_NORM_EPS, RMS_EPS, deepnorm_alpha
 from ..tokenizer import BOS_ID, BYTE_OFFSET, EOS_ID, PAD_ID, UNK_ID, VOCAB_SIZE
 
 WEIGHTS = "model.safetensors"
@@ -19,7 +19,6 @@ INDEX = "model.safetensors.index.json"
 SPECIALS = {"<pad>": PAD_ID, "<unk>": UNK_ID, "<s>": BOS_ID, "</s>": EOS_ID}
 DEEPNORM_TYPE = "genesis_deepnorm"
 REMOTE_CODE = "modeling_genesis_deepnorm.py"  # travels with a deepnorm export (genesis_jax/hf/remote)
-RMS_EPS, LAYER_NORM_EPS = 1e-6, 1e-5  # model.RMSNorm's and model.LayerNorm's
 
 
 def need(module: str) -> Any:
