@@ -3,11 +3,13 @@ non-zero exit code; an internal error is one line plus a traceback file that nam
 
 from __future__ import annotations
 
+import argparse
 import sqlite3
 import sys
 import tempfile
 import time
 import traceback
+import typing
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +18,15 @@ from .logs import print_err
 
 EXIT_ENVIRONMENT = 2  # a path that cannot be read or written, a full disk, a damaged database
 EXIT_INTERNAL = 1
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line (`error: argument --seed: ...`) and exit code 2, like
+    every other user mistake; `--help` still prints the usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print_err(f"error: {message} (see {self.prog} --help)")
+        sys.exit(2)
 
 
 def first_line(e: BaseException) -> str:

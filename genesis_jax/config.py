@@ -13,12 +13,17 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tomllib  # Python >= 3.11: no tomli needed
 
 from .config_checks import did_you_mean, validate
 from .errors import ConfigError
+from .ranges import (INT32_MAX, Count, Count0, Decay, Factor, Finite, NonNegative, Positive, Probability, Range,
+                     RangeError, Seed)
+from .tokenizer import VOCAB_SIZE
+
+MeshAxis = Annotated[int, Range(-1, INT32_MAX, integer=True)]  # -1: the devices the other axes leave
 
 PRESETS: dict[str, dict[str, int]] = {
     # The research presets (docs/design.md, "The model").
@@ -35,18 +40,18 @@ PRESETS: dict[str, dict[str, int]] = {
 @dataclass(frozen=True)
 class ModelConfig:
     preset: str = "tiny"  # one of PRESETS; explicit keys below override it
-    dim: int | None = None  # model width (None: from preset)
-    n_layers: int | None = None  # decoder blocks (None: from preset)
-    n_heads: int | None = None  # query heads (None: from preset)
-    n_kv_heads: int | None = None  # key/value heads for GQA (None: n_heads)
-    intermediate_size: int | str | None = None  # SwiGLU width; "auto" = 4 * dim
+    dim: Count | None = None  # model width (None: from preset)
+    n_layers: Count | None = None  # decoder blocks (None: from preset)
+    n_heads: Count | None = None  # query heads (None: from preset)
+    n_kv_heads: Count | None = None  # key/value heads for GQA (None: n_heads)
+    intermediate_size: Count | str | None = None  # SwiGLU width; "auto" = 4 * dim
     norm_type: Literal["deepnorm", "rmsnorm"] = "rmsnorm"  # post-norm DeepNet or pre-norm RMSNorm
     deepnorm_beta_init: bool = True  # scale ffn/value/output init by (8N)^(-1/4) under deepnorm
-    rope_base: float = 10000.0  # rotary embedding base
+    rope_base: Positive = 10000.0  # rotary embedding base
     attention: str = "xla"  # attention backend: a name in attention.BACKENDS, or "auto"
     remat: bool = False  # recompute each block in the backward pass to save memory
-    scan_unroll: int = 1  # blocks per iteration of the layer scan (n_layers: no loop); compiles slower, may run faster
-    embed_init_std: float = 0.02  # std of the tied embedding; sets initial logit scale
+    scan_unroll: Count = 1  # blocks per iteration of the layer scan (n_layers: no loop); compiles slower, may run faster
+    embed_init_std: NonNegative = 0.02  # std of the tied embedding; sets initial logit scale
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # activations and matmuls; weights stay float32
 
 
@@ -79,45 +84,45 @@ class DataConfig:
     corpus: str = "bible"  # "bible" (embedded default, imported once into the cache) or a path
     cache_dir: str = ""  # where the embedded corpus is imported ("" = ~/.cache/genesis_jax)
     locales: list[str] = field(default_factory=list)  # subset of locales to train on ([] = all)
-    seq_len: int = 128  # bytes per training window
-    mask_id: int = 0  # id written over masked input positions
+    seq_len: Count = 128  # bytes per training window
+    mask_id: Annotated[int, Range(0, VOCAB_SIZE - 1, integer=True)] = 0  # id written over masked input positions
     verify_corpus: bool = True  # re-hash the corpus files against their manifest at start (off only for huge corpora)
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    max_steps: int = 1000  # optimizer updates
-    batch_size: int = 16  # sequences per micro-batch, across all devices
-    grad_accum_steps: int = 1  # micro-batches per optimizer update
-    seed: int = 0  # drives initialisation and every batch (batch of step s = f(seed, s))
-    log_interval: int = 10  # steps between logged metrics
-    val_interval: int = 100  # steps between held-out validations (0 = never)
-    val_windows: int = 64  # held-out windows per locale in one validation
+    max_steps: Count = 1000  # optimizer updates
+    batch_size: Count = 16  # sequences per micro-batch, across all devices
+    grad_accum_steps: Count = 1  # micro-batches per optimizer update
+    seed: Seed = 0  # drives initialisation and every batch (batch of step s = f(seed, s))
+    log_interval: Count = 10  # steps between logged metrics
+    val_interval: Count0 = 100  # steps between held-out validations (0 = never)
+    val_windows: Count = 64  # held-out windows per locale in one validation
     on_nonfinite: Literal["stop", "skip", "rollback"] = "stop"  # a NaN/inf loss or gradient norm: see README
-    nonfinite_limit: int = 3  # skipped updates or rollbacks allowed in a run before it stops
-    rollback_lr_scale: float = 0.5  # each rollback multiplies the learning rate by this
+    nonfinite_limit: Count0 = 3  # skipped updates or rollbacks allowed in a run before it stops
+    rollback_lr_scale: Factor = 0.5  # each rollback multiplies the learning rate by this
     init_from: str = ""  # a Hugging Face model directory whose weights start a new run ("" = random init)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 3e-3  # peak learning rate
+    lr: Positive = 3e-3  # peak learning rate
     schedule: Literal["cosine", "constant"] = "cosine"  # after warmup
-    warmup_steps: int = 100  # linear warmup; step 0 runs at lr / (warmup + 1)
-    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1  # applied to matrices only
+    warmup_steps: Count0 = 100  # linear warmup; step 0 runs at lr / (warmup + 1)
+    min_lr_ratio: Probability = 0.1  # cosine floor as a fraction of lr
+    beta1: Decay = 0.9
+    beta2: Decay = 0.95
+    eps: NonNegative = 1e-8
+    weight_decay: NonNegative = 0.1  # applied to matrices only
     decay_embedding: bool = False  # also decay the tied embedding
-    grad_clip: float = 1.0  # global-norm clip (0 = off)
+    grad_clip: NonNegative = 1.0  # global-norm clip (0 = off)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    save_interval: int = 500  # steps between checkpoints
-    keep: int = 3  # most recent checkpoints kept
-    permanent_interval: int = 0  # also keep every step that is a multiple of this (0 = none)
+    save_interval: Count = 500  # steps between checkpoints
+    keep: Count = 3  # most recent checkpoints kept
+    permanent_interval: Count0 = 0  # also keep every step that is a multiple of this (0 = none)
     async_save: bool = True  # write checkpoints in the background
 
 
@@ -131,73 +136,73 @@ class LoggingConfig:
 class ParallelConfig:
     """Mesh axis sizes (docs/design.md, "Sharding"); their product is the device count."""
 
-    data: int = -1  # batch split, state replicated (-1: the devices the other axes leave)
-    fsdp: int = 1  # batch split, parameters and Adam moments sharded (ZeRO-3)
-    tensor: int = 1  # attention heads and the SwiGLU hidden dimension split (Megatron)
+    data: MeshAxis = -1  # batch split, state replicated (-1: the devices the other axes leave)
+    fsdp: MeshAxis = 1  # batch split, parameters and Adam moments sharded (ZeRO-3)
+    tensor: MeshAxis = 1  # attention heads and the SwiGLU hidden dimension split (Megatron)
 
 
 @dataclass(frozen=True)
 class CurriculumConfig:
     enabled: bool = True  # run the phase machine BYTE -> WWM -> SPAN
-    wwm_trigger_steps: int = 2000  # earliest step for the Phase 1 -> 2 test
-    wwm_window: int = 500  # steps between the baseline and the improvement test
-    wwm_threshold: float = 0.01  # relative loss-EMA improvement below which WWM starts
-    wwm_mask_prob: float = 0.15  # target fraction of words masked in Phase 2
-    wwm_ramp_steps: int = 500  # steps to ramp the mask probability up to the target
-    span_trigger_steps: int = 2000  # steps in Phase 2 before the Phase 2 -> 3 test
-    span_window: int = 500
-    span_threshold: float = 0.01
-    span_mask_prob: float = 0.15  # target masked density in Phase 3
-    span_ramp_steps: int = 500
-    span_min_len: int = 2  # span length k ~ uniform{min..max} words, one per batch
-    span_max_len: int = 5
-    mask_ramp_start: float = 0.05  # mask probability at the start of each ramp
-    analytics_window: int = 100  # loss analytics window; EMA alpha = 2 / (window + 1)
-    loss_ema_decay: float = 0.99  # the loss EMA the phase machine and stun watch (on the device)
-    locale_ema_decay: float = 0.99  # per-locale EMA of per-sequence loss
-    plateau_lr_patience: int = 1000  # steps without a new phase-local EMA minimum (counted from a phase's anchor) before a stun (0 = off)
-    plateau_lr_drop: float = 0.5  # stun: LR multiplier and Adam first moment scaled by this
-    plateau_min_delta: float = 1e-3  # a loss-EMA minimum counts only if it beats the last by this fraction
-    stun_max_count: int = 1  # stuns allowed in a run
-    stun_cooldown_steps: int = 0  # steps between two stuns
-    stun_recovery_steps: int = 0  # ramp the multiplier back to 1 over this many steps (0 = permanent)
+    wwm_trigger_steps: Count0 = 2000  # earliest step for the Phase 1 -> 2 test
+    wwm_window: Count = 500  # steps between the baseline and the improvement test
+    wwm_threshold: NonNegative = 0.01  # relative loss-EMA improvement below which WWM starts
+    wwm_mask_prob: Probability = 0.15  # target fraction of words masked in Phase 2
+    wwm_ramp_steps: Count0 = 500  # steps to ramp the mask probability up to the target
+    span_trigger_steps: Count0 = 2000  # steps in Phase 2 before the Phase 2 -> 3 test
+    span_window: Count = 500
+    span_threshold: NonNegative = 0.01
+    span_mask_prob: Probability = 0.15  # target masked density in Phase 3
+    span_ramp_steps: Count0 = 500
+    span_min_len: Count = 2  # span length k ~ uniform{min..max} words, one per batch
+    span_max_len: Count = 5
+    mask_ramp_start: Probability = 0.05  # mask probability at the start of each ramp
+    analytics_window: Count = 100  # loss analytics window; EMA alpha = 2 / (window + 1)
+    loss_ema_decay: Probability = 0.99  # the loss EMA the phase machine and stun watch (on the device)
+    locale_ema_decay: Probability = 0.99  # per-locale EMA of per-sequence loss
+    plateau_lr_patience: Count0 = 1000  # steps without a new phase-local EMA minimum (counted from a phase's anchor) before a stun (0 = off)
+    plateau_lr_drop: Factor = 0.5  # stun: LR multiplier and Adam first moment scaled by this
+    plateau_min_delta: Decay = 1e-3  # a loss-EMA minimum counts only if it beats the last by this fraction
+    stun_max_count: Count0 = 1  # stuns allowed in a run
+    stun_cooldown_steps: Count0 = 0  # steps between two stuns
+    stun_recovery_steps: Count0 = 0  # ramp the multiplier back to 1 over this many steps (0 = permanent)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    interval: int = 0  # steps between quick evaluations during training (0 = never)
-    val_windows: int = 64  # held-out windows per locale (full suite; quick uses a quarter)
-    reconstruction_windows: int = 32  # held-out windows per locale and masking kind (full; quick: a quarter)
-    mask_prob: float = 0.15  # random and span masking probability in the reconstruction test
-    span_len: int = 3  # words per span in the reconstruction test
-    alignment_keys: int = 256  # held-out verse keys embedded per locale (both suites: chance = 1 / keys)
-    embed_len: int = 128  # bytes of a verse read for its embedding
-    max_val_ppl: float = 8.0  # go/no-go: validation perplexity at most this
-    max_train_val_gap: float = 0.3  # go/no-go: validation minus training cross-entropy at most this (nats)
-    min_alignment_acc: float = 0.02  # go/no-go: mean cross-lingual top-1 retrieval accuracy at least this
-    grokking_drop: float = 0.1  # validation loss falling by this fraction within the window: a grokking signal (0 = off)
-    grokking_window: int = 1000  # steps over which the drop is measured
-    grokking_min_step: int = 2000  # no grokking signal before this step (early training always drops fast)
+    interval: Count0 = 0  # steps between quick evaluations during training (0 = never)
+    val_windows: Count = 64  # held-out windows per locale (full suite; quick uses a quarter)
+    reconstruction_windows: Count = 32  # held-out windows per locale and masking kind (full; quick: a quarter)
+    mask_prob: Annotated[float, Range(0.0, 1.0, integer=False, lo_open=True, hi_open=True)] = 0.15  # random and span masking probability in the reconstruction test
+    span_len: Count = 3  # words per span in the reconstruction test
+    alignment_keys: Count = 256  # held-out verse keys embedded per locale (both suites: chance = 1 / keys)
+    embed_len: Count = 128  # bytes of a verse read for its embedding
+    max_val_ppl: Positive = 8.0  # go/no-go: validation perplexity at most this
+    max_train_val_gap: Finite = 0.3  # go/no-go: validation minus training cross-entropy at most this (nats)
+    min_alignment_acc: Probability = 0.02  # go/no-go: mean cross-lingual top-1 retrieval accuracy at least this
+    grokking_drop: NonNegative = 0.1  # validation loss falling by this fraction within the window: a grokking signal (0 = off)
+    grokking_window: Count = 1000  # steps over which the drop is measured
+    grokking_min_step: Count0 = 2000  # no grokking signal before this step (early training always drops fast)
 
 
 @dataclass(frozen=True)
 class MTLConfig:
     enabled: bool = False  # mix auxiliary tasks into training
-    lm_weight: float = 0.70  # task mixture: probability that a micro-batch is this task
-    coherence_weight: float = 0.15
-    cross_ref_weight: float = 0.075
-    paraphrase_weight: float = 0.075
-    lm_loss_weight: float = 1.0  # per-task loss weights, separate from the mixture
-    coherence_loss_weight: float = 1.0
-    cross_ref_loss_weight: float = 1.0
-    paraphrase_loss_weight: float = 1.0
-    max_len: int = 128  # bytes of a verse read for a task example
-    head_dim: int = 128  # width of the task heads' MLPs and projections
-    triplet_margin: float = 0.5  # cross_ref: max(0, cos(a, neg) - cos(a, pos) + margin)
-    paraphrase_scale: float = 5.0  # paraphrase: logit = scale * cos
-    cross_ref_window: int = 5  # cross_ref positive: within +-window keys of the anchor
-    cross_ref_min_distance: int = 100  # cross_ref negative: at least this many keys away
-    task_ema_decay: float = 0.9  # host-side EMA of each task's loss and accuracy over its micro-batches
+    lm_weight: NonNegative = 0.70  # task mixture: probability that a micro-batch is this task
+    coherence_weight: NonNegative = 0.15
+    cross_ref_weight: NonNegative = 0.075
+    paraphrase_weight: NonNegative = 0.075
+    lm_loss_weight: NonNegative = 1.0  # per-task loss weights, separate from the mixture
+    coherence_loss_weight: NonNegative = 1.0
+    cross_ref_loss_weight: NonNegative = 1.0
+    paraphrase_loss_weight: NonNegative = 1.0
+    max_len: Count = 128  # bytes of a verse read for a task example
+    head_dim: Count = 128  # width of the task heads' MLPs and projections
+    triplet_margin: NonNegative = 0.5  # cross_ref: max(0, cos(a, neg) - cos(a, pos) + margin)
+    paraphrase_scale: Positive = 5.0  # paraphrase: logit = scale * cos
+    cross_ref_window: Count = 5  # cross_ref positive: within +-window keys of the anchor
+    cross_ref_min_distance: Count = 100  # cross_ref negative: at least this many keys away
+    task_ema_decay: Decay = 0.9  # host-side EMA of each task's loss and accuracy over its micro-batches
 
 
 @dataclass(frozen=True)
@@ -219,7 +224,7 @@ SECTIONS: dict[str, type] = {**typing.get_type_hints(Config), "model": ModelConf
 
 
 def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls, include_extras=True)
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -230,6 +235,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value not in args:
             raise ConfigError(f"{key} = {value!r}: expected one of {', '.join(map(repr, args))}")
         return value
+    if origin is Annotated:
+        value = _coerce(key, value, args[0])
+        try:
+            return args[1].check(value)
+        except RangeError as e:
+            raise ConfigError(f"{key} = {value!r}: {e}") from None
     if origin in (typing.Union, types.UnionType):
         errors = []
         for a in args:
@@ -237,7 +248,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, a)
             except ConfigError as e:
                 errors.append(str(e))
-        names = " or ".join("none" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
+        numbers = [e for a, e in zip(args, errors) if typing.get_origin(a) is Annotated]
+        if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ConfigError(numbers[0])  # a number out of range: say the range
+        names = " or ".join("none" if a is type(None) else getattr(typing.get_args(a)[0] if typing.get_origin(a) is Annotated
+                                                                       else a, "__name__", str(a)) for a in args)
         raise ConfigError(f"{key} = {value!r}: expected {names}")
     if tp is type(None):
         if value is not None:
@@ -280,6 +295,8 @@ def _parse_cli_value(key: str, text: str, tp: Any) -> Any:
 
 
 def _accepts_str_only(tp: Any) -> bool:
+    if typing.get_origin(tp) is Annotated:
+        return False
     return tp is str or (typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in typing.get_args(tp)))
 
 

@@ -14,16 +14,17 @@ from jax.experimental import multihost_utils
 
 from .compat import persistent_cache_unsafe
 from .errors import UserError
+from .ranges import COUNT, COUNT0, flag
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("multi-process (jax.distributed)")
     g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address; starts one process of a run")
-    g.add_argument("--num-processes", type=int, help="processes in the run (with --coordinator)")
-    g.add_argument("--process-id", type=int, help="this process's rank, 0..num-processes-1 (with --coordinator)")
+    g.add_argument("--num-processes", type=flag(COUNT), help="processes in the run (with --coordinator)")
+    g.add_argument("--process-id", type=flag(COUNT0), help="this process's rank, 0..num-processes-1 (with --coordinator)")
     g.add_argument("--distributed", action="store_true",
                    help="let JAX detect the cluster (SLURM, Open MPI) and initialise from it")
-    g.add_argument("--heartbeat-timeout", type=int, default=60, metavar="S",
+    g.add_argument("--heartbeat-timeout", type=flag(COUNT), default=60, metavar="S",
                    help="seconds after which the others stop when a process is gone (default 60)")
 
 
@@ -36,8 +37,6 @@ def initialize(args: argparse.Namespace) -> None:
         raise UserError("--coordinator, --num-processes and --process-id go together (or use --distributed)")
     if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
         raise UserError(f"--process-id {args.process_id}: must be within [0, --num-processes {args.num_processes})")
-    if args.heartbeat_timeout <= 0:
-        raise UserError(f"--heartbeat-timeout {args.heartbeat_timeout}: must be positive")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # collectives of CPU devices across processes
     kwargs = {} if args.distributed else {"coordinator_address": args.coordinator, "num_processes": args.num_processes,
                                           "process_id": args.process_id}

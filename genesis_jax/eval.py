@@ -6,7 +6,6 @@ the thresholds in the run's `[eval]` config, naming each threshold that failed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -15,16 +14,17 @@ from pathlib import Path
 from flax import nnx
 
 from .data import open_configured, selected_locales
-from .cli import run_cli
+from .cli import ArgumentParser, run_cli
+from .ranges import COUNT0, flag
 from .eval_metrics import format_table, go_no_go
 from .eval_suite import EvalSuite
 from .rundir import load_run
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m genesis_jax.eval", description=__doc__)
+    ap = ArgumentParser(prog="python -m genesis_jax.eval", description=__doc__)
     ap.add_argument("--run", type=Path, required=True)
-    ap.add_argument("--step", type=int)
+    ap.add_argument("--step", type=flag(COUNT0))
     ap.add_argument("--suite", choices=["full", "quick"], default="full")
     args = ap.parse_args(argv)
     return run_cli("genesis_jax.eval", lambda: evaluate(args.run, args.step, args.suite), lambda: args.run / "logs")

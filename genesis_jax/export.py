@@ -18,7 +18,8 @@ from typing import Any
 from flax import nnx
 
 from . import config as config_lib
-from .cli import run_cli
+from .cli import ArgumentParser, run_cli
+from .ranges import COUNT0, flag
 from .errors import UserError
 from .hf import files as hf_files
 from .hf.layout import to_hf
@@ -38,10 +39,10 @@ def parse_size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m genesis_jax.export", description=__doc__)
+    ap = ArgumentParser(prog="python -m genesis_jax.export", description=__doc__)
     ap.add_argument("--run", type=Path, required=True, help="run directory")
     ap.add_argument("--out", type=Path, required=True, help="model directory to write")
-    ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    ap.add_argument("--step", type=flag(COUNT0), help="checkpoint step (default: the latest)")
     ap.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype in the files")
     ap.add_argument("--max-shard-size", default="5GB", help="larger weights are split into shards with an index")
     ap.add_argument("--force", action="store_true",

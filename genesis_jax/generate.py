@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
 
-from .cli import run_cli
-from .errors import UserError
+from .cli import ArgumentParser, run_cli
+from .ranges import COUNT, COUNT0, NONNEGATIVE, SEED, Range, flag
 from .decoding import generate
 from .rundir import load_run
 from .logs import print_err
@@ -18,26 +17,22 @@ MAX_TOKENS = 65536  # the KV cache grows with it; beyond this a single sample is
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m genesis_jax.generate", description=__doc__)
+    ap = ArgumentParser(prog="python -m genesis_jax.generate", description=__doc__)
     ap.add_argument("--run", type=Path, required=True, help="run directory")
-    ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    ap.add_argument("--step", type=flag(COUNT0), help="checkpoint step (default: the latest)")
     ap.add_argument("--prompt", required=True)
-    ap.add_argument("--max-tokens", type=int, default=200, help="bytes to generate at most")
-    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    ap.add_argument("--top-k", type=int, default=0, help="keep the k most likely bytes (0 = all)")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with this much mass")
+    ap.add_argument("--max-tokens", type=flag(Range(1, MAX_TOKENS, integer=True)), default=200, help="bytes to generate at most")
+    ap.add_argument("--temperature", type=flag(NONNEGATIVE), default=0.8, help="0 = greedy")
+    ap.add_argument("--top-k", type=flag(COUNT0), default=0, help="keep the k most likely bytes (0 = all)")
+    ap.add_argument("--top-p", type=flag(Range(0.0, 1.0, integer=False, lo_open=True)), default=1.0, help="nucleus: smallest set with this much mass")
     ap.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable); it is cut off")
-    ap.add_argument("--num-samples", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-samples", type=flag(COUNT), default=1)
+    ap.add_argument("--seed", type=flag(SEED), default=0)
     args = ap.parse_args(argv)
     return run_cli("genesis_jax.generate", lambda: sample(args), lambda: args.run / "logs")
 
 
 def sample(args: argparse.Namespace) -> int:
-    if not 0 < args.max_tokens <= MAX_TOKENS or args.num_samples <= 0:
-        raise UserError(f"--max-tokens must be within [1, {MAX_TOKENS}] and --num-samples positive")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0) or not 0.0 < args.top_p <= 1.0 or args.top_k < 0:
-        raise UserError("--temperature must be a finite number >= 0, --top-p within (0, 1], --top-k >= 0")
     prompt = os.fsencode(args.prompt)  # bytes as given, even when they are not valid UTF-8
     run = load_run(args.run, args.step)
     outs = generate(run.model, prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import eval_metrics
-from .cli import run_cli
+from .cli import ArgumentParser, run_cli
 from .errors import UserError
 
 PHASE_COLOURS = {1: None, 2: "#fde9c9", 3: "#d9ecf7"}
@@ -125,7 +125,7 @@ def plot_evaluation(plt: Any, con: sqlite3.Connection, out: Path) -> Path | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m genesis_jax.report", description=__doc__,
+    ap = ArgumentParser(prog="python -m genesis_jax.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True)
     args = ap.parse_args(argv)

@@ -19,7 +19,7 @@ import jax
 
 from . import config as config_lib
 from .checkpoint import Checkpointer, RefusedResume, check_shape
-from .cli import run_cli
+from .cli import ArgumentParser, run_cli
 from .config import Config
 from .distributed import add_arguments as add_distributed_arguments, initialize as initialize_distributed, is_primary
 from .errors import ConfigError, UserError
@@ -221,7 +221,7 @@ def check_corpus(meta: dict[str, Any], corpus_sha: str, run_dir: Path, allow_cha
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m genesis_jax.train", description=__doc__)
+    ap = ArgumentParser(prog="python -m genesis_jax.train", description=__doc__)
     ap.add_argument("--config", required=True, help="TOML run config (see configs/)")
     ap.add_argument("--run-dir", help="run directory (default runs/<config name>)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

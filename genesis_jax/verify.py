@@ -7,7 +7,6 @@ every available check passes.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.metadata
 import sys
@@ -24,7 +23,7 @@ from flax import nnx
 from . import attention
 from . import config as config_lib
 from .attention import Backend
-from .cli import run_cli
+from .cli import ArgumentParser, run_cli
 from .errors import ConfigError, UserError
 from .model import Llama
 from .tokenizer import BYTE_OFFSET, VOCAB_SIZE
@@ -96,7 +95,7 @@ def check_backend(backend: str, dtype: str, preset: str, seq: int) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m genesis_jax.verify", description=__doc__)
+    ap = ArgumentParser(prog="python -m genesis_jax.verify", description=__doc__)
     ap.add_argument("--out", type=Path, help="also write the table as CSV")
     args = ap.parse_args(argv)
     return run_cli("genesis_jax.verify", lambda: verify(args.out))

@@ -122,3 +122,18 @@ def write_small_run_config(path: Path, corpus: Path, max_steps: int, val_interva
                     f'[training]\nmax_steps = {max_steps}\nbatch_size = 4\nlog_interval = 2\nval_interval = {val_interval}\n'
                     + extra)
     return path
+
+
+def one_error_line(err: str) -> str:
+    """The one `error:` line of stderr (progress lines may come before it; no traceback may)."""
+    lines = [x for x in err.splitlines() if x.startswith("error")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def exit_code(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """A command's exit code whether it returns it or argparse exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1

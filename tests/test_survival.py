@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, write_textdir
+from conftest import ROOT, exit_code, one_error_line, write_textdir
 from genesis_jax import cli, generate, report, verify
 from genesis_jax.checkpoint import read_pinned
 from genesis_jax.corpus import __main__ as corpus_cli
@@ -19,13 +19,6 @@ from genesis_jax.corpus.store import open_corpus
 from genesis_jax.errors import CorpusError, ResumeError, UserError
 from genesis_jax.logs import MetricsDB
 from genesis_jax.rundir import RunLock, RunLockedError, prepare
-
-
-def one_error_line(err: str) -> str:
-    """The one `error:` line of stderr (progress lines may come before it; no traceback may)."""
-    lines = [x for x in err.splitlines() if x.startswith("error")]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 def tree_digest(path: Path) -> dict[str, bytes]:
@@ -153,7 +146,7 @@ def test_report_on_a_corrupt_database(tmp_path, capsys):
 
 @pytest.mark.parametrize("args", [["--temperature", "nan"], ["--max-tokens", "100000000"], ["--top-p", "0"]])
 def test_generate_refuses_bad_arguments_before_loading(tmp_path, capsys, args):
-    assert generate.main(["--run", str(tmp_path / "none"), "--prompt", "x", *args]) == 2
+    assert exit_code(generate.main, ["--run", str(tmp_path / "none"), "--prompt", "x", *args]) == 2
     assert args[0] in one_error_line(capsys.readouterr().err)  # the argument, not the missing run, is named
 
 

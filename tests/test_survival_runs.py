@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, write_small_run_config, write_textdir
+from conftest import ROOT, one_error_line, write_small_run_config, write_textdir
 from genesis_jax import eval as eval_cli, generate, train
 from genesis_jax.checkpoint import Checkpointer
 from genesis_jax.config import load
@@ -24,7 +24,6 @@ from genesis_jax.rundir import load_run
 from genesis_jax.rundir import RunLock
 from genesis_jax.step import TrainState, init_model, init_state
 from test_resume import logged
-from test_survival import one_error_line
 
 pytestmark = pytest.mark.slow
 

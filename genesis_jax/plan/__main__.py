@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as config_lib
-from ..cli import run_cli
+from ..cli import ArgumentParser, run_cli
+from ..ranges import COUNT, flag
 from ..errors import UserError
 from . import target as targets
 from .compile import Compiled, JobResult, run
@@ -26,12 +27,12 @@ MIB = 2**20
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m genesis_jax.plan", description=__doc__,
+    ap = ArgumentParser(prog="python -m genesis_jax.plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="TOML run config")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
     ap.add_argument("--target", default="h200", help=f"GPU to compile for: {', '.join(targets.names())} (default h200)")
-    ap.add_argument("--devices", type=int, default=None,
+    ap.add_argument("--devices", type=flag(COUNT), default=None,
                     help="GPUs of one host to shard over (default: the product of [parallel] when it has no -1, else 1)")
     ap.add_argument("--json", type=Path, help="also write the whole plan as JSON here")
     ap.add_argument("--keep", type=Path, help="keep the compiler's logs and XLA dumps in this directory")
