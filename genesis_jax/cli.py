@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Callable
 
+from . import platforms
 from .errors import UserError
 from .logs import print_err
 
@@ -57,9 +58,13 @@ def write_traceback(e: BaseException, directory: Path | None, prog: str) -> Path
     return None
 
 
-def run_cli(prog: str, body: Callable[[], int], traceback_dir: Callable[[], Path | None] = lambda: None) -> int:
-    """Run a command's body and turn any exception into one line and an exit code."""
+def run_cli(prog: str, body: Callable[[], int], traceback_dir: Callable[[], Path | None] = lambda: None,
+            devices: bool = True) -> int:
+    """Run a command's body and turn any exception into one line and an exit code. `devices`: start
+    the accelerator first (a command that joins a multi-process run does it after joining)."""
     try:
+        if devices:
+            platforms.require()
         return body()
     except UserError as e:
         print_err(f"error: {e}")

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True)
     args = ap.parse_args(argv)
-    return run_cli("genesis_jax.report", lambda: plot_run(args.run), lambda: args.run / "logs")
+    return run_cli("genesis_jax.report", lambda: plot_run(args.run), lambda: args.run / "logs", devices=False)
 
 
 def plot_run(run_dir: Path) -> int:

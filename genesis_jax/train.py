@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import jax
 
-from . import config as config_lib
+from . import config as config_lib, platforms
 from .checkpoint import Checkpointer, RefusedResume, check_shape
 from .cli import ArgumentParser, run_cli
 from .config import Config
@@ -242,12 +242,14 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
         overrides = args.set + ([f"training.init_from={args.init_from}"] if args.init_from else [])
         cfg = config_lib.load(args.config, overrides)
         initialize_distributed(args)
+        platforms.require()
         if jax.process_count() > 1 and cfg.eval.interval:
             raise ConfigError(f"eval.interval = {cfg.eval.interval}: the quick suite during training runs in single-process "
                               "runs only; set it to 0 and evaluate checkpoints with python -m genesis_jax.eval")
         return train(cfg, run_dir, args.allow_corpus_change, own_process)
 
-    return run_cli("genesis_jax.train", body, lambda: run_dir / "logs" if run_dir.is_dir() else None)
+    return run_cli("genesis_jax.train", body, lambda: run_dir / "logs" if run_dir.is_dir() else None,
+                   devices=False)
 
 
 if __name__ == "__main__":

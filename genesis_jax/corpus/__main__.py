@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     inf.add_argument("path", type=Path)
     inf.add_argument("--verify", action="store_true", help="re-hash the files and compare with the manifest")
     args = ap.parse_args(argv)
-    return run_cli("genesis_jax.corpus", lambda: run_command(args))
+    return run_cli("genesis_jax.corpus", lambda: run_command(args), devices=False)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                                  encoding="utf-8")
         return 1 if failures else 0
 
-    return run_cli("genesis_jax.plan", body)
+    return run_cli("genesis_jax.plan", body, devices=False)
 
 
 if __name__ == "__main__":
