@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -47,6 +48,16 @@ def ensure_embedded(data: DataConfig) -> Path:
         if not (out / "manifest.json").is_file():  # another process may have won the race
             raise
     return out
+
+
+def corpus_identity(data: DataConfig) -> str:
+    """The configured corpus's content hash, read from its manifest without opening the corpus
+    (the processes of one run compare it before any of them reads the data)."""
+    path = cache_root(data) / "corpora" / EMBEDDED_VERSION if data.corpus == EMBEDDED else Path(data.corpus).expanduser()
+    try:
+        return str(json.loads((path / "manifest.json").read_text(encoding="utf-8"))["content_sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"(no readable corpus at {path})"
 
 
 def open_configured(data: DataConfig) -> Corpus:

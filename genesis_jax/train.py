@@ -6,6 +6,7 @@ Re-running the same command on the same run directory resumes from its latest ch
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -21,7 +22,8 @@ from . import config as config_lib, platforms
 from .checkpoint import Checkpointer, RefusedResume, check_shape
 from .cli import ArgumentParser, run_cli
 from .config import Config
-from .distributed import add_arguments as add_distributed_arguments, initialize as initialize_distributed, is_primary
+from .data import corpus_identity
+from .distributed import add_arguments as add_distributed_arguments, agree, initialize as initialize_distributed, is_primary
 from .errors import ConfigError, UserError
 from .hf.pretrained import start_from_pretrained
 from .logs import print_err
@@ -220,6 +222,16 @@ def check_corpus(meta: dict[str, Any], corpus_sha: str, run_dir: Path, allow_cha
     print_err(f"continuing on another corpus ({trained_on[:16]} -> {corpus_sha[:16]}), as --allow-corpus-change asks")
 
 
+def fingerprint(cfg: Config, run_dir: Path, num_processes: int | None) -> dict[str, str]:
+    """What every process of one run must share: the resolved config, the corpus's content, the
+    run directory and the process count each was told (the coordinator's alone is not checked)."""
+    items = {f"{s}.{k}": json.dumps(v) for s, body in config_lib.to_dict(cfg).items() for k, v in body.items()}
+    items["corpus content"] = corpus_identity(cfg.data)
+    items["--run-dir"] = str(run_dir.resolve())
+    items["--num-processes"] = str(num_processes if num_processes is not None else jax.process_count())
+    return items
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = ArgumentParser(prog="python -m genesis_jax.train", description=__doc__)
     ap.add_argument("--config", required=True, help="TOML run config (see configs/)")
@@ -241,8 +253,9 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     def body() -> int:
         overrides = args.set + ([f"training.init_from={args.init_from}"] if args.init_from else [])
         cfg = config_lib.load(args.config, overrides)
-        initialize_distributed(args)
+        watchdog = initialize_distributed(args)
         platforms.require()
+        agree(fingerprint(cfg, run_dir, args.num_processes), watchdog)
         if jax.process_count() > 1 and cfg.eval.interval:
             raise ConfigError(f"eval.interval = {cfg.eval.interval}: the quick suite during training runs in single-process "
                               "runs only; set it to 0 and evaluate checkpoints with python -m genesis_jax.eval")

@@ -1,0 +1,127 @@
+"""Fault class 1, processes of one run that disagree or never meet: every case ends within
+seconds in one line and exit code 2 in each process, before anything is written (the cases run
+side by side, each pair on its own port)."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, one_error_line, write_small_run_config, write_textdir
+from genesis_jax import distributed
+from genesis_jax.errors import UserError
+from test_multiprocess import env, free_port
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 60  # every case ends within this, or the test fails
+
+
+def train_cmd(cfg: Path, run: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "genesis_jax.train", "--config", str(cfg), "--run-dir", str(run),
+            "--set", "logging.tensorboard=false", "--join-timeout", "6", *extra]
+
+
+def pair(cfg: Path, run: Path, extra0: list[str], extra1: list[str], cwd: tuple[Path, Path] = (ROOT, ROOT),
+         n: tuple[str, str] = ("2", "2")) -> list[list[str] | Path]:
+    port = str(free_port())
+    return [[*train_cmd(cfg, run, *extra0), "--coordinator", f"localhost:{port}", "--num-processes", n[0], "--process-id", "0"],
+            cwd[0],
+            [*train_cmd(cfg, run, *extra1), "--coordinator", f"localhost:{port}", "--num-processes", n[1], "--process-id", "1"],
+            cwd[1]]
+
+
+@pytest.fixture(scope="module")
+def outcomes(fixture_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple[int, str, float]]]:
+    """Each case's processes, started together: (exit code, stderr, seconds) of each; "base":
+    the directory that holds every case's run directory."""
+    base = tmp_path_factory.mktemp("faults_mp")
+    cfg = write_small_run_config(base / "run.toml", fixture_corpus, 4, 0)
+    # The same relative data.corpus read in two directories holding different corpora (two hosts).
+    from genesis_jax.corpus.importers import import_textdir
+    from genesis_jax.corpus.store import CorpusWriter
+
+    hosts = (base / "host0", base / "host1")
+    for i, host in enumerate(hosts):
+        w = CorpusWriter()
+        import_textdir(w, write_textdir(host / "src", repeat=20 + i))
+        w.write(host / "corpus", val_fraction=0.1, split_seed=0)
+    rel_cfg = write_small_run_config(base / "rel.toml", Path("corpus"), 4, 0)
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    busy = held.getsockname()[1]
+    run = lambda name: base / name  # noqa: E731
+    cases: dict[str, list] = {
+        "optim.lr": pair(cfg, run("lr"), ["--set", "optim.lr=0.001"], ["--set", "optim.lr=0.003"]),
+        "data.seq_len": pair(cfg, run("seq"), [], ["--set", "data.seq_len=16"]),
+        "--run-dir": pair(cfg, run("a"), [], ["--run-dir", str(run("b"))]),
+        "--num-processes": pair(cfg, run("n"), [], [], n=("2", "3")),
+        "corpus content": pair(rel_cfg, run("corpus"), [], [], cwd=hosts),
+        "lone process 0": [train_cmd(cfg, run("lone0"), "--coordinator", f"localhost:{free_port()}",
+                                     "--num-processes", "2", "--process-id", "0"), ROOT],
+        "lone process 1": [train_cmd(cfg, run("lone1"), "--coordinator", f"localhost:{free_port()}",
+                                     "--num-processes", "2", "--process-id", "1"), ROOT],
+        "port in use": [train_cmd(cfg, run("busy"), "--coordinator", f"localhost:{busy}",
+                                  "--num-processes", "2", "--process-id", "0"), ROOT],
+    }
+    procs = {name: [(subprocess.Popen(c[i], cwd=c[i + 1], env={**env(1), "PYTHONPATH": str(ROOT)}, text=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), time.time())
+                     for i in range(0, len(c), 2)] for name, c in cases.items()}
+    out = {}
+    for name, ps in procs.items():
+        out[name] = []
+        for p, t0 in ps:
+            try:
+                _, err = p.communicate(timeout=max(1.0, t0 + TIMEOUT - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                _, err = p.communicate()
+                err += "\n(hung: killed by the test)"
+            out[name].append((p.returncode, err, time.time() - t0))
+    held.close()
+    out["base"] = base
+    return out
+
+
+@pytest.mark.parametrize("key", ["optim.lr", "data.seq_len", "--run-dir", "--num-processes", "corpus content"])
+def test_processes_that_disagree_all_stop_naming_the_first_difference(outcomes, key):
+    for code, err, seconds in outcomes[key]:
+        lines = [x for x in err.splitlines() if "Gloo" not in x and "peer ranks" not in x and x.strip()]
+        assert code == 2 and seconds < TIMEOUT, err[-1500:]
+        line = one_error_line("\n".join(lines))
+        assert f"the processes disagree: {key} is " in line and "in process 1 and" in line, line
+    for name in ("lr", "seq", "a", "b", "n", "corpus"):
+        assert not (outcomes["base"] / name).exists()  # stopped before the run directory was made
+
+
+@pytest.mark.parametrize("case", ["lone process 0", "lone process 1"])
+def test_a_process_whose_peers_never_come_says_whom_it_waits_for_and_gives_up(outcomes, case):
+    (code, err, seconds), = outcomes[case]
+    assert code == 2 and seconds < TIMEOUT, err[-1500:]
+    assert "waiting for" in err and "--join-timeout" in err
+    assert "gave up after 6 s" in one_error_line(err)
+
+
+def test_a_coordinator_port_in_use_is_one_line(outcomes):
+    (code, err, seconds), = outcomes["port in use"]
+    assert code == 2, err[-1500:]
+    assert "is in use on this host" in one_error_line(err)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(coordinator="localhost:1", num_processes=2, process_id=2), "--process-id 2: must be within [0, --num-processes 2)"),
+    (dict(coordinator="localhost", num_processes=2, process_id=0), "expected HOST:PORT"),
+    (dict(coordinator="localhost:70000", num_processes=2, process_id=0), "expected HOST:PORT"),
+    (dict(coordinator="localhost:1", num_processes=None, process_id=0), "go together"),
+])
+def test_launch_flags_that_cannot_form_a_run(flags, message):
+    args = argparse.Namespace(distributed=False, heartbeat_timeout=10, join_timeout=5, **flags)
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        distributed.initialize(args)
