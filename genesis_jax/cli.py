@@ -82,6 +82,10 @@ def run_cli(prog: str, body: Callable[[], int], traceback_dir: Callable[[], Path
         print_err("error: out of memory (ask for less: fewer tokens, a smaller batch)")
         return EXIT_ENVIRONMENT
     except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in a file
+        if "RESOURCE_EXHAUSTED" in str(e):  # an allocation the estimates (budget.py) let through
+            print_err(f"error: out of memory on the device ({first_line(e)}); ask for less: a smaller batch, model "
+                      "or --num-samples")
+            return EXIT_ENVIRONMENT
         path = write_traceback(e, traceback_dir(), prog)
         where = f"; traceback in {path}" if path else ""
         print_err(f"error: {prog} failed: {type(e).__name__}: {first_line(e)}{where}")

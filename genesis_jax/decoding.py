@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .budget import check_generation
 from .errors import UserError
 from .model import KVCache, Llama
 from .tokenizer import BYTE_OFFSET, VOCAB_SIZE
@@ -40,6 +41,7 @@ def generate(model: Llama, prompt: bytes, *, max_tokens: int, temperature: float
     if not prompt:
         raise UserError("--prompt must not be empty")
     ids = np.frombuffer(prompt, np.uint8).astype(np.int32) + BYTE_OFFSET
+    check_generation(model.cfg, num_samples, len(ids), max_tokens)  # before the cache is allocated
     tokens = jnp.asarray(np.tile(ids, (num_samples, 1)))
     graphdef, params = nnx.split(model)
     cache = model.init_cache(num_samples, len(ids) + max_tokens)

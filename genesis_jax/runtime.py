@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from .config import Config
+from .budget import check_training
 from .corpus.store import Corpus
 from .data import Streams, ValWindows, open_configured, selected_locales, val_windows
 from .errors import UserError
@@ -66,6 +67,7 @@ def load_data(cfg: Config) -> HostData:
 
 def build(cfg: Config) -> Setup:
     """Open the corpus, put its training split on the devices, initialise the state."""
+    check_training(cfg)  # before anything is allocated
     mesh = make_mesh(parallel=cfg.parallel)
     check_devices(cfg, mesh)
     data = load_data(cfg)
