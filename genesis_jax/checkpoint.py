@@ -16,6 +16,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from .config import CheckpointConfig, Config
 from .errors import ResumeError
 from .logs import print_err
+from .writing import write_file
 
 State = TypeVar("State")  # the train state pytree (any pytree of arrays)
 Meta = dict[str, Any]  # a checkpoint's JSON metadata
@@ -71,9 +72,7 @@ class Checkpointer:
         if jax.process_index() != 0:  # every process keeps the set; one writes it
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.pinned_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(sorted(self.pinned)))
-        tmp.replace(self.pinned_file)
+        write_file(self.pinned_file, json.dumps(sorted(self.pinned)))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

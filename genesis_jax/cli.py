@@ -16,6 +16,7 @@ from typing import Callable
 from . import platforms
 from .errors import UserError
 from .logs import print_err
+from .writing import write_file
 
 EXIT_ENVIRONMENT = 2  # a path that cannot be read or written, a full disk, a damaged database
 EXIT_INTERNAL = 1
@@ -50,9 +51,7 @@ def write_traceback(e: BaseException, directory: Path | None, prog: str) -> Path
     for d in ([directory] if directory is not None else []) + [Path(tempfile.gettempdir())]:
         try:
             d.mkdir(parents=True, exist_ok=True)
-            path = d / name
-            path.write_text(f"{' '.join(sys.argv)}\n\n{text}", encoding="utf-8")
-            return path
+            return write_file(d / name, f"{' '.join(sys.argv)}\n\n{text}")
         except OSError:
             continue
     return None

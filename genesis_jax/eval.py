@@ -19,6 +19,7 @@ from .ranges import COUNT0, flag
 from .eval_metrics import format_table, go_no_go
 from .eval_suite import EvalSuite
 from .rundir import load_run
+from .writing import write_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,9 +41,9 @@ def evaluate(run_dir: Path, step: int | None, suite: str) -> int:
     failed = go_no_go(results, run.cfg)
     report = {"run": str(run_dir), "step": run.step, "suite": suite, "seconds": time.time() - t0,
               "go": not failed, "failed": failed, "results": results}
-    out = run_dir / "reports" / f"eval_{run.step}.json"
+    out = run_dir / "reports" / (f"eval_{run.step}.json" if suite == "full" else f"eval_{run.step}_{suite}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    write_file(out, json.dumps(report, indent=1))
     print(f"{suite} evaluation of {run_dir} at step {run.step} ({report['seconds']:.0f}s)")
     print(format_table(results, locales))
     print("GO" if not failed else "NO-GO: " + "; ".join(failed))

@@ -24,6 +24,7 @@ from .errors import UserError
 from .hf import files as hf_files
 from .hf.layout import to_hf
 from .rundir import LoadedRun, load_run
+from .writing import write_file
 
 MANIFEST = "genesis_export.json"  # what an export wrote: the files a later --force may replace
 DTYPES = ("float32", "bfloat16")
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def export(args: argparse.Namespace) -> int:
     max_shard = parse_size(args.max_shard_size)
+    args.out = Path(os.path.abspath(args.out))  # "." has no name: the temporary beside it would land inside it
     previous = check_out(args.out, args.force)
     run = load_run(args.run, args.step)
     hf_files.need("safetensors")  # both before anything is written
@@ -110,6 +112,10 @@ def write_export(run: LoadedRun, run_dir: Path, out: Path, dtype: str, max_shard
         if not out.exists():
             tmp.rename(out)
             return names
+        theirs = sorted(n for n in names if (out / n).exists() and n not in previous)
+        if theirs:
+            raise UserError(f"--out {out}: {', '.join(theirs[:3])} would replace files this export did not write; "
+                            "move them, or choose another directory")
         for name in [*names, MANIFEST]:
             os.replace(tmp / name, out / name)
         for stale in set(previous) - set(names):
@@ -120,7 +126,7 @@ def write_export(run: LoadedRun, run_dir: Path, out: Path, dtype: str, max_shard
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    write_file(path, json.dumps(data, indent=2) + "\n")
 
 
 def validation_loss(run_dir: Path, step: int) -> tuple[int, float] | None:

@@ -17,6 +17,7 @@ from typing import Any
 from . import eval_metrics
 from .cli import ArgumentParser, run_cli
 from .errors import UserError
+from .writing import replacing
 
 PHASE_COLOURS = {1: None, 2: "#fde9c9", 3: "#d9ecf7"}
 SIGNAL_COLOURS = {"wwm_activation": "#d98b00", "span_activation": "#1f77b4", "lr_stun": "#c0392b", "grokking": "#2e8b57"}
@@ -42,8 +43,11 @@ def _rows(con: sqlite3.Connection, sql: str) -> list[tuple[Any, ...]]:
 
 def _save(plt: Any, fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip("."))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -146,6 +150,8 @@ def plot_run(run_dir: Path) -> int:
         raise UserError(f"{db}: unreadable metrics database ({e})") from None
     finally:
         con.close()
+    if not written:
+        raise UserError(f"{db}: no rows to plot (the run has not logged a step yet); nothing written")
     for p in written:
         print(p)
     return 0

@@ -22,8 +22,11 @@ from .config import Config
 from .errors import UserError
 from .model import Llama
 from .step import init_model, init_state, tree_all_finite
+from .writing import open_lock_file
 
 LOCK_NAME = "train.lock"
+WRITTEN = (LOCK_NAME, "metrics.sqlite", "metrics.sqlite-journal", "config.toml", "logs", "logs/libraries.log",
+           "checkpoints", "tensorboard", "reports")
 
 
 class RunLockedError(UserError):
@@ -59,7 +62,7 @@ class RunLock:
 
     def acquire(self) -> str | None:
         """Take the lock or raise RunLockedError; returns a message when a stale lock was taken over."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -107,6 +110,10 @@ def prepare(run_dir: Path) -> None:
         raise UserError(f"--run-dir {run_dir}: cannot create it ({e.strerror})") from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise UserError(f"--run-dir {run_dir}: not writable")
+    for name in WRITTEN:  # files a run opens for appending or in place: a planted link would redirect them
+        if (run_dir / name).is_symlink():
+            raise UserError(f"{run_dir / name}: a symbolic link where the run writes its own file; remove it "
+                            "(genesis-jax never writes through links)")
 
 
 @dataclass

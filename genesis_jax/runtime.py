@@ -19,7 +19,7 @@ from .errors import UserError
 from .sampler import DeviceCorpus, corpus_arrays
 from .sharding import check_devices, make_mesh, put, replicated, state_shardings
 from .step import StepControls, StepFn, TrainState, init_model, init_state, make_train_step
-from .tasks import build_verse_index
+from .tasks import build_verse_index, check_possible
 
 
 @dataclass
@@ -58,6 +58,7 @@ def load_data(cfg: Config) -> HostData:
     arrays = corpus_arrays(tokens, words, starts, cfg.data.seq_len)
     if cfg.mtl.enabled:
         arrays = dataclasses.replace(arrays, verses=build_verse_index(corpus, locales, starts))
+        check_possible(cfg.mtl, arrays.verses, locales)
     if int(arrays.valid_cum[-1]) == 0:
         raise UserError(f"data.seq_len = {cfg.data.seq_len}: longer than every locale's training text in {corpus.path}")
     heldout = corpus.stream(locales, heldout=True)

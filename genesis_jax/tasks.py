@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelSpec, MTLConfig
+from .errors import ConfigError
 from .corpus.store import Corpus
 from .attention import Backend
 from .model import Llama
@@ -67,6 +68,26 @@ def build_verse_index(corpus: Corpus, locales: list[str], locale_starts: np.ndar
     arrays = dict(start=start, length=length, locale=locale, key=key, loc_first=np.array(first),
                   next_rec=next_rec, has_next=np.flatnonzero(next_rec >= 0), key_rec=key_rec)
     return VerseIndex(**{k: jnp.asarray(v, jnp.int32) for k, v in arrays.items()})
+
+
+def check_possible(mtl: MTLConfig, idx: VerseIndex, locales: list[str]) -> None:
+    """A task in the mixture that this corpus cannot give one example of is refused at start
+    (it would log 0 forever): paraphrase needs a key in two locales, coherence two consecutive
+    keys, cross_ref a key at least cross_ref_min_distance keys from another."""
+    key_rec = np.asarray(idx.key_rec)
+    shared = int(((key_rec >= 0).sum(axis=0) >= 2).sum())
+    keys, locs = np.asarray(idx.key), np.asarray(idx.locale)
+    spread = max((int(keys[locs == i].max() - keys[locs == i].min()) for i in np.unique(locs)), default=0)
+    where = f"the training split of {', '.join(locales)}"
+    if mtl.paraphrase_weight > 0 and shared == 0:
+        raise ConfigError(f"mtl.paraphrase_weight = {mtl.paraphrase_weight}: paraphrase pairs need one key in two locales, "
+                          f"and {where} has none; set it to 0 or train on more locales")
+    if mtl.coherence_weight > 0 and int(np.asarray(idx.has_next).size) == 0:
+        raise ConfigError(f"mtl.coherence_weight = {mtl.coherence_weight}: coherence needs two consecutive keys in a "
+                          f"locale, and {where} has none; set it to 0")
+    if mtl.cross_ref_weight > 0 and spread < mtl.cross_ref_min_distance:
+        raise ConfigError(f"mtl.cross_ref_min_distance = {mtl.cross_ref_min_distance}: {where} spans {spread} keys, so "
+                          "cross_ref has no negatives; lower it or set mtl.cross_ref_weight = 0")
 
 
 def _random_in_locale(idx: VerseIndex, key: jax.Array, loc: jax.Array) -> jax.Array:

@@ -32,6 +32,7 @@ from .rundir import RunLock, prepare
 from .runtime import build, compile_step
 from .sampler import MaskParams
 from .step import StepControls
+from .writing import write_file
 
 
 class StopRequested:
@@ -101,9 +102,7 @@ def config_changes(cfg: Config, run_dir: Path) -> list[str]:
 
 
 def write_config(cfg: Config, run_dir: Path) -> None:
-    tmp = run_dir / "config.toml.tmp"
-    tmp.write_text(config_lib.to_toml(cfg), encoding="utf-8")
-    tmp.replace(run_dir / "config.toml")
+    write_file(run_dir / "config.toml", config_lib.to_toml(cfg))
 
 
 def train(cfg: Config, run_dir: Path, allow_corpus_change: bool = False, own_process: bool = False) -> int:

@@ -8,6 +8,7 @@ every available check passes.
 from __future__ import annotations
 
 import csv
+import io
 import importlib.metadata
 import sys
 import time
@@ -27,6 +28,7 @@ from .cli import ArgumentParser, run_cli
 from .errors import ConfigError, UserError
 from .model import Llama
 from .tokenizer import BYTE_OFFSET, VOCAB_SIZE
+from .writing import write_file
 
 # Relative L2 error bounds for logits and every parameter gradient (float32 accumulation).
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
@@ -114,10 +116,11 @@ def verify(out: Path | None) -> int:
     for r in rows:
         print(" | ".join(str(r.get(c, "")) for c in cols))
     if out is not None:
-        with open(out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(rows)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+        write_file(out, text.getvalue())
     failed = [r for r in rows if r["status"] == "FAIL"]
     print("all available checks passed" if not failed else f"{len(failed)} check(s) failed")
     return 1 if failed else 0

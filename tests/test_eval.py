@@ -86,7 +86,7 @@ def test_eval_cli_quick_go_and_no_go(fixture_corpus, tmp_path, capsys):
     assert eval_cli.main(["--run", str(run), "--suite", "quick"]) == 0
     out = capsys.readouterr().out
     assert "GO" in out and "reconstruction verse" in out and "alignment" in out
-    report = json.loads((run / "reports" / "eval_4.json").read_text())
+    report = json.loads((run / "reports" / "eval_4_quick.json").read_text())
     assert report["go"] and report["step"] == 4 and "val/loss/en" in report["results"]
     text = (run / "config.toml").read_text().replace("max_val_ppl = 1000000000.0", "max_val_ppl = 1.0")
     (run / "config.toml").write_text(text)

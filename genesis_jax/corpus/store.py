@@ -76,6 +76,10 @@ def check_output(out: Path, force: bool) -> None:
         raise CorpusError(f"{out}: a non-empty directory that is not a corpus; refusing to replace it (choose another --out)")
     if not force:
         raise CorpusError(f"{out}: already holds a corpus; pass --force to replace it")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in (*DATA_FILES, "manifest.json"))
+    if foreign:
+        raise CorpusError(f"{out}: holds files that are not the corpus's ({', '.join(foreign[:5])}); --force replaces "
+                          "only a corpus's own files: move them out first")
 
 
 class CorpusWriter:
@@ -86,12 +90,14 @@ class CorpusWriter:
         self.skipped: dict[str, list[str]] = {}
         self.sources: list[dict[str, Any]] = []
 
-    def add(self, locale: str, key: str, text: str) -> None:
+    def add(self, locale: str, key: str, text: str) -> bool:
+        """Keep a record; False (and a skip) for a key the locale already has."""
         texts = self.records.setdefault(locale, {})
         if key in texts:
             self.skip(locale, f"duplicate key {key!r} (kept the first)")
-            return
+            return False
         texts[key] = text
+        return True
 
     def skip(self, locale: str, reason: str) -> None:
         self.skipped.setdefault(locale, []).append(reason)
@@ -100,7 +106,7 @@ class CorpusWriter:
               progress: Callable[[str], None] | None = None, force: bool = False) -> Path:
         """Write the corpus; an interrupted write leaves no partial directory at `out`. An existing
         corpus at `out` is replaced only with `force`; anything else there is never touched."""
-        out = Path(out)
+        out = Path(os.path.abspath(out))  # "." has no name: its temporary would land inside it
         check_output(out, force)
         locales = sorted(loc for loc, recs in self.records.items() if recs)
         if not locales:
@@ -110,6 +116,7 @@ class CorpusWriter:
         held = heldout_keys(keys, val_fraction, split_seed)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        old: Path | None = None
         try:
             rows, per_locale = [], {}
             offset = 0
@@ -149,13 +156,18 @@ class CorpusWriter:
                 "sources": self.sources,
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
-            if out.exists():  # check_output said it may be replaced
-                shutil.rmtree(out)
             os.chmod(tmp, 0o755)
+            if out.exists():  # check_output said it may be replaced: set aside until the new one is in place
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.replace(out, old / "corpus")
             os.replace(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and not out.exists():
+                os.replace(old / "corpus", out)
             raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return out
 
 

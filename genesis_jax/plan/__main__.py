@@ -20,6 +20,7 @@ from .. import config as config_lib
 from ..cli import ArgumentParser, run_cli
 from ..ranges import COUNT, flag
 from ..errors import UserError
+from ..writing import write_file
 from . import target as targets
 from .compile import Compiled, JobResult, run
 
@@ -131,10 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(lines))
         print(f"\nverdict: {'; '.join(failures) if failures else 'fits, and every Pallas kernel compiles without spills'}")
         if args.json:
-            args.json.write_text(json.dumps({"target": args.target, "device_kind": c.device_kind, "devices": n,
-                                             "memory_limit": c.memory_limit, "peak": r.memory_rows()[1] if r.ok else None,
-                                             "ok": not failures, "failures": failures, "job": r.__dict__}, indent=1),
-                                 encoding="utf-8")
+            write_file(args.json, json.dumps({"target": args.target, "device_kind": c.device_kind, "devices": n,
+                                              "memory_limit": c.memory_limit, "peak": r.memory_rows()[1] if r.ok else None,
+                                              "ok": not failures, "failures": failures, "job": r.__dict__}, indent=1))
         return 1 if failures else 0
 
     return run_cli("genesis_jax.plan", body, devices=False)
