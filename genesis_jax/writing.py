@@ -51,6 +51,8 @@ def open_lock_file(path: Path) -> int:
     except OSError:
         if os.path.islink(path):
             raise UserError(f"{path}: is a symbolic link; the run lock must be a plain file (remove the link)") from None
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise UserError(f"{path}: not a regular file; the run lock must be a plain file (remove it)") from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)

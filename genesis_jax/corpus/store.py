@@ -163,8 +163,11 @@ class CorpusWriter:
             os.replace(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and not out.exists():
-                os.replace(old / "corpus", out)
+            if old is not None:
+                if not out.exists():
+                    os.replace(old / "corpus", out)
+                if not (old / "corpus").exists():
+                    shutil.rmtree(old, ignore_errors=True)
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
