@@ -36,6 +36,9 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from genesis_jax.cli import ArgumentParser  # noqa: E402
+from genesis_jax.ranges import COUNT, COUNT0, flag  # noqa: E402
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for the PyTorch process
 
 import jax  # noqa: E402
@@ -290,7 +293,7 @@ def sweep(shapes: list[Shape], dtype: Any, args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="model,paper")
     ap.add_argument("--seqs", default="512,1024,2048,4096,8192")
     ap.add_argument("--head-dims", default="64,128")
@@ -299,8 +302,8 @@ def main() -> int:
                     help="registered engine backends, baselines (jax_xla, jax_mha) and Mosaic kernel variants "
                          "(mosaic_1wg, mosaic_1wg_bwd, mosaic_no_pingpong, mosaic_p_smem) to time")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=flag(COUNT), default=20)
+    ap.add_argument("--warmup", type=flag(COUNT0), default=3)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes, every path, no timing (CPU)")
     ap.add_argument("--out", type=Path)
@@ -308,7 +311,7 @@ def main() -> int:
                     help="time one of our kernels with each of its block-size settings and print the best per shape and mode")
     ap.add_argument("--sweep-kernel", default="pallas", choices=["pallas", "mosaic"],
                     help="the kernel --sweep tries (mosaic: bf16/fp16 on a Hopper GPU)")
-    ap.add_argument("--sweep-limit", type=int, default=0, help="try only the first N settings (0 = all)")
+    ap.add_argument("--sweep-limit", type=flag(COUNT0), default=0, help="try only the first N settings (0 = all)")
     args = ap.parse_args()
 
     known = {**engine_backends(), **baselines(), **mosaic_variants()}

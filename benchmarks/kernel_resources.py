@@ -17,6 +17,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from genesis_jax.cli import ArgumentParser  # noqa: E402
+from genesis_jax.ranges import COUNT, flag  # noqa: E402
+
 from genesis_jax.plan.compile import run  # noqa: E402
 
 FORWARD = [dict(block_q=bq, block_k=bk, num_warps=w, num_stages=s)
@@ -50,10 +53,10 @@ def choose(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--head-dims", default="32,64,128")
     ap.add_argument("--dtypes", default="bfloat16,float32")
-    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--seq", type=flag(COUNT), default=2048)
     ap.add_argument("--target", default="h200")
     ap.add_argument("--quick", action="store_true", help="two settings per pass (a smoke test)")
     ap.add_argument("--out", type=Path, help="directory for kernel_resources.csv")

@@ -30,6 +30,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from genesis_jax.cli import ArgumentParser  # noqa: E402
+from genesis_jax.ranges import COUNT, flag  # noqa: E402
+
 import jax  # noqa: E402
 
 from benchmarks.torch_step import add_step_arguments, jax_step, parse_dims  # noqa: E402
@@ -111,10 +114,10 @@ def self_times(trace: list[dict[str, Any]]) -> collections.Counter[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_step_arguments(ap)
-    ap.add_argument("--steps", type=int, default=3, help="steps traced")
-    ap.add_argument("--top", type=int, default=12, help="rows of the per-function table")
+    ap.add_argument("--steps", type=flag(COUNT), default=3, help="steps traced")
+    ap.add_argument("--top", type=flag(COUNT), default=12, help="rows of the per-function table")
     ap.add_argument("--trace-dir", type=Path, help="keep the trace here (default: a temporary folder)")
     args = ap.parse_args(argv)
     dims = parse_dims(args.dims)

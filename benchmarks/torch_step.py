@@ -29,6 +29,9 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from genesis_jax.cli import ArgumentParser  # noqa: E402
+from genesis_jax.ranges import COUNT, NONNEGATIVE, flag  # noqa: E402
+
 import jax  # noqa: E402
 
 from benchmarks.synthetic import synthetic_corpus  # noqa: E402
@@ -160,8 +163,8 @@ def timed(step: Callable[[int], None], steps: int, start: int) -> float:
 def add_step_arguments(ap: argparse.ArgumentParser) -> None:
     """The model and batch of the step this script and profile_step.py build (`jax_step`)."""
     ap.add_argument("--dims", default="192,16,6,768", help="dim,layers,heads,ffn")
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=flag(COUNT), default=256)
+    ap.add_argument("--batch", type=flag(COUNT), default=8)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override our step's config (repeatable)")
 
@@ -179,14 +182,14 @@ def parse_dims(text: str) -> list[int] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_step_arguments(ap)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=5, help="steps per side per round")
-    ap.add_argument("--pause", type=float, default=0.5,
+    ap.add_argument("--rounds", type=flag(COUNT), default=5)
+    ap.add_argument("--steps", type=flag(COUNT), default=5, help="steps per side per round")
+    ap.add_argument("--pause", type=flag(NONNEGATIVE), default=0.5,
                     help="seconds idle before each side's round: without it, on 2 cores, the threads one side leaves "
                          "spinning slow the other (PyTorch 7,918 tokens/s alone, 1,979 interleaved at 128/4/4/512)")
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="PyTorch intra-op threads")
+    ap.add_argument("--threads", type=flag(COUNT), default=len(os.sched_getaffinity(0)), help="PyTorch intra-op threads")
     args = ap.parse_args(argv)
     try:
         import torch

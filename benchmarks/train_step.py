@@ -31,6 +31,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from genesis_jax.cli import ArgumentParser  # noqa: E402
+from genesis_jax.ranges import COUNT, COUNT0, flag  # noqa: E402
+
 import jax  # noqa: E402
 
 from benchmarks.synthetic import synthetic_corpus  # noqa: E402
@@ -102,14 +105,14 @@ def loop_tokens_per_sec(cfg: C.Config, steps: int) -> float | None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.toml"))
     ap.add_argument("--set", action="append", default=[], help="override applied to every variant")
     ap.add_argument("--variant", action="append", default=[],
                     help=f"NAME:key=value,... with config keys and optionally mask={'|'.join(MASK_KINDS)} (default: one, as configured)")
     ap.add_argument("--mask", default="none", choices=list(MASK_KINDS), help="default masking of a variant")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--loop-steps", type=int, default=60, help="0 skips the training-loop measurement")
+    ap.add_argument("--steps", type=flag(COUNT), default=30)
+    ap.add_argument("--loop-steps", type=flag(COUNT0), default=60, help="0 skips the training-loop measurement")
     ap.add_argument("--corpus", default="synthetic", help="'synthetic', 'config' (the config's corpus) or a corpus path")
     ap.add_argument("--out", type=Path, help="CSV file to write")
     ap.add_argument("--plan-target", help="also compile the first variant with `genesis_jax.plan` for this target "

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
+import sys
 import math
 import sqlite3
 import types
@@ -18,12 +20,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import one_error_line, write_small_run_config
+from conftest import ROOT, one_error_line, write_small_run_config
 from genesis_jax import cli, config as C
 from genesis_jax.errors import ConfigError
 from genesis_jax.ranges import FLOAT32_MAX, INT32_MAX, UINT32_MAX, Range
 
 COMMANDS = ["train", "generate", "eval", "export", "report", "verify", "corpus.__main__", "plan.__main__"]
+BENCHMARKS = ["attention", "kernel_resources", "profile_step", "torch_step", "train_step"]
 
 
 def union_members(tp: Any) -> tuple[Any, ...]:
@@ -104,16 +107,23 @@ def parsers_of(module: str) -> list[cli.ArgumentParser]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cli.ArgumentParser, "__init__", record)
         mp.setattr(cli.ArgumentParser, "parse_args", stop)
-        mod = importlib.import_module(f"genesis_jax.{module}")
+        if module in BENCHMARKS:
+            spec = importlib.util.spec_from_file_location(f"bench_{module}", ROOT / "benchmarks" / f"{module}.py")
+            mod = importlib.util.module_from_spec(spec)
+            mp.setitem(sys.modules, spec.name, mod)  # dataclasses look their module up there
+            spec.loader.exec_module(mod)
+        else:
+            mod = importlib.import_module(f"genesis_jax.{module}")
+        mp.setattr(sys, "argv", [module])
         with pytest.raises(Captured):
-            mod.main([])
+            mod.main()
     return made
 
 
 @functools.cache
 def numeric_flags() -> list[tuple[str, cli.ArgumentParser, Any]]:
     out = []
-    for module in COMMANDS:
+    for module in COMMANDS + BENCHMARKS:
         for p in parsers_of(module):
             for a in p._actions:
                 if a.type in (int, float):
@@ -126,8 +136,9 @@ def numeric_flags() -> list[tuple[str, cli.ArgumentParser, Any]]:
 def test_every_numeric_flag_of_every_command_has_a_range():
     flags = {(m, a.option_strings[0]) for m, _, a in numeric_flags()}
     assert {("generate", "--seed"), ("generate", "--num-samples"), ("corpus.__main__", "--split-seed"),
-            ("train", "--heartbeat-timeout"), ("plan.__main__", "--devices")} <= flags
-    assert len(flags) >= 14
+            ("train", "--heartbeat-timeout"), ("train", "--join-timeout"), ("plan.__main__", "--devices"),
+            ("torch_step", "--pause"), ("attention", "--sweep-limit")} <= flags
+    assert len(flags) >= 28
 
 
 def parse(p: cli.ArgumentParser, flag: Any, text: str) -> Any:
