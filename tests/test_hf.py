@@ -238,8 +238,10 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, exports, tmp_path, capsy
     # A manifest naming a file elsewhere (edited, or not ours) reaches nothing outside --out.
     (tmp_path / "victim.txt").write_text("keep")
     (other / "genesis_export.json").write_text(json.dumps({"files": ["../victim.txt"]}))
-    assert export.main(["--run", run, "--out", str(other), "--force"]) == 0
-    assert (tmp_path / "victim.txt").read_text() == "keep"
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    assert export.main(["--run", run, "--out", str(other), "--force"]) == 2  # its files are no longer known as ours
+    assert "would replace files this export did not write" in one_line_error(capsys)
+    assert (tmp_path / "victim.txt").read_text() == "keep" and {p.name: p.read_bytes() for p in other.iterdir()} == before
     # Re-exporting into an export's own directory needs no --force.
     assert export.main(["--run", run, "--out", str(exports["rmsnorm"])]) == 0
     assert not [p for p in tmp_path.iterdir() if ".export-" in p.name]

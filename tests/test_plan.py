@@ -19,7 +19,7 @@ from genesis_jax.plan import target as targets
 from genesis_jax.plan.__main__ import main as plan_main
 from genesis_jax.plan.compile import JobResult, run
 
-from conftest import compiles
+from conftest import compiles, exit_code
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,11 +108,11 @@ def test_missing_toolchain_is_one_line_with_the_install_command(monkeypatch: pyt
 
 @pytest.mark.parametrize("args, message", [
     (["--target", "a100"], "--target 'a100': expected one of h100, h200, local"),
-    (["--devices", "0"], "--devices 0: expected at least 1"),
+    (["--devices", "0"], "argument --devices: 0: expected an integer within [1, 2**31 - 1]"),
     (["--set", "model.atention=pallas"], "unknown config key model.atention"),
 ])
 def test_usage_errors_exit_2(args: list[str], message: str, capsys: pytest.CaptureFixture[str]):
-    code = plan_main(["--config", str(ROOT / "configs" / "gpu_bench.toml"), *args])
+    code = exit_code(plan_main, ["--config", str(ROOT / "configs" / "gpu_bench.toml"), *args])
     assert code == 2 and message in capsys.readouterr().err
 
 
