@@ -96,7 +96,19 @@ def check_training(cfg: Config) -> None:
             tokens * (2 * VOCAB_SIZE + m.n_layers * m.dim) * FLOAT32, "training.batch_size or data.seq_len"),
         "one step's windows (inputs, labels, masks), drawn at once": (
             tokens * t.grad_accum_steps * 3 * FLOAT32, "training.grad_accum_steps, training.batch_size or data.seq_len"),
+        **(task_parts(cfg) if cfg.mtl.enabled else {}),
     }, "training")
+
+
+def task_parts(cfg: Config) -> dict[str, tuple[int, str]]:
+    """Multi-task training adds its heads (trained like the model) and a micro-batch of verse
+    pairs through the model."""
+    m, h = cfg.model, cfg.mtl.head_dim
+    heads = 2 * m.dim * h + h + h + 1 + 2 * (m.dim * h + h + h * h + h)  # coherence, cross_ref, paraphrase
+    pairs = cfg.training.batch_size * 2 * cfg.mtl.max_len
+    return {"the task heads with gradients and Adam moments": (TRAINING_BYTES_PER_PARAMETER * heads, "mtl.head_dim"),
+            "one micro-batch's verse pairs through the model": (pairs * m.n_layers * m.dim * FLOAT32,
+                                                                "mtl.max_len or training.batch_size")}
 
 
 def check_generation(m: ModelSpec, samples: int, prompt_len: int, max_tokens: int) -> None:

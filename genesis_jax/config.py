@@ -364,6 +364,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def load(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a TOML file, apply overrides, resolve presets and validate."""
     p = Path(path)
+    if p.exists() and not p.is_file():
+        raise ConfigError(f"--config {p}: not a regular file (a directory, pipe or device)")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:

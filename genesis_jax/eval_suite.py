@@ -172,7 +172,7 @@ class EvalSuite:
     # -- cross-lingual alignment ------------------------------------------------------------
     def embed(self, params: nnx.State, texts: list[bytes]) -> np.ndarray:
         """Mean-pooled final hidden states over each text's bytes (padding excluded)."""
-        n = self.cfg.eval.embed_len
+        n = min(self.cfg.eval.embed_len, max((len(t) for t in texts), default=1))  # longer would be padding only
         ids = np.full((len(texts), n), PAD_ID, np.int32)
         for i, t in enumerate(texts):
             b = np.frombuffer(t[:n], np.uint8)

@@ -48,9 +48,12 @@ def small_run(fixture_corpus: Path, tmp_path_factory: pytest.TempPathFactory) ->
     ("model.dim=1000000", "model.dim"),
     ("model.n_layers=2000000000", "model.n_layers"),
     ("model.intermediate_size=2000000000", "model.intermediate_size"),
+    ("mtl.head_dim=2000000000", "mtl.head_dim"),
+    ("mtl.max_len=2000000000", "mtl.max_len"),
 ])
 def test_training_that_cannot_fit_is_refused_before_allocating(small_run, override, knob, capsys, tmp_path):
-    extra = ["--set", "model.n_heads=1", "--set", "model.n_kv_heads=1"] if "dim" in override else []
+    extra = ["--set", "model.n_heads=1", "--set", "model.n_kv_heads=1"] if "model.dim" in override else []
+    extra += ["--set", "mtl.enabled=true"] if override.startswith("mtl.") else []
     code = train.main(["--config", str(small_run / "run.toml"), "--run-dir", str(tmp_path / "r"), "--set", override, *extra])
     line = one_error_line(capsys.readouterr().err)
     assert code == 2 and "training needs at least" in line and knob in line.rsplit("lower", 1)[1], line
@@ -118,3 +121,18 @@ def test_a_platform_that_is_not_there_is_one_line(platform_runs, platform, comma
     r = platform_runs[command, platform]
     line = one_error_line(r.stderr)
     assert r.returncode == 2 and f"JAX_PLATFORMS={platform}: cannot start it on this machine" in line, r.stderr[-2000:]
+
+
+def test_an_evaluation_longer_than_any_verse_reads_the_verses(small_run, tmp_path, capsys):
+    """eval.embed_len beyond every verse is padding: it costs nothing instead of a host array
+    of keys x 2**31 bytes in the middle of training."""
+    code = train.main(["--config", str(small_run / "run.toml"), "--run-dir", str(tmp_path / "r"), "--set", "eval.interval=2",
+                       "--set", "eval.embed_len=2147483647", "--set", "eval.alignment_keys=4", "--set", "eval.val_windows=4",
+                       "--set", "eval.reconstruction_windows=4"])
+    assert code == 0, capsys.readouterr().err
+
+
+def test_a_config_that_is_not_a_regular_file_is_one_line(tmp_path, capsys):
+    os.mkfifo(tmp_path / "run.toml")
+    assert train.main(["--config", str(tmp_path / "run.toml"), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "not a regular file" in one_error_line(capsys.readouterr().err)
