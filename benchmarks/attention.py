@@ -37,7 +37,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from genesis_jax.cli import ArgumentParser  # noqa: E402
+from genesis_jax.cli import ArgumentParser, run_cli  # noqa: E402
 from genesis_jax.ranges import COUNT, COUNT0, flag  # noqa: E402
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for the PyTorch process
 
@@ -378,4 +378,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli("benchmarks/attention.py", main, devices=True))  # mistakes and faults in one line

@@ -17,7 +17,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from genesis_jax.cli import ArgumentParser  # noqa: E402
+from genesis_jax.cli import ArgumentParser, run_cli  # noqa: E402
 from genesis_jax.ranges import COUNT, flag  # noqa: E402
 
 from genesis_jax.plan.compile import run  # noqa: E402
@@ -102,4 +102,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli("benchmarks/kernel_resources.py", main, devices=False))  # mistakes and faults in one line

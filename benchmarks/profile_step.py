@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from genesis_jax.cli import ArgumentParser  # noqa: E402
+from genesis_jax.cli import ArgumentParser, run_cli  # noqa: E402
 from genesis_jax.ranges import COUNT, flag  # noqa: E402
 
 import jax  # noqa: E402
@@ -159,4 +159,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli("benchmarks/profile_step.py", main, devices=True))  # mistakes and faults in one line

@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from genesis_jax.cli import ArgumentParser  # noqa: E402
+from genesis_jax.cli import ArgumentParser, run_cli  # noqa: E402
 from genesis_jax.ranges import COUNT, COUNT0, flag  # noqa: E402
 
 import jax  # noqa: E402
@@ -177,4 +177,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli("benchmarks/train_step.py", main, devices=True))  # mistakes and faults in one line
