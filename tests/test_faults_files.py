@@ -296,3 +296,16 @@ def test_coherence_on_a_corpus_of_one_key_per_locale_is_refused(tmp_path, capsys
     assert train.main(["--config", str(cfg), "--run-dir", str(tmp_path / "run"), "--set", "mtl.enabled=true",
                        "--set", "mtl.cross_ref_weight=0"]) == 2
     assert "mtl.coherence_weight" in one_error_line(capsys.readouterr().err)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_key_and_utf16_is_named(tmp_path, capsys):
+    src = write_textdir(tmp_path / "src", repeat=2)
+    en = src / "en.txt"
+    en.write_bytes(b"\xef\xbb\xbf" + en.read_bytes())
+    (src / "de.txt").write_bytes("01.001.001\tIm Anfang\n".encode("utf-16"))
+    lines: list[str] = []
+    w = CorpusWriter()
+    import_textdir(w, src, progress=lines.append)
+    assert set(w.records["en"]) == set(w.records["fr"])
+    assert "byte-order mark dropped" in next(x for x in lines if x.startswith("en.txt"))
+    assert "de" not in w.records and "UTF-16" in w.skipped["de"][0]

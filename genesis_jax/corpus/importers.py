@@ -90,7 +90,14 @@ def import_textdir(writer: CorpusWriter, directory: Path, progress: Progress | N
             if progress:
                 progress(f"{f.name}: not a regular file; skipped")
             continue
-        raw_lines = f.read_bytes().splitlines()
+        data = f.read_bytes()
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            writer.skip(loc, f"{f.name}: UTF-16 text (its byte-order mark says so); not read: save it as UTF-8")
+            if progress:
+                progress(f"{f.name}: UTF-16, not UTF-8; skipped")
+            continue
+        bom = data.startswith(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark would end up in the first key
+        raw_lines = data[3 if bom else 0:].splitlines()
         lines = [(n, raw) for n, raw in enumerate(raw_lines, start=1) if raw.strip()]
         if not lines:
             writer.skip(loc, f"{f.name}: empty file")
@@ -124,7 +131,7 @@ def import_textdir(writer: CorpusWriter, directory: Path, progress: Progress | N
                 f"plain text keyed by line number ({tabbed} of {len(lines)} lines hold a TAB)"
             skipped = writer.skipped.get(loc, [])[before:]
             why = f"; skipped {len(skipped)}: {'; '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}" if skipped else ""
-            progress(f"{f.name}: read as {how}: {added} records{why}")
+            progress(f"{f.name}: read as {how}{', UTF-8 byte-order mark dropped' if bom else ''}: {added} records{why}")
     writer.sources.append({"source": "textdir", "dir": str(directory)})
 
 
