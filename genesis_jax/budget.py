@@ -3,7 +3,7 @@ devices have: a run or a generation that cannot fit is one line naming the knob 
 estimate, instead of an XLA abort (exit 134) or an out-of-memory traceback half-way.
 
 The estimates are lower bounds (what must be resident at once, not XLA's temporaries), so a
-refusal is certain to be right; an allocation that still fails is reported by `out_of_memory`."""
+refusal is certain to be right; an allocation that still fails is one line too (`cli.out_of_memory`)."""
 
 from __future__ import annotations
 
@@ -121,9 +121,3 @@ def check_generation(m: ModelSpec, samples: int, prompt_len: int, max_tokens: in
                          "--num-samples or --max-tokens"),
         "the prompt's logits": (samples * prompt_len * VOCAB_SIZE * FLOAT32, "--num-samples or the prompt's length"),
     }, f"generating {samples} sample(s) of up to {length} bytes")
-
-
-def out_of_memory(e: BaseException) -> bool:
-    """An allocation the estimates let through that failed all the same."""
-    text = str(e)
-    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or isinstance(e, MemoryError)

@@ -31,6 +31,11 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """XLA's allocation failure (its RESOURCE_EXHAUSTED status) or the host's."""
+    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e)
+
+
 def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -81,7 +86,7 @@ def run_cli(prog: str, body: Callable[[], int], traceback_dir: Callable[[], Path
         print_err("error: out of memory (ask for less: fewer tokens, a smaller batch)")
         return EXIT_ENVIRONMENT
     except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in a file
-        if "RESOURCE_EXHAUSTED" in str(e):  # an allocation the estimates (budget.py) let through
+        if out_of_memory(e):  # an allocation the estimates (budget.py) let through
             print_err(f"error: out of memory on the device ({first_line(e)}); ask for less: a smaller batch, model "
                       "or --num-samples")
             return EXIT_ENVIRONMENT

@@ -19,7 +19,7 @@ from flax import nnx
 
 from . import config as config_lib
 from .checkpoint import Checkpointer, model_shape
-from .cli import first_line, write_traceback
+from .cli import EXIT_ENVIRONMENT, first_line, out_of_memory, write_traceback
 from .config import Config
 from .curriculum import Controls, Signal
 from .distributed import any_process, is_primary
@@ -237,9 +237,15 @@ class TrainLoop:
         except Exception as e:  # noqa: BLE001 - report in one line, keep what is valid
             self.status, code = "failed", 1
             saved = self._save_after_failure(self.state)
-            trace = write_traceback(e, self.run_dir / "logs", "train")
-            print_err(f"error: training failed after step {self.done}: {type(e).__name__}: {first_line(e)}{saved}; "
-                      f"latest checkpoint: {self.ckpt.latest_step() or 'none'}" + (f"; traceback in {trace}" if trace else ""))
+            if out_of_memory(e):  # not a bug: an allocation the estimates (budget.py) let through
+                code = EXIT_ENVIRONMENT
+                print_err(f"error: out of memory on the device after step {self.done} ({first_line(e)}){saved}; latest "
+                          f"checkpoint: {self.ckpt.latest_step() or 'none'}; ask for less: a smaller batch, model or "
+                          "evaluation")
+            else:
+                trace = write_traceback(e, self.run_dir / "logs", "train")
+                print_err(f"error: training failed after step {self.done}: {type(e).__name__}: {first_line(e)}{saved}; "
+                          f"latest checkpoint: {self.ckpt.latest_step() or 'none'}" + (f"; traceback in {trace}" if trace else ""))
         finally:
             self.close()
         return 1 if code == 0 and self.status == "failed" else code

@@ -134,3 +134,14 @@ def test_a_config_that_is_not_a_regular_file_is_one_line(tmp_path, capsys):
     os.mkfifo(tmp_path / "run.toml")
     assert train.main(["--config", str(tmp_path / "run.toml"), "--run-dir", str(tmp_path / "r")]) == 2
     assert "not a regular file" in one_error_line(capsys.readouterr().err)
+
+
+def test_running_out_of_memory_in_training_is_one_line_exit_2_and_keeps_the_run(small_run, tmp_path, capsys, monkeypatch):
+    def exhausted(*args: object) -> None:
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123456789 bytes.\ndetail")
+
+    monkeypatch.setattr(train, "compile_step", lambda *a, **k: exhausted)
+    code = train.main(["--config", str(small_run / "run.toml"), "--run-dir", str(tmp_path / "r")])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and "out of memory on the device after step 0 (RESOURCE_EXHAUSTED" in line, line
+    assert "traceback" not in line and (tmp_path / "r" / "metrics.sqlite").is_file()
