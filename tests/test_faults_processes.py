@@ -5,12 +5,14 @@ side by side, each pair on its own port)."""
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, one_error_line, write_small_run_config, write_textdir
@@ -63,8 +65,6 @@ def outcomes(fixture_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     run = lambda name: base / name  # noqa: E731
     cases: dict[str, list] = {
         "optim.lr": pair(cfg, run("lr"), ["--set", "optim.lr=0.001"], ["--set", "optim.lr=0.003"]),
-        "--run-dir": pair(cfg, run("a"), [], ["--run-dir", str(run("b"))]),
-        "--num-processes": pair(cfg, run("n"), [], [], n=("2", "3")),
         "corpus content": pair(rel_cfg, run("corpus"), [], [], cwd=hosts),
         "lone process 0": [train_cmd(cfg, run("lone0"), "--coordinator", f"localhost:{free_port()}",
                                      "--num-processes", "2", "--process-id", "0", join=LONE_JOIN_S), ROOT],
@@ -92,14 +92,14 @@ def outcomes(fixture_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
-@pytest.mark.parametrize("key", ["optim.lr", "--run-dir", "--num-processes", "corpus content"])
+@pytest.mark.parametrize("key", ["optim.lr", "corpus content"])
 def test_processes_that_disagree_all_stop_naming_the_first_difference(outcomes, key):
     for code, err, seconds in outcomes[key]:
         lines = [x for x in err.splitlines() if "Gloo" not in x and "peer ranks" not in x and x.strip()]
         assert code == 2 and seconds < TIMEOUT, err[-1500:]
         line = one_error_line("\n".join(lines))
         assert f"the processes disagree: {key} is " in line and "in process 1 and" in line, line
-    for name in ("lr", "a", "b", "n", "corpus"):
+    for name in ("lr", "corpus"):
         assert not (outcomes["base"] / name).exists()  # stopped before the run directory was made
 
 
@@ -127,3 +127,42 @@ def test_launch_flags_that_cannot_form_a_run(flags, message):
     args = argparse.Namespace(distributed=False, heartbeat_timeout=10, join_timeout=5, **flags)
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         distributed.initialize(args)
+
+
+@pytest.mark.parametrize("differs, key", [
+    (dict(run_dir="b"), "--run-dir"), (dict(num_processes=3), "--num-processes"),
+    (dict(overrides=["data.seq_len=16"]), "data.seq_len"), (dict(overrides=["training.max_steps=5"]), "training.max_steps"),
+])
+def test_the_fingerprint_holds_the_run_directory_the_process_count_and_every_key(tmp_path, monkeypatch, differs, key):
+    """The comparison every process makes once joined (two real processes above), here with
+    process 1's fingerprint handed over by a stand-in for the all-gather."""
+    from jax.experimental import multihost_utils
+
+    from genesis_jax import config as C
+    from genesis_jax.train import fingerprint
+
+    def of(run_dir: str = "a", num_processes: int = 2, overrides: list[str] = []) -> dict[str, str]:  # noqa: B006
+        return fingerprint(C.from_dict(C.apply_overrides({}, overrides)), tmp_path / run_dir, num_processes)
+
+    mine, theirs = of(), of(**differs)
+    blobs = [np.frombuffer(json.dumps(list(f.items())).encode(), np.uint8) for f in (mine, theirs)]
+
+    def allgather(x: np.ndarray) -> np.ndarray:
+        if x.ndim == 0:
+            return np.array([b.size for b in blobs], np.int32)
+        return np.stack([np.pad(b, (0, x.size - b.size)) for b in blobs])
+
+    monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    with pytest.raises(distributed.DisagreementError, match=f"the processes disagree: {key} is .* in process 1 and .* in process 0"):
+        distributed.agree(mine, None)
+
+
+def test_the_same_fingerprint_on_every_process_passes(tmp_path, monkeypatch):
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps([["optim.lr", "0.1"]]).encode(), np.uint8)
+    monkeypatch.setattr(distributed.jax, "process_count", lambda: 3)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda x: np.full(3, blob.size, np.int32) if x.ndim == 0 else np.stack([blob] * 3))
+    distributed.agree({"optim.lr": "0.1"}, None)
