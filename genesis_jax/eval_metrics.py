@@ -76,7 +76,10 @@ def go_no_go(results: dict[str, float], cfg: Config) -> list[str]:
             continue
         limit = float(getattr(cfg.eval, m.gate))
         value = results.get(m.key)
-        shown = None if value is None else round(value, 4)
+        if value is None:  # the corpus or the run could not give it (alignment needs two locales)
+            failed.append(f"{m.label} not measured (this corpus or run cannot give it), so eval.{m.gate} cannot pass")
+            continue
+        shown = round(value, 4)
         if m.minimum and (value is None or value < limit):
             failed.append(f"{m.label} {shown} < eval.{m.gate} = {limit:g}")
         elif not m.minimum and (value is None or value > limit):

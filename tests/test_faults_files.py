@@ -309,3 +309,11 @@ def test_a_byte_order_mark_is_not_part_of_the_first_key_and_utf16_is_named(tmp_p
     assert set(w.records["en"]) == set(w.records["fr"])
     assert "byte-order mark dropped" in next(x for x in lines if x.startswith("en.txt"))
     assert "de" not in w.records and "UTF-16" in w.skipped["de"][0]
+
+
+def test_a_gate_the_corpus_cannot_measure_says_so_instead_of_comparing_none():
+    from genesis_jax import config as C
+    from genesis_jax.eval_metrics import go_no_go
+
+    failed = go_no_go({"val/ppl": 2.0, "gap/val_minus_train": 0.0}, C.from_dict({}))  # one locale: no alignment
+    assert failed == ["alignment top-1 not measured (this corpus or run cannot give it), so eval.min_alignment_acc cannot pass"]
