@@ -65,11 +65,12 @@ def host_available() -> int | None:
 
 
 def size(n: float) -> str:
+    unit = "B"
     for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
         if n < 1000 or unit == "PB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            break
         n /= 1000
-    return f"{n:.1f} PB"  # pragma: no cover
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
 
 
 def refuse_if_over(parts: dict[str, tuple[int, str]], what: str, have: tuple[int, str] | None = None) -> None:

@@ -19,8 +19,8 @@ import tomllib  # Python >= 3.11: no tomli needed
 
 from .config_checks import did_you_mean, validate
 from .errors import ConfigError
-from .ranges import (INT32_MAX, Count, Count0, Decay, Factor, Finite, NonNegative, Positive, Probability, Range,
-                     RangeError, Seed)
+from .ranges import (INT32_MAX, Count, Count0, Decay, Factor, Finite, NonNegative, OpenProbability, Positive,
+                     Probability, Range, RangeError, Seed)
 from .tokenizer import VOCAB_SIZE
 
 MeshAxis = Annotated[int, Range(-1, INT32_MAX, integer=True)]  # -1: the devices the other axes leave
@@ -173,7 +173,7 @@ class EvalConfig:
     interval: Count0 = 0  # steps between quick evaluations during training (0 = never)
     val_windows: Count = 64  # held-out windows per locale (full suite; quick uses a quarter)
     reconstruction_windows: Count = 32  # held-out windows per locale and masking kind (full; quick: a quarter)
-    mask_prob: Annotated[float, Range(0.0, 1.0, integer=False, lo_open=True, hi_open=True)] = 0.15  # random and span masking probability in the reconstruction test
+    mask_prob: OpenProbability = 0.15  # random and span masking probability in the reconstruction test
     span_len: Count = 3  # words per span in the reconstruction test
     alignment_keys: Count = 256  # held-out verse keys embedded per locale (both suites: chance = 1 / keys)
     embed_len: Count = 128  # bytes of a verse read for its embedding

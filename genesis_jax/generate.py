@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .cli import ArgumentParser, run_cli
-from .ranges import COUNT, COUNT0, NONNEGATIVE, SEED, Range, flag
+from .ranges import COUNT, COUNT0, FACTOR, NONNEGATIVE, SEED, Range, flag
 from .decoding import generate
 from .rundir import load_run
 from .logs import print_err
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=flag(Range(1, MAX_TOKENS, integer=True)), default=200, help="bytes to generate at most")
     ap.add_argument("--temperature", type=flag(NONNEGATIVE), default=0.8, help="0 = greedy")
     ap.add_argument("--top-k", type=flag(COUNT0), default=0, help="keep the k most likely bytes (0 = all)")
-    ap.add_argument("--top-p", type=flag(Range(0.0, 1.0, integer=False, lo_open=True)), default=1.0, help="nucleus: smallest set with this much mass")
+    ap.add_argument("--top-p", type=flag(FACTOR), default=1.0, help="nucleus: smallest set with this much mass")
     ap.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable); it is cut off")
     ap.add_argument("--num-samples", type=flag(COUNT), default=1)
     ap.add_argument("--seed", type=flag(SEED), default=0)

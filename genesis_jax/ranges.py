@@ -65,6 +65,7 @@ PROBABILITY = Range(0.0, 1.0, integer=False)
 DECAY = Range(0.0, 1.0, integer=False, hi_open=True)  # an EMA decay or Adam beta: 1 would never move
 FACTOR = Range(0.0, 1.0, integer=False, lo_open=True)  # a multiplier that shrinks but never zeroes
 FINITE = Range(-FLOAT32_MAX, FLOAT32_MAX, integer=False)
+OPEN_PROBABILITY = Range(0.0, 1.0, integer=False, lo_open=True, hi_open=True)  # neither never nor always
 
 # Config annotations: `steps: Count = 10` is an int that `config` checks against COUNT.
 Count = Annotated[int, COUNT]
@@ -76,6 +77,7 @@ Probability = Annotated[float, PROBABILITY]
 Decay = Annotated[float, DECAY]
 Factor = Annotated[float, FACTOR]
 Finite = Annotated[float, FINITE]
+OpenProbability = Annotated[float, OPEN_PROBABILITY]
 
 
 def flag(r: Range) -> Callable[[str], int | float]:

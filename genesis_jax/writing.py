@@ -51,11 +51,12 @@ def open_lock_file(path: Path) -> int:
     except OSError:
         if os.path.islink(path):
             raise UserError(f"{path}: is a symbolic link; the run lock must be a plain file (remove the link)") from None
-        if os.path.lexists(path) and not os.path.isfile(path):
-            raise UserError(f"{path}: not a regular file; the run lock must be a plain file (remove it)") from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
+        if not os.path.lexists(path) or os.path.isfile(path):
+            raise
+        fd = -1
+    if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):  # a directory, or a pipe or device opened without blocking
+        if fd >= 0:
+            os.close(fd)
         raise UserError(f"{path}: not a regular file; the run lock must be a plain file (remove it)")
     return fd
 

