@@ -37,17 +37,17 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from genesis_jax.cli import ArgumentParser, run_cli  # noqa: E402
-from genesis_jax.ranges import COUNT, COUNT0, flag  # noqa: E402
+from genesis_jax.cli import ArgumentParser, run_cli
+from genesis_jax.config.ranges import COUNT, COUNT0, flag
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for the PyTorch process
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from genesis_jax import attention  # noqa: E402
-from genesis_jax.kernels.flash_attention import BlockSizes, flash_attention  # noqa: E402
-from genesis_jax.kernels.reference import reference_attention  # noqa: E402
+from genesis_jax.model import attention
+from genesis_jax.kernels.flash_attention import BlockSizes, flash_attention
+from genesis_jax.kernels.reference import reference_attention
 
 SWEEP = [BlockSizes(bq, bk, bqb, bkb, num_warps=w, num_stages=st)
          for bq, bk in ((64, 64), (128, 64), (128, 128), (64, 32))
@@ -115,7 +115,7 @@ def baselines() -> dict[str, Callable[..., jax.Array]]:
 
 def mosaic_variants() -> dict[str, Callable[..., jax.Array]]:
     """The Mosaic kernel's design alternatives (kernels/README.md), to time beside its defaults."""
-    from genesis_jax.kernels.flash_attention_mgpu import MosaicBlocks, flash_attention_mgpu
+    from genesis_jax.kernels.mosaic.forward import MosaicBlocks, flash_attention_mgpu
 
     def bind(blocks: MosaicBlocks) -> Callable[..., jax.Array]:
         return lambda q, k, v, causal: flash_attention_mgpu(q, k, v, causal=causal, block_sizes=blocks)
@@ -239,7 +239,7 @@ def sweep_settings(kernel: str) -> list[tuple[str, Callable[..., jax.Array]]]:
         return [(f"q{bs.block_q} k{bs.block_k} bq{bs.block_q_bwd} bk{bs.block_k_bwd} w{bs.num_warps} s{bs.num_stages}",
                  lambda q, k, v, causal, bs=bs: flash_attention(q, k, v, causal=causal, block_sizes=bs))
                 for bs in SWEEP]
-    from genesis_jax.kernels.flash_attention_mgpu import MosaicBlocks, flash_attention_mgpu
+    from genesis_jax.kernels.mosaic.forward import MosaicBlocks, flash_attention_mgpu
 
     out = []
     for bk, stages, bqk in ((64, 2, 32), (128, 2, 32), (64, 3, 32), (128, 3, 32), (64, 2, 64)):

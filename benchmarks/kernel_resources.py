@@ -17,10 +17,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from genesis_jax.cli import ArgumentParser, run_cli  # noqa: E402
-from genesis_jax.ranges import COUNT, flag  # noqa: E402
+from genesis_jax.cli import ArgumentParser, run_cli
+from genesis_jax.config.ranges import COUNT, flag
 
-from genesis_jax.plan.compile import run  # noqa: E402
+from genesis_jax.plan.compile import run
 
 FORWARD = [dict(block_q=bq, block_k=bk, num_warps=w, num_stages=s)
            for (bq, bk), (w, s) in itertools.product([(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)],

@@ -30,8 +30,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from genesis_jax.cli import ArgumentParser, run_cli  # noqa: E402
-from genesis_jax.ranges import COUNT, flag  # noqa: E402
+from genesis_jax.cli import ArgumentParser, run_cli
+from genesis_jax.config.ranges import COUNT, flag
 
 import jax  # noqa: E402
 

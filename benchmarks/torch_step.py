@@ -29,18 +29,18 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from genesis_jax.cli import ArgumentParser, run_cli  # noqa: E402
-from genesis_jax.ranges import COUNT, NONNEGATIVE, flag  # noqa: E402
+from genesis_jax.cli import ArgumentParser, run_cli
+from genesis_jax.config.ranges import COUNT, NONNEGATIVE, flag
 
 import jax  # noqa: E402
 
 from benchmarks.synthetic import synthetic_corpus  # noqa: E402
-from genesis_jax import config as C  # noqa: E402
-from genesis_jax.model import deepnorm_alpha  # noqa: E402
-from genesis_jax.runtime import build, compile_step  # noqa: E402
-from genesis_jax.sampler import MaskParams  # noqa: E402
-from genesis_jax.step import StepControls  # noqa: E402
-from genesis_jax.tokenizer import VOCAB_SIZE  # noqa: E402
+from genesis_jax import config as C
+from genesis_jax.model.llama import deepnorm_alpha
+from genesis_jax.training.build import build, compile_step
+from genesis_jax.data.masks import MaskParams
+from genesis_jax.training.step import StepControls
+from genesis_jax.core.tokenizer import VOCAB_SIZE
 
 
 def torch_model(dim: int, layers: int, heads: int, ffn: int, seq: int) -> Any:  # a torch.nn.Module (torch is optional)

@@ -31,21 +31,21 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from genesis_jax.cli import ArgumentParser, run_cli  # noqa: E402
-from genesis_jax.ranges import COUNT, COUNT0, flag  # noqa: E402
+from genesis_jax.cli import ArgumentParser, run_cli
+from genesis_jax.config.ranges import COUNT, COUNT0, flag
 
 import jax  # noqa: E402
 
 from benchmarks.synthetic import synthetic_corpus  # noqa: E402
-from genesis_jax import config as C  # noqa: E402
-from genesis_jax.flops import peak_flops, train_flops_per_token  # noqa: E402
-from genesis_jax.errors import UserError  # noqa: E402
-from genesis_jax.plan import compile as plan_compile  # noqa: E402
-from genesis_jax.sampler import MASK_KINDS, MaskParams  # noqa: E402
-from genesis_jax.runtime import build, compile_step  # noqa: E402
-from genesis_jax.sharding import bytes_per_device  # noqa: E402
-from genesis_jax.step import StepControls  # noqa: E402
-from genesis_jax.train import train  # noqa: E402
+from genesis_jax import config as C
+from genesis_jax.model.flops import peak_flops, train_flops_per_token
+from genesis_jax.core.errors import UserError
+from genesis_jax.plan import compile as plan_compile
+from genesis_jax.data.masks import MASK_KINDS, MaskParams
+from genesis_jax.training.build import build, compile_step
+from genesis_jax.parallel.sharding import bytes_per_device
+from genesis_jax.training.step import StepControls
+from genesis_jax.train import train
 
 
 def bare_step(cfg: C.Config, steps: int, mask: MaskParams) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import sys as _sys
 from types import ModuleType as _ModuleType
 from typing import Sequence as _Sequence
 
-from .compat import module_available as _found
+from .core.compat import module_available as _found
 
 __version__ = "0.1.0"
 

@@ -13,10 +13,10 @@ import typing
 from pathlib import Path
 from typing import Callable
 
-from . import platforms
-from .errors import UserError
-from .logs import print_err
-from .writing import write_file
+from .core import platforms
+from .core.errors import UserError
+from .core.errors import print_err
+from .core.writing import write_file
 
 EXIT_ENVIRONMENT = 2  # a path that cannot be read or written, a full disk, a damaged database
 EXIT_INTERNAL = 1

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from flax import nnx
 
-from .data import open_configured, selected_locales
+from .data.host import open_configured, selected_locales
 from .cli import ArgumentParser, run_cli
-from .ranges import COUNT0, flag
-from .eval_metrics import format_table, go_no_go
-from .eval_suite import EvalSuite
-from .rundir import load_run
-from .writing import write_file
+from .config.ranges import COUNT0, flag
+from .evaluation.metrics import format_table, go_no_go
+from .evaluation.suite import EvalSuite
+from .training.rundir import load_run
+from .core.writing import write_file
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,12 +19,12 @@ from flax import nnx
 
 from . import config as config_lib
 from .cli import ArgumentParser, run_cli
-from .ranges import COUNT0, flag
-from .errors import UserError
+from .config.ranges import COUNT0, flag
+from .core.errors import UserError
 from .hf import files as hf_files
 from .hf.layout import to_hf
-from .rundir import LoadedRun, load_run
-from .writing import write_file
+from .training.rundir import LoadedRun, load_run
+from .core.writing import write_file
 
 MANIFEST = "genesis_export.json"  # what an export wrote: the files a later --force may replace
 DTYPES = ("float32", "bfloat16")

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 from .cli import ArgumentParser, run_cli
-from .ranges import COUNT, COUNT0, FACTOR, NONNEGATIVE, SEED, Range, flag
-from .decoding import generate
-from .rundir import load_run
-from .logs import print_err
+from .config.ranges import COUNT, COUNT0, FACTOR, NONNEGATIVE, SEED, Range, flag
+from .model.decoding import generate
+from .training.rundir import load_run
+from .core.errors import print_err
 
 MAX_TOKENS = 65536  # the KV cache grows with it; beyond this a single sample is no longer a quick look
 

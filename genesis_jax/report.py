@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import eval_metrics
+from .evaluation import metrics as eval_metrics
 from .cli import ArgumentParser, run_cli
-from .errors import UserError
-from .writing import replacing
+from .core.errors import UserError
+from .core.writing import replacing
 
 PHASE_COLOURS = {1: None, 2: "#fde9c9", 3: "#d9ecf7"}
 SIGNAL_COLOURS = {"wwm_activation": "#d98b00", "span_activation": "#1f77b4", "lr_stun": "#c0392b", "grokking": "#2e8b57"}

@@ -18,21 +18,23 @@ from typing import Any, Callable
 
 import jax
 
-from . import config as config_lib, platforms
-from .checkpoint import Checkpointer, RefusedResume, check_shape
+from . import config as config_lib
+from .core import platforms
+from .training.checkpoint import Checkpointer, RefusedResume, check_shape
 from .cli import ArgumentParser, run_cli
-from .config import Config
-from .data import corpus_identity
-from .distributed import add_arguments as add_distributed_arguments, agree, initialize as initialize_distributed, is_primary
-from .errors import ConfigError, UserError
+from .config.schema import Config
+from .data.host import corpus_identity
+from .parallel.processes import add_arguments as add_distributed_arguments, agree, initialize as initialize_distributed, is_primary
+from .core.errors import ConfigError, UserError
 from .hf.pretrained import start_from_pretrained
-from .logs import print_err
-from .loop import TrainLoop
-from .rundir import RunLock, prepare
-from .runtime import build, compile_step
-from .sampler import MaskParams
-from .step import StepControls
-from .writing import write_file
+from .core.errors import print_err
+from .model.attention import check_name
+from .training.loop import TrainLoop
+from .training.rundir import RunLock, prepare
+from .training.build import build, compile_step
+from .data.masks import MaskParams
+from .training.step import StepControls
+from .core.writing import write_file
 
 
 class StopRequested:
@@ -252,6 +254,7 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     def body() -> int:
         overrides = args.set + ([f"training.init_from={args.init_from}"] if args.init_from else [])
         cfg = config_lib.load(args.config, overrides)
+        check_name(cfg.model.attention)
         watchdog = initialize_distributed(args)
         platforms.require()
         agree(fingerprint(cfg, run_dir, args.num_processes), watchdog)

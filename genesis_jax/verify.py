@@ -21,14 +21,14 @@ import numpy as np
 import numpy.typing as npt
 from flax import nnx
 
-from . import attention
+from .model import attention
 from . import config as config_lib
-from .attention import Backend
+from .model.attention import Backend
 from .cli import ArgumentParser, run_cli
-from .errors import ConfigError, UserError
-from .model import Llama
-from .tokenizer import BYTE_OFFSET, VOCAB_SIZE
-from .writing import write_file
+from .core.errors import ConfigError, UserError
+from .model.llama import Llama
+from .core.tokenizer import BYTE_OFFSET, VOCAB_SIZE
+from .core.writing import write_file
 
 # Relative L2 error bounds for logits and every parameter gradient (float32 accumulation).
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}

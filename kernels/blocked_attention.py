@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ..compat import add_into_prefix
+from ..core.compat import add_into_prefix
 from .reference import check_shapes, check_segments
 
 DEFAULT_BLOCK_Q = 64

@@ -13,7 +13,7 @@ from typing import Callable, ContextManager
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Fast compiles here and in every training process a test launches (they inherit the variable).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-from genesis_jax.compat import fast_cpu_compile_flags  # noqa: E402  (imports no JAX)
+from genesis_jax.core.compat import fast_cpu_compile_flags
 
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *fast_cpu_compile_flags()]).strip()
 # One compilation cache for the session: the training processes tests launch (an uninterrupted
@@ -87,7 +87,7 @@ def cuda_lowering() -> Callable[[], ContextManager[object]]:
     """A context for lowering to CUDA without a GPU: JAX 0.11's Triton lowering reads the GPU
     kind from the default device, so that is a compile-only H100 (the `plan` extra) where it is
     installed; JAX 0.10 needs nothing. Nothing may execute inside it."""
-    from genesis_jax.compat import jax_version
+    from genesis_jax.core.compat import jax_version
     from genesis_jax.plan import target as targets
 
     try:

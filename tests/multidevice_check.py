@@ -12,10 +12,11 @@ import jax
 import numpy as np
 
 from genesis_jax import config as C
-from genesis_jax.runtime import placed_state
-from genesis_jax.sampler import MaskParams, build_device_corpus
-from genesis_jax.sharding import bytes_per_device, make_mesh, replicated
-from genesis_jax.step import StepControls, make_train_step
+from genesis_jax.training.build import placed_state
+from genesis_jax.data.masks import MaskParams
+from genesis_jax.data.device import build_device_corpus
+from genesis_jax.parallel.sharding import bytes_per_device, make_mesh, replicated
+from genesis_jax.training.step import StepControls, make_train_step
 
 # name -> (devices, [parallel], accumulation steps, mask kind)
 MESHES = {"one": (1, {}, 2, "wwm"), "data4": (4, {}, 2, "wwm"), "fsdp4": (4, {"data": 1, "fsdp": 4}, 2, "wwm"),
@@ -49,8 +50,8 @@ def local_attention_shape() -> list[int]:
     """The q shape the attention backend sees inside per_shard on a data=1, fsdp=2, tensor=2 mesh."""
     import jax.numpy as jnp
 
-    from genesis_jax import attention
-    from genesis_jax.sharding import per_shard
+    from genesis_jax.model import attention
+    from genesis_jax.model.attention import per_shard
 
     seen = []
 

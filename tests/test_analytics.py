@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from genesis_jax.analytics import LocaleEMA, LossAnalytics
+from genesis_jax.research.analytics import LocaleEMA, LossAnalytics
 
 
 def test_ema_minima_spikes():

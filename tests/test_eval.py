@@ -10,8 +10,8 @@ from flax import nnx
 from conftest import write_small_run_config
 from genesis_jax import config as C
 from genesis_jax.corpus.store import open_corpus
-from genesis_jax.eval_metrics import go_no_go
-from genesis_jax.eval_suite import EvalSuite
+from genesis_jax.evaluation.metrics import go_no_go
+from genesis_jax.evaluation.suite import EvalSuite
 
 NL = ord("\n") + 4
 
@@ -36,7 +36,7 @@ def suite(fixture_corpus):
     cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32"}, "data": {"seq_len": 32},
                        "training": {"batch_size": 4}, "eval": {"reconstruction_windows": 4, "val_windows": 4,
                                                                 "alignment_keys": 8, "embed_len": 32}})
-    from genesis_jax.step import init_model
+    from genesis_jax.training.state import init_model
 
     corpus = open_corpus(fixture_corpus)
     model = init_model(cfg)
@@ -117,8 +117,8 @@ def test_reconstruction_pairs_position_t_with_the_prediction_made_at_t_minus_1(s
 
 
 def test_summary_units_against_hand_computed_values():
-    from genesis_jax.data import ValWindows
-    from genesis_jax.eval_suite import ce_summary
+    from genesis_jax.data.host import ValWindows
+    from genesis_jax.evaluation.suite import ce_summary
 
     w = ValWindows(np.zeros((3, 2)), np.zeros((3, 2)), np.array([0, 0, 1]), ["en", "fr"])
     out = ce_summary(np.array([1.0, 2.0, 3.0]), w)
@@ -147,7 +147,7 @@ def random_text_corpus(tmp_path):
 
 def test_validation_windows_come_from_the_held_out_split(tmp_path):
     """All validation windows must be held-out text, none training text."""
-    from genesis_jax.runtime import build
+    from genesis_jax.training.build import build
 
     corpus_dir = random_text_corpus(tmp_path)
     cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32"},
@@ -166,7 +166,7 @@ def test_validation_windows_come_from_the_held_out_split(tmp_path):
 def test_every_gate_is_an_eval_key_and_a_missing_metric_fails_it():
     import dataclasses
 
-    from genesis_jax.eval_metrics import gated_keys
+    from genesis_jax.evaluation.metrics import gated_keys
 
     assert gated_keys() == ["max_val_ppl", "max_train_val_gap", "min_alignment_acc"]
     assert set(gated_keys()) <= {f.name for f in dataclasses.fields(C.EvalConfig)}
@@ -174,7 +174,7 @@ def test_every_gate_is_an_eval_key_and_a_missing_metric_fails_it():
 
 
 def test_eval_table_against_a_hand_written_one():
-    from genesis_jax.eval_metrics import format_table
+    from genesis_jax.evaluation.metrics import format_table
 
     results = {"val/loss": 1.5, "val/ppl": 4.4817, "val/bpb": 2.1640, "train/loss": 1.25, "gap/val_minus_train": 0.25,
                "val/loss/en": 1.4, "val/loss/fr": 1.6, "recon/random/accuracy": 0.5, "recon/random/cer": 0.75,
@@ -192,9 +192,9 @@ def test_the_evaluation_suite_reads_each_split_where_it_should(tmp_path):
     """Held-out cross-entropy on held-out windows and the training figure on training windows
     (each equal to the mean loss of windows cut by hand from its split), reconstruction windows
     from held-out text only, and alignment on held-out verses only."""
-    from genesis_jax.data import val_windows
-    from genesis_jax.runtime import build
-    from genesis_jax.step import make_eval_step
+    from genesis_jax.data.host import val_windows
+    from genesis_jax.training.build import build
+    from genesis_jax.model.loss import make_eval_step
 
     corpus_dir = random_text_corpus(tmp_path)
     cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32"},

@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, one_error_line, write_small_run_config, write_textdir
-from genesis_jax import eval as eval_cli, export, report, train, verify, writing
+from genesis_jax import eval as eval_cli, export, report, train, verify
+from genesis_jax.core import writing
 from genesis_jax.corpus import __main__ as corpus_cli
 from genesis_jax.corpus.importers import import_textdir
 from genesis_jax.corpus.store import CorpusWriter, open_corpus
-from genesis_jax.errors import UserError
-from genesis_jax.rundir import RunLock, prepare
+from genesis_jax.core.errors import UserError
+from genesis_jax.training.rundir import RunLock, prepare
 
 pytestmark = pytest.mark.slow
 
@@ -313,7 +314,7 @@ def test_a_byte_order_mark_is_not_part_of_the_first_key_and_utf16_is_named(tmp_p
 
 def test_a_gate_the_corpus_cannot_measure_says_so_instead_of_comparing_none():
     from genesis_jax import config as C
-    from genesis_jax.eval_metrics import go_no_go
+    from genesis_jax.evaluation.metrics import go_no_go
 
     failed = go_no_go({"val/ppl": 2.0, "gap/val_minus_train": 0.0}, C.from_dict({}))  # one locale: no alignment
     assert failed == ["alignment top-1 not measured (this corpus or run cannot give it), so eval.min_alignment_acc cannot pass"]

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, one_error_line, write_small_run_config, write_textdir
-from genesis_jax import distributed
-from genesis_jax.errors import UserError
+from genesis_jax.parallel import processes as distributed
+from genesis_jax.core.errors import UserError
 from test_multiprocess import env, free_port
 
 pytestmark = pytest.mark.slow

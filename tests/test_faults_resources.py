@@ -13,8 +13,9 @@ import pytest
 from flax import nnx
 
 from conftest import ROOT, exit_code, one_error_line, write_small_run_config
-from genesis_jax import budget, cli, config as C, generate, train
-from genesis_jax.model import Llama
+from genesis_jax.model import memory as budget
+from genesis_jax import cli, config as C, generate, train
+from genesis_jax.model.llama import Llama
 
 
 @pytest.mark.parametrize("overrides", [[], ["model.norm_type=deepnorm", "model.n_kv_heads=2"],

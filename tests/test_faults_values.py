@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import ROOT, one_error_line, write_small_run_config
 from genesis_jax import cli, config as C
-from genesis_jax.errors import ConfigError
-from genesis_jax.ranges import FLOAT32_MAX, INT32_MAX, UINT32_MAX, Range
+from genesis_jax.core.errors import ConfigError
+from genesis_jax.config.ranges import FLOAT32_MAX, INT32_MAX, UINT32_MAX, Range
 
 COMMANDS = ["train", "generate", "eval", "export", "report", "verify", "corpus.__main__", "plan.__main__"]
 BENCHMARKS = ["attention", "kernel_resources", "profile_step", "torch_step", "train_step"]
@@ -190,7 +190,7 @@ def test_a_run_with_every_step_count_at_its_largest_trains(tmp_path, fixture_cor
 def test_the_schedule_at_the_largest_step_count(tmp_path):
     import jax
 
-    from genesis_jax.optim import lr_schedule
+    from genesis_jax.training.optim import lr_schedule
 
     o = C.from_dict({"optim": {"warmup_steps": 10, "lr": 1.0, "min_lr_ratio": 0.0}}).optim
     sched = jax.jit(lr_schedule(o, INT32_MAX))

@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from genesis_jax import config as C
-from genesis_jax.model import Llama
-from genesis_jax.attention import Backend
+from genesis_jax.model.llama import Llama
+from genesis_jax.model.attention import Backend
 from genesis_jax.kernels.blocked_attention import blocked_attention
 from genesis_jax.kernels.flash_attention import BlockSizes, flash_attention
 from genesis_jax.kernels.reference import decode_attention, reference_attention

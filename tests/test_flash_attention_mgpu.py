@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from genesis_jax.kernels.flash_attention_mgpu import MosaicBlocks, flash_attention_mgpu
+from genesis_jax.kernels.mosaic.forward import MosaicBlocks, flash_attention_mgpu
 from test_flash_attention import np_attention_with_grads, rel_err
 
 interpret_gpu = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call",

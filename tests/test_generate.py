@@ -8,8 +8,8 @@ from flax import nnx
 
 from conftest import write_small_run_config
 from genesis_jax import config as C
-from genesis_jax.decoding import generate, sample_logits
-from genesis_jax.model import Llama
+from genesis_jax.model.decoding import generate, sample_logits
+from genesis_jax.model.llama import Llama
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ import pytest
 
 from conftest import FIXTURE_TEXT
 from genesis_jax import export, train
-from genesis_jax.compat import module_available
-from genesis_jax.decoding import generate
-from genesis_jax.rundir import load_run
-from genesis_jax.tokenizer import encode
+from genesis_jax.core.compat import module_available
+from genesis_jax.model.decoding import generate
+from genesis_jax.training.rundir import load_run
+from genesis_jax.core.tokenizer import encode
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import genesis_jax
-from genesis_jax.compat import module_available, version_tuple
+from genesis_jax.core.compat import module_available, version_tuple
 
 from conftest import ROOT
 
@@ -26,7 +26,7 @@ def test_our_kernels_never_shadow_another_kernels_package(tmp_path: Path):
     other = tmp_path / "site" / "kernels"
     other.mkdir(parents=True)
     (other / "__init__.py").write_text("OWNER = 'another project'\n")
-    r = python("import kernels, genesis_jax.kernels.flash_attention as f, genesis_jax.attention\n"
+    r = python("import kernels, genesis_jax.kernels.flash_attention as f, genesis_jax.model.attention\n"
                "print(kernels.OWNER); print(f.__file__)", [ROOT, tmp_path / "site"])
     assert r.returncode == 0, r.stderr[-2000:]
     owner, kernel_file = r.stdout.splitlines()
@@ -38,7 +38,7 @@ def test_the_package_loads_from_a_checkout_with_nothing_installed():
     """As on a machine where nothing can be installed: PYTHONPATH=. and no install finder."""
     code = ("import sys\n"
             "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
-            "import genesis_jax, genesis_jax.kernels.flash_attention as f, genesis_jax.attention, genesis_jax.plan\n"
+            "import genesis_jax, genesis_jax.kernels.flash_attention as f, genesis_jax.model.attention, genesis_jax.plan\n"
             "print(genesis_jax.__file__); print(f.__file__)")
     r = python(code, [ROOT])
     assert r.returncode == 0, r.stderr[-2000:]

@@ -208,7 +208,7 @@ def write_export(out: Path) -> Path:
     from flax import nnx
 
     from genesis_jax.hf import files, layout
-    from genesis_jax.step import init_model
+    from genesis_jax.training.state import init_model
 
     cfg = C.from_dict(merged(BASE, {"training": {"seed": 7}}))
     out.mkdir()
@@ -244,10 +244,10 @@ class StepRun:
     only when asked) its numbers."""
 
     def __init__(self, cfg: C.Config, phase: str):
-        from genesis_jax import runtime
-        from genesis_jax.curriculum import SPAN, WWM
-        from genesis_jax.loop import step_controls
-        from genesis_jax.research import ResearchState
+        from genesis_jax.training import build as runtime
+        from genesis_jax.research.curriculum import SPAN, WWM
+        from genesis_jax.training.loop import step_controls
+        from genesis_jax.research.state import ResearchState
 
         self.cfg = cfg
         self.setup = setup = runtime.build(cfg)
@@ -279,8 +279,8 @@ class StepRun:
 
 def research_series(cfg: C.Config) -> dict[str, Any]:
     """Fixed metrics for 160 steps and validations every 10 steps through the research state."""
-    from genesis_jax.loop import step_controls
-    from genesis_jax.research import ResearchState
+    from genesis_jax.training.loop import step_controls
+    from genesis_jax.research.state import ResearchState
 
     r = ResearchState.fresh(cfg, ["en", "fr"], has_words=True)
     rng = np.random.default_rng(0)
@@ -300,9 +300,9 @@ def research_series(cfg: C.Config) -> dict[str, Any]:
 
 
 def evaluation_observable(cfg: C.Config) -> dict[str, Any]:
-    from genesis_jax import runtime
-    from genesis_jax.eval_metrics import go_no_go
-    from genesis_jax.eval_suite import EvalSuite
+    from genesis_jax.training import build as runtime
+    from genesis_jax.evaluation.metrics import go_no_go
+    from genesis_jax.evaluation.suite import EvalSuite
 
     setup = runtime.build(cfg)
     results = EvalSuite(cfg, setup.corpus, setup.locales, setup.graphdef, setup.streams).run(setup.state.params, quick=False)

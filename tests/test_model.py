@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from genesis_jax import config as C
-from genesis_jax.model import Llama, deepnorm_alpha, deepnorm_beta, rope
+from genesis_jax.model.llama import Llama, deepnorm_alpha, deepnorm_beta, rope
 from genesis_jax.kernels.reference import reference_attention
 
 

@@ -8,10 +8,12 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from genesis_jax import config as C
-from genesis_jax.optim import decay_mask, lr_schedule
-from genesis_jax.sampler import MaskParams, build_device_corpus
-from genesis_jax.sharding import make_mesh
-from genesis_jax.step import StepControls, init_model, init_state, make_train_step
+from genesis_jax.training.optim import decay_mask, lr_schedule
+from genesis_jax.data.masks import MaskParams
+from genesis_jax.data.device import build_device_corpus
+from genesis_jax.parallel.sharding import make_mesh
+from genesis_jax.training.step import StepControls, make_train_step
+from genesis_jax.training.state import init_model, init_state
 
 
 def test_warmup_then_cosine_hand_computed():
@@ -113,8 +115,8 @@ def test_two_train_steps_are_adamw_in_float64(fixture_corpus, decay_embedding):
     from flax import nnx
 
     from genesis_jax.corpus.store import open_corpus
-    from genesis_jax.sampler import lm_batch
-    from genesis_jax.step import make_loss_fn
+    from genesis_jax.data.sampler import lm_batch
+    from genesis_jax.model.loss import make_loss_fn
 
     o = dict(lr=0.01, warmup_steps=1, min_lr_ratio=0.2, beta1=0.8, beta2=0.9, eps=1e-6, weight_decay=0.3,
              decay_embedding=decay_embedding, grad_clip=0.05)

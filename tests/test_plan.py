@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from genesis_jax.compat import thunk_launches
+from genesis_jax.core.compat import thunk_launches
 from genesis_jax.plan import resources
 from genesis_jax.plan import target as targets
 from genesis_jax.plan.__main__ import main as plan_main
@@ -181,7 +181,7 @@ def mosaic_tile_bytes(kernel: str, hd: int, itemsize: int = 2) -> tuple[int, int
     hand from the design (kernels/README.md), and its grid size for MOSAIC_JOBS' shape: fwd
     Q per compute warpgroup and the K/V ring; dq Q and dO per compute warpgroup and the K/V
     ring; dk/dv K and V per compute warpgroup and the Q/dO ring (P and dS stay in registers)."""
-    from genesis_jax.kernels.flash_attention_mgpu import MosaicBlocks
+    from genesis_jax.kernels.mosaic.forward import MosaicBlocks
 
     blocks = MosaicBlocks()
     bq, bk, stages, bqk = blocks.block_q, blocks.block_k, blocks.stages, blocks.block_q_dkv

@@ -198,13 +198,14 @@ def test_sigterm_saves_current_step_and_resumes(reference, tmp_path):
 
 FAILING_RUN = """
 import sys
-from genesis_jax import logs, train
-original = logs.MetricsDB.log_train
+from genesis_jax import train
+from genesis_jax.telemetry.sqlite import MetricsDB
+original = MetricsDB.log_train
 def failing(self, row):
     if row["step"] == 65:
         raise OSError("disk full (injected)")
     original(self, row)
-logs.MetricsDB.log_train = failing
+MetricsDB.log_train = failing
 sys.exit(train.main(sys.argv[1:], own_process=True))
 """
 
@@ -301,7 +302,7 @@ def test_curriculum_resume_after_sigkill_is_exact(curriculum_reference, tmp_path
 
 
 def test_grokking_signal_pins_its_checkpoint(fixture_corpus, tmp_path):
-    from genesis_jax.analytics import validation_drop
+    from genesis_jax.research.analytics import validation_drop
 
     assert validation_drop([(0, 4.0), (5, 5.0), (9, 3.0)], 10, 4.0, 10) == pytest.approx(0.2)
     assert validation_drop([(0, 4.0)], 20, 1.0, 10) is None  # nothing inside the window

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from genesis_jax.corpus.store import open_corpus
-from genesis_jax.sampler import MaskParams, build_device_corpus, lm_batch
+from genesis_jax.data.masks import MaskParams
+from genesis_jax.data.device import build_device_corpus
+from genesis_jax.data.sampler import lm_batch
 
 L = 16
 
@@ -75,7 +77,7 @@ def test_masks_corrupt_inputs_only(setup):
 
 
 def _corpus_from_text(text: str, seq_len: int):
-    from genesis_jax.words import word_starts
+    from genesis_jax.corpus.words import word_starts
 
     data = np.frombuffer(text.encode("utf-8"), np.uint8)
     return build_device_corpus(data, word_starts(text), np.array([0, len(data)]), seq_len)
@@ -219,8 +221,8 @@ def test_a_locale_shorter_than_one_window_is_skipped_not_read_past():
 def test_a_registered_mask_kind_reaches_the_step_switch_and_the_evaluation(monkeypatch):
     """One `register_mask` entry is all a new kind needs: MaskParams names it, the switch runs
     it, and the reconstruction suite and its metrics list it."""
-    from genesis_jax.eval_metrics import eval_metrics, reconstruction_kinds
-    from genesis_jax.sampler import MASK_KINDS, MaskKind, make_mask
+    from genesis_jax.evaluation.metrics import eval_metrics, reconstruction_kinds
+    from genesis_jax.data.masks import MASK_KINDS, MaskKind, make_mask
 
     def odd_positions(key, words, p):
         return jnp.broadcast_to(jnp.arange(words.shape[-1]) % 2 == 1, words.shape)
@@ -257,7 +259,7 @@ def test_locale_targeted_starts_are_uniform_over_exactly_the_valid_ones():
     """A locale of L + k bytes has k valid window starts: targeted draws are uniform over
     exactly those (the first included, none past the last), a locale of L + 1 bytes always
     gives its one start, and a locale shorter than a window gives locale id -1 (skipped)."""
-    from genesis_jax.sampler import locale_window_starts
+    from genesis_jax.data.sampler import locale_window_starts
 
     seq = 8
     lengths = [seq + 1, seq + 4, seq]
@@ -278,7 +280,7 @@ def test_locale_targeted_starts_are_uniform_over_exactly_the_valid_ones():
 def test_a_split_beyond_the_int32_index_range_is_refused_at_its_first_byte_too_many():
     """Window starts are int32 on the device: a split of 2**31 bytes or more is refused by name
     (checked on the split's end, whatever the locales before it), one byte less is accepted."""
-    from genesis_jax.sampler import corpus_arrays
+    from genesis_jax.data.device import corpus_arrays
 
     small = np.zeros(4, np.uint8)
     assert int(corpus_arrays(small, small, np.array([0, 5, 2**31 - 1]), 8).locale_starts[-1]) == 2**31 - 1
@@ -292,7 +294,7 @@ def test_window_starts_are_uniform_over_every_valid_start_of_every_locale():
     starts: draws cover exactly those 7, each with probability 1/7 (within 4 sigma over 1,400
     draws), each with the locale whose bytes it starts in (a start drawn at a locale boundary
     belongs to the next locale, never to the end of the previous one)."""
-    from genesis_jax.sampler import window_starts
+    from genesis_jax.data.sampler import window_starts
 
     seq = 8
     lengths = [seq + 1, seq + 4, seq, seq + 2]

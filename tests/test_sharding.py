@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT
 from genesis_jax import config as C
-from genesis_jax.errors import ConfigError
+from genesis_jax.core.errors import ConfigError
 
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
 
@@ -59,7 +59,7 @@ def test_impossible_meshes_are_refused_naming_the_key(parallel, message):
 
 
 def test_mesh_sizes_against_the_device_count():
-    from genesis_jax.sharding import mesh_shape
+    from genesis_jax.parallel.sharding import mesh_shape
 
     p = lambda **kw: C.ParallelConfig(**kw)  # noqa: E731
     assert mesh_shape(p(), 8) == {"data": 8, "fsdp": 1, "tensor": 1}

@@ -7,10 +7,14 @@ import sqlite3
 import numpy as np
 
 from genesis_jax import config as C
-from genesis_jax.curriculum import Signal
-from genesis_jax.logs import Console, MetricsDB
-from genesis_jax.research import ResearchState
-from genesis_jax.sinks import ConsoleSink, RunEnd, SQLiteSink, tensorboard_tag
+from genesis_jax.research.curriculum import Signal
+from genesis_jax.telemetry.console import Console
+from genesis_jax.telemetry.sqlite import MetricsDB
+from genesis_jax.research.state import ResearchState
+from genesis_jax.telemetry.console import ConsoleSink
+from genesis_jax.telemetry.sink import RunEnd
+from genesis_jax.telemetry.sqlite import SQLiteSink
+from genesis_jax.telemetry.tensorboard import tensorboard_tag
 
 LOG = {"train/loss": 1.83142, "train/loss_ema": 1.99651, "train/grad_norm": 0.5567, "train/lr": 2.4731e-3,
        "train/lr_multiplier": 0.56, "train/mask_prob": 0.0625, "train/phase": 2.0, "curriculum/stuns": 1.0,

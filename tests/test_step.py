@@ -10,9 +10,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from genesis_jax import config as C
-from genesis_jax.sampler import build_device_corpus
-from genesis_jax.sharding import make_mesh
-from genesis_jax.step import StepControls, init_model, init_state, make_train_step
+from genesis_jax.data.device import build_device_corpus
+from genesis_jax.parallel.sharding import make_mesh
+from genesis_jax.training.step import StepControls, make_train_step
+from genesis_jax.training.state import init_model, init_state
 
 SEQ = 16
 

@@ -13,12 +13,12 @@ import pytest
 
 from conftest import ROOT, exit_code, one_error_line, write_textdir
 from genesis_jax import cli, generate, report, verify
-from genesis_jax.checkpoint import read_pinned
+from genesis_jax.training.checkpoint import read_pinned
 from genesis_jax.corpus import __main__ as corpus_cli
 from genesis_jax.corpus.store import open_corpus
-from genesis_jax.errors import CorpusError, ResumeError, UserError
-from genesis_jax.logs import MetricsDB
-from genesis_jax.rundir import RunLock, RunLockedError, prepare
+from genesis_jax.core.errors import CorpusError, ResumeError, UserError
+from genesis_jax.telemetry.sqlite import MetricsDB
+from genesis_jax.training.rundir import RunLock, RunLockedError, prepare
 
 
 def tree_digest(path: Path) -> dict[str, bytes]:
@@ -98,7 +98,7 @@ def test_second_lock_is_refused_naming_the_holder(tmp_path):
         RunLock(tmp_path).acquire()
     assert f"pid {os.getpid()}" in str(e.value) and "in use" in str(e.value)
     # From another process too (a flock, so it holds across processes).
-    probe = ("import sys; from pathlib import Path; from genesis_jax.rundir import RunLock; from genesis_jax.errors import UserError\n"
+    probe = ("import sys; from pathlib import Path; from genesis_jax.training.rundir import RunLock; from genesis_jax.core.errors import UserError\n"
              "try:\n    RunLock(Path(sys.argv[1])).acquire()\nexcept UserError as e:\n    print(e); sys.exit(3)\n")
     r = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})

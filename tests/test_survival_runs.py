@@ -16,13 +16,13 @@ import pytest
 
 from conftest import ROOT, one_error_line, write_small_run_config, write_textdir
 from genesis_jax import eval as eval_cli, generate, train
-from genesis_jax.checkpoint import Checkpointer
-from genesis_jax.config import load
+from genesis_jax.training.checkpoint import Checkpointer
+from genesis_jax.config.load import load
 from genesis_jax.corpus.importers import import_textdir
 from genesis_jax.corpus.store import CorpusWriter
-from genesis_jax.rundir import load_run
-from genesis_jax.rundir import RunLock
-from genesis_jax.step import TrainState, init_model, init_state
+from genesis_jax.training.rundir import load_run
+from genesis_jax.training.rundir import RunLock
+from genesis_jax.training.state import TrainState, init_model, init_state
 from test_resume import logged
 
 pytestmark = pytest.mark.slow
@@ -192,7 +192,8 @@ def test_write_failures_end_in_one_line(fixture_corpus, tmp_path):
 
 HANGING_SAVE = """
 import sys, threading
-from genesis_jax import checkpoint, train
+from genesis_jax import train
+from genesis_jax.training import checkpoint
 def hang(self, step, state, meta):
     print("HANG", file=sys.stderr, flush=True)
     threading.Event().wait()

@@ -12,12 +12,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from genesis_jax import config as C
 from genesis_jax.corpus.store import open_corpus
-from genesis_jax.sampler import build_device_corpus
-from genesis_jax.sharding import make_mesh
-from genesis_jax.step import StepControls, init_model, init_state, make_train_step
-from genesis_jax.tasks import (COHERENCE, CROSS_REF, PARAPHRASE, build_verse_index, coherence_examples,
-                               cross_ref_examples, paraphrase_examples, task_loss, verse_tokens)
-from genesis_jax.tokenizer import BYTE_OFFSET
+from genesis_jax.data.device import build_device_corpus
+from genesis_jax.parallel.sharding import make_mesh
+from genesis_jax.training.step import StepControls, make_train_step
+from genesis_jax.training.state import init_model, init_state
+from genesis_jax.data.verses import COHERENCE, CROSS_REF, PARAPHRASE, build_verse_index, coherence_examples, cross_ref_examples, paraphrase_examples
+from genesis_jax.training.objectives import task_loss
+from genesis_jax.data.sampler import verse_tokens
+from genesis_jax.core.tokenizer import BYTE_OFFSET
 
 
 @pytest.fixture(scope="module")

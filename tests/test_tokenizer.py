@@ -1,6 +1,6 @@
 import numpy as np
 
-from genesis_jax import tokenizer as tok
+from genesis_jax.core import tokenizer as tok
 
 
 def test_round_trip_multilingual():

@@ -5,12 +5,13 @@ import io
 
 import jax.numpy as jnp
 
-from genesis_jax import attention, verify
+from genesis_jax.model import attention
+from genesis_jax import verify
 from genesis_jax import config as C
-from genesis_jax.attention import Backend
-from genesis_jax.checkpoint import Checkpointer
-from genesis_jax.config import CheckpointConfig
-from genesis_jax.logs import Console, format_line
+from genesis_jax.model.attention import Backend
+from genesis_jax.training.checkpoint import Checkpointer
+from genesis_jax.config.schema import CheckpointConfig
+from genesis_jax.telemetry.console import Console, format_line
 from genesis_jax.kernels.reference import decode_attention, reference_attention
 
 

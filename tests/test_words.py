@@ -1,6 +1,6 @@
 """Word starts against hand-marked expectations for each script."""
 
-from genesis_jax.words import word_starts
+from genesis_jax.corpus.words import word_starts
 
 
 def starts(text: str) -> list[str]:

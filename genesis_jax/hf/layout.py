@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ModelSpec
-from ..tokenizer import VOCAB_SIZE
+from ..config.schema import ModelSpec
+from ..core.tokenizer import VOCAB_SIZE
 
 Tree = dict[str, Any]
 

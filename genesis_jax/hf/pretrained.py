@@ -11,10 +11,10 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ..config import Config
-from ..errors import UserError
-from ..sharding import put
-from ..step import TrainState
+from ..config.schema import Config
+from ..core.errors import UserError
+from ..parallel.sharding import put
+from ..training.state import TrainState
 from .files import check_compatible, read_weights
 from .layout import from_hf
 

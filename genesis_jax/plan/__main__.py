@@ -18,9 +18,9 @@ from typing import Any
 
 from .. import config as config_lib
 from ..cli import ArgumentParser, run_cli
-from ..ranges import COUNT, flag
-from ..errors import UserError
-from ..writing import write_file
+from ..config.ranges import COUNT, flag
+from ..core.errors import UserError
+from ..core.writing import write_file
 from . import target as targets
 from .compile import Compiled, JobResult, run
 

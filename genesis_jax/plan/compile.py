@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..core.errors import UserError
 from . import target as targets
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # holds genesis_jax/ and kernels/

@@ -13,14 +13,14 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from .. import attention
+from ..model import attention
 from .. import config as config_lib
-from ..eval_suite import jit_validation_step
+from ..evaluation.suite import jit_validation_step
 from ..kernels.flash_attention import BlockSizes
-from ..runtime import abstract_state, jit_step, load_data
-from ..sampler import MaskParams
-from ..sharding import batch_sharding, batch_split, check_devices, make_mesh, replicated, shard_bytes
-from ..step import StepControls
+from ..training.build import abstract_state, jit_step, load_data
+from ..data.masks import MaskParams
+from ..parallel.sharding import batch_sharding, batch_split, check_devices, make_mesh, replicated, shard_bytes
+from ..training.step import StepControls
 
 
 @dataclass

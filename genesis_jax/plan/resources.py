@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..compat import GPU_LAUNCH_SEGMENTS, thunk_launches
+from ..core.compat import GPU_LAUNCH_SEGMENTS, thunk_launches
 
 # Custom-call targets of Pallas kernels in optimized HLO (Triton lowering, Mosaic GPU).
 PALLAS_TARGETS = ("__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import jax
 
-from ..compat import module_available
-from ..errors import UserError
+from ..core.compat import module_available
+from ..core.errors import UserError
 
 TARGET_DIR = Path(__file__).resolve().parent / "targets"
 LOCAL = "local"  # the GPUs of this machine

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import jax
 
-from ..errors import UserError
+from ..core.errors import UserError
 from . import resources, target as targets
 from .jobs import JOBS, Program
 

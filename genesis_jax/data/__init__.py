@@ -1,0 +1,1 @@
+"""From a corpus to device batches: host arrays, the device-resident corpus, masks, samplers, verse examples."""

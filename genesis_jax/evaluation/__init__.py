@@ -1,0 +1,1 @@
+"""The evaluation suite: validation, masked reconstruction, cross-lingual alignment, and the metric registry."""

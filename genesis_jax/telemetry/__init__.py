@@ -1,0 +1,1 @@
+"""Where a run's numbers go: the sink protocol and one module per backend (SQLite, TensorBoard, console)."""

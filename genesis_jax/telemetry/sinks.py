@@ -1,0 +1,21 @@
+"""TODO(sinks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from ..config.schema import Config
+from .console import Console
+from .sqlite import MetricsDB
+from .console import ConsoleSink
+from .sqlite import SQLiteSink
+from .sink import Sink
+from .tensorboard import TensorBoardSink
+
+
+def open_sinks(cfg: Config, run_dir: Path, db: MetricsDB, console: Console) -> list[Sink]:
+    """SQLite first: the record of the run is written before anything that only displays it."""
+    sinks: list[Sink] = [SQLiteSink(db)]
+    if cfg.logging.tensorboard:
+        sinks.append(TensorBoardSink(run_dir / "tensorboard"))
+    sinks.append(ConsoleSink(console, cfg))
+    return sinks

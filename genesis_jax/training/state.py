@@ -1,0 +1,47 @@
+"""TODO(step)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+from ..model import attention
+from ..config.schema import Config
+from ..model.llama import Llama
+from .optim import make_optimizer, set_lr_multiplier
+from ..model.attention import per_shard
+from ..model.heads import MultiTaskLlama
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class TrainState:
+    params: nnx.State  # the model's Params, float32
+    opt_state: optax.OptState
+    step: jax.Array  # int32 number of updates done
+    loss_ema: jax.Array  # float32 d * ema + (1 - d) * LM loss, d = curriculum.loss_ema_decay (first = first loss; NaN before)
+
+
+def init_model(cfg: Config, mesh: Mesh | None = None) -> Llama:
+    """The decoder, with the task heads when multi-task learning is on (seeded apart from it).
+    On a mesh of several devices, attention runs per shard (sharding.per_shard)."""
+    rngs = nnx.Rngs(params=cfg.training.seed)
+    attn = attention.backend(cfg.model.attention)
+    if mesh is not None and mesh.size > 1:
+        attn = per_shard(attn, mesh)
+    if cfg.mtl.enabled:
+        return MultiTaskLlama(cfg.model, cfg.mtl, rngs, nnx.Rngs(params=cfg.training.seed + 1), attn)
+    return Llama(cfg.model, rngs, attn)
+
+
+def init_state(cfg: Config, model: Llama) -> TrainState:
+    params = nnx.state(model, nnx.Param)
+    tx = make_optimizer(cfg.optim, cfg.training.max_steps)
+    # Strongly typed leaves, so the state returned by the step never retraces it.
+    opt_state = set_lr_multiplier(tx.init(params), jnp.float32(1.0))
+    # loss_ema starts as NaN: "no LM loss seen yet" (with multi-task learning a step may have none).
+    return TrainState(params=params, opt_state=opt_state, step=jnp.asarray(0, jnp.int32),
+                      loss_ema=jnp.asarray(jnp.nan, jnp.float32))
