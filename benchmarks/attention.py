@@ -30,29 +30,33 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from genesis_jax.cli import ArgumentParser, run_cli
 from genesis_jax.config.ranges import COUNT, COUNT0, flag
+from genesis_jax.core.cli import ArgumentParser, run_cli
+
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for the PyTorch process
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from genesis_jax.model import attention
 from genesis_jax.kernels.flash_attention import BlockSizes, flash_attention
 from genesis_jax.kernels.reference import reference_attention
+from genesis_jax.model import attention
 
-SWEEP = [BlockSizes(bq, bk, bqb, bkb, num_warps=w, num_stages=st)
-         for bq, bk in ((64, 64), (128, 64), (128, 128), (64, 32))
-         for bqb, bkb in ((64, 64), (32, 64))
-         for w, st in ((4, 2), (4, 3), (8, 2))]
+SWEEP = [
+    BlockSizes(bq, bk, bqb, bkb, num_warps=w, num_stages=st)
+    for bq, bk in ((64, 64), (128, 64), (128, 128), (64, 32))
+    for bqb, bkb in ((64, 64), (32, 64))
+    for w, st in ((4, 2), (4, 3), (8, 2))
+]
 
 
 @dataclass(frozen=True)
@@ -81,15 +85,21 @@ def model_shapes(seq: int = 512, tokens: int = 16384) -> list[Shape]:
     return out
 
 
-def paper_shapes(seqs: list[int], head_dims: list[int], causal: list[bool], tokens: int = 16384,
-                 hidden: int = 2048) -> list[Shape]:
+def paper_shapes(
+    seqs: list[int], head_dims: list[int], causal: list[bool], tokens: int = 16384, hidden: int = 2048
+) -> list[Shape]:
     """The FlashAttention paper grid: 16k tokens per call, hidden 2048."""
-    return [Shape("fa-grid", max(tokens // s, 1), s, hidden // d, hidden // d, d, c)
-            for d in head_dims for c in causal for s in seqs]
+    return [
+        Shape("fa-grid", max(tokens // s, 1), s, hidden // d, hidden // d, d, c)
+        for d in head_dims
+        for c in causal
+        for s in seqs
+    ]
 
 
 def engine_backends() -> dict[str, Callable[..., jax.Array]]:
     """The engine's registered backends (a new one appears here with no change to this script)."""
+
     def bind(b: attention.Backend) -> Callable[..., jax.Array]:
         return lambda q, k, v, causal: b.fn(q, k, v, causal=causal)
 
@@ -107,8 +117,9 @@ def baselines() -> dict[str, Callable[..., jax.Array]]:
 
         group = q.shape[2] // k.shape[2]  # the bundled kernel is wrong for GQA: repeat KV heads
         k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-        return mha_lib.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=causal,
-                           interpret=jax.default_backend() != "gpu")
+        return mha_lib.mha(
+            q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=causal, interpret=jax.default_backend() != "gpu"
+        )
 
     return {"jax_xla": jax_xla, "jax_mha": bundled_mha}
 
@@ -120,10 +131,12 @@ def mosaic_variants() -> dict[str, Callable[..., jax.Array]]:
     def bind(blocks: MosaicBlocks) -> Callable[..., jax.Array]:
         return lambda q, k, v, causal: flash_attention_mgpu(q, k, v, causal=causal, block_sizes=blocks)
 
-    return {"mosaic_1wg": bind(MosaicBlocks(compute_wgs=1, compute_wgs_bwd=1)),
-            "mosaic_1wg_bwd": bind(MosaicBlocks(compute_wgs_bwd=1)),
-            "mosaic_no_pingpong": bind(MosaicBlocks(ping_pong=False)),
-            "mosaic_p_smem": bind(MosaicBlocks(p_in_registers=False))}
+    return {
+        "mosaic_1wg": bind(MosaicBlocks(compute_wgs=1, compute_wgs_bwd=1)),
+        "mosaic_1wg_bwd": bind(MosaicBlocks(compute_wgs_bwd=1)),
+        "mosaic_no_pingpong": bind(MosaicBlocks(ping_pong=False)),
+        "mosaic_p_smem": bind(MosaicBlocks(p_in_registers=False)),
+    }
 
 
 def rel(a: jax.Array, b: jax.Array) -> float:
@@ -164,12 +177,22 @@ def references(s: Shape, inputs: list[tuple[jax.Array, ...]]) -> tuple[jax.Array
         f32 = [x.astype(jnp.float32) for x in (q, k, v)]
         return jnp.sum(reference_attention(*f32, causal=s.causal) * do.astype(jnp.float32))
 
-    out = jax.jit(lambda q, k, v: reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), causal=s.causal))(q, k, v)
+    out = jax.jit(lambda q, k, v: reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), causal=s.causal))(
+        q, k, v
+    )
     return out, jax.jit(jax.grad(ref_loss, argnums=(0, 1, 2)))(q, k, v)
 
 
-def measure(name: str, attn: Callable[..., jax.Array], s: Shape, inputs: list[tuple[jax.Array, ...]],
-            refs: tuple[jax.Array, Any], iters: int, warmup: int, do_time: bool) -> list[dict[str, Any]]:
+def measure(
+    name: str,
+    attn: Callable[..., jax.Array],
+    s: Shape,
+    inputs: list[tuple[jax.Array, ...]],
+    refs: tuple[jax.Array, Any],
+    iters: int,
+    warmup: int,
+    do_time: bool,
+) -> list[dict[str, Any]]:
     fwd = jax.jit(lambda q, k, v, do: attn(q, k, v, s.causal))
 
     def loss(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array) -> jax.Array:
@@ -208,8 +231,12 @@ def torch_rows(shapes: list[Shape], iters: int) -> list[dict[str, Any]]:
     """PyTorch SDPA in its own process (it must not share the GPU allocator with JAX)."""
     script = ROOT / "benchmarks" / "attention_torch.py"
     try:
-        r = subprocess.run([sys.executable, str(script), json.dumps([asdict(s) for s in shapes]), str(iters)],
-                           capture_output=True, text=True, timeout=400)
+        r = subprocess.run(
+            [sys.executable, str(script), json.dumps([asdict(s) for s in shapes]), str(iters)],
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
     except subprocess.TimeoutExpired:
         return [{"backend": "torch", "error": "timed out"}]
     if r.returncode != 0:
@@ -217,14 +244,30 @@ def torch_rows(shapes: list[Shape], iters: int) -> list[dict[str, Any]]:
     return json.loads(r.stdout)
 
 
-COLS = ["backend", "mode", "name", "batch", "seq", "heads_q", "heads_kv", "head_dim", "causal", "ms", "tflops",
-        "pct_matmul", "rel_err", "error"]
+COLS = [
+    "backend",
+    "mode",
+    "name",
+    "batch",
+    "seq",
+    "heads_q",
+    "heads_kv",
+    "head_dim",
+    "causal",
+    "ms",
+    "tflops",
+    "pct_matmul",
+    "rel_err",
+    "error",
+]
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     fmt = {"ms": "{:.3f}", "tflops": "{:.1f}", "pct_matmul": "{:.1f}", "rel_err": "{:.1e}"}
-    cells = [[(fmt[c].format(r[c]) if c in fmt and isinstance(r.get(c), float) else str(r.get(c, "")))
-              for c in COLS] for r in rows]
+    cells = [
+        [(fmt[c].format(r[c]) if c in fmt and isinstance(r.get(c), float) else str(r.get(c, ""))) for c in COLS]
+        for r in rows
+    ]
     widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(COLS)]
     widths[-1] = min(widths[-1], 60)
     print(" | ".join(c.ljust(w) for c, w in zip(COLS, widths)))
@@ -236,21 +279,30 @@ def sweep_settings(kernel: str) -> list[tuple[str, Callable[..., jax.Array]]]:
     """(label, attention) for each block-size setting of `kernel` (pallas: SWEEP; mosaic: key
     tiles of 64 or 128, rings of 2 or 3 slots, dk/dv query steps of 32 or 64)."""
     if kernel == "pallas":
-        return [(f"q{bs.block_q} k{bs.block_k} bq{bs.block_q_bwd} bk{bs.block_k_bwd} w{bs.num_warps} s{bs.num_stages}",
-                 lambda q, k, v, causal, bs=bs: flash_attention(q, k, v, causal=causal, block_sizes=bs))
-                for bs in SWEEP]
+        return [
+            (
+                f"q{bs.block_q} k{bs.block_k} bq{bs.block_q_bwd} bk{bs.block_k_bwd} w{bs.num_warps} s{bs.num_stages}",
+                lambda q, k, v, causal, bs=bs: flash_attention(q, k, v, causal=causal, block_sizes=bs),
+            )
+            for bs in SWEEP
+        ]
     from genesis_jax.kernels.mosaic.forward import MosaicBlocks, flash_attention_mgpu
 
     out = []
     for bk, stages, bqk in ((64, 2, 32), (128, 2, 32), (64, 3, 32), (128, 3, 32), (64, 2, 64)):
         blocks = MosaicBlocks(block_k=bk, stages=stages, block_q_dkv=bqk)
-        out.append((f"k{bk} stages{stages} dkv{bqk}",
-                    lambda q, k, v, causal, b=blocks: flash_attention_mgpu(q, k, v, causal=causal, block_sizes=b)))
+        out.append(
+            (
+                f"k{bk} stages{stages} dkv{bqk}",
+                lambda q, k, v, causal, b=blocks: flash_attention_mgpu(q, k, v, causal=causal, block_sizes=b),
+            )
+        )
     return out
 
 
-def sweep_shapes(shapes: list[Shape], dtype: Any, settings: list[tuple[str, Callable[..., jax.Array]]],
-                 args: argparse.Namespace) -> list[dict[str, Any]]:
+def sweep_shapes(
+    shapes: list[Shape], dtype: Any, settings: list[tuple[str, Callable[..., jax.Array]]], args: argparse.Namespace
+) -> list[dict[str, Any]]:
     """The fastest setting per shape and mode (the first that works, in a dry run)."""
     best: list[dict[str, Any]] = []
     for s in shapes:
@@ -259,8 +311,11 @@ def sweep_shapes(shapes: list[Shape], dtype: Any, settings: list[tuple[str, Call
         for mode in ("fwd", "fwd+bwd"):
             results = []
             for label, fn in settings:
-                row = [r for r in measure(args.sweep_kernel, fn, s, inputs, refs, args.iters, args.warmup,
-                                          not args.dry_run) if r["mode"] == mode][0]
+                row = [
+                    r
+                    for r in measure(args.sweep_kernel, fn, s, inputs, refs, args.iters, args.warmup, not args.dry_run)
+                    if r["mode"] == mode
+                ][0]
                 if "error" not in row:
                     results.append((row.get("ms", 0.0), label, row))
             if results:
@@ -280,9 +335,11 @@ def sweep(shapes: list[Shape], dtype: Any, args: argparse.Namespace) -> int:
         best = sweep_shapes(shapes, dtype, settings, args)
     for r in best:
         t = f"{r['ms']:.3f} ms {r['tflops']:.1f} TFLOP/s" if "ms" in r else "untimed (dry run)"
-        print(f"{r['mode']:8s} b{r['batch']} s{r['seq']} h{r['heads_q']}/{r['heads_kv']} d{r['head_dim']} "
-              f"{'causal' if r['causal'] else 'full'}: best {r['block_sizes']} ({t}, err {r['rel_err']:.1e}, "
-              f"{r['tried']} settings)")
+        print(
+            f"{r['mode']:8s} b{r['batch']} s{r['seq']} h{r['heads_q']}/{r['heads_kv']} d{r['head_dim']} "
+            f"{'causal' if r['causal'] else 'full'}: best {r['block_sizes']} ({t}, err {r['rel_err']:.1e}, "
+            f"{r['tried']} settings)"
+        )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         with open(args.out / "attention_sweep.csv", "w", newline="") as f:
@@ -298,19 +355,29 @@ def main() -> int:
     ap.add_argument("--seqs", default="512,1024,2048,4096,8192")
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--causal", default="true,false", help="which masks of the paper grid")
-    ap.add_argument("--backends", default=",".join([*attention.BACKENDS, "jax_xla", "jax_mha"]),
-                    help="registered engine backends, baselines (jax_xla, jax_mha) and Mosaic kernel variants "
-                         "(mosaic_1wg, mosaic_1wg_bwd, mosaic_no_pingpong, mosaic_p_smem) to time")
+    ap.add_argument(
+        "--backends",
+        default=",".join([*attention.BACKENDS, "jax_xla", "jax_mha"]),
+        help="registered engine backends, baselines (jax_xla, jax_mha) and Mosaic kernel variants "
+        "(mosaic_1wg, mosaic_1wg_bwd, mosaic_no_pingpong, mosaic_p_smem) to time",
+    )
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--iters", type=flag(COUNT), default=20)
     ap.add_argument("--warmup", type=flag(COUNT0), default=3)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes, every path, no timing (CPU)")
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--sweep", action="store_true",
-                    help="time one of our kernels with each of its block-size settings and print the best per shape and mode")
-    ap.add_argument("--sweep-kernel", default="pallas", choices=["pallas", "mosaic"],
-                    help="the kernel --sweep tries (mosaic: bf16/fp16 on a Hopper GPU)")
+    ap.add_argument(
+        "--sweep",
+        action="store_true",
+        help="time one of our kernels with each of its block-size settings and print the best per shape and mode",
+    )
+    ap.add_argument(
+        "--sweep-kernel",
+        default="pallas",
+        choices=["pallas", "mosaic"],
+        help="the kernel --sweep tries (mosaic: bf16/fp16 on a Hopper GPU)",
+    )
     ap.add_argument("--sweep-limit", type=flag(COUNT0), default=0, help="try only the first N settings (0 = all)")
     args = ap.parse_args()
 
@@ -328,13 +395,20 @@ def main() -> int:
             shapes, dtype = shapes[:1], jnp.dtype(jnp.bfloat16)
     else:
         if not on_gpu:
-            print("error: timing needs a GPU (interpret-mode times are not kernel speeds); use --dry-run", file=sys.stderr)
+            print(
+                "error: timing needs a GPU (interpret-mode times are not kernel speeds); use --dry-run", file=sys.stderr
+            )
             return 2
         wanted = set(args.shapes.split(","))
         shapes = (model_shapes() if "model" in wanted else []) + (
-            paper_shapes([int(x) for x in args.seqs.split(",")], [int(x) for x in args.head_dims.split(",")],
-                         [x.strip().lower() == "true" for x in args.causal.split(",")])
-            if "paper" in wanted else [])
+            paper_shapes(
+                [int(x) for x in args.seqs.split(",")],
+                [int(x) for x in args.head_dims.split(",")],
+                [x.strip().lower() == "true" for x in args.causal.split(",")],
+            )
+            if "paper" in wanted
+            else []
+        )
     dev = jax.devices()[0]
     backends = {k: v for k, v in known.items() if k in args.backends.split(",")}
     # The Mosaic kernel takes bf16/fp16 only (its backend routes float32 elsewhere): a dry run

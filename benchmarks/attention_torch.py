@@ -1,6 +1,6 @@
 """PyTorch SDPA rows for benchmarks/attention.py, run in a separate process.
 
-  python benchmarks/attention_torch.py '<json list of shapes>' ITERS   -> JSON rows on stdout
+python benchmarks/attention_torch.py '<json list of shapes>' ITERS   -> JSON rows on stdout
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ def main() -> int:
     for s in shapes:
         b, n, hq, hkv, d, causal = s["batch"], s["seq"], s["heads_q"], s["heads_kv"], s["head_dim"], s["causal"]
         gen = torch.Generator(device="cuda").manual_seed(0)
-        sets = [[torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen) for h in (hq, hkv, hkv, hq)]
-                for _ in range(3)]
+        sets = [
+            [torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen) for h in (hq, hkv, hkv, hq)]
+            for _ in range(3)
+        ]
         q, k, v, do = sets[0]
         gqa = hq != hkv
         with sdpa_kernel([SDPBackend.MATH]):
@@ -37,6 +39,7 @@ def main() -> int:
                 row: dict[str, Any] = {"backend": name, "mode": mode, **s}
                 try:
                     with sdpa_kernel([backend]):
+
                         def run(args: list[torch.Tensor]) -> Any:
                             qq, kk, vv, dd = args
                             if mode == "fwd":
@@ -50,8 +53,9 @@ def main() -> int:
                         got = run(sets[0])
                         want = [ref] if mode == "fwd" else ref_grads
                         got = [got] if mode == "fwd" else got
-                        row["rel_err"] = max(float((g.float() - w).norm() / w.norm().clamp_min(1e-30))
-                                             for g, w in zip(got, want))
+                        row["rel_err"] = max(
+                            float((g.float() - w).norm() / w.norm().clamp_min(1e-30)) for g, w in zip(got, want)
+                        )
                         for i in range(3):
                             run(sets[i % 3])
                         times = []

@@ -30,12 +30,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from genesis_jax.cli import ArgumentParser, run_cli
-from genesis_jax.config.ranges import COUNT, flag
-
 import jax  # noqa: E402
 
 from benchmarks.torch_step import add_step_arguments, jax_step, parse_dims  # noqa: E402
+from genesis_jax.config.ranges import COUNT, flag
+from genesis_jax.core.cli import ArgumentParser, run_cli
 
 OURS = ("genesis_jax/", "kernels/")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?metadata=\{([^}]*)\}", re.M)
@@ -76,7 +75,7 @@ def attribution(hlo: str) -> dict[str, tuple[str, bool]]:
                 path = files.get(_field(loc, "file_name_id"), "")
                 hit = next((p for p in OURS if p in path), None)
                 if hit:
-                    module = path[path.index(hit):].removesuffix(".py").replace("/", ".").split(".", 1)[1]
+                    module = path[path.index(hit) :].removesuffix(".py").replace("/", ".").split(".", 1)[1]
                     name = f"{module}.{funcs.get(_field(loc, 'function_name_id'), '?')}"
                     break
                 fid = _field(frames[fid], "parent_frame_id")
@@ -88,8 +87,10 @@ def attribution(hlo: str) -> dict[str, tuple[str, bool]]:
         meta = m.group(2)
         frame = re.search(r"stack_frame_id=(\d+)", meta)
         op = re.search(r'op_name="([^"]*)"', meta)
-        out[m.group(1)] = (ours(int(frame.group(1))) if frame else "(no source)",
-                           bool(op and "transpose(" in op.group(1)))
+        out[m.group(1)] = (
+            ours(int(frame.group(1))) if frame else "(no source)",
+            bool(op and "transpose(" in op.group(1)),
+        )
     return out
 
 
@@ -145,12 +146,14 @@ def main(argv: list[str] | None = None) -> int:
             fn, backward = names[name]
             per_fn[fn][backward] += us / 1000 / args.steps
     total = sum(sum(v) for v in per_fn.values())
-    print(f"# dims {args.dims}, seq {args.seq}, batch {args.batch}, {args.dtype}; jax {jax.__version__} on "
-          f"{jax.devices()[0].device_kind}; {args.steps} steps traced in {trace_dir}")
+    print(
+        f"# dims {args.dims}, seq {args.seq}, batch {args.batch}, {args.dtype}; jax {jax.__version__} on "
+        f"{jax.devices()[0].device_kind}; {args.steps} steps traced in {trace_dir}"
+    )
     print(f"# wall {1000 * wall:.1f} ms per step (traced); XLA operations {total:.1f} thread-ms per step")
     print(f"{'function':<44} {'forward':>9} {'backward':>9} {'total':>9} {'share':>6}")
     rows = sorted(per_fn.items(), key=lambda kv: -sum(kv[1]))
-    shown, rest = rows[:args.top], rows[args.top:]
+    shown, rest = rows[: args.top], rows[args.top :]
     if rest:
         shown.append((f"({len(rest)} others)", [sum(v[0] for _, v in rest), sum(v[1] for _, v in rest)]))
     for fn, (fwd, bwd) in shown:

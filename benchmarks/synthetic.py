@@ -8,7 +8,11 @@ import numpy as np
 
 from genesis_jax.corpus.store import CorpusWriter, open_corpus
 
-ALPHABETS = {"en": "abcdefghijklmnopqrstuvwxyz", "ru": "абвгдежзийклмнопрстуфхцчшщыэюя", "el": "αβγδεζηθικλμνξοπρστυφχψω"}
+ALPHABETS = {
+    "en": "abcdefghijklmnopqrstuvwxyz",
+    "ru": "абвгдежзийклмнопрстуфхцчшщыэюя",
+    "el": "αβγδεζηθικλμνξοπρστυφχψω",
+}
 
 
 def synthetic_corpus(out: Path, verses: int = 4000, seed: int = 0) -> Path:

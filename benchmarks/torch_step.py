@@ -23,24 +23,24 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-from genesis_jax.cli import ArgumentParser, run_cli
-from genesis_jax.config.ranges import COUNT, NONNEGATIVE, flag
 
 import jax  # noqa: E402
 
 from benchmarks.synthetic import synthetic_corpus  # noqa: E402
 from genesis_jax import config as C
+from genesis_jax.config.ranges import COUNT, NONNEGATIVE, flag
+from genesis_jax.core.cli import ArgumentParser, run_cli
+from genesis_jax.core.tokenizer import VOCAB_SIZE
+from genesis_jax.data.masks import MaskParams
 from genesis_jax.model.llama import deepnorm_alpha
 from genesis_jax.training.build import build, compile_step
-from genesis_jax.data.masks import MaskParams
 from genesis_jax.training.step import StepControls
-from genesis_jax.core.tokenizer import VOCAB_SIZE
 
 
 def torch_model(dim: int, layers: int, heads: int, ffn: int, seq: int) -> Any:  # a torch.nn.Module (torch is optional)
@@ -132,12 +132,26 @@ def jax_step(args: argparse.Namespace, dims: list[int]) -> tuple[Callable[[int],
     """One train step of the engine at these dims (args: seq, batch, dtype), and its compiled program."""
     dim, layers, heads, ffn = dims
     corpus = synthetic_corpus(Path(tempfile.gettempdir()) / "genesis_jax_bench_corpus")
-    cfg = C.load(ROOT / "configs" / "tiny.toml", [
-        f"data.corpus={corpus}", f"data.seq_len={args.seq}", f"training.batch_size={args.batch}",
-        f"model.dim={dim}", f"model.n_layers={layers}", f"model.n_heads={heads}", f"model.n_kv_heads={heads}",
-        f"model.intermediate_size={ffn}", "model.norm_type=deepnorm", "model.attention=xla",
-        f"model.compute_dtype={args.dtype}", "optim.grad_clip=1.0", "optim.lr=1e-3", "training.max_steps=100000",
-        *(args.set or [])])
+    cfg = C.load(
+        ROOT / "configs" / "tiny.toml",
+        [
+            f"data.corpus={corpus}",
+            f"data.seq_len={args.seq}",
+            f"training.batch_size={args.batch}",
+            f"model.dim={dim}",
+            f"model.n_layers={layers}",
+            f"model.n_heads={heads}",
+            f"model.n_kv_heads={heads}",
+            f"model.intermediate_size={ffn}",
+            "model.norm_type=deepnorm",
+            "model.attention=xla",
+            f"model.compute_dtype={args.dtype}",
+            "optim.grad_clip=1.0",
+            "optim.lr=1e-3",
+            "training.max_steps=100000",
+            *(args.set or []),
+        ],
+    )
     setup = build(cfg)
     controls = StepControls.make(mask=MaskParams.make(mask_id=cfg.data.mask_id))
     t0 = time.perf_counter()
@@ -186,10 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     add_step_arguments(ap)
     ap.add_argument("--rounds", type=flag(COUNT), default=5)
     ap.add_argument("--steps", type=flag(COUNT), default=5, help="steps per side per round")
-    ap.add_argument("--pause", type=flag(NONNEGATIVE), default=0.5,
-                    help="seconds idle before each side's round: without it, on 2 cores, the threads one side leaves "
-                         "spinning slow the other (PyTorch 7,918 tokens/s alone, 1,979 interleaved at 128/4/4/512)")
-    ap.add_argument("--threads", type=flag(COUNT), default=len(os.sched_getaffinity(0)), help="PyTorch intra-op threads")
+    ap.add_argument(
+        "--pause",
+        type=flag(NONNEGATIVE),
+        default=0.5,
+        help="seconds idle before each side's round: without it, on 2 cores, the threads one side leaves "
+        "spinning slow the other (PyTorch 7,918 tokens/s alone, 1,979 interleaved at 128/4/4/512)",
+    )
+    ap.add_argument(
+        "--threads", type=flag(COUNT), default=len(os.sched_getaffinity(0)), help="PyTorch intra-op threads"
+    )
     args = ap.parse_args(argv)
     try:
         import torch
@@ -200,8 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     if dims is None:
         return 2
     torch.set_num_threads(args.threads)
-    print(f"# dims {args.dims}, seq {args.seq}, batch {args.batch}, {args.dtype}; jax {jax.__version__} on "
-          f"{jax.devices()[0].device_kind}, torch {torch.__version__} with {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"# dims {args.dims}, seq {args.seq}, batch {args.batch}, {args.dtype}; jax {jax.__version__} on "
+        f"{jax.devices()[0].device_kind}, torch {torch.__version__} with {torch.get_num_threads()} threads",
+        flush=True,
+    )
     sides = {"jax": jax_step_fn(args, dims), "torch": torch_step_fn(args, dims)}
     for step in sides.values():  # warm-up: compilation, allocator, first-touch
         timed(step, 2, 0)
@@ -213,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.batch * args.seq
     rate = {name: tokens / statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
-        print(f"{name:<6} step {1000 * statistics.median(t):9.1f} ms (rounds: "
-              f"{', '.join(f'{1000 * x:.1f}' for x in t)})  {rate[name]:10,.0f} tokens/s")
+        print(
+            f"{name:<6} step {1000 * statistics.median(t):9.1f} ms (rounds: "
+            f"{', '.join(f'{1000 * x:.1f}' for x in t)})  {rate[name]:10,.0f} tokens/s"
+        )
     ratio = rate["jax"] / rate["torch"]
     print(f"ratio {ratio:.3f}")
     return 0

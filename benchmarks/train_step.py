@@ -31,21 +31,20 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from genesis_jax.cli import ArgumentParser, run_cli
-from genesis_jax.config.ranges import COUNT, COUNT0, flag
-
 import jax  # noqa: E402
 
 from benchmarks.synthetic import synthetic_corpus  # noqa: E402
 from genesis_jax import config as C
-from genesis_jax.model.flops import peak_flops, train_flops_per_token
+from genesis_jax.config.ranges import COUNT, COUNT0, flag
+from genesis_jax.core.cli import ArgumentParser, run_cli
 from genesis_jax.core.errors import UserError
-from genesis_jax.plan import compile as plan_compile
 from genesis_jax.data.masks import MASK_KINDS, MaskParams
-from genesis_jax.training.build import build, compile_step
+from genesis_jax.model.flops import peak_flops, train_flops_per_token
 from genesis_jax.parallel.sharding import bytes_per_device
-from genesis_jax.training.step import StepControls
+from genesis_jax.plan import compile as plan_compile
 from genesis_jax.train import train
+from genesis_jax.training.build import build, compile_step
+from genesis_jax.training.step import StepControls
 
 
 def bare_step(cfg: C.Config, steps: int, mask: MaskParams) -> dict[str, Any]:
@@ -71,8 +70,14 @@ def bare_step(cfg: C.Config, steps: int, mask: MaskParams) -> dict[str, Any]:
     step_s = statistics.median(times)
     temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
     args = getattr(mem, "argument_size_in_bytes", None) if mem is not None else None
-    return {"compile_s": compile_s, "step_ms": 1000 * step_s, "temp_mib": temp / 2**20 if temp else None,
-            "args_mib": args / 2**20 if args else None, "state_mib": state_bytes / 2**20, "mesh": mesh}
+    return {
+        "compile_s": compile_s,
+        "step_ms": 1000 * step_s,
+        "temp_mib": temp / 2**20 if temp else None,
+        "args_mib": args / 2**20 if args else None,
+        "state_mib": state_bytes / 2**20,
+        "mesh": mesh,
+    }
 
 
 def planned_peak_mib(config: str, overrides: list[str], target: str) -> float | None:
@@ -92,9 +97,17 @@ def planned_peak_mib(config: str, overrides: list[str], target: str) -> float | 
 def loop_tokens_per_sec(cfg: C.Config, steps: int) -> float | None:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        cfg = C.from_dict(C.apply_overrides(C.to_dict_for_overrides(cfg), [
-            f"training.max_steps={steps}", f"training.log_interval={max(steps // 10, 1)}", "training.val_interval=0",
-            f"checkpoint.save_interval={steps}"]))
+        cfg = C.from_dict(
+            C.apply_overrides(
+                C.to_dict_for_overrides(cfg),
+                [
+                    f"training.max_steps={steps}",
+                    f"training.log_interval={max(steps // 10, 1)}",
+                    "training.val_interval=0",
+                    f"checkpoint.save_interval={steps}",
+                ],
+            )
+        )
         if train(cfg, run) != 0:
             return None
         con = sqlite3.connect(run / "metrics.sqlite")
@@ -108,15 +121,24 @@ def main() -> int:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.toml"))
     ap.add_argument("--set", action="append", default=[], help="override applied to every variant")
-    ap.add_argument("--variant", action="append", default=[],
-                    help=f"NAME:key=value,... with config keys and optionally mask={'|'.join(MASK_KINDS)} (default: one, as configured)")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help=f"NAME:key=value,... with config keys and optionally mask={'|'.join(MASK_KINDS)} (default: one, as configured)",
+    )
     ap.add_argument("--mask", default="none", choices=list(MASK_KINDS), help="default masking of a variant")
     ap.add_argument("--steps", type=flag(COUNT), default=30)
     ap.add_argument("--loop-steps", type=flag(COUNT0), default=60, help="0 skips the training-loop measurement")
-    ap.add_argument("--corpus", default="synthetic", help="'synthetic', 'config' (the config's corpus) or a corpus path")
+    ap.add_argument(
+        "--corpus", default="synthetic", help="'synthetic', 'config' (the config's corpus) or a corpus path"
+    )
     ap.add_argument("--out", type=Path, help="CSV file to write")
-    ap.add_argument("--plan-target", help="also compile the first variant with `genesis_jax.plan` for this target "
-                    "(h100, h200, local) and report its predicted peak memory beside the measured one")
+    ap.add_argument(
+        "--plan-target",
+        help="also compile the first variant with `genesis_jax.plan` for this target "
+        "(h100, h200, local) and report its predicted peak memory beside the measured one",
+    )
     args = ap.parse_args()
 
     base = list(args.set)
@@ -139,8 +161,13 @@ def main() -> int:
         cfg = C.load(args.config, overrides)
         tokens = cfg.training.batch_size * cfg.training.grad_accum_steps * cfg.data.seq_len
         k = cfg.curriculum
-        mask = MaskParams.make(kind, k.span_mask_prob if kind == "span" else k.wwm_mask_prob, k.span_min_len,
-                               k.span_max_len, cfg.data.mask_id)
+        mask = MaskParams.make(
+            kind,
+            k.span_mask_prob if kind == "span" else k.wwm_mask_prob,
+            k.span_min_len,
+            k.span_max_len,
+            cfg.data.mask_id,
+        )
         planned = planned_peak_mib(args.config, overrides, args.plan_target) if args.plan_target and not rows else None
         r = bare_step(cfg, args.steps, mask)
         stats = device.memory_stats() or {}
@@ -148,20 +175,31 @@ def main() -> int:
         loop = loop_tokens_per_sec(cfg, args.loop_steps) if args.loop_steps else None
         peak = peak_flops(device)
         m = cfg.model
-        rows.append({
-            "variant": name, "model": f"{m.dim}d x {m.n_layers}L h{m.n_heads}/{m.n_kv_heads} ffn{m.intermediate_size}",
-            "dtype": m.compute_dtype, "attention": m.attention, "mask": kind, "mesh": r["mesh"], "tokens_per_step": tokens,
-            "compile_s": round(r["compile_s"], 2), "step_ms": round(r["step_ms"], 3),
-            "step_vs_first": round(r["step_ms"] / rows[0]["step_ms"], 3) if rows else 1.0, "tokens_per_s": round(tps),
-            "loop_tokens_per_s": round(loop) if loop else None,
-            "loop_over_bare": round(loop / tps, 3) if loop else None,
-            "mfu": round(tps * train_flops_per_token(m, cfg.data.seq_len) / (peak * jax.device_count()), 4) if peak else None,
-            "temp_mib": round(r["temp_mib"], 1) if r["temp_mib"] else None,
-            "state_mib_per_device": round(r["state_mib"], 3),  # params + optimizer state, measured from the shards
-            # the device's peak is per process: only the first variant's is its own
-            "peak_mib": round(stats["peak_bytes_in_use"] / 2**20, 1) if "peak_bytes_in_use" in stats else None,
-            "plan_peak_mib": round(planned, 1) if planned else None,
-        })
+        rows.append(
+            {
+                "variant": name,
+                "model": f"{m.dim}d x {m.n_layers}L h{m.n_heads}/{m.n_kv_heads} ffn{m.intermediate_size}",
+                "dtype": m.compute_dtype,
+                "attention": m.attention,
+                "mask": kind,
+                "mesh": r["mesh"],
+                "tokens_per_step": tokens,
+                "compile_s": round(r["compile_s"], 2),
+                "step_ms": round(r["step_ms"], 3),
+                "step_vs_first": round(r["step_ms"] / rows[0]["step_ms"], 3) if rows else 1.0,
+                "tokens_per_s": round(tps),
+                "loop_tokens_per_s": round(loop) if loop else None,
+                "loop_over_bare": round(loop / tps, 3) if loop else None,
+                "mfu": round(tps * train_flops_per_token(m, cfg.data.seq_len) / (peak * jax.device_count()), 4)
+                if peak
+                else None,
+                "temp_mib": round(r["temp_mib"], 1) if r["temp_mib"] else None,
+                "state_mib_per_device": round(r["state_mib"], 3),  # params + optimizer state, measured from the shards
+                # the device's peak is per process: only the first variant's is its own
+                "peak_mib": round(stats["peak_bytes_in_use"] / 2**20, 1) if "peak_bytes_in_use" in stats else None,
+                "plan_peak_mib": round(planned, 1) if planned else None,
+            }
+        )
     cols = list(rows[0])
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     print(" | ".join(c.ljust(widths[c]) for c in cols))

@@ -4,8 +4,8 @@ import importlib.abc as _abc
 import importlib.machinery as _machinery
 import os as _os
 import sys as _sys
+from collections.abc import Sequence as _Sequence
 from types import ModuleType as _ModuleType
-from typing import Sequence as _Sequence
 
 from .core.compat import module_available as _found
 
@@ -19,8 +19,9 @@ class _CheckoutKernels(_abc.MetaPathFinder):
     def __init__(self, root: str) -> None:
         self.root = root
 
-    def find_spec(self, fullname: str, path: _Sequence[str] | None,
-                  target: _ModuleType | None = None) -> _machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: _Sequence[str] | None, target: _ModuleType | None = None
+    ) -> _machinery.ModuleSpec | None:
         if fullname != f"{__name__}.kernels":
             return None
         return _machinery.PathFinder.find_spec(fullname, [self.root])

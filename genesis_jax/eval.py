@@ -13,13 +13,13 @@ from pathlib import Path
 
 from flax import nnx
 
-from .data.host import open_configured, selected_locales
-from .cli import ArgumentParser, run_cli
 from .config.ranges import COUNT0, flag
+from .core.cli import ArgumentParser, run_cli
+from .core.writing import write_file
+from .data.host import open_configured, selected_locales
 from .evaluation.metrics import format_table, go_no_go
 from .evaluation.suite import EvalSuite
 from .training.rundir import load_run
-from .core.writing import write_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,8 +39,15 @@ def evaluate(run_dir: Path, step: int | None, suite: str) -> int:
     graphdef, params = nnx.split(run.model)
     results = EvalSuite(run.cfg, corpus, locales, graphdef).run(params, quick=suite == "quick")
     failed = go_no_go(results, run.cfg)
-    report = {"run": str(run_dir), "step": run.step, "suite": suite, "seconds": time.time() - t0,
-              "go": not failed, "failed": failed, "results": results}
+    report = {
+        "run": str(run_dir),
+        "step": run.step,
+        "suite": suite,
+        "seconds": time.time() - t0,
+        "go": not failed,
+        "failed": failed,
+        "results": results,
+    }
     out = run_dir / "reports" / (f"eval_{run.step}.json" if suite == "full" else f"eval_{run.step}_{suite}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_file(out, json.dumps(report, indent=1))
@@ -49,6 +56,7 @@ def evaluate(run_dir: Path, step: int | None, suite: str) -> int:
     print("GO" if not failed else "NO-GO: " + "; ".join(failed))
     print(f"report: {out}")
     return 0 if not failed else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,13 +18,13 @@ from typing import Any
 from flax import nnx
 
 from . import config as config_lib
-from .cli import ArgumentParser, run_cli
 from .config.ranges import COUNT0, flag
+from .core.cli import ArgumentParser, run_cli
 from .core.errors import UserError
+from .core.writing import write_file
 from .hf import files as hf_files
 from .hf.layout import to_hf
 from .training.rundir import LoadedRun, load_run
-from .core.writing import write_file
 
 MANIFEST = "genesis_export.json"  # what an export wrote: the files a later --force may replace
 DTYPES = ("float32", "bfloat16")
@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step", type=flag(COUNT0), help="checkpoint step (default: the latest)")
     ap.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype in the files")
     ap.add_argument("--max-shard-size", default="5GB", help="larger weights are split into shards with an index")
-    ap.add_argument("--force", action="store_true",
-                    help="write into an --out that holds other files (they are left as they are)")
+    ap.add_argument(
+        "--force", action="store_true", help="write into an --out that holds other files (they are left as they are)"
+    )
     args = ap.parse_args(argv)
     return run_cli("genesis_jax.export", lambda: export(args))
 
@@ -77,17 +78,24 @@ def check_out(out: Path, force: bool) -> list[str]:
         except (ValueError, KeyError, TypeError, OSError):
             listed = []
         # plain names inside `out` only: a manifest never reaches another directory
-        previous = [x for x in (listed if isinstance(listed, list) else [])
-                    if isinstance(x, str) and Path(x).name == x and x not in ("", ".", "..")]
+        previous = [
+            x
+            for x in (listed if isinstance(listed, list) else [])
+            if isinstance(x, str) and Path(x).name == x and x not in ("", ".", "..")
+        ]
     others = sorted(p.name for p in out.iterdir() if p.name not in {*previous, MANIFEST})
     if others and not force:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-        raise UserError(f"--out {out}: holds files this export did not write ({shown}); choose an empty directory, "
-                        "or pass --force to write beside them")
+        raise UserError(
+            f"--out {out}: holds files this export did not write ({shown}); choose an empty directory, "
+            "or pass --force to write beside them"
+        )
     return previous
 
 
-def write_export(run: LoadedRun, run_dir: Path, out: Path, dtype: str, max_shard: int, previous: list[str]) -> list[str]:
+def write_export(
+    run: LoadedRun, run_dir: Path, out: Path, dtype: str, max_shard: int, previous: list[str]
+) -> list[str]:
     """Write every file into a fresh directory beside `out`, then move them in: a failure leaves
     `out` as it was."""
     params = nnx.to_pure_dict(nnx.state(run.model, nnx.Param))
@@ -114,8 +122,10 @@ def write_export(run: LoadedRun, run_dir: Path, out: Path, dtype: str, max_shard
             return names
         theirs = sorted(n for n in names if (out / n).exists() and n not in previous)
         if theirs:
-            raise UserError(f"--out {out}: {', '.join(theirs[:3])} would replace files this export did not write; "
-                            "move them, or choose another directory")
+            raise UserError(
+                f"--out {out}: {', '.join(theirs[:3])} would replace files this export did not write; "
+                "move them, or choose another directory"
+            )
         for name in [*names, MANIFEST]:
             os.replace(tmp / name, out / name)
         for stale in set(previous) - set(names):
@@ -137,8 +147,11 @@ def validation_loss(run_dir: Path, step: int) -> tuple[int, float] | None:
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
-            row = con.execute("SELECT step, value FROM evaluation_logs WHERE name = 'val/loss' AND step <= ? "
-                              "ORDER BY step DESC LIMIT 1", (step,)).fetchone()
+            row = con.execute(
+                "SELECT step, value FROM evaluation_logs WHERE name = 'val/loss' AND step <= ? "
+                "ORDER BY step DESC LIMIT 1",
+                (step,),
+            ).fetchone()
         finally:
             con.close()
     except sqlite3.Error:
@@ -152,25 +165,49 @@ def model_card(run: LoadedRun, run_dir: Path, dtype: str) -> str:
     val_line = f"{val[1]:.4f} (held-out cross-entropy per byte, nats, at step {val[0]})" if val else "none logged"
     deep = m.norm_type == "deepnorm"
     remote = ", trust_remote_code=True" if deep else ""
-    arch = ("a post-norm DeepNet decoder (its modeling file travels in this directory)" if deep
-            else "a Llama (LlamaForCausalLM)")
+    arch = (
+        "a post-norm DeepNet decoder (its modeling file travels in this directory)"
+        if deep
+        else "a Llama (LlamaForCausalLM)"
+    )
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [genesis-jax, byte-level]", "---", "",
-        f"# {run_dir.name}, step {run.step}", "",
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [genesis-jax, byte-level]",
+        "---",
+        "",
+        f"# {run_dir.name}, step {run.step}",
+        "",
         f"A byte-level decoder trained with genesis-jax, exported as {arch}: {m.dim} wide, {m.n_layers} layers, "
-        f"{m.n_heads} query / {m.n_kv_heads} key-value heads, {m.norm_type}, weights in {dtype}.", "",
-        f"- Step: {run.step}", f"- Validation loss: {val_line}",
+        f"{m.n_heads} query / {m.n_kv_heads} key-value heads, {m.norm_type}, weights in {dtype}.",
+        "",
+        f"- Step: {run.step}",
+        f"- Validation loss: {val_line}",
         f"- Corpus: {cfg.data.corpus} (content sha256 {run.meta.get('corpus_sha256', 'unknown')}), "
         f"locales {', '.join(cfg.data.locales) or 'all'}",
         "- Tokens: ids 0 <pad>, 1 <unk>, 2 <s>, 3 </s>, byte b -> b + 4; no BOS or EOS was added in training.",
     ]
     if cfg.mtl.enabled:
-        lines.append("- Multi-task heads (coherence, cross-reference, paraphrase) were trained beside the language "
-                     "model; they are not part of a causal LM and are not exported.")
-    lines += ["", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              f"model = AutoModelForCausalLM.from_pretrained(path{remote})",
-              f"tokenizer = AutoTokenizer.from_pretrained(path{remote})", "```", "",
-              "## The run's config", "", "```toml", config_lib.to_toml(cfg).strip(), "```", ""]
+        lines.append(
+            "- Multi-task heads (coherence, cross-reference, paraphrase) were trained beside the language "
+            "model; they are not part of a causal LM and are not exported."
+        )
+    lines += [
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"model = AutoModelForCausalLM.from_pretrained(path{remote})",
+        f"tokenizer = AutoTokenizer.from_pretrained(path{remote})",
+        "```",
+        "",
+        "## The run's config",
+        "",
+        "```toml",
+        config_lib.to_toml(cfg).strip(),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

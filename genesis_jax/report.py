@@ -14,13 +14,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .evaluation import metrics as eval_metrics
-from .cli import ArgumentParser, run_cli
+from .core.cli import ArgumentParser, run_cli
 from .core.errors import UserError
 from .core.writing import replacing
+from .evaluation import metrics as eval_metrics
 
 PHASE_COLOURS = {1: None, 2: "#fde9c9", 3: "#d9ecf7"}
-SIGNAL_COLOURS = {"wwm_activation": "#d98b00", "span_activation": "#1f77b4", "lr_stun": "#c0392b", "grokking": "#2e8b57"}
+SIGNAL_COLOURS = {
+    "wwm_activation": "#d98b00",
+    "span_activation": "#1f77b4",
+    "lr_stun": "#c0392b",
+    "grokking": "#2e8b57",
+}
 
 
 def _pyplot() -> Any:
@@ -57,8 +62,14 @@ def _shade_phases(ax: Any, steps: list[int], phases: list[int]) -> None:
         if i == len(steps) or phases[i] != phases[start]:
             colour = PHASE_COLOURS.get(phases[start])
             if colour:
-                ax.axvspan(steps[start], steps[i - 1], color=colour, alpha=0.8, lw=0,
-                           label={2: "WWM", 3: "SPAN"}[phases[start]])
+                ax.axvspan(
+                    steps[start],
+                    steps[i - 1],
+                    color=colour,
+                    alpha=0.8,
+                    lw=0,
+                    label={2: "WWM", 3: "SPAN"}[phases[start]],
+                )
             start = i
 
 
@@ -74,8 +85,15 @@ def plot_training(plt: Any, con: sqlite3.Connection, out: Path) -> Path | None:
     for step, kind in _rows(con, "SELECT step, type FROM grokking_signals ORDER BY step"):
         if kind in SIGNAL_COLOURS:
             ax.axvline(step, color=SIGNAL_COLOURS[kind], ls="--", lw=1)
-            ax.annotate(kind, (step, ax.get_ylim()[1]), rotation=90, va="top", ha="right", fontsize=7,
-                        color=SIGNAL_COLOURS[kind])
+            ax.annotate(
+                kind,
+                (step, ax.get_ylim()[1]),
+                rotation=90,
+                va="top",
+                ha="right",
+                fontsize=7,
+                color=SIGNAL_COLOURS[kind],
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/byte)")
     lr_ax = ax.twinx()
@@ -112,8 +130,10 @@ def plot_evaluation(plt: Any, con: sqlite3.Connection, out: Path) -> Path | None
     rows = _rows(con, "SELECT step, name, value FROM evaluation_logs ORDER BY step")
     names = {r[1] for r in rows}
     # Training logs the quick suite under quick/ and periodic validation under its own key.
-    panels = [(title, [n for key in keys for n in (key, f"quick/{key}") if n in names])
-              for title, keys in eval_metrics.panels().items()]
+    panels = [
+        (title, [n for key in keys for n in (key, f"quick/{key}") if n in names])
+        for title, keys in eval_metrics.panels().items()
+    ]
     panels = [p for p in panels if p[1]]
     if not panels:
         return None
@@ -129,8 +149,9 @@ def plot_evaluation(plt: Any, con: sqlite3.Connection, out: Path) -> Path | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = ArgumentParser(prog="python -m genesis_jax.report", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(
+        prog="python -m genesis_jax.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--run", type=Path, required=True)
     args = ap.parse_args(argv)
     return run_cli("genesis_jax.report", lambda: plot_run(args.run), lambda: args.run / "logs", devices=False)
@@ -145,7 +166,9 @@ def plot_run(run_dir: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        written = [p for p in (plot_training(plt, con, out), plot_locales(plt, con, out), plot_evaluation(plt, con, out)) if p]
+        written = [
+            p for p in (plot_training(plt, con, out), plot_locales(plt, con, out), plot_evaluation(plt, con, out)) if p
+        ]
     except sqlite3.DatabaseError as e:
         raise UserError(f"{db}: unreadable metrics database ({e})") from None
     finally:
@@ -155,6 +178,7 @@ def plot_run(run_dir: Path) -> int:
     for p in written:
         print(p)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,28 +13,30 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 
 from . import config as config_lib
-from .core import platforms
-from .training.checkpoint import Checkpointer, RefusedResume, check_shape
-from .cli import ArgumentParser, run_cli
 from .config.schema import Config
+from .core import platforms
+from .core.cli import ArgumentParser, run_cli
+from .core.errors import ConfigError, UserError, print_err
+from .core.writing import write_file
 from .data.host import corpus_identity
-from .parallel.processes import add_arguments as add_distributed_arguments, agree, initialize as initialize_distributed, is_primary
-from .core.errors import ConfigError, UserError
+from .data.masks import MaskParams
 from .hf.pretrained import start_from_pretrained
-from .core.errors import print_err
 from .model.attention import check_name
+from .parallel.processes import add_arguments as add_distributed_arguments
+from .parallel.processes import agree, is_primary
+from .parallel.processes import initialize as initialize_distributed
+from .training.build import build, compile_step
+from .training.checkpoint import Checkpointer, RefusedResume, check_shape
 from .training.loop import TrainLoop
 from .training.rundir import RunLock, prepare
-from .training.build import build, compile_step
-from .data.masks import MaskParams
 from .training.step import StepControls
-from .core.writing import write_file
 
 
 class StopRequested:
@@ -75,7 +77,9 @@ class StopRequested:
                 if signum not in self.SIGNALS:
                     continue
                 if self.signum is not None:
-                    print_err(f"second signal {signum}: stopped at once; the run directory keeps its latest complete checkpoint")
+                    print_err(
+                        f"second signal {signum}: stopped at once; the run directory keeps its latest complete checkpoint"
+                    )
                     os._exit(128 + signum)
                 self.signum = signum
                 print_err(f"signal {signum}: saving at the current step, then stopping (a second signal stops at once)")
@@ -140,8 +144,10 @@ def train_locked(cfg: Config, run_dir: Path, allow_corpus_change: bool) -> int:
         check_shape(meta, cfg, run_dir)
         check_corpus(meta, corpus_sha, run_dir, allow_corpus_change)
         if step > cfg.training.max_steps:
-            raise RefusedResume(f"training.max_steps = {cfg.training.max_steps}: below the checkpoint's step {step} in "
-                                f"{run_dir}; raise it to continue, or use a new --run-dir")
+            raise RefusedResume(
+                f"training.max_steps = {cfg.training.max_steps}: below the checkpoint's step {step} in "
+                f"{run_dir}; raise it to continue, or use a new --run-dir"
+            )
 
     resumed = ckpt.resume(setup.state, accept)
     state, meta = setup.state, {}
@@ -169,7 +175,8 @@ def train_locked(cfg: Config, run_dir: Path, allow_corpus_change: bool) -> int:
     loop.console.print(
         f"run {run_dir} | {n_params:,} parameters | {len(setup.locales)} locales | "
         f"{int(setup.device_corpus.valid_cum[-1]):,} train windows | {len(setup.windows.locale)} val windows | "
-        f"{setup.mesh.size} {jax.default_backend()} device(s) | step compiled in {compile_s:.1f}s")
+        f"{setup.mesh.size} {jax.default_backend()} device(s) | step compiled in {compile_s:.1f}s"
+    )
     stop = StopRequested()
     stop.install()
     try:
@@ -177,7 +184,9 @@ def train_locked(cfg: Config, run_dir: Path, allow_corpus_change: bool) -> int:
     finally:
         stop.uninstall()
     if loop.status == "interrupted":
-        print_err(f"interrupted by signal {stop.signum} after step {loop.done}; checkpoint saved; run the same command to resume")
+        print_err(
+            f"interrupted by signal {stop.signum} after step {loop.done}; checkpoint saved; run the same command to resume"
+        )
     elif loop.status == "completed":
         loop.console.print(f"done: {loop.done} steps in {time.time() - t_start:.0f}s; run directory {run_dir}")
     return code
@@ -198,7 +207,9 @@ def route_library_logs(path: Path) -> Callable[[], None]:
     log = logging.getLogger("genesis_jax.uncaught")
     # Callbacks of background threads (tensorstore's, on a failing write) report through these hooks.
     sys.excepthook = lambda t, v, tb: log.error("uncaught exception", exc_info=(t, v, tb))
-    threading.excepthook = lambda a: log.error("exception in thread %s", a.thread, exc_info=(a.exc_type, a.exc_value, a.exc_traceback))  # type: ignore[arg-type]
+    threading.excepthook = lambda a: log.error(
+        "exception in thread %s", a.thread, exc_info=(a.exc_type, a.exc_value, a.exc_traceback)
+    )  # type: ignore[arg-type]
     sys.unraisablehook = lambda u: log.error("exception ignored in %r: %r", u.object, u.exc_value)
 
     def restore() -> None:
@@ -218,8 +229,10 @@ def check_corpus(meta: dict[str, Any], corpus_sha: str, run_dir: Path, allow_cha
     if trained_on is None or trained_on == corpus_sha:
         return
     if not allow_change:
-        raise RefusedResume(f"{run_dir}: its checkpoints were trained on corpus {trained_on[:16]}, data.corpus now has "
-                            f"{corpus_sha[:16]}; pass --allow-corpus-change to continue on it, or use a new --run-dir")
+        raise RefusedResume(
+            f"{run_dir}: its checkpoints were trained on corpus {trained_on[:16]}, data.corpus now has "
+            f"{corpus_sha[:16]}; pass --allow-corpus-change to continue on it, or use a new --run-dir"
+        )
     print_err(f"continuing on another corpus ({trained_on[:16]} -> {corpus_sha[:16]}), as --allow-corpus-change asks")
 
 
@@ -237,12 +250,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = ArgumentParser(prog="python -m genesis_jax.train", description=__doc__)
     ap.add_argument("--config", required=True, help="TOML run config (see configs/)")
     ap.add_argument("--run-dir", help="run directory (default runs/<config name>)")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override a config key, typed by the schema (repeatable)")
-    ap.add_argument("--init-from", metavar="DIR",
-                    help="start a new run from a Hugging Face model directory (an export): training.init_from")
-    ap.add_argument("--allow-corpus-change", action="store_true",
-                    help="resume even though the corpus's content hash differs from the one the run trained on")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config key, typed by the schema (repeatable)",
+    )
+    ap.add_argument(
+        "--init-from",
+        metavar="DIR",
+        help="start a new run from a Hugging Face model directory (an export): training.init_from",
+    )
+    ap.add_argument(
+        "--allow-corpus-change",
+        action="store_true",
+        help="resume even though the corpus's content hash differs from the one the run trained on",
+    )
     add_distributed_arguments(ap)
     return ap.parse_args(argv)
 
@@ -259,12 +283,13 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
         platforms.require()
         agree(fingerprint(cfg, run_dir, args.num_processes), watchdog)
         if jax.process_count() > 1 and cfg.eval.interval:
-            raise ConfigError(f"eval.interval = {cfg.eval.interval}: the quick suite during training runs in single-process "
-                              "runs only; set it to 0 and evaluate checkpoints with python -m genesis_jax.eval")
+            raise ConfigError(
+                f"eval.interval = {cfg.eval.interval}: the quick suite during training runs in single-process "
+                "runs only; set it to 0 and evaluate checkpoints with python -m genesis_jax.eval"
+            )
         return train(cfg, run_dir, args.allow_corpus_change, own_process)
 
-    return run_cli("genesis_jax.train", body, lambda: run_dir / "logs" if run_dir.is_dir() else None,
-                   devices=False)
+    return run_cli("genesis_jax.train", body, lambda: run_dir / "logs" if run_dir.is_dir() else None, devices=False)
 
 
 if __name__ == "__main__":

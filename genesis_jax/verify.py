@@ -8,12 +8,13 @@ every available check passes.
 from __future__ import annotations
 
 import csv
-import io
 import importlib.metadata
+import io
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,14 +22,14 @@ import numpy as np
 import numpy.typing as npt
 from flax import nnx
 
-from .model import attention
 from . import config as config_lib
-from .model.attention import Backend
-from .cli import ArgumentParser, run_cli
+from .core.cli import ArgumentParser, run_cli
 from .core.errors import ConfigError, UserError
-from .model.llama import Llama
 from .core.tokenizer import BYTE_OFFSET, VOCAB_SIZE
 from .core.writing import write_file
+from .model import attention
+from .model.attention import Backend
+from .model.llama import Llama
 
 # Relative L2 error bounds for logits and every parameter gradient (float32 accumulation).
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
@@ -86,14 +87,23 @@ def check_backend(backend: str, dtype: str, preset: str, seq: int) -> dict[str, 
             rerun()
         ms = (time.perf_counter() - t0) / 3 * 1000
     except Exception as e:  # noqa: BLE001 - a failing backend is a result
-        return {**row, "status": "FAIL", "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+        return {
+            **row,
+            "status": "FAIL",
+            "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}",
+        }
     out_err = _rel(logits_t, logits_r)
     grad_err = max(_rel(a, b) for a, b in zip(jax.tree.leaves(grads_t), jax.tree.leaves(grads_r)))
     ok = out_err <= TOLERANCE[dtype] and grad_err <= TOLERANCE[dtype]
     interp = f" ({chosen.name} emulated on {platform}: not a kernel speed)" if chosen.emulated(platform) else ""
-    return {**row, "status": "pass" if ok else "FAIL", "logits_rel_err": f"{out_err:.2e}",
-            "max_grad_rel_err": f"{grad_err:.2e}", "fwd_bwd_ms": f"{ms:.2f}",
-            "detail": f"{preset} preset, 2 x {seq} tokens{interp}"}
+    return {
+        **row,
+        "status": "pass" if ok else "FAIL",
+        "logits_rel_err": f"{out_err:.2e}",
+        "max_grad_rel_err": f"{grad_err:.2e}",
+        "fwd_bwd_ms": f"{ms:.2f}",
+        "detail": f"{preset} preset, 2 x {seq} tokens{interp}",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +134,7 @@ def verify(out: Path | None) -> int:
     failed = [r for r in rows if r["status"] == "FAIL"]
     print("all available checks passed" if not failed else f"{len(failed)} check(s) failed")
     return 1 if failed else 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

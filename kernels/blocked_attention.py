@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ..core.compat import add_into_prefix
-from .reference import check_shapes, check_segments
+from .reference import check_segments, check_shapes
 
 DEFAULT_BLOCK_Q = 64
 
@@ -60,8 +60,7 @@ def _from_rows(x: jax.Array, group: int) -> jax.Array:
     return x.reshape(b, hkv, rows // group, group * d).transpose(0, 2, 1, 3).reshape(b, rows // group, hkv * group, d)
 
 
-def _mask(a: int, e: int, kend: int, offset: int, group: int, causal: bool, seg: jax.Array | None
-          ) -> jax.Array | None:
+def _mask(a: int, e: int, kend: int, offset: int, group: int, causal: bool, seg: jax.Array | None) -> jax.Array | None:
     """Visible keys of positions a..e, broadcastable to the scores `[b, hkv, rows, kend]`."""
     mask = None
     if causal:
@@ -78,8 +77,9 @@ def _scores(st: _Static, qb: jax.Array, k: jax.Array, mask: jax.Array | None) ->
     return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
 
-def _forward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None
-             ) -> tuple[jax.Array, jax.Array]:
+def _forward(
+    st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
     """Output rows and each row's log-sum-exp (+inf for a row that sees nothing)."""
     b, hkv, rows, d = q.shape
     skv = k.shape[2]
@@ -91,7 +91,7 @@ def _forward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Arr
             lses.append(jnp.full((b, hkv, (e - a) * g), jnp.inf, jnp.float32))
             continue
         mask = _mask(a, e, kend, skv - sq, g, causal_cut, seg)
-        s = _scores(st, q[:, :, a * g:e * g], k[:, :, :kend], mask)
+        s = _scores(st, q[:, :, a * g : e * g], k[:, :, :kend], mask)
         m = jnp.max(s, axis=-1, keepdims=True)
         m = jnp.where(jnp.isfinite(m), m, 0.0)
         p = jnp.exp(s - m)
@@ -102,8 +102,16 @@ def _forward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Arr
     return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
 
 
-def _backward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None,
-              o: jax.Array, lse: jax.Array, do: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _backward(
+    st: _Static,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    seg: jax.Array | None,
+    o: jax.Array,
+    lse: jax.Array,
+    do: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """dk and dv are accumulated transposed, `[b, hkv, d, skv]`: XLA:CPU multiplies
     `do^T @ p` about twice as fast as `p^T @ do`, whose contraction runs over the scores' rows."""
     g, skv = st.group, k.shape[2]
@@ -120,13 +128,15 @@ def _backward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Ar
         qb, dob, kb, vb = q[:, :, r0:r1], do[:, :, r0:r1], k[:, :, :kend], v[:, :, :kend]
         s = _scores(st, qb, kb, _mask(a, e, kend, skv - sq, g, causal_cut, seg))
         p = jnp.exp(s - lse[:, :, r0:r1, None])
-        dvt = add_into_prefix(dvt, jnp.einsum("bhqd,bhqk->bhdk", dob, p.astype(do.dtype),
-                                              preferred_element_type=jnp.float32))
+        dvt = add_into_prefix(
+            dvt, jnp.einsum("bhqd,bhqk->bhdk", dob, p.astype(do.dtype), preferred_element_type=jnp.float32)
+        )
         dp = jnp.einsum("bhqd,bhkd->bhqk", dob, vb, preferred_element_type=jnp.float32)
         ds = p * (dp - delta[:, :, r0:r1, None]) * st.scale
         dqs.append(jnp.einsum("bhqk,bhkd->bhqd", ds.astype(kb.dtype), kb, preferred_element_type=jnp.float32))
-        dkt = add_into_prefix(dkt, jnp.einsum("bhqd,bhqk->bhdk", qb, ds.astype(qb.dtype),
-                                              preferred_element_type=jnp.float32))
+        dkt = add_into_prefix(
+            dkt, jnp.einsum("bhqd,bhqk->bhdk", qb, ds.astype(qb.dtype), preferred_element_type=jnp.float32)
+        )
     dk, dv = (jnp.swapaxes(x, 2, 3) for x in (dkt, dvt))
     return jnp.concatenate(dqs, axis=2).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
@@ -136,8 +146,9 @@ def _attend(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Arra
     return _forward(st, q, k, v, seg)[0]
 
 
-def _attend_fwd(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None
-                ) -> tuple[jax.Array, tuple[Any, ...]]:
+def _attend_fwd(
+    st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None
+) -> tuple[jax.Array, tuple[Any, ...]]:
     o, lse = _forward(st, q, k, v, seg)
     return o, (q, k, v, seg, o, lse)
 
@@ -150,10 +161,18 @@ def _attend_bwd(st: _Static, res: tuple[Any, ...], do: jax.Array) -> tuple[Any, 
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-                      segment_ids: jax.Array | None = None, sm_scale: float | None = None,
-                      block_q: int = DEFAULT_BLOCK_Q, block_sizes: Any = None,
-                      interpret: bool | None = None) -> jax.Array:
+def blocked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    segment_ids: jax.Array | None = None,
+    sm_scale: float | None = None,
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_sizes: Any = None,
+    interpret: bool | None = None,
+) -> jax.Array:
     """Softmax attention with the signature and semantics of `reference_attention` (float32
     softmax, grouped-query heads, a row with no visible key gives zeros); differentiable with a
     memory-efficient backward. `block_sizes` and `interpret` are accepted for signature parity

@@ -47,7 +47,7 @@ class BlockSizes:
     num_stages_bwd: int | None = None
 
     @staticmethod
-    def for_head_dim(head_dim: int, dtype: Any = jnp.bfloat16) -> "BlockSizes":
+    def for_head_dim(head_dim: int, dtype: Any = jnp.bfloat16) -> BlockSizes:
         """The default per (padded) head dim and input dtype: chosen from compile properties on
         sm_90a, not from timings (kernels/README.md, "Block sizes")."""
         table = DEFAULT_BLOCKS_F32 if jnp.dtype(dtype) == jnp.float32 else DEFAULT_BLOCKS
@@ -78,8 +78,14 @@ def _fit(block: int, seq: int) -> int:
     return max(16, min(block, pl.next_power_of_2(seq)))
 
 
-def _mask(q_pos: jax.Array, k_pos: jax.Array, kv_len: int, causal_offset: int | None,
-          q_seg: jax.Array | None, k_seg: jax.Array | None) -> jax.Array:
+def _mask(
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    kv_len: int,
+    causal_offset: int | None,
+    q_seg: jax.Array | None,
+    k_seg: jax.Array | None,
+) -> jax.Array:
     """Visible (query, key) pairs of a tile: real keys, causal order, same segment."""
     mask = (k_pos < kv_len)[None, :]
     if causal_offset is not None:
@@ -97,8 +103,9 @@ def _dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = Fals
     return lax.dot_general(a, b, ((ca, cb), ((), ())), precision=precision, preferred_element_type=jnp.float32)
 
 
-def _kv_blocks_seen(iq: jax.Array, block_q: int, block_k: int, n_kv_blocks: int,
-                    causal_offset: int | None) -> jax.Array | int:
+def _kv_blocks_seen(
+    iq: jax.Array, block_q: int, block_k: int, n_kv_blocks: int, causal_offset: int | None
+) -> jax.Array | int:
     """Key blocks query block `iq` must read: all of them, or under `causal` only up to its last
     visible key (block skipping: later key blocks are never loaded)."""
     if causal_offset is None:
@@ -107,8 +114,9 @@ def _kv_blocks_seen(iq: jax.Array, block_q: int, block_k: int, n_kv_blocks: int,
     return jnp.maximum(jnp.minimum(n_kv_blocks, last), 0)
 
 
-def _kv_blocks_whole(iq: jax.Array, block_q: int, block_k: int, kv_len: int, causal_offset: int | None,
-                     hi: jax.Array | int) -> jax.Array | int:
+def _kv_blocks_whole(
+    iq: jax.Array, block_q: int, block_k: int, kv_len: int, causal_offset: int | None, hi: jax.Array | int
+) -> jax.Array | int:
     """Leading key blocks that every query of block `iq` sees in full (real keys, not cut by
     the causal diagonal): their tiles need no mask. Only without segments."""
     real = kv_len // block_k  # key blocks with no padded key (never more than `hi`)
@@ -119,8 +127,16 @@ def _kv_blocks_whole(iq: jax.Array, block_q: int, block_k: int, kv_len: int, cau
     return jnp.minimum(jnp.minimum(whole, real), hi)
 
 
-def _fwd_kernel(*refs: Any, sm_scale: float, causal_offset: int | None, kv_len: int, block_q: int,
-                block_k: int, n_kv_blocks: int, has_segments: bool) -> None:
+def _fwd_kernel(
+    *refs: Any,
+    sm_scale: float,
+    causal_offset: int | None,
+    kv_len: int,
+    block_q: int,
+    block_k: int,
+    n_kv_blocks: int,
+    has_segments: bool,
+) -> None:
     if has_segments:
         q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, m_ref, ll_ref = refs
     else:
@@ -155,7 +171,9 @@ def _fwd_kernel(*refs: Any, sm_scale: float, causal_offset: int | None, kv_len: 
     whole = 0 if has_segments else _kv_blocks_whole(iq, block_q, block_k, kv_len, causal_offset, hi)
     acc0 = jnp.zeros((block_q, q.shape[-1]), jnp.float32)
     m0 = jnp.full((block_q,), -jnp.inf, jnp.float32)
-    carry = lax.fori_loop(0, whole, functools.partial(body, masked=False), (acc0, m0, jnp.zeros((block_q,), jnp.float32)))
+    carry = lax.fori_loop(
+        0, whole, functools.partial(body, masked=False), (acc0, m0, jnp.zeros((block_q,), jnp.float32))
+    )
     acc, m, l = lax.fori_loop(whole, hi, functools.partial(body, masked=True), carry)
     empty = l == 0.0
     o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
@@ -165,8 +183,16 @@ def _fwd_kernel(*refs: Any, sm_scale: float, causal_offset: int | None, kv_len: 
     ll_ref[...] = jnp.where(empty, EMPTY_ROW_LSE, jnp.log2(jnp.where(empty, 1.0, l)))
 
 
-def _dq_kernel(*refs: Any, sm_scale: float, causal_offset: int | None, kv_len: int, block_q: int,
-               block_k: int, n_kv_blocks: int, has_segments: bool) -> None:
+def _dq_kernel(
+    *refs: Any,
+    sm_scale: float,
+    causal_offset: int | None,
+    kv_len: int,
+    block_q: int,
+    block_k: int,
+    n_kv_blocks: int,
+    has_segments: bool,
+) -> None:
     if has_segments:
         q_ref, k_ref, v_ref, do_ref, m_ref, ll_ref, delta_ref, qseg_ref, kseg_ref, dq_ref = refs
     else:
@@ -196,8 +222,17 @@ def _dq_kernel(*refs: Any, sm_scale: float, causal_offset: int | None, kv_len: i
     dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(*refs: Any, sm_scale: float, causal_offset: int | None, kv_len: int, block_q: int,
-                block_k: int, n_q_blocks: int, group: int, has_segments: bool) -> None:
+def _dkv_kernel(
+    *refs: Any,
+    sm_scale: float,
+    causal_offset: int | None,
+    kv_len: int,
+    block_q: int,
+    block_k: int,
+    n_q_blocks: int,
+    group: int,
+    has_segments: bool,
+) -> None:
     """One key block of one KV head: loops over the `group` query heads that read it, then over
     their query blocks, so dK/dV are summed in registers (no per-query-head partials)."""
     if has_segments:
@@ -279,8 +314,17 @@ def _pad_seq(x: jax.Array, length: int, value: Any = 0) -> jax.Array:
 def _common(st: _Static, q: jax.Array, k: jax.Array, block_q: int, block_k: int) -> dict[str, Any]:
     b, sq_p, hq, d = q.shape
     skv_p, hkv = k.shape[1], k.shape[2]
-    return dict(b=b, hq=hq, d=d, group=hq // hkv, nq=sq_p // block_q, nk=skv_p // block_k, sq_p=sq_p, skv_p=skv_p,
-                offset=(st.seq_kv - st.seq_q) if st.causal else None)
+    return dict(
+        b=b,
+        hq=hq,
+        d=d,
+        group=hq // hkv,
+        nq=sq_p // block_q,
+        nk=skv_p // block_k,
+        sq_p=sq_p,
+        skv_p=skv_p,
+        offset=(st.seq_kv - st.seq_q) if st.causal else None,
+    )
 
 
 def _params(st: _Static, backward: bool = False) -> Any:
@@ -291,8 +335,9 @@ def _params(st: _Static, backward: bool = False) -> Any:
     return plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
 
 
-def _forward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array | None,
-             kseg: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def _forward(
+    st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array | None, kseg: jax.Array | None
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Padded inputs -> (output [B, Sq_p, Hq, D], (base-2 row max, log2 row sum) [B, Hq, Sq_p])."""
     bq, bk = st.block_q, st.block_k
     c = _common(st, q, k, bq, bk)
@@ -304,30 +349,55 @@ def _forward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Ar
     ]
     args = [q, k, v]
     if qseg is not None:
-        in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, i)), pl.BlockSpec((None, c["skv_p"]), lambda i, b, h: (b, 0))]
+        in_specs += [
+            pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+            pl.BlockSpec((None, c["skv_p"]), lambda i, b, h: (b, 0)),
+        ]
         args += [qseg, kseg]
-    kernel = functools.partial(_fwd_kernel, sm_scale=st.sm_scale, causal_offset=c["offset"], kv_len=st.seq_kv,
-                               block_q=bq, block_k=bk, n_kv_blocks=c["nk"], has_segments=qseg is not None)
+    kernel = functools.partial(
+        _fwd_kernel,
+        sm_scale=st.sm_scale,
+        causal_offset=c["offset"],
+        kv_len=st.seq_kv,
+        block_q=bq,
+        block_k=bk,
+        n_kv_blocks=c["nk"],
+        has_segments=qseg is not None,
+    )
     stats = jax.ShapeDtypeStruct((c["b"], c["hq"], c["sq_p"]), jnp.float32)
     stats_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
     o, m, ll = pl.pallas_call(
-        kernel, grid=(c["nq"], c["b"], c["hq"]), in_specs=in_specs,
+        kernel,
+        grid=(c["nq"], c["b"], c["hq"]),
+        in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, bq, None, c["d"]), lambda i, b, h: (b, i, h, 0)), stats_spec, stats_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), stats, stats],
-        compiler_params=_params(st), interpret=st.interpret, name="genesis_flash_fwd",
+        compiler_params=_params(st),
+        interpret=st.interpret,
+        name="genesis_flash_fwd",
     )(*args)
     return o, (m, ll)
 
 
-def _backward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array | None, kseg: jax.Array | None,
-              o: jax.Array, stats: tuple[jax.Array, jax.Array], do: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _backward(
+    st: _Static,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    qseg: jax.Array | None,
+    kseg: jax.Array | None,
+    o: jax.Array,
+    stats: tuple[jax.Array, jax.Array],
+    do: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     bq, bk = st.block_q_bwd, st.block_k_bwd
     c = _common(st, q, k, bq, bk)
     g, d = c["group"], c["d"]
     delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32))
     seg = qseg is not None
-    common = dict(sm_scale=st.sm_scale, causal_offset=c["offset"], kv_len=st.seq_kv, block_q=bq, block_k=bk,
-                  has_segments=seg)
+    common = dict(
+        sm_scale=st.sm_scale, causal_offset=c["offset"], kv_len=st.seq_kv, block_q=bq, block_k=bk, has_segments=seg
+    )
 
     # dq: one program per (query block, batch, query head), looping over key blocks.
     specs = [
@@ -341,13 +411,20 @@ def _backward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.A
     ]
     args = [q, k, v, do, *stats, delta]
     if seg:
-        specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, i)), pl.BlockSpec((None, c["skv_p"]), lambda i, b, h: (b, 0))]
+        specs += [
+            pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+            pl.BlockSpec((None, c["skv_p"]), lambda i, b, h: (b, 0)),
+        ]
         args += [qseg, kseg]
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, n_kv_blocks=c["nk"], **common), grid=(c["nq"], c["b"], c["hq"]),
-        in_specs=specs, out_specs=pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), compiler_params=_params(st, backward=True),
-        interpret=st.interpret, name="genesis_flash_dq",
+        functools.partial(_dq_kernel, n_kv_blocks=c["nk"], **common),
+        grid=(c["nq"], c["b"], c["hq"]),
+        in_specs=specs,
+        out_specs=pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_params(st, backward=True),
+        interpret=st.interpret,
+        name="genesis_flash_dq",
     )(*args)
 
     # dk, dv: one program per (key block, batch, KV head), looping over the query heads of its
@@ -363,26 +440,34 @@ def _backward(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.A
     ]
     args = [q, k, v, do, *stats, delta]
     if seg:
-        specs += [pl.BlockSpec((None, c["sq_p"]), lambda j, b, h: (b, 0)), pl.BlockSpec((None, bk), lambda j, b, h: (b, j))]
+        specs += [
+            pl.BlockSpec((None, c["sq_p"]), lambda j, b, h: (b, 0)),
+            pl.BlockSpec((None, bk), lambda j, b, h: (b, j)),
+        ]
         args += [qseg, kseg]
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, n_q_blocks=c["nq"], group=g, **common), grid=(c["nk"], c["b"], c["hq"] // g),
+        functools.partial(_dkv_kernel, n_q_blocks=c["nq"], group=g, **common),
+        grid=(c["nk"], c["b"], c["hq"] // g),
         in_specs=specs,
         out_specs=[pl.BlockSpec((None, bk, None, d), lambda j, b, h: (b, j, h, 0))] * 2,
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=_params(st, backward=True), interpret=st.interpret, name="genesis_flash_dkv",
+        compiler_params=_params(st, backward=True),
+        interpret=st.interpret,
+        name="genesis_flash_dkv",
     )(*args)
     return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array | None,
-           kseg: jax.Array | None) -> jax.Array:
+def _flash(
+    st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array | None, kseg: jax.Array | None
+) -> jax.Array:
     return _forward(st, q, k, v, qseg, kseg)[0]
 
 
-def _flash_fwd(st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array | None,
-               kseg: jax.Array | None) -> tuple[jax.Array, tuple[Any, ...]]:
+def _flash_fwd(
+    st: _Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array | None, kseg: jax.Array | None
+) -> tuple[jax.Array, tuple[Any, ...]]:
     o, stats = _forward(st, q, k, v, qseg, kseg)
     return o, (q, k, v, qseg, kseg, o, stats)
 
@@ -400,7 +485,9 @@ def _check(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | No
     if q.ndim != 4:
         raise ValueError(f"q must be [batch, seq_q, heads_q, head_dim]; got shape {q.shape}")
     if k.ndim != 4 or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"k must be [batch, seq_kv, heads_kv, head_dim] = [{q.shape[0]}, *, *, {q.shape[3]}]; got {k.shape}")
+        raise ValueError(
+            f"k must be [batch, seq_kv, heads_kv, head_dim] = [{q.shape[0]}, *, *, {q.shape[3]}]; got {k.shape}"
+        )
     if v.shape != k.shape:
         raise ValueError(f"v must have k's shape {k.shape}; got {v.shape}")
     if q.shape[2] % k.shape[2]:
@@ -421,9 +508,17 @@ def _check(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | No
             raise ValueError(f"segment_ids: expected an integer dtype, got {segment_ids.dtype}")
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-                    segment_ids: jax.Array | None = None, sm_scale: float | None = None,
-                    block_sizes: BlockSizes | None = None, interpret: bool | None = None) -> jax.Array:
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    segment_ids: jax.Array | None = None,
+    sm_scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
     """Fused attention with the signature of `reference_attention`; differentiable.
 
     `interpret=None` runs Pallas interpret mode unless the target is a GPU (`target_platform`:
@@ -444,11 +539,21 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     lq = math.lcm(bq, bqb)
     lk = math.lcm(bk, bkb)
     sq_p, skv_p = -(-sq // lq) * lq, -(-skv // lk) * lk
-    st = _Static(causal=causal, sm_scale=float(d**-0.5 if sm_scale is None else sm_scale), interpret=bool(interpret),
-                 seq_q=sq, seq_kv=skv, block_q=bq, block_k=bk, block_q_bwd=bqb, block_k_bwd=bkb,
-                 num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-                 num_warps_bwd=blocks.num_warps_bwd or blocks.num_warps,
-                 num_stages_bwd=blocks.num_stages_bwd or blocks.num_stages)
+    st = _Static(
+        causal=causal,
+        sm_scale=float(d**-0.5 if sm_scale is None else sm_scale),
+        interpret=bool(interpret),
+        seq_q=sq,
+        seq_kv=skv,
+        block_q=bq,
+        block_k=bk,
+        block_q_bwd=bqb,
+        block_k_bwd=bkb,
+        num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
+        num_warps_bwd=blocks.num_warps_bwd or blocks.num_warps,
+        num_stages_bwd=blocks.num_stages_bwd or blocks.num_stages,
+    )
 
     def prep(x: jax.Array, length: int) -> jax.Array:
         x = _pad_seq(x, length)

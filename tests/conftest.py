@@ -7,8 +7,9 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
-from typing import Callable, ContextManager
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Fast compiles here and in every training process a test launches (they inherit the variable).
@@ -29,8 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def our_modules() -> list[str]:
     """Every module name of the package, the kernels (genesis_jax.kernels) included."""
-    names = [".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (ROOT / "genesis_jax").rglob("*.py")
-             if "remote" not in p.parts]  # hf/remote: torch code for transformers, carried by exports
+    names = [
+        ".".join(p.relative_to(ROOT).with_suffix("").parts)
+        for p in (ROOT / "genesis_jax").rglob("*.py")
+        if "remote" not in p.parts
+    ]  # hf/remote: torch code for transformers, carried by exports
     names += [f"genesis_jax.kernels.{p.stem}" for p in (ROOT / "kernels").glob("*.py")]
     return [n.removesuffix(".__init__") for n in names]
 
@@ -38,24 +42,43 @@ def our_modules() -> list[str]:
 # The processes tests launch turn a deprecation warning met in our code into an error too
 # (PYTHONWARNINGS takes exact module names, hence the list).
 os.environ["PYTHONWARNINGS"] = ",".join(
-    [*filter(None, os.environ.get("PYTHONWARNINGS", "").split(",")), *(f"error::DeprecationWarning:{m}" for m in our_modules())])
+    [
+        *filter(None, os.environ.get("PYTHONWARNINGS", "").split(",")),
+        *(f"error::DeprecationWarning:{m}" for m in our_modules()),
+    ]
+)
 
-import jax
-import pytest
+import jax  # noqa: E402 (after the environment above, which JAX reads at import)
+import pytest  # noqa: E402
 
 jax.config.update("jax_disable_most_optimizations", True)
 
 # Parallel verses: the same key in each locale is the same sentence in another language.
 FIXTURE_TEXT = {
-    "en": ["In the beginning God created the heaven and the earth.", "And the earth was without form, and void.",
-           "And God said, Let there be light: and there was light.", "And God saw the light, that it was good.",
-           "And God called the light Day, and the darkness he called Night.", "Don't fear; it’s the evening and the morning."],
-    "fr": ["Au commencement, Dieu créa les cieux et la terre.", "La terre était informe et vide.",
-           "Dieu dit: Que la lumière soit! Et la lumière fut.", "Dieu vit que la lumière était bonne.",
-           "Dieu appela la lumière jour, et il appela les ténèbres nuit.", "Ainsi, il y eut un soir, et il y eut un matin."],
-    "ru": ["В начале сотворил Бог небо и землю.", "Земля же была безвидна и пуста.",
-           "И сказал Бог: да будет свет. И стал свет.", "И увидел Бог свет, что он хорош.",
-           "И назвал Бог свет днем, а тьму ночью.", "И был вечер, и было утро: день один."],
+    "en": [
+        "In the beginning God created the heaven and the earth.",
+        "And the earth was without form, and void.",
+        "And God said, Let there be light: and there was light.",
+        "And God saw the light, that it was good.",
+        "And God called the light Day, and the darkness he called Night.",
+        "Don't fear; it’s the evening and the morning.",
+    ],
+    "fr": [
+        "Au commencement, Dieu créa les cieux et la terre.",
+        "La terre était informe et vide.",
+        "Dieu dit: Que la lumière soit! Et la lumière fut.",
+        "Dieu vit que la lumière était bonne.",
+        "Dieu appela la lumière jour, et il appela les ténèbres nuit.",
+        "Ainsi, il y eut un soir, et il y eut un matin.",
+    ],
+    "ru": [
+        "В начале сотворил Бог небо и землю.",
+        "Земля же была безвидна и пуста.",
+        "И сказал Бог: да будет свет. И стал свет.",
+        "И увидел Бог свет, что он хорош.",
+        "И назвал Бог свет днем, а тьму ночью.",
+        "И был вечер, и было утро: день один.",
+    ],
 }
 
 
@@ -118,9 +141,11 @@ def compiles(test: Callable[..., None]) -> Callable[..., None]:
 
 def write_small_run_config(path: Path, corpus: Path, max_steps: int, val_interval: int, extra: str = "") -> Path:
     """A `test`-preset run on the fixture corpus, for CLI tests that need a trained run."""
-    path.write_text(f'[model]\npreset = "test"\ncompute_dtype = "float32"\n[data]\ncorpus = "{corpus}"\nseq_len = 32\n'
-                    f'[training]\nmax_steps = {max_steps}\nbatch_size = 4\nlog_interval = 2\nval_interval = {val_interval}\n'
-                    + extra)
+    path.write_text(
+        f'[model]\npreset = "test"\ncompute_dtype = "float32"\n[data]\ncorpus = "{corpus}"\nseq_len = 32\n'
+        f"[training]\nmax_steps = {max_steps}\nbatch_size = 4\nlog_interval = 2\nval_interval = {val_interval}\n"
+        + extra
+    )
     return path
 
 

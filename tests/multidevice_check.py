@@ -12,33 +12,49 @@ import jax
 import numpy as np
 
 from genesis_jax import config as C
-from genesis_jax.training.build import placed_state
-from genesis_jax.data.masks import MaskParams
 from genesis_jax.data.device import build_device_corpus
+from genesis_jax.data.masks import MaskParams
 from genesis_jax.parallel.sharding import bytes_per_device, make_mesh, replicated
+from genesis_jax.training.build import placed_state
 from genesis_jax.training.step import StepControls, make_train_step
 
 # name -> (devices, [parallel], accumulation steps, mask kind)
-MESHES = {"one": (1, {}, 2, "wwm"), "data4": (4, {}, 2, "wwm"), "fsdp4": (4, {"data": 1, "fsdp": 4}, 2, "wwm"),
-          "data2_tensor2": (4, {"data": 2, "tensor": 2}, 2, "wwm"),
-          "fsdp2_tensor2": (4, {"data": 1, "fsdp": 2, "tensor": 2}, 2, "wwm"),
-          "one_plain": (1, {}, 1, "none"), "fsdp2_tensor2_plain": (4, {"data": 1, "fsdp": 2, "tensor": 2}, 1, "none")}
+MESHES = {
+    "one": (1, {}, 2, "wwm"),
+    "data4": (4, {}, 2, "wwm"),
+    "fsdp4": (4, {"data": 1, "fsdp": 4}, 2, "wwm"),
+    "data2_tensor2": (4, {"data": 2, "tensor": 2}, 2, "wwm"),
+    "fsdp2_tensor2": (4, {"data": 1, "fsdp": 2, "tensor": 2}, 2, "wwm"),
+    "one_plain": (1, {}, 1, "none"),
+    "fsdp2_tensor2_plain": (4, {"data": 1, "fsdp": 2, "tensor": 2}, 1, "none"),
+}
 
 
 def run(n_devices: int, parallel: dict, accum: int, mask: str, attention: str, steps: int = 4) -> dict:
-    cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32", "n_kv_heads": 2, "attention": attention},
-                       "data": {"seq_len": 16}, "training": {"batch_size": 8, "grad_accum_steps": accum, "max_steps": 10},
-                       "optim": {"warmup_steps": 0, "lr": 1e-2}, "parallel": parallel})
+    cfg = C.from_dict(
+        {
+            "model": {"preset": "test", "compute_dtype": "float32", "n_kv_heads": 2, "attention": attention},
+            "data": {"seq_len": 16},
+            "training": {"batch_size": 8, "grad_accum_steps": accum, "max_steps": 10},
+            "optim": {"warmup_steps": 0, "lr": 1e-2},
+            "parallel": parallel,
+        }
+    )
     mesh = make_mesh(n_devices, cfg.parallel)
     rng = np.random.default_rng(0)
     tokens = rng.integers(97, 123, size=4000).astype(np.uint8)
-    corpus = build_device_corpus(tokens, (tokens == 97).astype(np.uint8), np.array([0, 1500, 4000]), 16,
-                                 replicated(mesh))
+    corpus = build_device_corpus(
+        tokens, (tokens == 97).astype(np.uint8), np.array([0, 1500, 4000]), 16, replicated(mesh)
+    )
     graphdef, state, shardings = placed_state(cfg, mesh)
     per_device = bytes_per_device((state.params, state.opt_state))
     everywhere = replicated(mesh)
-    step = jax.jit(make_train_step(cfg, graphdef, mesh), donate_argnums=0,
-                   in_shardings=(shardings, everywhere, everywhere, everywhere), out_shardings=(shardings, everywhere))
+    step = jax.jit(
+        make_train_step(cfg, graphdef, mesh),
+        donate_argnums=0,
+        in_shardings=(shardings, everywhere, everywhere, everywhere),
+        out_shardings=(shardings, everywhere),
+    )
     losses = []
     for _ in range(steps):
         state, m = step(state, corpus, jax.random.key(3), StepControls.make(mask=MaskParams.make(mask, 0.2)))

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, compiles, toolchain_missing
 
 pytestmark = pytest.mark.slow
@@ -16,9 +15,20 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
 def test_attention_benchmark_dry_run():
     # The Mosaic variants' dry run (GPU interpret mode, half a minute more) is the GPU suite
     # rehearsal's (benchmarks/gpu_suite.sh --rehearse); their numerics are test_flash_attention_mgpu's.
-    r = subprocess.run([sys.executable, "benchmarks/attention.py", "--dry-run", "--backends",
-                        "xla,reference,pallas,cudnn,jax_xla,jax_mha"], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/attention.py",
+            "--dry-run",
+            "--backends",
+            "xla,reference,pallas,cudnn,jax_xla,jax_mha",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [x for x in r.stdout.splitlines() if x.startswith(("pallas", "xla", "jax_mha"))]
     assert len(lines) == 12
@@ -30,14 +40,34 @@ def test_attention_benchmark_dry_run():
     r = subprocess.run([sys.executable, "benchmarks/attention.py"], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert r.returncode == 2 and "needs a GPU" in r.stderr
     # A misspelt backend is an error, not a table without it.
-    r = subprocess.run([sys.executable, "benchmarks/attention.py", "--dry-run", "--backends", "pallas,mosaic_1wgg"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "benchmarks/attention.py", "--dry-run", "--backends", "pallas,mosaic_1wgg"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "unknown mosaic_1wgg" in r.stderr and "mosaic_no_pingpong" in r.stderr
 
 
 def test_attention_sweep_dry_run(tmp_path):
-    r = subprocess.run([sys.executable, "benchmarks/attention.py", "--dry-run", "--sweep", "--sweep-limit", "2",
-                        "--out", str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/attention.py",
+            "--dry-run",
+            "--sweep",
+            "--sweep-limit",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("best q") == 4 and "2 settings" in r.stdout
     assert (tmp_path / "attention_sweep.csv").read_text().count("\n") == 5
@@ -47,10 +77,34 @@ def test_train_step_benchmark_runs(tmp_path):
     """With the plan extra, the first variant's predicted peak memory comes along (the GPU suite
     sets it beside the measured one); the CPU reports no measured peak."""
     plan = [] if toolchain_missing() else ["--plan-target", "h200"]
-    r = subprocess.run([sys.executable, "benchmarks/train_step.py", "--set", "model.preset=test", "--set", "data.seq_len=32",
-                        "--set", "training.batch_size=4", "--steps", "2", "--loop-steps", "8", *plan,
-                        "--variant", "a:", "--variant", "wwm:model.remat=true", "--out", str(tmp_path / "t.csv")],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/train_step.py",
+            "--set",
+            "model.preset=test",
+            "--set",
+            "data.seq_len=32",
+            "--set",
+            "training.batch_size=4",
+            "--steps",
+            "2",
+            "--loop-steps",
+            "8",
+            *plan,
+            "--variant",
+            "a:",
+            "--variant",
+            "wwm:model.remat=true",
+            "--out",
+            str(tmp_path / "t.csv"),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     rows = list(csv.DictReader((tmp_path / "t.csv").open()))
     assert len(rows) == 2 and rows[0]["variant"] == "a" and "model" in rows[0]
@@ -60,9 +114,26 @@ def test_train_step_benchmark_runs(tmp_path):
 
 @compiles
 def test_kernel_resources_benchmark_chooses_a_setting(tmp_path):
-    r = subprocess.run([sys.executable, "benchmarks/kernel_resources.py", "--quick", "--head-dims", "64", "--dtypes",
-                        "bfloat16", "--seq", "256", "--out", str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/kernel_resources.py",
+            "--quick",
+            "--head-dims",
+            "64",
+            "--dtypes",
+            "bfloat16",
+            "--seq",
+            "256",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "chosen bfloat16 hd64 forward: " in r.stdout and "chosen bfloat16 hd64 backward: " in r.stdout
     rows = list(csv.DictReader((tmp_path / "kernel_resources.csv").open()))
@@ -72,8 +143,27 @@ def test_kernel_resources_benchmark_chooses_a_setting(tmp_path):
 
 def test_torch_step_benchmark_ends_with_the_ratio():
     pytest.importorskip("torch", reason="PyTorch is an optional benchmark dependency")
-    r = subprocess.run([sys.executable, "benchmarks/torch_step.py", "--dims", "32,2,2,64", "--seq", "16", "--batch", "2",
-                        "--rounds", "1", "--steps", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/torch_step.py",
+            "--dims",
+            "32,2,2,64",
+            "--seq",
+            "16",
+            "--batch",
+            "2",
+            "--rounds",
+            "1",
+            "--steps",
+            "1",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
     assert lines[-3].startswith("jax ") and lines[-2].startswith("torch ") and lines[-1].startswith("ratio ")
@@ -81,11 +171,33 @@ def test_torch_step_benchmark_ends_with_the_ratio():
 
 
 def test_profile_step_charges_self_time_to_our_functions():
-    r = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--dims", "32,2,2,64", "--seq", "32", "--batch", "2",
-                        "--steps", "1", "--top", "50"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/profile_step.py",
+            "--dims",
+            "32,2,2,64",
+            "--seq",
+            "32",
+            "--batch",
+            "2",
+            "--steps",
+            "1",
+            "--top",
+            "50",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = {(parts := line.rsplit(maxsplit=4))[0]: parts[1:] for line in r.stdout.splitlines()
-            if line.strip() and not line.startswith(("#", "function "))}  # a name may hold spaces
+    rows = {
+        (parts := line.rsplit(maxsplit=4))[0]: parts[1:]
+        for line in r.stdout.splitlines()
+        if line.strip() and not line.startswith(("#", "function "))
+    }  # a name may hold spaces
     # The model's and the attention's operations are charged to functions of this repo (which of
     # the model's functions a matmul lands in depends on the JAX version's stack frames), most of
     # the time is ours, and both columns are filled.

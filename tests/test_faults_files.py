@@ -13,14 +13,15 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, one_error_line, write_small_run_config, write_textdir
-from genesis_jax import eval as eval_cli, export, report, train, verify
+
+from genesis_jax import eval as eval_cli
+from genesis_jax import export, report, train, verify
 from genesis_jax.core import writing
+from genesis_jax.core.errors import UserError
 from genesis_jax.corpus import __main__ as corpus_cli
 from genesis_jax.corpus.importers import import_textdir
 from genesis_jax.corpus.store import CorpusWriter, open_corpus
-from genesis_jax.core.errors import UserError
 from genesis_jax.training.rundir import RunLock, prepare
 
 pytestmark = pytest.mark.slow
@@ -36,6 +37,7 @@ def import_cmd(src: Path, out: Path, *extra: str) -> list[str]:
 
 # -- reading: regular files only -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("hazard", ["fifo", "directory", "link to a fifo", "socket"])
 def test_a_locale_file_that_is_not_a_regular_file_is_skipped_and_named(tmp_path, hazard):
     src = write_textdir(tmp_path / "src", repeat=2)
@@ -46,14 +48,21 @@ def test_a_locale_file_that_is_not_a_regular_file_is_skipped_and_named(tmp_path,
         odd.mkdir()
     elif hazard == "socket":
         import socket
+
         s = socket.socket(socket.AF_UNIX)
         s.bind(str(odd))
     else:
         os.mkfifo(tmp_path / "pipe")
         odd.symlink_to(tmp_path / "pipe")
     # A subprocess with a timeout: a regression would block on the pipe forever.
-    r = subprocess.run([sys.executable, "-m", "genesis_jax.corpus", *import_cmd(src, tmp_path / "out")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = subprocess.run(
+        [sys.executable, "-m", "genesis_jax.corpus", *import_cmd(src, tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "de.txt: not a regular file" in r.stderr
     assert open_corpus(tmp_path / "out").locales == ["en", "fr", "ru"]
@@ -69,6 +78,7 @@ def test_a_directory_of_only_odd_files_is_one_line(tmp_path, capsys):
 
 
 # -- corpus output: nothing destroyed -------------------------------------------------------------
+
 
 def test_out_dot_inside_an_existing_corpus(tmp_path, capsys, monkeypatch):
     src = write_textdir(tmp_path / "src", repeat=2)
@@ -118,6 +128,7 @@ def test_a_failed_replacement_leaves_the_old_corpus(tmp_path, capsys, monkeypatc
 
 
 # -- files we create: never through a link ------------------------------------------------------
+
 
 def test_write_file_replaces_a_link_not_its_target(tmp_path):
     target = tmp_path / "precious.txt"
@@ -174,11 +185,17 @@ def test_run_files_that_are_links_are_refused_at_start(tmp_path, name):
 
 # -- reports: one kind never replaces another; writing nothing is an error -----------------------
 
+
 @pytest.fixture(scope="module")
 def trained(fixture_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("files")
-    cfg = write_small_run_config(base / "run.toml", fixture_corpus, 2, 0,
-                                 "[eval]\nalignment_keys = 8\nval_windows = 4\nreconstruction_windows = 4\n")
+    cfg = write_small_run_config(
+        base / "run.toml",
+        fixture_corpus,
+        2,
+        0,
+        "[eval]\nalignment_keys = 8\nval_windows = 4\nreconstruction_windows = 4\n",
+    )
     assert train.main(["--config", str(cfg), "--run-dir", str(base / "run")]) == 0
     return base / "run"
 
@@ -203,7 +220,9 @@ def test_report_of_a_run_with_no_rows_writes_nothing_and_says_so(tmp_path, capsy
 def test_report_on_a_full_disk_is_one_line_and_keeps_the_old_plots(trained, capsys, monkeypatch):
     assert report.main(["--run", str(trained)]) == 0
     before = digest(trained / "reports")
-    monkeypatch.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device", str(b))))
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device", str(b)))
+    )
     capsys.readouterr()
     assert report.main(["--run", str(trained)]) == 2
     assert "No space left on device" in one_error_line(capsys.readouterr().err)
@@ -229,7 +248,10 @@ def test_export_never_replaces_files_it_did_not_write(trained, tmp_path, capsys,
     assert "--force" in one_error_line(capsys.readouterr().err)
     assert export.main(["--run", str(trained), "--out", str(out), "--force"]) == 2
     assert "config.json would replace files this export did not write" in one_error_line(capsys.readouterr().err)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json"] and (out / "config.json").read_text() == "my own config"
+    assert (
+        sorted(p.name for p in out.iterdir()) == ["config.json"]
+        and (out / "config.json").read_text() == "my own config"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left beside it
     monkeypatch.chdir(out)
     (out / "config.json").unlink()
@@ -238,6 +260,7 @@ def test_export_never_replaces_files_it_did_not_write(trained, tmp_path, capsys,
 
 
 # -- input that would be misread ------------------------------------------------------------------
+
 
 def test_a_keyed_file_with_a_header_line_stays_keyed_and_says_so(tmp_path):
     src = write_textdir(tmp_path / "src", repeat=2)
@@ -271,13 +294,21 @@ def test_import_reports_each_file_on_the_command_line(tmp_path, capsys):
     assert corpus_cli.main(import_cmd(src, tmp_path / "out")) == 0
     err = capsys.readouterr().err
     assert "xx.txt: empty; skipped" in err
-    assert "yy.txt: read as key<TAB>text (2 of 2 lines hold a TAB): 1 records; skipped 1: yy.txt:1: invalid UTF-8" in err
+    assert (
+        "yy.txt: read as key<TAB>text (2 of 2 lines hold a TAB): 1 records; skipped 1: yy.txt:1: invalid UTF-8" in err
+    )
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["mtl.enabled=true", 'data.locales=["en"]'], "mtl.paraphrase_weight"),
-    (["mtl.enabled=true", "mtl.paraphrase_weight=0", "mtl.cross_ref_min_distance=100000"], "mtl.cross_ref_min_distance"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["mtl.enabled=true", 'data.locales=["en"]'], "mtl.paraphrase_weight"),
+        (
+            ["mtl.enabled=true", "mtl.paraphrase_weight=0", "mtl.cross_ref_min_distance=100000"],
+            "mtl.cross_ref_min_distance",
+        ),
+    ],
+)
 def test_a_task_the_corpus_cannot_feed_is_refused_at_start(fixture_corpus, tmp_path, capsys, overrides, key):
     cfg = write_small_run_config(tmp_path / "run.toml", fixture_corpus, 2, 0)
     args = ["--config", str(cfg), "--run-dir", str(tmp_path / "run")] + [x for o in overrides for x in ("--set", o)]
@@ -294,8 +325,21 @@ def test_coherence_on_a_corpus_of_one_key_per_locale_is_refused(tmp_path, capsys
     assert corpus_cli.main(import_cmd(src, tmp_path / "corpus", "--val-fraction", "0")) == 0
     cfg = write_small_run_config(tmp_path / "run.toml", tmp_path / "corpus", 2, 0)
     capsys.readouterr()
-    assert train.main(["--config", str(cfg), "--run-dir", str(tmp_path / "run"), "--set", "mtl.enabled=true",
-                       "--set", "mtl.cross_ref_weight=0"]) == 2
+    assert (
+        train.main(
+            [
+                "--config",
+                str(cfg),
+                "--run-dir",
+                str(tmp_path / "run"),
+                "--set",
+                "mtl.enabled=true",
+                "--set",
+                "mtl.cross_ref_weight=0",
+            ]
+        )
+        == 2
+    )
     assert "mtl.coherence_weight" in one_error_line(capsys.readouterr().err)
 
 
@@ -317,4 +361,6 @@ def test_a_gate_the_corpus_cannot_measure_says_so_instead_of_comparing_none():
     from genesis_jax.evaluation.metrics import go_no_go
 
     failed = go_no_go({"val/ppl": 2.0, "gap/val_minus_train": 0.0}, C.from_dict({}))  # one locale: no alignment
-    assert failed == ["alignment top-1 not measured (this corpus or run cannot give it), so eval.min_alignment_acc cannot pass"]
+    assert failed == [
+        "alignment top-1 not measured (this corpus or run cannot give it), so eval.min_alignment_acc cannot pass"
+    ]

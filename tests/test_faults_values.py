@@ -8,9 +8,9 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import sys
 import math
 import sqlite3
+import sys
 import types
 import typing
 from pathlib import Path
@@ -18,12 +18,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from conftest import ROOT, one_error_line, write_small_run_config
-from genesis_jax import cli, config as C
-from genesis_jax.core.errors import ConfigError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from genesis_jax import config as C
 from genesis_jax.config.ranges import FLOAT32_MAX, INT32_MAX, UINT32_MAX, Range
+from genesis_jax.core import cli
+from genesis_jax.core.errors import ConfigError
 
 COMMANDS = ["train", "generate", "eval", "export", "report", "verify", "corpus.__main__", "plan.__main__"]
 BENCHMARKS = ["attention", "kernel_resources", "profile_step", "torch_step", "train_step"]
@@ -45,18 +47,25 @@ def numeric_keys() -> dict[str, Range]:
 
 
 def test_every_numeric_key_has_a_range():
-    plain = [f"{s}.{k}" for s, cls in C.SECTIONS.items() for k, tp in typing.get_type_hints(cls, include_extras=True).items()
-             if {int, float} & set(union_members(tp))]
+    plain = [
+        f"{s}.{k}"
+        for s, cls in C.SECTIONS.items()
+        for k, tp in typing.get_type_hints(cls, include_extras=True).items()
+        if {int, float} & set(union_members(tp))
+    ]
     assert not plain, f"numeric keys without a range: {plain}"
     assert len(numeric_keys()) >= 80
 
 
 HOSTILE = st.one_of(
-    st.integers(min_value=-2**80, max_value=2**80),
-    st.sampled_from([INT32_MAX, INT32_MAX + 1, UINT32_MAX, UINT32_MAX + 1, 2**63, -2**63 - 1, -1, 0, 1]),
+    st.integers(min_value=-(2**80), max_value=2**80),
+    st.sampled_from([INT32_MAX, INT32_MAX + 1, UINT32_MAX, UINT32_MAX + 1, 2**63, -(2**63) - 1, -1, 0, 1]),
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([1e39, -1e39, 3.4e38, 5e-324, -0.0, 0.5, 1.0]),
-    st.text(max_size=5), st.booleans(), st.lists(st.integers(), max_size=2), st.none(),
+    st.text(max_size=5),
+    st.booleans(),
+    st.lists(st.integers(), max_size=2),
+    st.none(),
 )
 
 
@@ -79,8 +88,13 @@ def test_any_value_of_a_numeric_key_is_refused_in_one_line_or_fits_its_carrier(k
 
 
 @settings(max_examples=150, deadline=None)
-@given(key=st.sampled_from(sorted(numeric_keys())), text=st.one_of(
-    st.integers(min_value=-2**80, max_value=2**80).map(str), st.sampled_from(["nan", "inf", "-inf", "1e400", "0x10", "", "[]"])))
+@given(
+    key=st.sampled_from(sorted(numeric_keys())),
+    text=st.one_of(
+        st.integers(min_value=-(2**80), max_value=2**80).map(str),
+        st.sampled_from(["nan", "inf", "-inf", "1e400", "0x10", "", "[]"]),
+    ),
+)
 def test_set_on_the_command_line_is_refused_in_one_line_or_fits(key: str, text: str):
     try:
         C.from_dict(C.apply_overrides({}, [f"{key}={text}"]))
@@ -135,22 +149,38 @@ def numeric_flags() -> list[tuple[str, cli.ArgumentParser, Any]]:
 
 def test_every_numeric_flag_of_every_command_has_a_range():
     flags = {(m, a.option_strings[0]) for m, _, a in numeric_flags()}
-    assert {("generate", "--seed"), ("generate", "--num-samples"), ("corpus.__main__", "--split-seed"),
-            ("train", "--heartbeat-timeout"), ("train", "--join-timeout"), ("plan.__main__", "--devices"),
-            ("torch_step", "--pause"), ("attention", "--sweep-limit")} <= flags
+    assert {
+        ("generate", "--seed"),
+        ("generate", "--num-samples"),
+        ("corpus.__main__", "--split-seed"),
+        ("train", "--heartbeat-timeout"),
+        ("train", "--join-timeout"),
+        ("plan.__main__", "--devices"),
+        ("torch_step", "--pause"),
+        ("attention", "--sweep-limit"),
+    } <= flags
     assert len(flags) >= 28
 
 
 def parse(p: cli.ArgumentParser, flag: Any, text: str) -> Any:
-    required = [x for a in p._actions if a.required and a.option_strings
-                for x in (a.option_strings[0], list(a.choices)[0] if a.choices else "x")]
+    required = [
+        x
+        for a in p._actions
+        if a.required and a.option_strings
+        for x in (a.option_strings[0], list(a.choices)[0] if a.choices else "x")
+    ]
     return p.parse_args(required + [f"{flag.option_strings[0]}={text}"])
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(pick=st.integers(min_value=0), text=st.one_of(
-    st.integers(min_value=-2**80, max_value=2**80).map(str), st.floats().map(str),
-    st.sampled_from(["nan", "inf", "-1", "2147483648", "4294967296", "18446744073709551617", "1e39", "x", ""])))
+@given(
+    pick=st.integers(min_value=0),
+    text=st.one_of(
+        st.integers(min_value=-(2**80), max_value=2**80).map(str),
+        st.floats().map(str),
+        st.sampled_from(["nan", "inf", "-1", "2147483648", "4294967296", "18446744073709551617", "1e39", "x", ""]),
+    ),
+)
 def test_any_text_of_a_numeric_flag_is_refused_in_one_line_or_fits(pick: int, text: str, capsys):
     flags = numeric_flags()
     module, p, action = flags[pick % len(flags)]
@@ -171,13 +201,33 @@ def test_a_run_with_every_step_count_at_its_largest_trains(tmp_path, fixture_cor
     """Values at the top of their ranges reach the device without overflowing."""
     from genesis_jax import train
 
-    top = {"training": {"seed": UINT32_MAX, "val_interval": INT32_MAX, "log_interval": INT32_MAX,
-                        "nonfinite_limit": INT32_MAX},
-           "optim": {"warmup_steps": INT32_MAX}, "checkpoint": {"keep": INT32_MAX, "permanent_interval": INT32_MAX},
-           "curriculum": {k: INT32_MAX for k in ("wwm_trigger_steps", "wwm_window", "wwm_ramp_steps", "span_trigger_steps",
-                                                 "span_window", "span_ramp_steps", "analytics_window", "plateau_lr_patience",
-                                                 "stun_max_count", "stun_cooldown_steps", "stun_recovery_steps")},
-           "eval": {"interval": INT32_MAX, "grokking_window": INT32_MAX, "grokking_min_step": INT32_MAX}}
+    top = {
+        "training": {
+            "seed": UINT32_MAX,
+            "val_interval": INT32_MAX,
+            "log_interval": INT32_MAX,
+            "nonfinite_limit": INT32_MAX,
+        },
+        "optim": {"warmup_steps": INT32_MAX},
+        "checkpoint": {"keep": INT32_MAX, "permanent_interval": INT32_MAX},
+        "curriculum": {
+            k: INT32_MAX
+            for k in (
+                "wwm_trigger_steps",
+                "wwm_window",
+                "wwm_ramp_steps",
+                "span_trigger_steps",
+                "span_window",
+                "span_ramp_steps",
+                "analytics_window",
+                "plateau_lr_patience",
+                "stun_max_count",
+                "stun_cooldown_steps",
+                "stun_recovery_steps",
+            )
+        },
+        "eval": {"interval": INT32_MAX, "grokking_window": INT32_MAX, "grokking_min_step": INT32_MAX},
+    }
     sets = [f"{s}.{k}={v}" for s, body in top.items() for k, v in body.items()]
     config = write_small_run_config(tmp_path / "run.toml", fixture_corpus, 3, 0)
     args = ["--config", str(config), "--run-dir", str(tmp_path / "run")] + [x for s in sets for x in ("--set", s)]
@@ -215,5 +265,7 @@ def test_an_argument_mistake_is_one_line_and_exit_2(capsys):
 def test_config_file_numbers_are_checked_like_set(tmp_path: Path):
     path = tmp_path / "c.toml"
     path.write_text("[training]\nmax_steps = 99999999999\n")
-    with pytest.raises(ConfigError, match=r"training.max_steps = 99999999999: expected an integer within \[1, 2\*\*31 - 1\]"):
+    with pytest.raises(
+        ConfigError, match=r"training.max_steps = 99999999999: expected an integer within \[1, 2\*\*31 - 1\]"
+    ):
         C.load(path)

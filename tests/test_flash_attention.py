@@ -10,11 +10,11 @@ import pytest
 from flax import nnx
 
 from genesis_jax import config as C
-from genesis_jax.model.llama import Llama
-from genesis_jax.model.attention import Backend
 from genesis_jax.kernels.blocked_attention import blocked_attention
 from genesis_jax.kernels.flash_attention import BlockSizes, flash_attention
 from genesis_jax.kernels.reference import decode_attention, reference_attention
+from genesis_jax.model.attention import Backend
+from genesis_jax.model.llama import Llama
 
 
 def np_attention_with_grads(q, k, v, do, causal, seg):
@@ -57,7 +57,7 @@ def rel_err(got, want):
     delta), about 1e-6 absolute; measured 1.4e-5 relative to a 0.01 floor on one CPU, 1.4e-6
     against this one, while a real error stays orders of magnitude above 1e-5."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-1 * want.size ** 0.5)
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-1 * want.size**0.5)
 
 
 def run_case(b, sq, skv, hq, hkv, d, causal, segments, dtype, seed, attend, scale=1.0):
@@ -107,16 +107,22 @@ CASES = [
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_q{}_k{}_h{}/{}_d{}_{}{}".format(
-    *c[:6], "causal" if c[6] else "full", "_seg" if c[7] else ""))
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: "b{}_q{}_k{}_h{}/{}_d{}_{}{}".format(*c[:6], "causal" if c[6] else "full", "_seg" if c[7] else ""),
+)
 def test_float32_matches_float64_reference(case, kernel):
     out_err, grad_errs = run_case(*case, dtype=jnp.float32, seed=sum(case[:6]), attend=KERNELS[kernel])
     assert out_err <= 1e-5
     assert max(grad_errs) <= 1e-5, grad_errs
 
 
-@pytest.mark.parametrize("case", [(2, 70, 70, 4, 2, 64, True, True), (1, 48, 48, 2, 2, 128, False, False)],
-                         ids=["hd64_gqa_causal_seg", "hd128_full"])
+@pytest.mark.parametrize(
+    "case",
+    [(2, 70, 70, 4, 2, 64, True, True), (1, 48, 48, 2, 2, 128, False, False)],
+    ids=["hd64_gqa_causal_seg", "hd128_full"],
+)
 @pytest.mark.parametrize("kernel", ["pallas", "blocked"])
 def test_bfloat16_within_1e2(case, kernel):
     attend = blocked_jit if kernel == "blocked" else flash_attention  # default block sizes
@@ -131,8 +137,9 @@ def test_large_logits_do_not_overflow(kernel):
     # recomputed float32 logit may differ by one ulp (~5e-4 absolute) from the forward's, which
     # moves a recomputed probability by that much relatively: the backward pass is held to that
     # bound, or to three times the XLA reference's own error if larger.
-    out_err, grad_errs = run_case(1, 32, 32, 2, 2, 16, True, False, dtype=jnp.float32, seed=5, scale=30.0,
-                                  attend=KERNELS[kernel])
+    out_err, grad_errs = run_case(
+        1, 32, 32, 2, 2, 16, True, False, dtype=jnp.float32, seed=5, scale=30.0, attend=KERNELS[kernel]
+    )
     rng = np.random.default_rng(5)
     q = (30.0 * rng.normal(size=(1, 32, 2, 16))).astype(np.float32)
     k = (30.0 * rng.normal(size=(1, 32, 2, 16))).astype(np.float32)
@@ -177,15 +184,18 @@ def test_matches_reference_inside_the_model(kernel):
         assert rel_err(a, b) < 1e-4
 
 
-@pytest.mark.parametrize("args, message", [
-    (dict(q=(2, 8, 4)), "q must be [batch, seq_q, heads_q, head_dim]"),
-    (dict(k=(2, 8, 3, 16), v=(2, 8, 3, 16)), "heads_q = 4 must be a multiple of heads_kv = 3"),
-    (dict(v=(2, 9, 2, 16)), "v must have k's shape"),
-    (dict(k=(2, 8, 2, 8), v=(2, 8, 2, 8)), "k must be [batch, seq_kv, heads_kv, head_dim]"),
-    (dict(dtype=jnp.int32), "q: dtype int32 not supported"),
-    (dict(q=(2, 8, 4, 512), k=(2, 8, 2, 512), v=(2, 8, 2, 512)), "head_dim 512 > 256"),
-    (dict(segment_ids=(2, 7)), "segment_ids must be [batch, seq]"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (dict(q=(2, 8, 4)), "q must be [batch, seq_q, heads_q, head_dim]"),
+        (dict(k=(2, 8, 3, 16), v=(2, 8, 3, 16)), "heads_q = 4 must be a multiple of heads_kv = 3"),
+        (dict(v=(2, 9, 2, 16)), "v must have k's shape"),
+        (dict(k=(2, 8, 2, 8), v=(2, 8, 2, 8)), "k must be [batch, seq_kv, heads_kv, head_dim]"),
+        (dict(dtype=jnp.int32), "q: dtype int32 not supported"),
+        (dict(q=(2, 8, 4, 512), k=(2, 8, 2, 512), v=(2, 8, 2, 512)), "head_dim 512 > 256"),
+        (dict(segment_ids=(2, 7)), "segment_ids must be [batch, seq]"),
+    ],
+)
 def test_bad_arguments_raise_value_error_naming_them(args, message):
     shapes = {"q": (2, 8, 4, 16), "k": (2, 8, 2, 16), "v": (2, 8, 2, 16)}
     shapes.update({k: v for k, v in args.items() if k in shapes})
@@ -224,7 +234,9 @@ def test_model_train_loss_lowers_with_the_kernel_for_cuda(cuda_lowering):
 
     cfg = C.from_dict({"model": {"preset": "test", "n_kv_heads": 2, "remat": True, "compute_dtype": "bfloat16"}})
     attn = functools.partial(flash_attention, interpret=False)
-    graphdef, params = nnx.split(Llama(cfg.model, nnx.Rngs(0), attn=Backend("kernel", attn, decode_attention, None, "test")))
+    graphdef, params = nnx.split(
+        Llama(cfg.model, nnx.Rngs(0), attn=Backend("kernel", attn, decode_attention, None, "test"))
+    )
 
     def loss(p, tokens):
         logits = nnx.merge(graphdef, p)(tokens)

@@ -5,12 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from genesis_jax.kernels.mosaic.forward import MosaicBlocks, flash_attention_mgpu
 from test_flash_attention import np_attention_with_grads, rel_err
 
-interpret_gpu = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call",
-                                    reason="this JAX has no GPU interpret mode")
+from genesis_jax.kernels.mosaic.forward import MosaicBlocks, flash_attention_mgpu
+
+interpret_gpu = pytest.importorskip(
+    "jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call", reason="this JAX has no GPU interpret mode"
+)
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: E402
 
 ONE_WG = MosaicBlocks(compute_wgs=1, compute_wgs_bwd=1)
@@ -27,9 +28,19 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_q{}_k{}_h{}/{}_d{}_{}{}_{}{}".format(
-    *c[:6], "causal" if c[6] else "full", "_seg" if c[7] else "", jnp.dtype(c[8]).name, "" if len(c) < 10 else "_" + "_".join(f"{k}{v}" for k, v in vars(c[9]).items()
-                                        if v != getattr(MosaicBlocks(), k))))
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: "b{}_q{}_k{}_h{}/{}_d{}_{}{}_{}{}".format(
+        *c[:6],
+        "causal" if c[6] else "full",
+        "_seg" if c[7] else "",
+        jnp.dtype(c[8]).name,
+        ""
+        if len(c) < 10
+        else "_" + "_".join(f"{k}{v}" for k, v in vars(c[9]).items() if v != getattr(MosaicBlocks(), k)),
+    ),
+)
 def test_forward_and_backward_match_float64_without_races(case):
     b, sq, skv, hq, hkv, d, causal, segments, dtype = case[:9]
     blocks = case[9] if len(case) > 9 else None
@@ -40,8 +51,20 @@ def test_forward_and_backward_match_float64_without_races(case):
     want, want_grads = np_attention_with_grads(*(np.asarray(x, np.float32) for x in (qj, kj, vj, doj)), causal, seg)
     interpret_gpu.reset_gpu_interpret_mode_state()
     segj = None if seg is None else jnp.asarray(seg)
-    out, vjp = jax.vjp(lambda a, b_, c: flash_attention_mgpu(a, b_, c, causal=causal, segment_ids=segj, block_sizes=blocks,
-                                                             interpret=InterpretGPUParams(detect_races=True)), qj, kj, vj)
+    out, vjp = jax.vjp(
+        lambda a, b_, c: flash_attention_mgpu(
+            a,
+            b_,
+            c,
+            causal=causal,
+            segment_ids=segj,
+            block_sizes=blocks,
+            interpret=InterpretGPUParams(detect_races=True),
+        ),
+        qj,
+        kj,
+        vj,
+    )
     grads = vjp(doj)
     assert not interpret_gpu.get_races().races_found
     assert out.dtype == dtype and out.shape == q.shape
@@ -50,7 +73,7 @@ def test_forward_and_backward_match_float64_without_races(case):
         assert g.dtype == dtype and g.shape == x.shape
         assert rel_err(g, w) <= 1e-2
     if sq > skv and causal:
-        assert np.all(np.asarray(out[:, :sq - skv], np.float32) == 0.0)
+        assert np.all(np.asarray(out[:, : sq - skv], np.float32) == 0.0)
 
 
 def test_float32_and_bad_blocks_are_refused_with_the_reason():

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import write_small_run_config
 from flax import nnx
 
-from conftest import write_small_run_config
 from genesis_jax import config as C
 from genesis_jax.model.decoding import generate, sample_logits
 from genesis_jax.model.llama import Llama
@@ -27,20 +27,20 @@ def test_cached_logits_equal_full_forward(norm):
     first, cache = m.cached(toks[:, :7], jnp.int32(0), cache)
     steps = [first]
     for t in range(7, 12):
-        out, cache = m.cached(toks[:, t:t + 1], jnp.int32(t), cache)
+        out, cache = m.cached(toks[:, t : t + 1], jnp.int32(t), cache)
         steps.append(out)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), m(toks), rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_generation_equals_recomputing_every_step(model):
-    prompt = "In the beginning".encode()
+    prompt = b"In the beginning"
     got = generate(model, prompt, max_tokens=12, temperature=0.0)[0]
     ids = [int(x) for x in np.frombuffer(prompt, np.uint8).astype(np.int32) + 4]
     for _ in range(12):  # independent reference: a full forward of the whole sequence each step
         logits = np.array(model(jnp.asarray([ids], jnp.int32)))[0, -1]
         logits[:4] = -np.inf
         ids.append(int(np.argmax(logits)))
-    assert got == bytes([i - 4 for i in ids[len(prompt):]])
+    assert got == bytes([i - 4 for i in ids[len(prompt) :]])
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy(model):
@@ -53,10 +53,14 @@ def test_top_k_one_and_tiny_top_p_are_greedy(model):
 def test_filters_restrict_the_support():
     logits = jnp.log(jnp.asarray([[0.0] * 4 + [0.5, 0.3, 0.15, 0.05] + [1e-9] * 252]))
     keys = jax.random.split(jax.random.key(0), 2000)
-    topk = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, jnp.float32(1.0), jnp.int32(3), jnp.float32(1.0))[0])(keys))
+    topk = np.asarray(
+        jax.vmap(lambda k: sample_logits(logits, k, jnp.float32(1.0), jnp.int32(3), jnp.float32(1.0))[0])(keys)
+    )
     assert set(topk.tolist()) == {4, 5, 6}
     # Nucleus 0.6: the smallest set with mass >= 0.6 is {0.5, 0.3}.
-    topp = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, jnp.float32(1.0), jnp.int32(0), jnp.float32(0.6))[0])(keys))
+    topp = np.asarray(
+        jax.vmap(lambda k: sample_logits(logits, k, jnp.float32(1.0), jnp.int32(0), jnp.float32(0.6))[0])(keys)
+    )
     assert set(topp.tolist()) == {4, 5}
     assert abs(np.mean(topp == 4) - 0.5 / 0.8) < 0.05
 
@@ -65,17 +69,20 @@ def test_stop_sequences_and_max_tokens(model):
     free = generate(model, b"abc", max_tokens=20, temperature=0.0)[0]
     assert len(free) == 20
     cut = generate(model, b"abc", max_tokens=20, temperature=0.0, stop=[free[5:7]])[0]
-    assert cut == free[:free.find(free[5:7])]
+    assert cut == free[: free.find(free[5:7])]
 
 
 def test_cli_on_a_trained_run(fixture_corpus, tmp_path, capsys):
-    from genesis_jax import generate as gen_cli, train
+    from genesis_jax import generate as gen_cli
+    from genesis_jax import train
 
     cfg = write_small_run_config(tmp_path / "run.toml", fixture_corpus, max_steps=4, val_interval=0)
     assert train.main(["--config", str(cfg), "--run-dir", str(tmp_path / "run")]) == 0
     capsys.readouterr()
-    assert gen_cli.main(["--run", str(tmp_path / "run"), "--prompt", "And God", "--max-tokens", "5",
-                         "--temperature", "0"]) == 0
+    assert (
+        gen_cli.main(["--run", str(tmp_path / "run"), "--prompt", "And God", "--max-tokens", "5", "--temperature", "0"])
+        == 0
+    )
     out = capsys.readouterr()
     assert out.out.startswith("And God") and "step 4" in out.err
     assert gen_cli.main(["--run", str(tmp_path / "run"), "--step", "3", "--prompt", "x"]) == 2

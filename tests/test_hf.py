@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import FIXTURE_TEXT
+
 from genesis_jax import export, train
 from genesis_jax.core.compat import module_available
+from genesis_jax.core.tokenizer import encode
 from genesis_jax.model.decoding import generate
 from genesis_jax.training.rundir import load_run
-from genesis_jax.core.tokenizer import encode
 
 pytestmark = pytest.mark.slow
 
@@ -37,10 +37,12 @@ def require_transformers() -> None:
 
 
 def run_config(path: Path, corpus: Path, norm: str, extra: str = "") -> Path:
-    path.write_text(f'[model]\npreset = "test"\ncompute_dtype = "float32"\nnorm_type = "{norm}"\nn_kv_heads = 2\n'
-                    f'[data]\ncorpus = "{corpus}"\nseq_len = 32\n'
-                    f'[training]\nmax_steps = {STEPS}\nbatch_size = 8\nlog_interval = 50\nval_interval = 100\n'
-                    f'[optim]\nlr = 0.01\nwarmup_steps = 5\n{extra}')
+    path.write_text(
+        f'[model]\npreset = "test"\ncompute_dtype = "float32"\nnorm_type = "{norm}"\nn_kv_heads = 2\n'
+        f'[data]\ncorpus = "{corpus}"\nseq_len = 32\n'
+        f"[training]\nmax_steps = {STEPS}\nbatch_size = 8\nlog_interval = 50\nval_interval = 100\n"
+        f"[optim]\nlr = 0.01\nwarmup_steps = 5\n{extra}"
+    )
     return path
 
 
@@ -68,7 +70,9 @@ def read_tensors(directory: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     index = directory / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    )
     out = {}
     for name in files:
         out.update(load_file(str(directory / name)))
@@ -87,7 +91,7 @@ def hf_numpy_logits(t: dict[str, np.ndarray], hf: dict, ids: np.ndarray) -> np.n
     cos, sin = np.cos(np.concatenate([ang, ang], -1))[:, None], np.sin(np.concatenate([ang, ang], -1))[:, None]
 
     def rope(v):  # [n, heads, hd]
-        return v * cos + np.concatenate([-v[..., hd // 2:], v[..., :hd // 2]], -1) * sin
+        return v * cos + np.concatenate([-v[..., hd // 2 :], v[..., : hd // 2]], -1) * sin
 
     def rms(h, scale, eps):
         return h / np.sqrt((h * h).mean(-1, keepdims=True) + eps) * scale
@@ -120,7 +124,9 @@ def hf_numpy_logits(t: dict[str, np.ndarray], hf: dict, ids: np.ndarray) -> np.n
         if hf["model_type"] == "genesis_deepnorm":
             a, eps = hf["deepnorm_alpha"], hf["layer_norm_eps"]
             x = layer_norm(a * x + attend(x), lw("input_layernorm.weight"), lw("input_layernorm.bias"), eps)
-            x = layer_norm(a * x + mlp(x), lw("post_attention_layernorm.weight"), lw("post_attention_layernorm.bias"), eps)
+            x = layer_norm(
+                a * x + mlp(x), lw("post_attention_layernorm.weight"), lw("post_attention_layernorm.bias"), eps
+            )
         else:
             eps = hf["rms_norm_eps"]
             x = x + attend(rms(x, lw("input_layernorm.weight"), eps))
@@ -145,11 +151,24 @@ def test_exported_weights_give_our_logits_under_transformers_conventions(runs, e
 def test_the_export_directory(runs, exports):
     out = exports["rmsnorm"]
     names = {p.name for p in out.iterdir()}
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "README.md", "genesis_export.json"} == names
+    assert {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "README.md",
+        "genesis_export.json",
+    } == names
     hf = json.loads((out / "config.json").read_text())
     assert hf["model_type"] == "llama" and hf["architectures"] == ["LlamaForCausalLM"] and hf["vocab_size"] == 260
-    assert (hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"], hf["num_key_value_heads"]) == (32, 2, 4, 2)
+    assert (hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"], hf["num_key_value_heads"]) == (
+        32,
+        2,
+        4,
+        2,
+    )
     assert hf["rope_theta"] == hf["rope_parameters"]["rope_theta"] == 10000.0 and hf["tie_word_embeddings"] is True
     tensors = read_tensors(out)
     assert "lm_head.weight" not in tensors and all(t.dtype == np.float32 for t in tensors.values())
@@ -167,8 +186,12 @@ def test_the_export_directory(runs, exports):
 
 
 def test_a_multitask_run_exports_its_language_model(fixture_corpus, tmp_path):
-    cfg = run_config(tmp_path / "mtl.toml", fixture_corpus, "rmsnorm",
-                     '[mtl]\nenabled = true\nhead_dim = 16\nmax_len = 32\ncross_ref_min_distance = 20\n')
+    cfg = run_config(
+        tmp_path / "mtl.toml",
+        fixture_corpus,
+        "rmsnorm",
+        "[mtl]\nenabled = true\nhead_dim = 16\nmax_len = 32\ncross_ref_min_distance = 20\n",
+    )
     assert train.main(["--config", str(cfg), "--run-dir", str(tmp_path / "run"), "--set", "training.max_steps=2"]) == 0
     assert export.main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
     assert "Multi-task heads" in (tmp_path / "out" / "README.md").read_text()
@@ -213,9 +236,11 @@ def one_line_error(capsys) -> str:
 
 def test_bad_input_is_one_line_and_writes_nothing(runs, exports, tmp_path, capsys):
     run = str(runs["rmsnorm"])
-    cases = [(["--run", str(tmp_path), "--out", str(tmp_path / "a")], "not a run directory"),
-             (["--run", run, "--out", str(tmp_path / "a"), "--step", "7"], "--step 7: no such checkpoint"),
-             (["--run", run, "--out", str(tmp_path / "a"), "--max-shard-size", "lots"], "--max-shard-size 'lots'")]
+    cases = [
+        (["--run", str(tmp_path), "--out", str(tmp_path / "a")], "not a run directory"),
+        (["--run", run, "--out", str(tmp_path / "a"), "--step", "7"], "--step 7: no such checkpoint"),
+        (["--run", run, "--out", str(tmp_path / "a"), "--max-shard-size", "lots"], "--max-shard-size 'lots'"),
+    ]
     (tmp_path / "file").write_text("x")
     cases.append((["--run", run, "--out", str(tmp_path / "file")], "exists and is not a directory"))
     for args, message in cases:
@@ -241,7 +266,9 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, exports, tmp_path, capsy
     before = {p.name: p.read_bytes() for p in other.iterdir()}
     assert export.main(["--run", run, "--out", str(other), "--force"]) == 2  # its files are no longer known as ours
     assert "would replace files this export did not write" in one_line_error(capsys)
-    assert (tmp_path / "victim.txt").read_text() == "keep" and {p.name: p.read_bytes() for p in other.iterdir()} == before
+    assert (tmp_path / "victim.txt").read_text() == "keep" and {
+        p.name: p.read_bytes() for p in other.iterdir()
+    } == before
     # Re-exporting into an export's own directory needs no --force.
     assert export.main(["--run", run, "--out", str(exports["rmsnorm"])]) == 0
     assert not [p for p in tmp_path.iterdir() if ".export-" in p.name]
@@ -265,26 +292,50 @@ def test_init_from_an_export_starts_where_it_ended(runs, exports, fixture_corpus
     the source; its optimizer starts fresh (step 1 after one update)."""
     cfg = run_config(tmp_path / "b.toml", fixture_corpus, "rmsnorm")
     run_b = tmp_path / "b"
-    assert train.main(["--config", str(cfg), "--run-dir", str(run_b), "--init-from", str(exports["rmsnorm"]),
-                       "--set", "training.max_steps=1", "--set", "optim.lr=1e-30", "--set", "optim.weight_decay=0"]) == 0
+    assert (
+        train.main(
+            [
+                "--config",
+                str(cfg),
+                "--run-dir",
+                str(run_b),
+                "--init-from",
+                str(exports["rmsnorm"]),
+                "--set",
+                "training.max_steps=1",
+                "--set",
+                "optim.lr=1e-30",
+                "--set",
+                "optim.weight_decay=0",
+            ]
+        )
+        == 0
+    )
     assert f"starting from the weights in {exports['rmsnorm']}" in capsys.readouterr().err
     assert f'init_from = "{exports["rmsnorm"]}"' in (run_b / "config.toml").read_text()
     a, b = load_run(runs["rmsnorm"]), load_run(run_b)
     assert b.step == 1
     for prompt in PROMPTS:
         p = prompt.encode()
-        assert generate(b.model, p, max_tokens=24, temperature=0.0) == generate(a.model, p, max_tokens=24, temperature=0.0)
+        assert generate(b.model, p, max_tokens=24, temperature=0.0) == generate(
+            a.model, p, max_tokens=24, temperature=0.0
+        )
 
 
 def test_init_from_checks_the_config_first(exports, fixture_corpus, tmp_path, capsys):
-    cases = [("rmsnorm", ["--set", "model.dim=64"], "hidden_size is 32, model.dim is 64"),
-             ("deepnorm", [], "model_type 'genesis_deepnorm' is a deepnorm model, model.norm_type is 'rmsnorm'"),
-             ("rmsnorm", ["--set", "model.rope_base=500"], "rope_theta is 10000.0, model.rope_base is 500.0"),
-             ("missing", [], "not a directory")]
+    cases = [
+        ("rmsnorm", ["--set", "model.dim=64"], "hidden_size is 32, model.dim is 64"),
+        ("deepnorm", [], "model_type 'genesis_deepnorm' is a deepnorm model, model.norm_type is 'rmsnorm'"),
+        ("rmsnorm", ["--set", "model.rope_base=500"], "rope_theta is 10000.0, model.rope_base is 500.0"),
+        ("missing", [], "not a directory"),
+    ]
     for i, (source, sets, message) in enumerate(cases):
         cfg = run_config(tmp_path / f"{i}.toml", fixture_corpus, "rmsnorm")
         src = exports.get(source, tmp_path / source)
-        assert train.main(["--config", str(cfg), "--run-dir", str(tmp_path / f"r{i}"), "--init-from", str(src), *sets]) == 2
+        assert (
+            train.main(["--config", str(cfg), "--run-dir", str(tmp_path / f"r{i}"), "--init-from", str(src), *sets])
+            == 2
+        )
         assert message in one_line_error(capsys)
         ckpts = tmp_path / f"r{i}" / "checkpoints"
         assert not ckpts.exists() or not any(p.name.isdigit() for p in ckpts.iterdir())  # nothing trained
@@ -301,6 +352,7 @@ def test_init_from_checks_the_config_first(exports, fixture_corpus, tmp_path, ca
 
 # -- transformers ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def hf_models(exports):
     require_transformers()
@@ -308,8 +360,13 @@ def hf_models(exports):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     remote = {"trust_remote_code": True}  # deepnorm's own modeling file (the rmsnorm export has none to trust)
-    return {norm: (AutoModelForCausalLM.from_pretrained(str(d), **remote).eval(),
-                   AutoTokenizer.from_pretrained(str(d), **remote)) for norm, d in exports.items()}
+    return {
+        norm: (
+            AutoModelForCausalLM.from_pretrained(str(d), **remote).eval(),
+            AutoTokenizer.from_pretrained(str(d), **remote),
+        )
+        for norm, d in exports.items()
+    }
 
 
 @pytest.mark.parametrize("norm", ["rmsnorm", "deepnorm"])
@@ -328,7 +385,7 @@ def test_transformers_gives_our_logits_tokens_and_greedy_bytes(runs, hf_models, 
     for prompt in PROMPTS:
         p = tokenizer(prompt, return_tensors="pt")["input_ids"]
         with torch.no_grad():
-            out = model.generate(p, max_new_tokens=24, do_sample=False)[0, p.shape[1]:].tolist()
+            out = model.generate(p, max_new_tokens=24, do_sample=False)[0, p.shape[1] :].tolist()
         want = generate(ours, prompt.encode(), max_tokens=24, temperature=0.0)
         assert bytes(i - 4 for i in out) == want[0], prompt
 
@@ -342,6 +399,13 @@ def test_a_directory_transformers_saved_reads_back_the_same(runs, exports, hf_mo
     model.save_pretrained(str(tmp_path / "saved"))
     cfg = load_run(runs["rmsnorm"]).cfg
     a, b = read_pretrained(exports["rmsnorm"], cfg), read_pretrained(tmp_path / "saved", cfg)
-    flat = lambda t, p="": {k2: v2 for k, v in t.items() for k2, v2 in (flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(p + k, v)])}  # noqa: E731
+
+    def flat(t: dict, p: str = "") -> dict:
+        return {
+            k2: v2
+            for k, v in t.items()
+            for k2, v2 in (flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(p + k, v)])
+        }
+
     fa, fb = flat(a), flat(b)
     assert fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)

@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import ROOT
+
 import genesis_jax
 from genesis_jax.core.compat import module_available, version_tuple
-
-from conftest import ROOT
 
 CHECKOUT = ROOT / "kernels" / "flash_attention.py"
 
@@ -26,8 +26,11 @@ def test_our_kernels_never_shadow_another_kernels_package(tmp_path: Path):
     other = tmp_path / "site" / "kernels"
     other.mkdir(parents=True)
     (other / "__init__.py").write_text("OWNER = 'another project'\n")
-    r = python("import kernels, genesis_jax.kernels.flash_attention as f, genesis_jax.model.attention\n"
-               "print(kernels.OWNER); print(f.__file__)", [ROOT, tmp_path / "site"])
+    r = python(
+        "import kernels, genesis_jax.kernels.flash_attention as f, genesis_jax.model.attention\n"
+        "print(kernels.OWNER); print(f.__file__)",
+        [ROOT, tmp_path / "site"],
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     owner, kernel_file = r.stdout.splitlines()
     assert owner == "another project"
@@ -36,10 +39,12 @@ def test_our_kernels_never_shadow_another_kernels_package(tmp_path: Path):
 
 def test_the_package_loads_from_a_checkout_with_nothing_installed():
     """As on a machine where nothing can be installed: PYTHONPATH=. and no install finder."""
-    code = ("import sys\n"
-            "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
-            "import genesis_jax, genesis_jax.kernels.flash_attention as f, genesis_jax.model.attention, genesis_jax.plan\n"
-            "print(genesis_jax.__file__); print(f.__file__)")
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+        "import genesis_jax, genesis_jax.kernels.flash_attention as f, genesis_jax.model.attention, genesis_jax.plan\n"
+        "print(genesis_jax.__file__); print(f.__file__)"
+    )
     r = python(code, [ROOT])
     assert r.returncode == 0, r.stderr[-2000:]
     package, kernel = map(Path, r.stdout.splitlines())
@@ -61,15 +66,17 @@ def test_versions_are_read_from_release_and_development_strings():
 def test_every_module_of_ours_imports_without_a_deprecation_warning():
     """Module-level uses of deprecated JAX names (uses inside functions are caught by the
     warning filters the suite runs under: pyproject.toml and conftest.py)."""
-    code = ("import pkgutil, warnings, importlib, genesis_jax\n"
-            "warnings.filterwarnings('error', category=DeprecationWarning, module='genesis_jax')\n"
-            "for m in pkgutil.walk_packages(genesis_jax.__path__, 'genesis_jax.'):\n"
-            "    if not m.name.endswith('__main__'):\n"
-            "        importlib.import_module(m.name)\n"
-            "import genesis_jax.kernels as k\n"
-            "for m in pkgutil.iter_modules(k.__path__, 'genesis_jax.kernels.'):\n"
-            "    importlib.import_module(m.name)\n"
-            "print('ok')")
+    code = (
+        "import pkgutil, warnings, importlib, genesis_jax\n"
+        "warnings.filterwarnings('error', category=DeprecationWarning, module='genesis_jax')\n"
+        "for m in pkgutil.walk_packages(genesis_jax.__path__, 'genesis_jax.'):\n"
+        "    if not m.name.endswith('__main__'):\n"
+        "        importlib.import_module(m.name)\n"
+        "import genesis_jax.kernels as k\n"
+        "for m in pkgutil.iter_modules(k.__path__, 'genesis_jax.kernels.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "print('ok')"
+    )
     r = python(code, [ROOT])
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 

@@ -47,6 +47,7 @@ INERT = {
     "parallel.tensor": "a layout: every mesh follows the one-device losses (test_sharding); one device here",
 }
 
+
 def merged(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for layer in layers:
@@ -66,21 +67,48 @@ BASE: dict[str, dict[str, Any]] = {
 MASK_SHAPE = {"data": {"seq_len": 64}, "training": {"batch_size": 4}}
 WWM_CTX = merged(MASK_SHAPE, {"curriculum": {"wwm_ramp_steps": 4, "wwm_mask_prob": 0.4, "mask_ramp_start": 0.2}})
 SPAN_CTX = merged(MASK_SHAPE, {"curriculum": {"span_ramp_steps": 4, "span_mask_prob": 0.4, "mask_ramp_start": 0.2}})
-MTL_CTX = {"mtl": {"enabled": True, "lm_weight": 0.25, "coherence_weight": 0.25, "cross_ref_weight": 0.25,
-                   "paraphrase_weight": 0.25, "head_dim": 16, "max_len": 48, "cross_ref_min_distance": 20},
-           "training": {"grad_accum_steps": 4}}
+MTL_CTX = {
+    "mtl": {
+        "enabled": True,
+        "lm_weight": 0.25,
+        "coherence_weight": 0.25,
+        "cross_ref_weight": 0.25,
+        "paraphrase_weight": 0.25,
+        "head_dim": 16,
+        "max_len": 48,
+        "cross_ref_min_distance": 20,
+    },
+    "training": {"grad_accum_steps": 4},
+}
 # The research series: a loss that falls 1.5% per 5 steps until step 40, then lies flat, so
 # that each phase test, ramp, anchor and stun decides inside 160 steps.
-RESEARCH_CTX = {"curriculum": {"wwm_trigger_steps": 10, "wwm_window": 5, "wwm_ramp_steps": 6, "span_trigger_steps": 30,
-                               "span_window": 5, "span_ramp_steps": 6, "plateau_lr_patience": 12, "stun_max_count": 2,
-                               "stun_cooldown_steps": 20, "analytics_window": 10, "mask_ramp_start": 0.05},
-                "eval": {"grokking_min_step": 20, "grokking_window": 30, "grokking_drop": 0.1}}
+RESEARCH_CTX = {
+    "curriculum": {
+        "wwm_trigger_steps": 10,
+        "wwm_window": 5,
+        "wwm_ramp_steps": 6,
+        "span_trigger_steps": 30,
+        "span_window": 5,
+        "span_ramp_steps": 6,
+        "plateau_lr_patience": 12,
+        "stun_max_count": 2,
+        "stun_cooldown_steps": 20,
+        "analytics_window": 10,
+        "mask_ramp_start": 0.05,
+    },
+    "eval": {"grokking_min_step": 20, "grokking_window": 30, "grokking_drop": 0.1},
+}
 EVAL_CTX = {"eval": {"val_windows": 4, "reconstruction_windows": 2, "alignment_keys": 8, "embed_len": 32}}
-RUN_CTX = {"training": {"max_steps": 8, "val_interval": 4}, "checkpoint": {"save_interval": 2, "keep": 2},
-           "eval": {"val_windows": 2, "reconstruction_windows": 2, "alignment_keys": 4}}
-DIVERGE_CTX = {"optim": {"lr": 1e4, "warmup_steps": 0}, "training": {"max_steps": 8, "on_nonfinite": "rollback",
-                                                                   "nonfinite_limit": 2},
-               "checkpoint": {"save_interval": 2}}
+RUN_CTX = {
+    "training": {"max_steps": 8, "val_interval": 4},
+    "checkpoint": {"save_interval": 2, "keep": 2},
+    "eval": {"val_windows": 2, "reconstruction_windows": 2, "alignment_keys": 4},
+}
+DIVERGE_CTX = {
+    "optim": {"lr": 1e4, "warmup_steps": 0},
+    "training": {"max_steps": 8, "on_nonfinite": "rollback", "nonfinite_limit": 2},
+    "checkpoint": {"save_interval": 2},
+}
 
 
 @dataclass(frozen=True)
@@ -150,23 +178,64 @@ PROBES: dict[str, Probe] = {
     "curriculum.span_min_len": step_probe(1, SPAN_CTX, phase="span"),
     "curriculum.span_max_len": step_probe(8, SPAN_CTX, phase="span"),
     "curriculum.loss_ema_decay": step_probe(0.5),
-    **{f"curriculum.{k}": Probe(v, "research", (RESEARCH_CTX,)) for k, v in {
-        "wwm_trigger_steps": 50, "wwm_window": 10, "wwm_threshold": 0.02, "span_trigger_steps": 45, "span_window": 12,
-        "span_threshold": 0.002, "analytics_window": 3, "locale_ema_decay": 0.5, "plateau_lr_patience": 20,
-        "plateau_lr_drop": 0.25, "plateau_min_delta": 0.05, "stun_max_count": 1, "stun_cooldown_steps": 60,
-        "stun_recovery_steps": 10}.items()},
+    **{
+        f"curriculum.{k}": Probe(v, "research", (RESEARCH_CTX,))
+        for k, v in {
+            "wwm_trigger_steps": 50,
+            "wwm_window": 10,
+            "wwm_threshold": 0.02,
+            "span_trigger_steps": 45,
+            "span_window": 12,
+            "span_threshold": 0.002,
+            "analytics_window": 3,
+            "locale_ema_decay": 0.5,
+            "plateau_lr_patience": 20,
+            "plateau_lr_drop": 0.25,
+            "plateau_min_delta": 0.05,
+            "stun_max_count": 1,
+            "stun_cooldown_steps": 60,
+            "stun_recovery_steps": 10,
+        }.items()
+    },
     "eval.interval": Probe(4, "run", (RUN_CTX,)),
-    **{f"eval.{k}": Probe(v, "evaluation", (EVAL_CTX,)) for k, v in {
-        "val_windows": 8, "reconstruction_windows": 4, "mask_prob": 0.5, "span_len": 1, "alignment_keys": 4,
-        "embed_len": 16, "max_val_ppl": 1000.0, "max_train_val_gap": -1.0, "min_alignment_acc": 0.99}.items()},
-    **{f"eval.{k}": Probe(v, "research", (RESEARCH_CTX,)) for k, v in {
-        "grokking_drop": 0.3, "grokking_window": 10, "grokking_min_step": 100}.items()},
+    **{
+        f"eval.{k}": Probe(v, "evaluation", (EVAL_CTX,))
+        for k, v in {
+            "val_windows": 8,
+            "reconstruction_windows": 4,
+            "mask_prob": 0.5,
+            "span_len": 1,
+            "alignment_keys": 4,
+            "embed_len": 16,
+            "max_val_ppl": 1000.0,
+            "max_train_val_gap": -1.0,
+            "min_alignment_acc": 0.99,
+        }.items()
+    },
+    **{
+        f"eval.{k}": Probe(v, "research", (RESEARCH_CTX,))
+        for k, v in {"grokking_drop": 0.3, "grokking_window": 10, "grokking_min_step": 100}.items()
+    },
     "mtl.enabled": step_probe(False, MTL_CTX),
-    **{f"mtl.{k}": step_probe(v, MTL_CTX) for k, v in {
-        "lm_weight": 0.9, "coherence_weight": 0.9, "cross_ref_weight": 0.9, "paraphrase_weight": 0.9, "lm_loss_weight": 2.0,
-        "coherence_loss_weight": 2.0, "cross_ref_loss_weight": 2.0, "paraphrase_loss_weight": 2.0, "max_len": 24,
-        "head_dim": 8, "triplet_margin": 2.0, "paraphrase_scale": 1.0, "cross_ref_window": 1,
-        "cross_ref_min_distance": 5}.items()},
+    **{
+        f"mtl.{k}": step_probe(v, MTL_CTX)
+        for k, v in {
+            "lm_weight": 0.9,
+            "coherence_weight": 0.9,
+            "cross_ref_weight": 0.9,
+            "paraphrase_weight": 0.9,
+            "lm_loss_weight": 2.0,
+            "coherence_loss_weight": 2.0,
+            "cross_ref_loss_weight": 2.0,
+            "paraphrase_loss_weight": 2.0,
+            "max_len": 24,
+            "head_dim": 8,
+            "triplet_margin": 2.0,
+            "paraphrase_scale": 1.0,
+            "cross_ref_window": 1,
+            "cross_ref_min_distance": 5,
+        }.items()
+    },
     "mtl.task_ema_decay": Probe(0.5, "research", (RESEARCH_CTX,)),
 }
 
@@ -191,14 +260,18 @@ def test_every_key_is_probed_or_listed_inert():
 def corpora(fixture_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The fixture corpus, and one with another held-out split (other training bytes)."""
     from conftest import write_textdir
+
     from genesis_jax.corpus.importers import import_textdir
     from genesis_jax.corpus.store import CorpusWriter
 
     base = tmp_path_factory.mktemp("other")
     writer = CorpusWriter()
     import_textdir(writer, write_textdir(base / "src", repeat=30))
-    return {"fixture": str(fixture_corpus), "other": str(writer.write(base / "corpus", val_fraction=0.2, split_seed=1)),
-            "export": str(write_export(base / "export"))}
+    return {
+        "fixture": str(fixture_corpus),
+        "other": str(writer.write(base / "corpus", val_fraction=0.2, split_seed=1)),
+        "export": str(write_export(base / "export")),
+    }
 
 
 def write_export(out: Path) -> Path:
@@ -244,10 +317,10 @@ class StepRun:
     only when asked) its numbers."""
 
     def __init__(self, cfg: C.Config, phase: str):
-        from genesis_jax.training import build as runtime
         from genesis_jax.research.curriculum import SPAN, WWM
-        from genesis_jax.training.loop import step_controls
         from genesis_jax.research.state import ResearchState
+        from genesis_jax.training import build as runtime
+        from genesis_jax.training.loop import step_controls
 
         self.cfg = cfg
         self.setup = setup = runtime.build(cfg)
@@ -256,7 +329,8 @@ class StepRun:
             research.curriculum.starts = {WWM: 0, SPAN: 0} if phase == "span" else {WWM: 0}
         self.controls = [step_controls(research.curriculum.controls(s), cfg, research.lr_scale) for s in range(3)]
         self.traced = runtime.jit_step(cfg, setup.graphdef, setup.mesh, setup.state_sharding, len(setup.locales)).trace(
-            setup.state, setup.device_corpus, jax.random.key(cfg.training.seed), self.controls[0])
+            setup.state, setup.device_corpus, jax.random.key(cfg.training.seed), self.controls[0]
+        )
         h = hashlib.sha256(str(self.traced.jaxpr).encode())
         for const in self.traced.jaxpr.consts:  # closed-over arrays print as names only
             h.update(np.asarray(const).tobytes())
@@ -279,18 +353,23 @@ class StepRun:
 
 def research_series(cfg: C.Config) -> dict[str, Any]:
     """Fixed metrics for 160 steps and validations every 10 steps through the research state."""
-    from genesis_jax.training.loop import step_controls
     from genesis_jax.research.state import ResearchState
+    from genesis_jax.training.loop import step_controls
 
     r = ResearchState.fresh(cfg, ["en", "fr"], has_words=True)
     rng = np.random.default_rng(0)
     signals, controls = [], []
     for s in range(160):
         ema = 3.0 * np.exp(-0.003 * min(s, 40))
-        m = {"loss": np.float32(ema + 0.02 * rng.normal()), "loss_ema": np.float32(ema),
-             "locale_loss_sum": np.array([ema, 2 * ema + 0.1 * rng.normal()]), "locale_count": np.array([1.0, 2.0]),
-             "task/coherence/count": np.float32(1.0), "task/coherence/loss": np.float32(rng.uniform()),
-             "task/coherence/acc": np.float32(rng.uniform())}
+        m = {
+            "loss": np.float32(ema + 0.02 * rng.normal()),
+            "loss_ema": np.float32(ema),
+            "locale_loss_sum": np.array([ema, 2 * ema + 0.1 * rng.normal()]),
+            "locale_count": np.array([1.0, 2.0]),
+            "task/coherence/count": np.float32(1.0),
+            "task/coherence/loss": np.float32(rng.uniform()),
+            "task/coherence/acc": np.float32(rng.uniform()),
+        }
         signals += [dataclasses.astuple(x) for x in r.observe(s, m)]
         controls.append(jax.tree.map(float, dataclasses.asdict(step_controls(r.curriculum.controls(s), cfg))))
         if s % 10 == 0:
@@ -300,12 +379,14 @@ def research_series(cfg: C.Config) -> dict[str, Any]:
 
 
 def evaluation_observable(cfg: C.Config) -> dict[str, Any]:
-    from genesis_jax.training import build as runtime
     from genesis_jax.evaluation.metrics import go_no_go
     from genesis_jax.evaluation.suite import EvalSuite
+    from genesis_jax.training import build as runtime
 
     setup = runtime.build(cfg)
-    results = EvalSuite(cfg, setup.corpus, setup.locales, setup.graphdef, setup.streams).run(setup.state.params, quick=False)
+    results = EvalSuite(cfg, setup.corpus, setup.locales, setup.graphdef, setup.streams).run(
+        setup.state.params, quick=False
+    )
     return {"results": results, "go_no_go": go_no_go(results, cfg)}
 
 
@@ -321,13 +402,23 @@ def run_observable(cfg: C.Config, tmp: Path) -> dict[str, Any]:
     with contextlib.closing(sqlite3.connect(run / "metrics.sqlite")) as db:
         logged = [r[0] for r in db.execute("SELECT step FROM training_logs ORDER BY step")]
         evaluated = sorted({(s, n.split("/")[0]) for s, n in db.execute("SELECT step, name FROM evaluation_logs")})
-        val_losses = [r[0] for r in db.execute("SELECT value FROM evaluation_logs WHERE name = 'val/loss' ORDER BY step")]
+        val_losses = [
+            r[0] for r in db.execute("SELECT value FROM evaluation_logs WHERE name = 'val/loss' ORDER BY step")
+        ]
         signals = [tuple(r) for r in db.execute("SELECT step, type, value FROM grokking_signals ORDER BY id")]
         lrs = [r[0] for r in db.execute("SELECT lr FROM training_logs ORDER BY step")]
     kept = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
-    return {"code": code, "logged": logged, "evaluated": evaluated, "val_losses": val_losses, "signals": signals,
-            "lrs": lrs, "kept": kept, "files": sorted(p.name for p in run.iterdir()),
-            "bar": "\r" in console.getvalue()}
+    return {
+        "code": code,
+        "logged": logged,
+        "evaluated": evaluated,
+        "val_losses": val_losses,
+        "signals": signals,
+        "lrs": lrs,
+        "kept": kept,
+        "files": sorted(p.name for p in run.iterdir()),
+        "bar": "\r" in console.getvalue(),
+    }
 
 
 def observe(cfg: C.Config, probe: Probe, tmp: Path) -> Any:
@@ -366,8 +457,9 @@ def changed_entries(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 @pytest.mark.parametrize("key", sorted(PROBES))
-def test_setting_a_key_changes_what_it_should(key: str, corpora: dict[str, str], baselines: Baselines,
-                                              tmp_path: Path) -> None:
+def test_setting_a_key_changes_what_it_should(
+    key: str, corpora: dict[str, str], baselines: Baselines, tmp_path: Path
+) -> None:
     probe = PROBES[key]
     default, changed = configs(key, probe, corpora)
     base = baselines.get(default, probe, tmp_path / "default")

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from genesis_jax import config as C
-from genesis_jax.model.llama import Llama, deepnorm_alpha, deepnorm_beta, rope
 from genesis_jax.kernels.reference import reference_attention
+from genesis_jax.model.llama import Llama, deepnorm_alpha, deepnorm_beta, rope
 
 
 def np_attention(q, k, v, causal=True, segment_ids=None):
@@ -103,7 +103,9 @@ def test_deepnorm_constants_and_beta_init():
     assert deepnorm_alpha(n) == pytest.approx((2 * n) ** 0.25) and deepnorm_alpha(n) == pytest.approx(4.1195, abs=1e-4)
     assert deepnorm_beta(n) == pytest.approx((8 * n) ** -0.25) and deepnorm_beta(n) == pytest.approx(0.17166, abs=1e-4)
     _, on = _model(norm_type="deepnorm", n_layers=8, dim=128, n_heads=4, intermediate_size=512)
-    _, off = _model(norm_type="deepnorm", n_layers=8, dim=128, n_heads=4, intermediate_size=512, deepnorm_beta_init=False)
+    _, off = _model(
+        norm_type="deepnorm", n_layers=8, dim=128, n_heads=4, intermediate_size=512, deepnorm_beta_init=False
+    )
     beta = deepnorm_beta(8)
     xavier = math.sqrt(2.0 / (128 + 512))
     for name in ("w1", "w2", "w3"):
@@ -315,9 +317,23 @@ def test_whole_model_against_float64_numpy(norm, backend):
     want = np_llama_logits(m, cfg, tokens)
     assert np.abs(got - want).max() <= 2e-4 * max(1.0, np.abs(want).max()), np.abs(got - want).max()
     # The base is felt: the default one gives other logits.
-    assert np.abs(np_llama_logits(m, C.from_dict({"model": {**_keys(cfg), "rope_base": 10000.0}}), tokens) - want).max() > 1e-3
+    assert (
+        np.abs(np_llama_logits(m, C.from_dict({"model": {**_keys(cfg), "rope_base": 10000.0}}), tokens) - want).max()
+        > 1e-3
+    )
 
 
 def _keys(cfg):
-    return {k: getattr(cfg.model, k) for k in ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "norm_type",
-                                               "intermediate_size", "compute_dtype")}
+    return {
+        k: getattr(cfg.model, k)
+        for k in (
+            "preset",
+            "dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "norm_type",
+            "intermediate_size",
+            "compute_dtype",
+        )
+    }

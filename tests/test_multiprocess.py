@@ -10,7 +10,6 @@ import sys
 import time
 
 import numpy as np
-
 from conftest import ROOT, write_small_run_config
 from test_resume import logged
 
@@ -18,8 +17,12 @@ STEPS = 40
 
 
 def env(devices: int) -> dict:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(ROOT),
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
+    }
 
 
 def free_port() -> int:
@@ -34,21 +37,42 @@ def gloo_notice(line: str) -> bool:
 
 
 def command(cfg, run) -> list[str]:
-    return [sys.executable, "-m", "genesis_jax.train", "--config", str(cfg), "--run-dir", str(run),
-            "--set", "checkpoint.save_interval=20", "--set", "logging.tensorboard=false"]
+    return [
+        sys.executable,
+        "-m",
+        "genesis_jax.train",
+        "--config",
+        str(cfg),
+        "--run-dir",
+        str(run),
+        "--set",
+        "checkpoint.save_interval=20",
+        "--set",
+        "logging.tensorboard=false",
+    ]
 
 
 def launch(cfg, run, port: int) -> list[subprocess.Popen]:
     extra = ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--heartbeat-timeout", "10"]
-    return [subprocess.Popen(command(cfg, run) + extra + ["--process-id", str(i)], env=env(2), cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (1, 0)]
+    return [
+        subprocess.Popen(
+            command(cfg, run) + extra + ["--process-id", str(i)],
+            env=env(2),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (1, 0)
+    ]
 
 
 def test_two_processes_match_one_and_survive_a_killed_peer(fixture_corpus, tmp_path):
     cfg = write_small_run_config(tmp_path / "run.toml", fixture_corpus, STEPS, 10)
     ref = tmp_path / "ref"  # one process x 4 devices, beside the two-process run
-    ref_proc = subprocess.Popen(command(cfg, ref), env=env(4), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+    ref_proc = subprocess.Popen(
+        command(cfg, ref), env=env(4), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     run = tmp_path / "run"
     p1, p0 = launch(cfg, run, free_port())
     deadline = time.time() + 240

@@ -5,22 +5,32 @@ import math
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from genesis_jax import config as C
-from genesis_jax.training.optim import decay_mask, lr_schedule
-from genesis_jax.data.masks import MaskParams
 from genesis_jax.data.device import build_device_corpus
+from genesis_jax.data.masks import MaskParams
 from genesis_jax.parallel.sharding import make_mesh
-from genesis_jax.training.step import StepControls, make_train_step
+from genesis_jax.training.optim import decay_mask, lr_schedule
 from genesis_jax.training.state import init_model, init_state
+from genesis_jax.training.step import StepControls, make_train_step
 
 
 def test_warmup_then_cosine_hand_computed():
     o = C.OptimConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1, schedule="cosine")
     f = lr_schedule(o, max_steps=14)
     # Step 0 is warmed up: lr * (s + 1) / (warmup + 1).
-    want = {0: 0.2, 1: 0.4, 2: 0.6, 3: 0.8, 4: 1.0, 9: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)), 14: 0.1, 20: 0.1}
+    want = {
+        0: 0.2,
+        1: 0.4,
+        2: 0.6,
+        3: 0.8,
+        4: 1.0,
+        9: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)),
+        14: 0.1,
+        20: 0.1,
+    }
     for s, v in want.items():
         assert float(f(s)) == pytest.approx(v, rel=1e-6), s
     const = lr_schedule(C.OptimConfig(lr=0.5, warmup_steps=1, schedule="constant"), max_steps=10)
@@ -40,11 +50,18 @@ def test_decay_mask_matrices_only():
 
 @pytest.fixture(scope="module")
 def stepper(fixture_corpus):
-    from genesis_jax.corpus.store import open_corpus
     from flax import nnx
 
-    cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32"}, "data": {"seq_len": 16},
-                       "training": {"batch_size": 4, "max_steps": 10}, "optim": {"warmup_steps": 0, "weight_decay": 0.0}})
+    from genesis_jax.corpus.store import open_corpus
+
+    cfg = C.from_dict(
+        {
+            "model": {"preset": "test", "compute_dtype": "float32"},
+            "data": {"seq_len": 16},
+            "training": {"batch_size": 4, "max_steps": 10},
+            "optim": {"warmup_steps": 0, "weight_decay": 0.0},
+        }
+    )
     c = open_corpus(fixture_corpus)
     dc = build_device_corpus(*c.stream(c.locales, heldout=False), 16)
     model = init_model(cfg)
@@ -83,8 +100,11 @@ def test_multiplier_is_runtime_one_trace_and_zero_freezes(stepper):
 def _adam_mu(opt_state):
     import optax
 
-    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByAdamState))
-             if isinstance(s, optax.ScaleByAdamState)]
+    found = [
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
     assert len(found) == 1
     return found[0].mu
 
@@ -100,8 +120,9 @@ def test_stun_scales_adam_first_moment_without_retracing(stepper):
     # mu_new = b1 * scale * mu_old + (1 - b1) * g, so the difference is b1 * (1 - 0.5) * mu_old.
     b1 = cfg.optim.beta1
     same, _ = step(state, dc, key, StepControls.make(0.5, 0.5))
-    for m1, ms, m0 in zip(jax.tree.leaves(_adam_mu(one.opt_state)), jax.tree.leaves(_adam_mu(same.opt_state)),
-                          jax.tree.leaves(mu_old)):
+    for m1, ms, m0 in zip(
+        jax.tree.leaves(_adam_mu(one.opt_state)), jax.tree.leaves(_adam_mu(same.opt_state)), jax.tree.leaves(mu_old)
+    ):
         np.testing.assert_allclose(np.asarray(m1) - np.asarray(ms), b1 * 0.5 * m0, rtol=1e-4, atol=1e-8)
     assert len(traces) == 1
 
@@ -118,10 +139,25 @@ def test_two_train_steps_are_adamw_in_float64(fixture_corpus, decay_embedding):
     from genesis_jax.data.sampler import lm_batch
     from genesis_jax.model.loss import make_loss_fn
 
-    o = dict(lr=0.01, warmup_steps=1, min_lr_ratio=0.2, beta1=0.8, beta2=0.9, eps=1e-6, weight_decay=0.3,
-             decay_embedding=decay_embedding, grad_clip=0.05)
-    cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32", "n_layers": 1}, "data": {"seq_len": 16},
-                       "training": {"batch_size": 2, "max_steps": 5}, "optim": o})
+    o = dict(
+        lr=0.01,
+        warmup_steps=1,
+        min_lr_ratio=0.2,
+        beta1=0.8,
+        beta2=0.9,
+        eps=1e-6,
+        weight_decay=0.3,
+        decay_embedding=decay_embedding,
+        grad_clip=0.05,
+    )
+    cfg = C.from_dict(
+        {
+            "model": {"preset": "test", "compute_dtype": "float32", "n_layers": 1},
+            "data": {"seq_len": 16},
+            "training": {"batch_size": 2, "max_steps": 5},
+            "optim": o,
+        }
+    )
     c = open_corpus(fixture_corpus)
     dc = build_device_corpus(*c.stream(c.locales, heldout=False), 16)
     model = init_model(cfg)
@@ -144,8 +180,9 @@ def test_two_train_steps_are_adamw_in_float64(fixture_corpus, decay_embedding):
         grads = f64(jax.grad(loss)(state.params, batch))
         norm = math.sqrt(sum(float((g * g).sum()) for g in grads))
         grads = [g * min(1.0, o["grad_clip"] / norm) for g in grads]
-        lr = (o["lr"] * (s + 1) / 2 if s < 1 else
-              o["lr"] * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 4)))) * float(ctl.lr_mult)
+        lr = (
+            o["lr"] * (s + 1) / 2 if s < 1 else o["lr"] * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 4)))
+        ) * float(ctl.lr_mult)
         state, m = step(state, dc, key, ctl)
         assert float(m["grad_norm"]) == pytest.approx(norm, rel=1e-4)
         t = s + 1

@@ -12,14 +12,13 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import compiles, exit_code
 
 from genesis_jax.core.compat import thunk_launches
 from genesis_jax.plan import resources
 from genesis_jax.plan import target as targets
 from genesis_jax.plan.__main__ import main as plan_main
 from genesis_jax.plan.compile import JobResult, run
-
-from conftest import compiles, exit_code
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,11 +57,15 @@ def test_resident_blocks_per_sm_by_hand():
 
 def test_thunk_launches_are_read_in_each_jax_versions_format():
     """The thunk-sequence line of one launch as JAX 0.10/0.11 and as JAX 0.12 write it."""
-    old = ("001: kCustomKernel [source | next=002 (1)] genesis_flash_fwd grid: [2, 2, 8] threads: [256, 1, 1]  "
-           "shared_memory: 66048 bytes")
-    new = ("    001: kCustomKernel [source       | next=002 (1)] kernel=genesis_flash_fwd, profile_annotation="
-           "pallas_call.8, launch dimensions=blocks: {2, 2, 8}, threads/block: {256, 1, 1}, cluster_dim=nullopt, "
-           "shmem_bytes=66048, use_pdl=true")
+    old = (
+        "001: kCustomKernel [source | next=002 (1)] genesis_flash_fwd grid: [2, 2, 8] threads: [256, 1, 1]  "
+        "shared_memory: 66048 bytes"
+    )
+    new = (
+        "    001: kCustomKernel [source       | next=002 (1)] kernel=genesis_flash_fwd, profile_annotation="
+        "pallas_call.8, launch dimensions=blocks: {2, 2, 8}, threads/block: {256, 1, 1}, cluster_dim=nullopt, "
+        "shmem_bytes=66048, use_pdl=true"
+    )
     for text in (old, new):
         assert list(thunk_launches(text)) == [("genesis_flash_fwd", (2, 2, 8), (256, 1, 1), 66048)]
 
@@ -72,12 +75,14 @@ def test_dump_files_give_launch_shapes_pallas_calls_and_largest_temporaries(tmp_
         "001: kCustomKernel [source | next=002 (1)] genesis_flash_fwd grid: [8, 2, 8] threads: [256, 1, 1]  "
         "shared_memory: 98304 bytes\n"
         "002: kCustomKernel [prev=001 (1) | sink] loop_reduce_fusion grid: [2048, 1, 1] threads: [128, 1, 1]  "
-        "shared_memory: 0 bytes\n")
+        "shared_memory: 0 bytes\n"
+    )
     (tmp_path / "module_0001.jit_step.sm_9.0a_gpu_after_optimizations.txt").write_text(
         '  %pallas_call.8 = (bf16[2,8]{1,0}) custom-call(%q.1), custom_call_target="__gpu$xla.gpu.triton", '
         'backend_config={grid_x = 8 : i32, name = \\"genesis_flash_fwd\\", num_warps = 8 : i32}, '
         'metadata={op_name="jit(step)/while/body/closed_call/jvp()/attn/genesis_flash_fwd/pallas_call"}\n'
-        '  %fusion.3 = f32[40,64]{1,0} fusion(%p), kind=kLoop, metadata={op_name="jit(step)/while/body/mlp/dot_general"}\n')
+        '  %fusion.3 = f32[40,64]{1,0} fusion(%p), kind=kLoop, metadata={op_name="jit(step)/while/body/mlp/dot_general"}\n'
+    )
     (tmp_path / "module_0001.jit_step.sm_9.0a_gpu_after_optimizations-buffer-assignment.txt").write_text(
         "allocation 0: size 64, parameter 0, shape |f32[16]| at ShapeIndex {}:\n"
         " value: <1 p.1 @0> (size=64,offset=0): f32[16]{0}\n"
@@ -86,7 +91,8 @@ def test_dump_files_give_launch_shapes_pallas_calls_and_largest_temporaries(tmp_
         " value: <3 fusion.3{1} @0> (size=10240,offset=10240): f32[40,64]{1,0}\n"
         " value: <6 copy.1 @0> (size=10240,offset=10240): f32[40,64]{1,0}\n"  # the same buffer, later
         " value: <4 pallas_call.8{} @0> (size=24,offset=20480): (bf16[2,8]{1,0})\n"
-        " value: <5 pallas_call.8{0} @0> (size=9000,offset=20504): bf16[2,8]{1,0}\n")
+        " value: <5 pallas_call.8{0} @0> (size=9000,offset=20504): bf16[2,8]{1,0}\n"
+    )
     ks = {k.name: k for k in resources.kernels(PTXAS_LOG, tmp_path)}
     fwd = ks["genesis_flash_fwd"]
     assert fwd.pallas and (fwd.grid, fwd.threads, fwd.shared_memory) == ((8, 2, 8), 256, 98304)
@@ -97,20 +103,26 @@ def test_dump_files_give_launch_shapes_pallas_calls_and_largest_temporaries(tmp_
     assert len(largest) == 2  # the parameter and the tuple's index table are not temporaries
 
 
-def test_missing_toolchain_is_one_line_with_the_install_command(monkeypatch: pytest.MonkeyPatch,
-                                                                capsys: pytest.CaptureFixture[str]):
+def test_missing_toolchain_is_one_line_with_the_install_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
     monkeypatch.setattr(targets.importlib.util, "find_spec", lambda name: None)
     code = plan_main(["--config", str(ROOT / "configs" / "gpu_bench.toml")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert "CUDA plugin" in err and f"jax[cuda13-local]=={targets.jaxlib_version()}" in err and "nvidia-cuda-nvcc" in err
+    assert (
+        "CUDA plugin" in err and f"jax[cuda13-local]=={targets.jaxlib_version()}" in err and "nvidia-cuda-nvcc" in err
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--target", "a100"], "--target 'a100': expected one of h100, h200, local"),
-    (["--devices", "0"], "argument --devices: 0: expected an integer within [1, 2**31 - 1]"),
-    (["--set", "model.atention=pallas"], "unknown config key model.atention"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--target", "a100"], "--target 'a100': expected one of h100, h200, local"),
+        (["--devices", "0"], "argument --devices: 0: expected an integer within [1, 2**31 - 1]"),
+        (["--set", "model.atention=pallas"], "unknown config key model.atention"),
+    ],
+)
 def test_usage_errors_exit_2(args: list[str], message: str, capsys: pytest.CaptureFixture[str]):
     code = exit_code(plan_main, ["--config", str(ROOT / "configs" / "gpu_bench.toml"), *args])
     assert code == 2 and message in capsys.readouterr().err
@@ -123,18 +135,26 @@ def test_target_local_without_a_gpu_is_a_usage_error(capsys: pytest.CaptureFixtu
         pytest.skip("this machine has a GPU: --target local compiles for it")
     code = plan_main(["--config", str(ROOT / "configs" / "tiny.toml"), "--target", "local"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err == ("error: --target local: 0 GPU(s) here, 1 asked for (use --target h100 or h200 to "
-                                 "compile for absent GPUs)")
+    assert code == 2 and err == (
+        "error: --target local: 0 GPU(s) here, 1 asked for (use --target h100 or h200 to compile for absent GPUs)"
+    )
 
 
 # -- compiled for sm_90a --------------------------------------------------------------------
 
-def kernel_job(dtype: str, hd: int, causal: bool = True, segments: bool = True, heads: tuple[int, int] = (8, 4),
-               seq: int = 1000) -> dict[str, object]:
+
+def kernel_job(
+    dtype: str, hd: int, causal: bool = True, segments: bool = True, heads: tuple[int, int] = (8, 4), seq: int = 1000
+) -> dict[str, object]:
     """Forward and backward (the gradient's program holds all three kernels) at the default
     block sizes; a length that is no block multiple."""
-    return {"kind": "attention", "shape": [2, seq, seq, *heads, hd], "dtype": dtype, "causal": causal,
-            "segments": segments}
+    return {
+        "kind": "attention",
+        "shape": [2, seq, seq, *heads, hd],
+        "dtype": dtype,
+        "causal": causal,
+        "segments": segments,
+    }
 
 
 KERNEL_JOBS = {
@@ -166,8 +186,11 @@ def test_kernel_compiles_for_sm90a_without_spills(name: str, kernel_results: dic
         assert 0 < k["shared_memory"] <= 232448, k  # H100/H200 opt-in shared memory per block
 
 
-MOSAIC_JOBS = {f"{dtype}-hd{hd}": {**kernel_job(dtype, hd), "kernel": "flash_attention_mgpu"}
-               for dtype in ("bfloat16", "float16") for hd in (64, 128)}
+MOSAIC_JOBS = {
+    f"{dtype}-hd{hd}": {**kernel_job(dtype, hd), "kernel": "flash_attention_mgpu"}
+    for dtype in ("bfloat16", "float16")
+    for hd in (64, 128)
+}
 MOSAIC_KERNELS = {f"genesis_flash_mgpu_{k}_mosaic_gpu_kernel" for k in ("fwd", "dq", "dkdv")}
 
 
@@ -188,9 +211,11 @@ def mosaic_tile_bytes(kernel: str, hd: int, itemsize: int = 2) -> tuple[int, int
     batch, seq, heads_q, heads_kv = 2, 1000, 8, 4
     part = kernel.removeprefix("genesis_flash_mgpu_").removesuffix("_mosaic_gpu_kernel")
     wgs = blocks.compute_wgs if part == "fwd" else blocks.compute_wgs_bwd
-    elements = {"fwd": wgs * bq * hd + 2 * stages * bk * hd,
-                "dq": wgs * 2 * bq * hd + 2 * stages * bk * hd,
-                "dkdv": wgs * 2 * bk * hd + 2 * stages * bqk * hd}[part]
+    elements = {
+        "fwd": wgs * bq * hd + 2 * stages * bk * hd,
+        "dq": wgs * 2 * bq * hd + 2 * stages * bk * hd,
+        "dkdv": wgs * 2 * bk * hd + 2 * stages * bqk * hd,
+    }[part]
     rows = wgs * (bk if part == "dkdv" else bq)
     grid = batch * -(-seq // rows) * (heads_kv if part == "dkdv" else heads_q)
     return elements * itemsize, grid, 128 * (wgs + 1)
@@ -228,8 +253,11 @@ def plan_cli(capsys: pytest.CaptureFixture[str], corpus: Path, *args: str) -> tu
 def test_every_shipped_gpu_config_fits_an_h200(fixture_corpus: Path, capsys: pytest.CaptureFixture[str]):
     import tomllib
 
-    gpu_configs = [p for p in sorted((ROOT / "configs").glob("*.toml"))
-                   if tomllib.loads(p.read_text())["model"].get("attention", "xla") != "xla"]
+    gpu_configs = [
+        p
+        for p in sorted((ROOT / "configs").glob("*.toml"))
+        if tomllib.loads(p.read_text())["model"].get("attention", "xla") != "xla"
+    ]
     assert gpu_configs, "no shipped config targets a GPU"
     for path in gpu_configs:
         code = plan_main(["--config", str(path), "--set", f"data.corpus={fixture_corpus}", "--target", "h200"])
@@ -244,10 +272,28 @@ def sharded_mosaic_plan(fixture_corpus: Path) -> tuple[int, str, dict]:
     kernels, RMSNorm, on data 1 x fsdp 2 (exit code, printed report, --json document)."""
     out_json = fixture_corpus.parent / "plan_sharded_mosaic.json"
     with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(out):
-        code = plan_main(["--config", str(ROOT / "configs" / "gpu_bench.toml"), "--set", f"data.corpus={fixture_corpus}",
-                     "--set", "model.preset=test", "--set", "model.norm_type=rmsnorm", "--set", "model.attention=mosaic",
-                     "--set", "parallel.data=1", "--set", "parallel.fsdp=2", "--set", "training.batch_size=4",
-                     "--json", str(out_json)])
+        code = plan_main(
+            [
+                "--config",
+                str(ROOT / "configs" / "gpu_bench.toml"),
+                "--set",
+                f"data.corpus={fixture_corpus}",
+                "--set",
+                "model.preset=test",
+                "--set",
+                "model.norm_type=rmsnorm",
+                "--set",
+                "model.attention=mosaic",
+                "--set",
+                "parallel.data=1",
+                "--set",
+                "parallel.fsdp=2",
+                "--set",
+                "training.batch_size=4",
+                "--json",
+                str(out_json),
+            ]
+        )
     return code, out.getvalue(), json.loads(out_json.read_text()) if code == 0 else {}
 
 
@@ -267,8 +313,16 @@ def test_a_train_step_with_the_mosaic_kernels_compiles_for_sm90a(sharded_mosaic_
 @compiles
 def test_an_oversized_config_does_not_fit_and_exits_1(fixture_corpus: Path, capsys: pytest.CaptureFixture[str]):
     # logits alone: 32768 x 2048 x 260 float32 = 65 GiB (flattened to 67108864 rows), several times over.
-    code, out = plan_cli(capsys, fixture_corpus, "--set", "model.preset=test", "--set", "training.batch_size=32768",
-                         "--set", "data.seq_len=2048")
+    code, out = plan_cli(
+        capsys,
+        fixture_corpus,
+        "--set",
+        "model.preset=test",
+        "--set",
+        "training.batch_size=32768",
+        "--set",
+        "data.seq_len=2048",
+    )
     assert code == 1, out
     assert "DOES NOT FIT" in out and "verdict: needs" in out and "f32[67108864,260]" in out
 

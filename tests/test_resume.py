@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -45,7 +44,9 @@ grokking_drop = 0.01
 
 
 def write_config(path: Path, corpus: Path, extra: str = "") -> Path:
-    path.write_text(extra + f"""
+    path.write_text(
+        extra
+        + f"""
 [model]
 preset = "test"
 compute_dtype = "float32"
@@ -65,7 +66,8 @@ save_interval = 50
 keep = 2
 [logging]
 tensorboard = true
-""")
+"""
+    )
     return path
 
 
@@ -76,7 +78,9 @@ def command(cfg: Path, run_dir: Path) -> list[str]:
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
 
 
-def logged(run_dir: Path, table: str = "training_logs", cols: str = "step, loss, loss_ema, grad_norm, lr") -> list[tuple]:
+def logged(
+    run_dir: Path, table: str = "training_logs", cols: str = "step, loss, loss_ema, grad_norm, lr"
+) -> list[tuple]:
     db = run_dir / "metrics.sqlite"
     if not db.exists():
         return []
@@ -96,7 +100,9 @@ def research_fields(run_dir: Path, step: int) -> dict[str, object]:
 
     def flat(prefix: str, d: object) -> dict[str, object]:
         if isinstance(d, dict) and d:
-            return {k: v for key, sub in d.items() for k, v in flat(f"{prefix}.{key}" if prefix else str(key), sub).items()}
+            return {
+                k: v for key, sub in d.items() for k, v in flat(f"{prefix}.{key}" if prefix else str(key), sub).items()
+            }
         return {prefix: d}
 
     return flat("", meta["research"])
@@ -105,8 +111,10 @@ def research_fields(run_dir: Path, step: int) -> dict[str, object]:
 def assert_same_research_state(ref: Path, run: Path, fields: list[str]) -> None:
     """Every checkpoint both runs hold carries the same research state, field by field; the
     named fields must be among them (so that a field dropped from the state fails too)."""
-    steps = sorted({int(p.name) for p in (ref / "checkpoints").iterdir() if p.name.isdigit()}
-                   & {int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()})
+    steps = sorted(
+        {int(p.name) for p in (ref / "checkpoints").iterdir() if p.name.isdigit()}
+        & {int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()}
+    )
     assert steps, "no checkpoint step in common"
     for step in steps:
         a, b = research_fields(ref, step), research_fields(run, step)
@@ -115,7 +123,8 @@ def assert_same_research_state(ref: Path, run: Path, fields: list[str]) -> None:
             assert any(k == name or k.startswith(name + ".") for k in a), f"no research field {name}"
         for name in a:
             assert _same(a[name], b[name]), (
-                f"research field {name} at step {step}: uninterrupted {a[name]!r}, resumed {b[name]!r}")
+                f"research field {name} at step {step}: uninterrupted {a[name]!r}, resumed {b[name]!r}"
+            )
 
 
 def _same(a: object, b: object) -> bool:
@@ -128,7 +137,9 @@ def _same(a: object, b: object) -> bool:
 
 def run_until(cfg: Path, run_dir: Path, min_step: int, sig: int) -> subprocess.Popen:
     """Start training, wait until `min_step` is logged, send `sig`."""
-    proc = subprocess.Popen(command(cfg, run_dir), env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command(cfg, run_dir), env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         rows = logged(run_dir, cols="step")
@@ -214,8 +225,9 @@ def test_failure_inside_training_saves_and_exits_nonzero(reference, tmp_path):
     cfg, ref = reference
     run = tmp_path / "run"
     args = ["--config", str(cfg), "--run-dir", str(run), "--set", "checkpoint.async_save=false"]
-    r = subprocess.run([sys.executable, "-c", FAILING_RUN, *args], env=ENV, cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", FAILING_RUN, *args], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 1
     line = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert len(line) == 1 and "disk full (injected)" in line[0] and "saved step 67" in line[0]
@@ -246,7 +258,12 @@ def test_resume_refuses_another_shape_and_lists_changed_settings(fixture_corpus,
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1
     assert "model.dim: checkpoint 32, config 64" in err
-    assert train.main(run + ["--set", "training.max_steps=5", "--set", "training.val_interval=0", "--set", "optim.lr=0.01"]) == 0
+    assert (
+        train.main(
+            run + ["--set", "training.max_steps=5", "--set", "training.val_interval=0", "--set", "optim.lr=0.01"]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "resuming" in err and "optim.lr: 0.003 -> 0.01" in err and "training.max_steps: 3 -> 5" in err
 
@@ -273,10 +290,22 @@ def curriculum_reference(tmp_path_factory, fixture_corpus):
     return cfg, run
 
 
-RESEARCH_FIELDS = ["curriculum.starts", "curriculum.baseline", "curriculum.anchors", "curriculum.improvement",
-                   "curriculum.stuns", "curriculum.last_observed", "curriculum.analytics.lifetime",
-                   "curriculum.analytics.wwm", "curriculum.analytics.span", "locale_ema", "val_history",
-                   "last_grokking", "nonfinite.events", "nonfinite.lr_scale"]
+RESEARCH_FIELDS = [
+    "curriculum.starts",
+    "curriculum.baseline",
+    "curriculum.anchors",
+    "curriculum.improvement",
+    "curriculum.stuns",
+    "curriculum.last_observed",
+    "curriculum.analytics.lifetime",
+    "curriculum.analytics.wwm",
+    "curriculum.analytics.span",
+    "locale_ema",
+    "val_history",
+    "last_grokking",
+    "nonfinite.events",
+    "nonfinite.lr_scale",
+]
 
 
 @pytest.mark.parametrize("kill_at", [110, 240], ids=["mid-wwm-ramp", "after-second-stun"])
@@ -287,7 +316,9 @@ def test_curriculum_resume_after_sigkill_is_exact(curriculum_reference, tmp_path
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     r = subprocess.run(command(cfg, run), env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert_same_logs(ref, run, cols="step, loss, loss_ema, grad_norm, lr, mask_prob, phase, wwm_improvement, span_improvement")
+    assert_same_logs(
+        ref, run, cols="step, loss, loss_ema, grad_norm, lr, mask_prob, phase, wwm_improvement, span_improvement"
+    )
     rows = logged(run, cols="step, mask_prob, phase, lr")
     assert {p for _, _, p, _ in rows} == {1, 2, 3}
     assert 0.05 < rows[112][1] < 0.15  # mid-ramp mask probability was logged
@@ -308,11 +339,30 @@ def test_grokking_signal_pins_its_checkpoint(fixture_corpus, tmp_path):
     assert validation_drop([(0, 4.0)], 20, 1.0, 10) is None  # nothing inside the window
     cfg = write_config(tmp_path / "run.toml", fixture_corpus)
     run = tmp_path / "run"
-    r = subprocess.run(command(cfg, run) + ["--set", "training.max_steps=60", "--set", "training.val_interval=10",
-                                            "--set", "checkpoint.keep=1", "--set", "checkpoint.save_interval=20",
-                                            "--set", "eval.grokking_min_step=15", "--set", "eval.grokking_window=100",
-                                            "--set", "eval.grokking_drop=0.05"],
-                       env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        command(cfg, run)
+        + [
+            "--set",
+            "training.max_steps=60",
+            "--set",
+            "training.val_interval=10",
+            "--set",
+            "checkpoint.keep=1",
+            "--set",
+            "checkpoint.save_interval=20",
+            "--set",
+            "eval.grokking_min_step=15",
+            "--set",
+            "eval.grokking_window=100",
+            "--set",
+            "eval.grokking_drop=0.05",
+        ],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     signals = logged(run, "grokking_signals", "step, type, value")
     grok = [s for s in signals if s[1] == "grokking"]
@@ -324,14 +374,17 @@ def test_grokking_signal_pins_its_checkpoint(fixture_corpus, tmp_path):
 
 
 def test_multitask_resume_after_sigkill_is_exact(fixture_corpus, tmp_path):
-    extra = ("[mtl]\nenabled = true\nlm_weight = 0.4\ncoherence_weight = 0.2\ncross_ref_weight = 0.2\n"
-             "paraphrase_weight = 0.2\nmax_len = 32\ncross_ref_min_distance = 20\n")
+    extra = (
+        "[mtl]\nenabled = true\nlm_weight = 0.4\ncoherence_weight = 0.2\ncross_ref_weight = 0.2\n"
+        "paraphrase_weight = 0.2\nmax_len = 32\ncross_ref_min_distance = 20\n"
+    )
     cfg = write_config(tmp_path / "run.toml", fixture_corpus, extra)
     sets = ["--set", "training.grad_accum_steps=2", "--set", "training.max_steps=70"]
     ref = tmp_path / "ref"
     # The reference runs beside the run that is killed (the two compile at once: the test's time).
-    ref_proc = subprocess.Popen(command(cfg, ref) + sets, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+    ref_proc = subprocess.Popen(
+        command(cfg, ref) + sets, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     run = tmp_path / "killed"
     cmd = command(cfg, run) + sets
     proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -354,10 +407,12 @@ def test_multitask_resume_after_sigkill_is_exact(fixture_corpus, tmp_path):
     ta = sorted(logged(ref, "evaluation_logs", "step, name, value"))
     tb = sorted(logged(run, "evaluation_logs", "step, name, value"))
     assert [x[:2] for x in ta if x[1].startswith("task/")] == [x[:2] for x in tb if x[1].startswith("task/")]
-    np.testing.assert_allclose([x[2] for x in tb if x[1].startswith("task/")],
-                               [x[2] for x in ta if x[1].startswith("task/")], rtol=1e-6)
-    assert_same_research_state(ref, run, [*RESEARCH_FIELDS, "task_ema.coherence/loss", "task_ema.cross_ref/acc",
-                                          "task_ema.paraphrase/loss"])
+    np.testing.assert_allclose(
+        [x[2] for x in tb if x[1].startswith("task/")], [x[2] for x in ta if x[1].startswith("task/")], rtol=1e-6
+    )
+    assert_same_research_state(
+        ref, run, [*RESEARCH_FIELDS, "task_ema.coherence/loss", "task_ema.cross_ref/acc", "task_ema.paraphrase/loss"]
+    )
 
 
 def tensorboard_scalars(run: Path) -> dict[str, dict[int, float]]:
@@ -367,8 +422,10 @@ def tensorboard_scalars(run: Path) -> dict[str, dict[int, float]]:
     acc.Reload()
     out: dict[str, dict[int, float]] = {}
     for tag in acc.Tags()["tensors"]:
-        out[tag] = {e.step: float(np.asarray(__import__("tensorboard").util.tensor_util.make_ndarray(e.tensor_proto)))
-                    for e in acc.Tensors(tag)}
+        out[tag] = {
+            e.step: float(np.asarray(__import__("tensorboard").util.tensor_util.make_ndarray(e.tensor_proto)))
+            for e in acc.Tensors(tag)
+        }
     for tag in acc.Tags()["scalars"]:
         out[tag] = {e.step: e.value for e in acc.Scalars(tag)}
     return out
@@ -380,12 +437,27 @@ def test_tensorboard_has_the_spec_tags_with_the_logged_values(curriculum_referen
     Train/Loss equal to the SQLite rows, a second sink written from the same metrics."""
     _, run = curriculum_reference
     tags = tensorboard_scalars(run)
-    spec = ["Train/Loss", "Train/LossEMA", "Train/LR", "Train/GradNorm", "Train/MaskProb", "Train/Phase",
-            "System/TokensPerSec", "Research/Span_Improvement", "Eval/loss", "Eval/ppl", "Eval/bpb"]
-    spec += [f"Research/EMA_Loss_{loc}" for loc in ("en", "fr", "ru")] + [f"Eval/loss_{loc}" for loc in ("en", "fr", "ru")]
+    spec = [
+        "Train/Loss",
+        "Train/LossEMA",
+        "Train/LR",
+        "Train/GradNorm",
+        "Train/MaskProb",
+        "Train/Phase",
+        "System/TokensPerSec",
+        "Research/Span_Improvement",
+        "Eval/loss",
+        "Eval/ppl",
+        "Eval/bpb",
+    ]
+    spec += [f"Research/EMA_Loss_{loc}" for loc in ("en", "fr", "ru")] + [
+        f"Eval/loss_{loc}" for loc in ("en", "fr", "ru")
+    ]
     missing = [t for t in spec if t not in tags]
     assert not missing, (missing, sorted(tags))
     rows = {s: loss for s, loss in logged(run, cols="step, loss")}
     assert set(tags["Train/Loss"]) == set(rows)
-    np.testing.assert_allclose([tags["Train/Loss"][s] for s in sorted(rows)], [rows[s] for s in sorted(rows)], rtol=1e-6)
+    np.testing.assert_allclose(
+        [tags["Train/Loss"][s] for s in sorted(rows)], [rows[s] for s in sorted(rows)], rtol=1e-6
+    )
     assert {tags["Train/Phase"][s] for s in rows} == {1.0, 2.0, 3.0}

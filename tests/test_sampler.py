@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from genesis_jax.corpus.store import open_corpus
-from genesis_jax.data.masks import MaskParams
 from genesis_jax.data.device import build_device_corpus
+from genesis_jax.data.masks import MaskParams
 from genesis_jax.data.sampler import lm_batch
 
 L = 16
@@ -49,7 +49,7 @@ def test_windows_never_straddle_locales_and_labels_shift(setup):
         # The window occurs inside its own locale's range.
         seg = ids[lo:hi]
         hits = np.flatnonzero(seg[: len(seg) - L] == window[0])
-        assert any(np.array_equal(seg[h:h + L + 1], window) for h in hits), row
+        assert any(np.array_equal(seg[h : h + L + 1], window) for h in hits), row
     assert set(loc.tolist()) == set(range(len(starts) - 1))  # every locale is drawn
 
 
@@ -59,7 +59,7 @@ def test_locale_targeted_batch_is_clamped(setup):
     for i in range(len(starts) - 1):
         b = fn(dc, jax.random.key(i), 256, L, MaskParams.make(), jnp.int32(i))
         assert (np.asarray(b.locale) == i).all()
-        text = bytes(tokens[starts[i]:starts[i + 1]])
+        text = bytes(tokens[starts[i] : starts[i + 1]])
         for row in np.asarray(b.labels)[:20]:
             assert bytes((row - 4).astype(np.uint8)) in text
 
@@ -123,7 +123,7 @@ def _window_words(corpus, b):
     for row in np.asarray(b.labels):
         t = index.get(row.astype(np.int64).tobytes())
         assert t is not None, "window not found"
-        out.append(flags[t:t + 64])
+        out.append(flags[t : t + 64])
     return np.array(out)
 
 
@@ -221,8 +221,8 @@ def test_a_locale_shorter_than_one_window_is_skipped_not_read_past():
 def test_a_registered_mask_kind_reaches_the_step_switch_and_the_evaluation(monkeypatch):
     """One `register_mask` entry is all a new kind needs: MaskParams names it, the switch runs
     it, and the reconstruction suite and its metrics list it."""
-    from genesis_jax.evaluation.metrics import eval_metrics, reconstruction_kinds
     from genesis_jax.data.masks import MASK_KINDS, MaskKind, make_mask
+    from genesis_jax.evaluation.metrics import eval_metrics, reconstruction_kinds
 
     def odd_positions(key, words, p):
         return jnp.broadcast_to(jnp.arange(words.shape[-1]) % 2 == 1, words.shape)

@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from genesis_jax import config as C
 from genesis_jax.core.errors import ConfigError
 
@@ -20,8 +20,14 @@ ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
 @pytest.fixture(scope="module")
 def meshes() -> dict:
     """One subprocess runs every mesh (tests/multidevice_check.py)."""
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "multidevice_check.py")], capture_output=True,
-                       text=True, env=ENV, cwd=ROOT, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "multidevice_check.py")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)
 
@@ -47,11 +53,14 @@ def test_the_pallas_kernel_runs_per_shard_on_a_mesh(meshes):
     assert meshes["local_shape"] == [4, 16, 2, 8]
 
 
-@pytest.mark.parametrize("parallel, message", [
-    ({"tensor": 3}, "parallel.tensor = 3 does not divide model.n_kv_heads = 4"),
-    ({"data": -1, "fsdp": -1}, "parallel: at most one of data, fsdp and tensor may be -1"),
-    ({"fsdp": 0}, "parallel.fsdp = 0: must be positive, or -1 for the remaining devices"),
-])
+@pytest.mark.parametrize(
+    "parallel, message",
+    [
+        ({"tensor": 3}, "parallel.tensor = 3 does not divide model.n_kv_heads = 4"),
+        ({"data": -1, "fsdp": -1}, "parallel: at most one of data, fsdp and tensor may be -1"),
+        ({"fsdp": 0}, "parallel.fsdp = 0: must be positive, or -1 for the remaining devices"),
+    ],
+)
 def test_impossible_meshes_are_refused_naming_the_key(parallel, message):
     with pytest.raises(ConfigError) as e:
         C.from_dict({"parallel": parallel})
@@ -71,7 +80,11 @@ def test_mesh_sizes_against_the_device_count():
 
 
 def devices_env(n: int) -> dict:
-    return {**ENV, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"}
+    return {
+        **ENV,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}",
+    }
 
 
 def test_resume_onto_other_meshes_follows_the_uninterrupted_run(fixture_corpus, tmp_path):
@@ -82,16 +95,33 @@ def test_resume_onto_other_meshes_follows_the_uninterrupted_run(fixture_corpus, 
 
     cfg = write_config(tmp_path / "run.toml", fixture_corpus)
     # A constant schedule: each launch stops at its own max_steps, which a cosine would depend on.
-    steps = ["--set", "checkpoint.save_interval=8", "--set", "training.val_interval=8", "--set", "optim.schedule=constant"]
+    steps = [
+        "--set",
+        "checkpoint.save_interval=8",
+        "--set",
+        "training.val_interval=8",
+        "--set",
+        "optim.schedule=constant",
+    ]
     ref = tmp_path / "ref"  # runs beside the first launch of the other run
-    ref_proc = subprocess.Popen(command(cfg, ref) + steps + ["--set", "training.max_steps=24"], env=devices_env(1),
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ref_proc = subprocess.Popen(
+        command(cfg, ref) + steps + ["--set", "training.max_steps=24"],
+        env=devices_env(1),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     run = tmp_path / "run"
-    for n, mesh, until in ((4, ["parallel.data=1", "parallel.fsdp=4"], 8), (2, ["parallel.data=2"], 16),
-                           (4, ["parallel.data=1", "parallel.fsdp=2", "parallel.tensor=2"], 24)):
+    for n, mesh, until in (
+        (4, ["parallel.data=1", "parallel.fsdp=4"], 8),
+        (2, ["parallel.data=2"], 16),
+        (4, ["parallel.data=1", "parallel.fsdp=2", "parallel.tensor=2"], 24),
+    ):
         sets = [x for m in mesh for x in ("--set", m)] + ["--set", f"training.max_steps={until}"]
-        r = subprocess.run(command(cfg, run) + steps + sets, env=devices_env(n), cwd=ROOT, capture_output=True,
-                           text=True, timeout=300)
+        r = subprocess.run(
+            command(cfg, run) + steps + sets, env=devices_env(n), cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         assert f"{n} cpu device(s)" in r.stdout and (until == 8 or f"from step {until - 8}" in r.stderr)
     _, err = ref_proc.communicate(timeout=300)
@@ -99,11 +129,34 @@ def test_resume_onto_other_meshes_follows_the_uninterrupted_run(fixture_corpus, 
     ra, rb = logged(ref), logged(run)
     assert [x[0] for x in rb] == [x[0] for x in ra] == list(range(24))
     np.testing.assert_allclose(np.array(rb, dtype=float)[:, 1:], np.array(ra, dtype=float)[:, 1:], rtol=2e-5)
-    r = subprocess.run([sys.executable, "-m", "genesis_jax.generate", "--run", str(run), "--prompt", "In the",
-                        "--max-tokens", "8", "--temperature", "0"], env=devices_env(1), cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "genesis_jax.generate",
+            "--run",
+            str(run),
+            "--prompt",
+            "In the",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+        ],
+        env=devices_env(1),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and r.stdout.startswith("In the") and "step 24" in r.stderr, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "genesis_jax.eval", "--run", str(run), "--suite", "quick"],
-                       env=devices_env(1), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "genesis_jax.eval", "--run", str(run), "--suite", "quick"],
+        env=devices_env(1),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode in (0, 1) and "quick evaluation of" in r.stdout and "at step 24" in r.stdout, r.stderr[-2000:]
     assert (run / "reports" / "eval_24_quick.json").is_file()

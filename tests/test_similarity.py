@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from genesis_jax.evaluation.similarity import char_error_rate, levenshtein, linear_cka, procrustes_residual, retrieval_top1
+from genesis_jax.evaluation.similarity import (
+    char_error_rate,
+    levenshtein,
+    linear_cka,
+    procrustes_residual,
+    retrieval_top1,
+)
 
 
 def test_retrieval_perfect_and_broken():

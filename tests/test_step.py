@@ -7,13 +7,14 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from genesis_jax import config as C
 from genesis_jax.data.device import build_device_corpus
 from genesis_jax.parallel.sharding import make_mesh
-from genesis_jax.training.step import StepControls, make_train_step
 from genesis_jax.training.state import init_model, init_state
+from genesis_jax.training.step import StepControls, make_train_step
 
 SEQ = 16
 
@@ -25,8 +26,14 @@ def synthetic_corpus():
 
 
 def make_cfg(**training):
-    return C.from_dict({"model": {"preset": "test", "compute_dtype": "float32"}, "data": {"seq_len": SEQ},
-                        "training": {"max_steps": 10, **training}, "optim": {"warmup_steps": 2}})
+    return C.from_dict(
+        {
+            "model": {"preset": "test", "compute_dtype": "float32"},
+            "data": {"seq_len": SEQ},
+            "training": {"max_steps": 10, **training},
+            "optim": {"warmup_steps": 2},
+        }
+    )
 
 
 def test_accumulation_4x2_equals_one_batch_of_8():
@@ -40,8 +47,11 @@ def test_accumulation_4x2_equals_one_batch_of_8():
         state = jax.device_put(init_state(cfg, model), NamedSharding(make_mesh(), P()))
         step = jax.jit(make_train_step(cfg, nnx.graphdef(model), make_mesh()))
         state, m = step(state, corpus, key, StepControls.make())
-        mu = [s.mu for s in jax.tree.leaves(state.opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByAdamState))
-              if isinstance(s, optax.ScaleByAdamState)]
+        mu = [
+            s.mu
+            for s in jax.tree.leaves(state.opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByAdamState))
+            if isinstance(s, optax.ScaleByAdamState)
+        ]
         outs.append((float(m["loss"]), float(m["grad_norm"]), jax.tree.leaves(mu)))
     assert outs[0][:2] == pytest.approx(outs[1][:2], rel=1e-5)
     assert len(outs[0][2]) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -56,7 +66,12 @@ def test_accumulation_4x2_equals_one_batch_of_8():
 # which formula test moved with it, re-record from the printed line and say why in the commit;
 # if not, the diff under test changed training numerics and is a bug until explained. A JAX
 # upgrade may move them by float rounding: within rel 1e-4 passes, beyond it re-record.
-GOLDEN = {"loss": 5.573855400085449, "grad_norm": 1.8920406103134155, "update_norm": 0.3758823871612549, "loss_step1": 5.553118705749512}
+GOLDEN = {
+    "loss": 5.573855400085449,
+    "grad_norm": 1.8920406103134155,
+    "update_norm": 0.3758823871612549,
+    "loss_step1": 5.553118705749512,
+}
 
 
 def test_golden_train_step():
@@ -68,9 +83,19 @@ def test_golden_train_step():
     corpus, key = synthetic_corpus(), jax.random.key(0)
     state, m0 = step(state, corpus, key, StepControls.make())
     state, m1 = step(state, corpus, key, StepControls.make())
-    got = {"loss": float(m0["loss"]), "grad_norm": float(m0["grad_norm"]),
-           "update_norm": float(np.sqrt(sum(np.sum((np.asarray(a) - b) ** 2) for a, b in
-                                             zip(jax.tree.leaves(state.params), jax.tree.leaves(before))))), "loss_step1": float(m1["loss"])}
+    got = {
+        "loss": float(m0["loss"]),
+        "grad_norm": float(m0["grad_norm"]),
+        "update_norm": float(
+            np.sqrt(
+                sum(
+                    np.sum((np.asarray(a) - b) ** 2)
+                    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before))
+                )
+            )
+        ),
+        "loss_step1": float(m1["loss"]),
+    }
     print(json.dumps(got))
     for k, v in GOLDEN.items():
         assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
@@ -96,8 +121,10 @@ def test_divergence_guard_keeps_the_state_when_an_update_is_not_finite(poison):
     after, m = step(state, corpus, key, controls)
     assert bool(m["nonfinite"])
     assert int(after.step) == int(before.step) + 1
-    for a, b in zip(jax.tree.leaves(before.params) + jax.tree.leaves(before.opt_state) + [before.loss_ema],
-                    jax.tree.leaves(after.params) + jax.tree.leaves(after.opt_state) + [after.loss_ema]):
+    for a, b in zip(
+        jax.tree.leaves(before.params) + jax.tree.leaves(before.opt_state) + [before.loss_ema],
+        jax.tree.leaves(after.params) + jax.tree.leaves(after.opt_state) + [after.loss_ema],
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # A finite step after it updates again.
     if poison == "lr_inf":
@@ -109,8 +136,14 @@ def test_loss_ema_is_decay_times_previous_plus_the_rest_times_the_loss():
     """The EMA the phase machine watches, against the formula by hand: first value = first
     loss, then d * ema + (1 - d) * loss with d = curriculum.loss_ema_decay."""
     d = 0.9  # far from 0.5, so swapped weights cannot pass
-    cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32"}, "data": {"seq_len": SEQ},
-                       "training": {"max_steps": 10, "batch_size": 4}, "curriculum": {"loss_ema_decay": d}})
+    cfg = C.from_dict(
+        {
+            "model": {"preset": "test", "compute_dtype": "float32"},
+            "data": {"seq_len": SEQ},
+            "training": {"max_steps": 10, "batch_size": 4},
+            "curriculum": {"loss_ema_decay": d},
+        }
+    )
     model = init_model(cfg)
     step = jax.jit(make_train_step(cfg, nnx.graphdef(model), make_mesh()))
     state, corpus, key = init_state(cfg, model), synthetic_corpus(), jax.random.key(2)

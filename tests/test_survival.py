@@ -10,14 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, exit_code, one_error_line, write_textdir
-from genesis_jax import cli, generate, report, verify
-from genesis_jax.training.checkpoint import read_pinned
+
+from genesis_jax import generate, report, verify
+from genesis_jax.core import cli
+from genesis_jax.core.errors import CorpusError, ResumeError, UserError
 from genesis_jax.corpus import __main__ as corpus_cli
 from genesis_jax.corpus.store import open_corpus
-from genesis_jax.core.errors import CorpusError, ResumeError, UserError
 from genesis_jax.telemetry.sqlite import MetricsDB
+from genesis_jax.training.checkpoint import read_pinned
 from genesis_jax.training.rundir import RunLock, RunLockedError, prepare
 
 
@@ -71,8 +72,10 @@ def test_bytes_altered_in_place_are_refused(corpus_copy, capsys):
     assert "changed after import" in one_error_line(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("damage", ["truncated records", "invalid keys", "offset out of range", "locale out of range",
-                                    "manifest without fields"])
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated records", "invalid keys", "offset out of range", "locale out of range", "manifest without fields"],
+)
 def test_damaged_index_files_are_one_line_errors(corpus_copy, damage):
     if damage == "truncated records":
         data = (corpus_copy / "records.npy").read_bytes()
@@ -98,10 +101,18 @@ def test_second_lock_is_refused_naming_the_holder(tmp_path):
         RunLock(tmp_path).acquire()
     assert f"pid {os.getpid()}" in str(e.value) and "in use" in str(e.value)
     # From another process too (a flock, so it holds across processes).
-    probe = ("import sys; from pathlib import Path; from genesis_jax.training.rundir import RunLock; from genesis_jax.core.errors import UserError\n"
-             "try:\n    RunLock(Path(sys.argv[1])).acquire()\nexcept UserError as e:\n    print(e); sys.exit(3)\n")
-    r = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    probe = (
+        "import sys; from pathlib import Path\n"
+        "from genesis_jax.training.rundir import RunLock; from genesis_jax.core.errors import UserError\n"
+        "try:\n    RunLock(Path(sys.argv[1])).acquire()\nexcept UserError as e:\n    print(e); sys.exit(3)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode == 3 and f"pid {os.getpid()}" in r.stdout
     first.release()
     again = RunLock(tmp_path)

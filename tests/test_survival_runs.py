@@ -13,17 +13,17 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from conftest import ROOT, one_error_line, write_small_run_config, write_textdir
-from genesis_jax import eval as eval_cli, generate, train
-from genesis_jax.training.checkpoint import Checkpointer
+from test_resume import logged
+
+from genesis_jax import eval as eval_cli
+from genesis_jax import generate, train
 from genesis_jax.config.load import load
 from genesis_jax.corpus.importers import import_textdir
 from genesis_jax.corpus.store import CorpusWriter
-from genesis_jax.training.rundir import load_run
-from genesis_jax.training.rundir import RunLock
+from genesis_jax.training.checkpoint import Checkpointer
+from genesis_jax.training.rundir import RunLock, load_run
 from genesis_jax.training.state import TrainState, init_model, init_state
-from test_resume import logged
 
 pytestmark = pytest.mark.slow
 
@@ -36,11 +36,22 @@ DIVERGE = ["--set", "optim.lr=1000.0", "--set", "training.max_steps=60"]
 def good_run(tmp_path_factory, fixture_corpus):
     """A finished 30-step run with checkpoints at 10, 20 and 30."""
     base = tmp_path_factory.mktemp("good")
-    cfg = write_small_run_config(base / "run.toml", fixture_corpus, GOOD_STEPS, 0,
-                                 "[optim]\nwarmup_steps = 5\n[checkpoint]\nsave_interval = 10\nkeep = 3\n")
+    cfg = write_small_run_config(
+        base / "run.toml",
+        fixture_corpus,
+        GOOD_STEPS,
+        0,
+        "[optim]\nwarmup_steps = 5\n[checkpoint]\nsave_interval = 10\nkeep = 3\n",
+    )
     run = base / "run"
-    r = subprocess.run([sys.executable, "-m", "genesis_jax.train", "--config", str(cfg), "--run-dir", str(run)],
-                       env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "genesis_jax.train", "--config", str(cfg), "--run-dir", str(run)],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return cfg, run
 
@@ -78,8 +89,19 @@ def test_divergence_stops_and_keeps_only_finite_checkpoints(good_run, tmp_path, 
 
 def test_skip_policy_skips_until_its_limit(good_run, tmp_path, capsys):
     cfg, run = copy_run(good_run, tmp_path)
-    code = train.main(["--config", str(cfg), "--run-dir", str(run), *DIVERGE,
-                       "--set", "training.on_nonfinite=skip", "--set", "training.nonfinite_limit=2"])
+    code = train.main(
+        [
+            "--config",
+            str(cfg),
+            "--run-dir",
+            str(run),
+            *DIVERGE,
+            "--set",
+            "training.on_nonfinite=skip",
+            "--set",
+            "training.nonfinite_limit=2",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 4 and "more than training.nonfinite_limit = 2 skipped updates" in one_error_line(err)
     skips = [x for x in logged(run, "grokking_signals", "step, type, value") if x[1] == "nonfinite_skip"]
@@ -89,8 +111,19 @@ def test_skip_policy_skips_until_its_limit(good_run, tmp_path, capsys):
 
 def test_rollback_returns_to_the_last_checkpoint_with_a_lower_learning_rate(good_run, tmp_path, capsys):
     cfg, run = copy_run(good_run, tmp_path)
-    code = train.main(["--config", str(cfg), "--run-dir", str(run), *DIVERGE, "--set", "training.on_nonfinite=rollback",
-                       "--set", "training.rollback_lr_scale=0.00001"])
+    code = train.main(
+        [
+            "--config",
+            str(cfg),
+            "--run-dir",
+            str(run),
+            *DIVERGE,
+            "--set",
+            "training.on_nonfinite=rollback",
+            "--set",
+            "training.rollback_lr_scale=0.00001",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     rolled = [x for x in logged(run, "grokking_signals", "step, type, value") if x[1] == "nonfinite_rollback"]
     assert len(rolled) == 1 and rolled[0][0] % 10 == 0 and rolled[0][2] == pytest.approx(1e-5)
@@ -130,7 +163,16 @@ def test_resume_refuses_another_corpus_unless_allowed_and_a_lower_max_steps(good
     writer = CorpusWriter()
     import_textdir(writer, write_textdir(tmp_path / "src", repeat=41))
     other = writer.write(tmp_path / "other", val_fraction=0.1)
-    base = ["--config", str(cfg), "--run-dir", str(run), "--set", f'data.corpus="{other}"', "--set", "training.max_steps=32"]
+    base = [
+        "--config",
+        str(cfg),
+        "--run-dir",
+        str(run),
+        "--set",
+        f'data.corpus="{other}"',
+        "--set",
+        "training.max_steps=32",
+    ]
     assert train.main(base) == 2
     assert "--allow-corpus-change" in one_error_line(capsys.readouterr().err)
     assert steps_on_disk(run) == [10, 20, 30]
@@ -168,8 +210,12 @@ def test_readers_refuse_a_non_finite_checkpoint(good_run, tmp_path, capsys):
     ckpt = Checkpointer(run / "checkpoints", config.checkpoint)
     state = ckpt.restore(30, init_state(config, init_model(config)))
     meta = ckpt.read_meta(30)
-    poisoned = TrainState(params=jax.tree.map(lambda x: x * np.nan, state.params), opt_state=state.opt_state,
-                          step=state.step, loss_ema=state.loss_ema)
+    poisoned = TrainState(
+        params=jax.tree.map(lambda x: x * np.nan, state.params),
+        opt_state=state.opt_state,
+        step=state.step,
+        loss_ema=state.loss_ema,
+    )
     ckpt.save(40, poisoned, {**meta, "step": 40})  # as a run without the guard could have written it
     ckpt.close()
     assert generate.main(["--run", str(run), "--prompt", "In", "--temperature", "0"]) == 2
@@ -204,8 +250,14 @@ sys.exit(train.main(sys.argv[1:], own_process=True))
 
 def test_a_second_sigterm_ends_a_hung_process(fixture_corpus, tmp_path):
     cfg = write_small_run_config(tmp_path / "run.toml", fixture_corpus, 40, 0, "[checkpoint]\nsave_interval = 5\n")
-    proc = subprocess.Popen([sys.executable, "-c", HANGING_SAVE, "--config", str(cfg), "--run-dir", str(tmp_path / "run")],
-                            env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HANGING_SAVE, "--config", str(cfg), "--run-dir", str(tmp_path / "run")],
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stderr is not None
     watchdog = threading.Timer(180, proc.kill)  # a regression ends here, not in CI's time limit
     watchdog.start()

@@ -8,18 +8,27 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from genesis_jax import config as C
+from genesis_jax.core.tokenizer import BYTE_OFFSET
 from genesis_jax.corpus.store import open_corpus
 from genesis_jax.data.device import build_device_corpus
-from genesis_jax.parallel.sharding import make_mesh
-from genesis_jax.training.step import StepControls, make_train_step
-from genesis_jax.training.state import init_model, init_state
-from genesis_jax.data.verses import COHERENCE, CROSS_REF, PARAPHRASE, build_verse_index, coherence_examples, cross_ref_examples, paraphrase_examples
-from genesis_jax.training.objectives import task_loss
 from genesis_jax.data.sampler import verse_tokens
-from genesis_jax.core.tokenizer import BYTE_OFFSET
+from genesis_jax.data.verses import (
+    COHERENCE,
+    CROSS_REF,
+    PARAPHRASE,
+    build_verse_index,
+    coherence_examples,
+    cross_ref_examples,
+    paraphrase_examples,
+)
+from genesis_jax.parallel.sharding import make_mesh
+from genesis_jax.training.objectives import task_loss
+from genesis_jax.training.state import init_model, init_state
+from genesis_jax.training.step import StepControls, make_train_step
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +53,14 @@ def test_index_addresses_the_training_stream(setup):
         text = bytes((np.asarray(ids[r])[np.asarray(valid[r])] - 4).astype(np.uint8)).decode()
         key = c.keys[int(idx.key[r])]
         loc = c.locales[int(idx.locale[r])]
-        want = [c.record_text(i) for i, row in enumerate(c.records)
-                if c.keys[row["key"]] == key and c.locales[row["locale"]] == loc][0]
-        assert text == want and not any(c.records[i]["heldout"] for i in range(len(c.records))
-                                        if c.keys[c.records[i]["key"]] == key)
+        want = [
+            c.record_text(i)
+            for i, row in enumerate(c.records)
+            if c.keys[row["key"]] == key and c.locales[row["locale"]] == loc
+        ][0]
+        assert text == want and not any(
+            c.records[i]["heldout"] for i in range(len(c.records)) if c.keys[c.records[i]["key"]] == key
+        )
 
 
 def test_coherence_pairs(setup):
@@ -95,8 +108,11 @@ LOSS_WEIGHTS = dict(zip(TASKS, (2.0, 3.0, 5.0, 7.0)))  # distinct primes: a swap
 def _adam_first_moment(opt_state) -> dict:
     """Adam's `mu` as a flat {path: array}: after one update it is (1 - beta1) x the gradient, in
     full precision (the parameters' change would round it)."""
-    adam = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByAdamState))
-            if isinstance(s, optax.ScaleByAdamState)]
+    adam = [
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
     assert len(adam) == 1
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(adam[0].mu)}
 
@@ -109,17 +125,28 @@ def mixed_runs(setup):
     the first step, the final state."""
     c, _, _ = setup
     tokens, words, starts = c.stream(c.locales, heldout=False)
-    base = {"model": {"preset": "test", "compute_dtype": "float32", "n_layers": 1}, "data": {"seq_len": 16},
-            "training": {"batch_size": 2, "grad_accum_steps": 8, "max_steps": 10}, "optim": {"grad_clip": 0.0}}
-    uniform = {"enabled": True, **{f"{t}_weight": 0.25 for t in TASKS}, "max_len": 32, "head_dim": 16,
-               "cross_ref_min_distance": 20}
+    base = {
+        "model": {"preset": "test", "compute_dtype": "float32", "n_layers": 1},
+        "data": {"seq_len": 16},
+        "training": {"batch_size": 2, "grad_accum_steps": 8, "max_steps": 10},
+        "optim": {"grad_clip": 0.0},
+    }
+    uniform = {
+        "enabled": True,
+        **{f"{t}_weight": 0.25 for t in TASKS},
+        "max_len": 32,
+        "head_dim": 16,
+        "cross_ref_min_distance": 20,
+    }
     mesh = make_mesh()
     rep = NamedSharding(mesh, P())
     results = {}
-    for name, mtl in [("plain", {"enabled": False}),
-                      ("lm_only", {"enabled": True, "coherence_weight": 0.0, "cross_ref_weight": 0.0, "paraphrase_weight": 0.0}),
-                      ("mixed", uniform),
-                      ("weighted", {**uniform, **{f"{t}_loss_weight": w for t, w in LOSS_WEIGHTS.items()}})]:
+    for name, mtl in [
+        ("plain", {"enabled": False}),
+        ("lm_only", {"enabled": True, "coherence_weight": 0.0, "cross_ref_weight": 0.0, "paraphrase_weight": 0.0}),
+        ("mixed", uniform),
+        ("weighted", {**uniform, **{f"{t}_loss_weight": w for t, w in LOSS_WEIGHTS.items()}}),
+    ]:
         cfg = C.from_dict({**base, "mtl": mtl})
         dc = build_device_corpus(tokens, words, starts, 16)
         if cfg.mtl.enabled:
@@ -184,8 +211,13 @@ def test_task_losses_match_a_per_verse_float64_reference(setup):
     float64; heads and losses recomputed in NumPy from the formulas in tasks.py's docstring."""
     c, dc, idx = setup
     dc = dataclasses.replace(dc, verses=idx)
-    cfg = C.from_dict({"model": {"preset": "test", "compute_dtype": "float32"}, "data": {"seq_len": 16},
-                       "mtl": {"enabled": True, "max_len": 48, "head_dim": 16, "cross_ref_min_distance": 20}})
+    cfg = C.from_dict(
+        {
+            "model": {"preset": "test", "compute_dtype": "float32"},
+            "data": {"seq_len": 16},
+            "mtl": {"enabled": True, "max_len": 48, "head_dim": 16, "cross_ref_min_distance": 20},
+        }
+    )
     m = cfg.mtl
     model = init_model(cfg)
     tokens = np.asarray(dc.tokens)
@@ -200,9 +232,9 @@ def test_task_losses_match_a_per_verse_float64_reference(setup):
         ids = garbage.integers(BYTE_OFFSET, BYTE_OFFSET + 256, (len(recs), m.max_len)).astype(np.int32)
         lens = np.minimum(length[recs], m.max_len)
         for i, r in enumerate(recs):
-            ids[i, :lens[i]] = tokens[start[r]:start[r] + lens[i]].astype(np.int32) + BYTE_OFFSET
+            ids[i, : lens[i]] = tokens[start[r] : start[r] + lens[i]].astype(np.int32) + BYTE_OFFSET
         hidden = np.asarray(model.hidden(jnp.asarray(ids)), np.float64)
-        return np.stack([hidden[i, :lens[i]].mean(axis=0) for i in range(len(recs))])
+        return np.stack([hidden[i, : lens[i]].mean(axis=0) for i in range(len(recs))])
 
     n, key = 16, jax.random.key(3)
     h = model.heads
@@ -221,7 +253,9 @@ def test_task_losses_match_a_per_verse_float64_reference(setup):
             want = ((np.maximum(0.0, cn - cp + m.triplet_margin) * w).sum() / w.sum(), ((cp > cn) * w).sum() / w.sum())
         else:
             a, b, label, valid = paraphrase_examples(idx, key, n)
-            logits = m.paraphrase_scale * _cosine(_mlp(h.para_in, h.para_out, embed(a)), _mlp(h.para_in, h.para_out, embed(b)))
+            logits = m.paraphrase_scale * _cosine(
+                _mlp(h.para_in, h.para_out, embed(a)), _mlp(h.para_in, h.para_out, embed(b))
+            )
             want = _bce_ref(logits, np.asarray(label, np.float64), np.asarray(valid, np.float64))
         np.testing.assert_allclose(float(loss), want[0], rtol=1e-4, atol=1e-6, err_msg=f"task {task} loss")
         assert float(acc) == pytest.approx(want[1]), f"task {task} accuracy"
@@ -245,12 +279,17 @@ def test_each_task_loss_weight_scales_its_own_gradient(setup, mixed_runs):
     seen = set(np.unique(tokens).astype(int) + BYTE_OFFSET) | {0, 1, 2, 3}  # specials may pad a task's input
     unseen = np.array(sorted(set(range(plain[embed].shape[0])) - seen))
     assert len(unseen) > 100
-    owned = {"lm": [(embed, unseen)], "coherence": [(k, ...) for k in plain if "coh_" in k],
-             "cross_ref": [(k, ...) for k in plain if "xref_" in k], "paraphrase": [(k, ...) for k in plain if "para_" in k]}
+    owned = {
+        "lm": [(embed, unseen)],
+        "coherence": [(k, ...) for k in plain if "coh_" in k],
+        "cross_ref": [(k, ...) for k in plain if "xref_" in k],
+        "paraphrase": [(k, ...) for k in plain if "para_" in k],
+    }
     for t, parts in owned.items():
         assert parts
         for key, rows in parts:
             want = LOSS_WEIGHTS[t] * plain[key][rows]
             assert np.abs(want).max() > 0, (t, key)
-            np.testing.assert_allclose(weighted[key][rows], want, rtol=1e-4, atol=1e-6 * np.abs(want).max(),
-                                       err_msg=f"{t}: {key}")
+            np.testing.assert_allclose(
+                weighted[key][rows], want, rtol=1e-4, atol=1e-6 * np.abs(want).max(), err_msg=f"{t}: {key}"
+            )

@@ -5,14 +5,14 @@ import io
 
 import jax.numpy as jnp
 
-from genesis_jax.model import attention
-from genesis_jax import verify
 from genesis_jax import config as C
-from genesis_jax.model.attention import Backend
-from genesis_jax.training.checkpoint import Checkpointer
+from genesis_jax import verify
 from genesis_jax.config.schema import CheckpointConfig
-from genesis_jax.telemetry.console import Console, format_line
 from genesis_jax.kernels.reference import decode_attention, reference_attention
+from genesis_jax.model import attention
+from genesis_jax.model.attention import Backend
+from genesis_jax.telemetry.console import Console, format_line
+from genesis_jax.training.checkpoint import Checkpointer
 
 
 def test_verify_passes_real_backends_and_fails_a_wrong_one(tmp_path, capsys, monkeypatch):
@@ -27,7 +27,9 @@ def test_verify_passes_real_backends_and_fails_a_wrong_one(tmp_path, capsys, mon
         return reference_attention(q, k, v, causal=False)  # attends to the future: wrong, with the right shapes
 
     # A backend registered once is checked by verify (and accepted by the config) with no other change.
-    monkeypatch.setitem(attention.BACKENDS, "future", Backend("future", future, decode_attention, None, "a wrong kernel"))
+    monkeypatch.setitem(
+        attention.BACKENDS, "future", Backend("future", future, decode_attention, None, "a wrong kernel")
+    )
     assert C.from_dict({"model": {"attention": "future"}}).model.attention == "future"
     # The others were checked above: the second run checks the new one (and xla, auto) only.
     monkeypatch.setattr(attention, "BACKENDS", {k: attention.BACKENDS[k] for k in ("reference", "xla", "future")})
@@ -37,11 +39,24 @@ def test_verify_passes_real_backends_and_fails_a_wrong_one(tmp_path, capsys, mon
 
 
 def test_console_line_against_a_hand_written_one():
-    m = {"step": 1200, "loss": 1.83142, "loss_ema": 1.99651, "lr": 2.4731e-3, "grad_norm": 0.5567, "phase_name": "WWM",
-         "mask_prob": 0.0625, "improvement": 1.61, "tokens_per_sec": 15123.0, "lr_mult": 0.56, "stuns": 1, "stun_max": 1}
+    m = {
+        "step": 1200,
+        "loss": 1.83142,
+        "loss_ema": 1.99651,
+        "lr": 2.4731e-3,
+        "grad_norm": 0.5567,
+        "phase_name": "WWM",
+        "mask_prob": 0.0625,
+        "improvement": 1.61,
+        "tokens_per_sec": 15123.0,
+        "lr_mult": 0.56,
+        "stuns": 1,
+        "stun_max": 1,
+    }
     assert format_line(m, 1500, 138.0) == (
         "step    1200/1500 | loss 1.8314 | ema 1.9965 | lr 2.47e-03 | gnorm  0.557 | WWM  mask  6.2%  +1.6% | "
-        "lr x0.56 (stun 1/1) |    15.1k tok/s | ETA 2m18s")
+        "lr x0.56 (stun 1/1) |    15.1k tok/s | ETA 2m18s"
+    )
 
 
 def test_progress_bar_never_erases_a_log_line():

@@ -9,7 +9,7 @@ def starts(text: str) -> list[str]:
     flags = word_starts(text)
     assert len(flags) == len(b)
     idx = [i for i, f in enumerate(flags) if f] + [len(b)]
-    return [b[idx[i]:idx[i + 1]].decode("utf-8").split(" ")[0].rstrip(",.!?:;") for i in range(len(idx) - 1)]
+    return [b[idx[i] : idx[i + 1]].decode("utf-8").split(" ")[0].rstrip(",.!?:;") for i in range(len(idx) - 1)]
 
 
 def test_latin_and_both_apostrophes():

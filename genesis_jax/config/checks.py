@@ -21,7 +21,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even for rotary embeddings")
     k = cfg.curriculum
     if k.span_max_len < k.span_min_len:
-        raise ConfigError(f"curriculum.span_max_len = {k.span_max_len} is below curriculum.span_min_len = {k.span_min_len}")
+        raise ConfigError(
+            f"curriculum.span_max_len = {k.span_max_len} is below curriculum.span_min_len = {k.span_min_len}"
+        )
     validate_parallel(cfg)
     mt = cfg.mtl
     if mt.lm_weight + mt.coherence_weight + mt.cross_ref_weight + mt.paraphrase_weight <= 0:

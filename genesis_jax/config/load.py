@@ -1,4 +1,6 @@
-"""TODO(config)."""
+"""A config from TOML with `--set section.key=value` overrides; unknown keys, wrong types and
+impossible combinations raise `ConfigError` naming the key. Also the config back to TOML, its
+hash and a readable diff of two configs (a resume that changed keys says which)."""
 
 from __future__ import annotations
 
@@ -6,17 +8,16 @@ import dataclasses
 import hashlib
 import json
 import math
+import tomllib  # Python >= 3.11: no tomli needed
 import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
-import tomllib  # Python >= 3.11: no tomli needed
+
+from ..core.errors import ConfigError, did_you_mean
 from .checks import validate
-from ..core.errors import did_you_mean
-from ..core.errors import ConfigError
 from .ranges import RangeError
-from .schema import Config, ModelConfig, SECTIONS
-from .schema import resolve_model
+from .schema import SECTIONS, Config, ModelConfig, resolve_model
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -47,8 +48,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         numbers = [e for a, e in zip(args, errors) if typing.get_origin(a) is Annotated]
         if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
             raise ConfigError(numbers[0])  # a number out of range: say the range
-        names = " or ".join("none" if a is type(None) else getattr(typing.get_args(a)[0] if typing.get_origin(a) is Annotated
-                                                                       else a, "__name__", str(a)) for a in args)
+        names = " or ".join(
+            "none"
+            if a is type(None)
+            else getattr(typing.get_args(a)[0] if typing.get_origin(a) is Annotated else a, "__name__", str(a))
+            for a in args
+        )
         raise ConfigError(f"{key} = {value!r}: expected {names}")
     if tp is type(None):
         if value is not None:
@@ -116,8 +121,6 @@ def from_dict(raw: dict[str, Any]) -> Config:
     cfg = Config(model=model, **sections)
     validate(cfg)
     return cfg
-
-
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

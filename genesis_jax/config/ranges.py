@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 import numpy as np
 
@@ -30,12 +31,18 @@ class Range:
 
     def describe(self) -> str:
         lo = _num(self.lo)
-        return f"{'an integer' if self.integer else 'a number'} within {'(' if self.lo_open else '['}{lo}, " \
-               f"{_num(self.hi)}{')' if self.hi_open else ']'}"
+        return (
+            f"{'an integer' if self.integer else 'a number'} within {'(' if self.lo_open else '['}{lo}, "
+            f"{_num(self.hi)}{')' if self.hi_open else ']'}"
+        )
 
     def check(self, value: Any) -> int | float:
         """`value` as this range's type, or RangeError saying what was expected."""
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.integer and not isinstance(value, int)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (self.integer and not isinstance(value, int))
+        ):
             raise RangeError(f"expected {self.describe()}")
         if not math.isfinite(value):
             raise RangeError(f"expected {self.describe()} (a finite number)")

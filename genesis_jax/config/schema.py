@@ -1,4 +1,5 @@
-"""TODO(config)."""
+"""The typed, frozen run configuration: one dataclass per TOML section, each numeric key annotated
+with its range (ranges.py), and the model presets. No JAX here: a config loads without it."""
 
 from __future__ import annotations
 
@@ -6,11 +7,23 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
-from .ranges import INT32_MAX, Count, Count0, Decay, Factor, Finite, NonNegative, OpenProbability, Positive, Probability, Range, Seed
-from ..core.tokenizer import VOCAB_SIZE
-from ..core.errors import ConfigError
-from ..core.errors import did_you_mean
 
+from ..core.errors import ConfigError, did_you_mean
+from ..core.tokenizer import VOCAB_SIZE
+from .ranges import (
+    INT32_MAX,
+    Count,
+    Count0,
+    Decay,
+    Factor,
+    Finite,
+    NonNegative,
+    OpenProbability,
+    Positive,
+    Probability,
+    Range,
+    Seed,
+)
 
 MeshAxis = Annotated[int, Range(-1, INT32_MAX, integer=True)]  # -1: the devices the other axes leave
 
@@ -40,7 +53,9 @@ class ModelConfig:
     rope_base: Positive = 10000.0  # rotary embedding base
     attention: str = "xla"  # attention backend: a name in attention.BACKENDS, or "auto"
     remat: bool = False  # recompute each block in the backward pass to save memory
-    scan_unroll: Count = 1  # blocks per iteration of the layer scan (n_layers: no loop); compiles slower, may run faster
+    scan_unroll: Count = (
+        1  # blocks per iteration of the layer scan (n_layers: no loop); compiles slower, may run faster
+    )
     embed_init_std: NonNegative = 0.02  # std of the tied embedding; sets initial logit scale
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # activations and matmuls; weights stay float32
 
@@ -150,7 +165,9 @@ class CurriculumConfig:
     analytics_window: Count = 100  # loss analytics window; EMA alpha = 2 / (window + 1)
     loss_ema_decay: Probability = 0.99  # the loss EMA the phase machine and stun watch (on the device)
     locale_ema_decay: Probability = 0.99  # per-locale EMA of per-sequence loss
-    plateau_lr_patience: Count0 = 1000  # steps without a new phase-local EMA minimum (counted from a phase's anchor) before a stun (0 = off)
+    plateau_lr_patience: Count0 = (
+        1000  # steps without a new phase-local EMA minimum (counted from a phase's anchor) before a stun (0 = off)
+    )
     plateau_lr_drop: Factor = 0.5  # stun: LR multiplier and Adam first moment scaled by this
     plateau_min_delta: Decay = 1e-3  # a loss-EMA minimum counts only if it beats the last by this fraction
     stun_max_count: Count0 = 1  # stuns allowed in a run
@@ -170,7 +187,9 @@ class EvalConfig:
     max_val_ppl: Positive = 8.0  # go/no-go: validation perplexity at most this
     max_train_val_gap: Finite = 0.3  # go/no-go: validation minus training cross-entropy at most this (nats)
     min_alignment_acc: Probability = 0.02  # go/no-go: mean cross-lingual top-1 retrieval accuracy at least this
-    grokking_drop: NonNegative = 0.1  # validation loss falling by this fraction within the window: a grokking signal (0 = off)
+    grokking_drop: NonNegative = (
+        0.1  # validation loss falling by this fraction within the window: a grokking signal (0 = off)
+    )
     grokking_window: Count = 1000  # steps over which the drop is measured
     grokking_min_step: Count0 = 2000  # no grokking signal before this step (early training always drops fast)
 
@@ -216,15 +235,24 @@ SECTIONS: dict[str, type] = {**typing.get_type_hints(Config), "model": ModelConf
 def resolve_model(m: ModelConfig) -> ModelSpec:
     """Fill model keys from the preset; "auto" intermediate size becomes 4 * dim."""
     if m.preset not in PRESETS:
-        raise ConfigError(f"model.preset = {m.preset!r}: unknown preset{did_you_mean(m.preset, list(PRESETS))}; known: {', '.join(PRESETS)}")
+        raise ConfigError(
+            f"model.preset = {m.preset!r}: unknown preset{did_you_mean(m.preset, list(PRESETS))}; known: {', '.join(PRESETS)}"
+        )
     preset = PRESETS[m.preset]
     dim = m.dim if m.dim is not None else preset["dim"]
     size = m.intermediate_size if m.intermediate_size is not None else preset["intermediate_size"]
     if size == "auto":
         size = 4 * dim
     elif isinstance(size, str):
-        raise ConfigError(f"model.intermediate_size = {size!r}: expected an integer or \"auto\"")
+        raise ConfigError(f'model.intermediate_size = {size!r}: expected an integer or "auto"')
     n_heads = m.n_heads if m.n_heads is not None else preset["n_heads"]
-    return ModelSpec(**{**dataclasses.asdict(m), "dim": dim, "n_heads": n_heads, "intermediate_size": size,
-                        "n_layers": m.n_layers if m.n_layers is not None else preset["n_layers"],
-                        "n_kv_heads": m.n_kv_heads if m.n_kv_heads is not None else n_heads})
+    return ModelSpec(
+        **{
+            **dataclasses.asdict(m),
+            "dim": dim,
+            "n_heads": n_heads,
+            "intermediate_size": size,
+            "n_layers": m.n_layers if m.n_layers is not None else preset["n_layers"],
+            "n_kv_heads": m.n_kv_heads if m.n_kv_heads is not None else n_heads,
+        }
+    )

@@ -11,7 +11,8 @@ import functools
 import importlib.metadata
 import importlib.util
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 
 def module_available(name: str) -> bool:
@@ -60,11 +61,15 @@ GPU_LAUNCH_SEGMENTS = (11, 12)
 # shared memory bytes) in each format the supported JAX versions write.
 THUNK_LAUNCHES = (
     # JAX 0.10 and 0.11: "NAME grid: [x, y, z] threads: [x, y, z]  shared_memory: N bytes"
-    re.compile(r"(?P<name>\S+) grid: \[(?P<grid>\d+, \d+, \d+)\] threads: \[(?P<threads>\d+, \d+, \d+)\]"
-               r"\s+shared_memory: (?P<shared>\d+) bytes"),
+    re.compile(
+        r"(?P<name>\S+) grid: \[(?P<grid>\d+, \d+, \d+)\] threads: \[(?P<threads>\d+, \d+, \d+)\]"
+        r"\s+shared_memory: (?P<shared>\d+) bytes"
+    ),
     # JAX 0.12: "kernel=NAME, ... launch dimensions=blocks: {x, y, z}, threads/block: {x, y, z}, ... shmem_bytes=N"
-    re.compile(r"kernel=(?P<name>[^,\s]+),.*?launch dimensions=blocks: \{(?P<grid>\d+, \d+, \d+)\}, "
-               r"threads/block: \{(?P<threads>\d+, \d+, \d+)\}.*?shmem_bytes=(?P<shared>\d+)"),
+    re.compile(
+        r"kernel=(?P<name>[^,\s]+),.*?launch dimensions=blocks: \{(?P<grid>\d+, \d+, \d+)\}, "
+        r"threads/block: \{(?P<threads>\d+, \d+, \d+)\}.*?shmem_bytes=(?P<shared>\d+)"
+    ),
 )
 
 

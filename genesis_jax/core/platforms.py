@@ -21,6 +21,10 @@ def require() -> None:
     except (RuntimeError, AssertionError) as e:
         asked = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or "(default)"
         text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        why = text.split("': ", 1)[1] if text.startswith("Unable to initialize backend") else "no such device is visible"
-        raise PlatformError(f"JAX_PLATFORMS={asked}: cannot start it on this machine ({why[:200]}); "
-                            "set JAX_PLATFORMS=cpu, or unset it to use the devices that are there") from None
+        why = (
+            text.split("': ", 1)[1] if text.startswith("Unable to initialize backend") else "no such device is visible"
+        )
+        raise PlatformError(
+            f"JAX_PLATFORMS={asked}: cannot start it on this machine ({why[:200]}); "
+            "set JAX_PLATFORMS=cpu, or unset it to use the devices that are there"
+        ) from None

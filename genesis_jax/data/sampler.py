@@ -1,12 +1,17 @@
-"""TODO(tasks)."""
+"""Jitted batch sampling: windows of the device corpus (optionally within one locale), their
+mask, and the token windows of verses for the multi-task examples. A batch is a pure function
+of a PRNG key, so the batch of step s depends on (seed, s) alone and a resumed run draws
+exactly the same batches."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
-from .device import DeviceCorpus
+
 from ..core.tokenizer import BYTE_OFFSET, PAD_ID
+from .device import DeviceCorpus
 from .masks import MaskParams, make_mask
 from .verses import VerseIndex
 
@@ -36,7 +41,9 @@ def window_starts(corpus: DeviceCorpus, key: jax.Array, n: int) -> tuple[jax.Arr
     return corpus.locale_starts[loc] + (u - corpus.valid_cum[loc]), loc
 
 
-def locale_window_starts(corpus: DeviceCorpus, key: jax.Array, n: int, locale: jax.Array) -> tuple[jax.Array, jax.Array]:
+def locale_window_starts(
+    corpus: DeviceCorpus, key: jax.Array, n: int, locale: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """n starts inside one locale, clamped so a window never reads past the locale's end, and
     their locale: -1 when the locale is shorter than one window (those rows are to be skipped;
     per-locale sums by segment drop negative ids)."""
@@ -50,8 +57,9 @@ def _gather(arr: jax.Array, starts: jax.Array, length: int) -> jax.Array:
     return jnp.take(arr, idx, axis=0, mode="clip")
 
 
-def lm_batch(corpus: DeviceCorpus, key: jax.Array, n: int, seq_len: int, mask: MaskParams,
-             locale: jax.Array | None = None) -> Batch:
+def lm_batch(
+    corpus: DeviceCorpus, key: jax.Array, n: int, seq_len: int, mask: MaskParams, locale: jax.Array | None = None
+) -> Batch:
     """n LM windows (optionally from one locale): inputs x[t:t+L] (masked), labels x[t+1:t+L+1]."""
     k_start, k_mask = jax.random.split(key)
     if locale is None:

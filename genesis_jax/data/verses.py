@@ -1,15 +1,18 @@
-"""TODO(tasks)."""
+"""The verse index of multi-task learning: the training split's records on the device, and the
+examples each task draws from it (consecutive pairs, cross-references, paraphrases across
+locales). Also the task ids and names every other part uses."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from ..config.schema import MTLConfig
 from ..core.errors import ConfigError
 from ..corpus.store import Corpus
-
 
 LM, COHERENCE, CROSS_REF, PARAPHRASE = 0, 1, 2, 3
 
@@ -57,8 +60,16 @@ def build_verse_index(corpus: Corpus, locales: list[str], locale_starts: np.ndar
     key_rec[locale, key] = np.arange(len(key))
     succ = np.where(key + 1 < n_keys, key_rec[locale, np.minimum(key + 1, n_keys - 1)], -1)
     next_rec = np.where(key + 1 < n_keys, succ, -1)
-    arrays = dict(start=start, length=length, locale=locale, key=key, loc_first=np.array(first),
-                  next_rec=next_rec, has_next=np.flatnonzero(next_rec >= 0), key_rec=key_rec)
+    arrays = dict(
+        start=start,
+        length=length,
+        locale=locale,
+        key=key,
+        loc_first=np.array(first),
+        next_rec=next_rec,
+        has_next=np.flatnonzero(next_rec >= 0),
+        key_rec=key_rec,
+    )
     return VerseIndex(**{k: jnp.asarray(v, jnp.int32) for k, v in arrays.items()})
 
 
@@ -72,14 +83,20 @@ def check_possible(mtl: MTLConfig, idx: VerseIndex, locales: list[str]) -> None:
     spread = max((int(keys[locs == i].max() - keys[locs == i].min()) for i in np.unique(locs)), default=0)
     where = f"the training split of {', '.join(locales)}"
     if mtl.paraphrase_weight > 0 and shared == 0:
-        raise ConfigError(f"mtl.paraphrase_weight = {mtl.paraphrase_weight}: paraphrase pairs need one key in two locales, "
-                          f"and {where} has none; set it to 0 or train on more locales")
+        raise ConfigError(
+            f"mtl.paraphrase_weight = {mtl.paraphrase_weight}: paraphrase pairs need one key in two locales, "
+            f"and {where} has none; set it to 0 or train on more locales"
+        )
     if mtl.coherence_weight > 0 and int(np.asarray(idx.has_next).size) == 0:
-        raise ConfigError(f"mtl.coherence_weight = {mtl.coherence_weight}: coherence needs two consecutive keys in a "
-                          f"locale, and {where} has none; set it to 0")
+        raise ConfigError(
+            f"mtl.coherence_weight = {mtl.coherence_weight}: coherence needs two consecutive keys in a "
+            f"locale, and {where} has none; set it to 0"
+        )
     if mtl.cross_ref_weight > 0 and spread < mtl.cross_ref_min_distance:
-        raise ConfigError(f"mtl.cross_ref_min_distance = {mtl.cross_ref_min_distance}: {where} spans {spread} keys, so "
-                          "cross_ref has no negatives; lower it or set mtl.cross_ref_weight = 0")
+        raise ConfigError(
+            f"mtl.cross_ref_min_distance = {mtl.cross_ref_min_distance}: {where} spans {spread} keys, so "
+            "cross_ref has no negatives; lower it or set mtl.cross_ref_weight = 0"
+        )
 
 
 def _random_in_locale(idx: VerseIndex, key: jax.Array, loc: jax.Array) -> jax.Array:
@@ -100,8 +117,9 @@ def coherence_examples(idx: VerseIndex, key: jax.Array, n: int) -> tuple[jax.Arr
     return a, jnp.where(label > 0, idx.next_rec[a], rand), label
 
 
-def cross_ref_examples(idx: VerseIndex, key: jax.Array, n: int, window: int,
-                       min_distance: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def cross_ref_examples(
+    idx: VerseIndex, key: jax.Array, n: int, window: int, min_distance: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """(anchor, positive, negative, valid): positive 1..window keys away (either side),
     negative at least min_distance records (hence keys) away in the same locale."""
     ka, kd, ks, kn = jax.random.split(key, 4)

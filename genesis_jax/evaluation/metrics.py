@@ -44,17 +44,31 @@ def eval_metrics() -> list[EvalMetric]:
         EvalMetric("val/ppl", "validation", "perplexity", panel=None, gate="max_val_ppl"),
         EvalMetric("val/bpb", "validation", "bits/byte"),
         EvalMetric("train/loss", "validation", "train loss", "{:.4f}"),
-        EvalMetric("gap/val_minus_train", "train/validation", "gap", "{:+.4f}", panel="train/validation gap",
-                   gate="max_train_val_gap"),
+        EvalMetric(
+            "gap/val_minus_train",
+            "train/validation",
+            "gap",
+            "{:+.4f}",
+            panel="train/validation gap",
+            gate="max_train_val_gap",
+        ),
     ]
     for kind in reconstruction_kinds():
-        out += [EvalMetric(f"recon/{kind}/accuracy", f"reconstruction {kind}", "accuracy", panel="reconstruction accuracy",
-                           console=kind == "random"),
-                EvalMetric(f"recon/{kind}/cer", f"reconstruction {kind}", "CER"),
-                EvalMetric(f"recon/{kind}/masked_fraction", f"reconstruction {kind}", "masked", "{:.1%}")]
+        out += [
+            EvalMetric(
+                f"recon/{kind}/accuracy",
+                f"reconstruction {kind}",
+                "accuracy",
+                panel="reconstruction accuracy",
+                console=kind == "random",
+            ),
+            EvalMetric(f"recon/{kind}/cer", f"reconstruction {kind}", "CER"),
+            EvalMetric(f"recon/{kind}/masked_fraction", f"reconstruction {kind}", "masked", "{:.1%}"),
+        ]
     out += [
-        EvalMetric("align/top1", "alignment", "top-1", panel="alignment", gate="min_alignment_acc", minimum=True,
-                   console=True),
+        EvalMetric(
+            "align/top1", "alignment", "top-1", panel="alignment", gate="min_alignment_acc", minimum=True, console=True
+        ),
         EvalMetric("align/chance", "alignment", "chance"),
         EvalMetric("align/keys", "alignment", "keys", "{:.0f}"),
         EvalMetric("align/procrustes", "alignment", "procrustes"),
@@ -102,8 +116,9 @@ def format_table(results: dict[str, float], locales: list[str]) -> str:
 
 def console_summary(results: dict[str, float]) -> str:
     """The headline metrics of a quick evaluation, for the training console."""
-    return " | ".join(f"{m.label} {m.fmt.format(results[m.key])}" for m in eval_metrics()
-                      if m.console and m.key in results)
+    return " | ".join(
+        f"{m.label} {m.fmt.format(results[m.key])}" for m in eval_metrics() if m.console and m.key in results
+    )
 
 
 def panels() -> dict[str, list[str]]:

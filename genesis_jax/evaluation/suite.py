@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,15 +14,15 @@ import numpy as np
 from flax import nnx
 
 from ..config.schema import Config
+from ..core.tokenizer import BYTE_OFFSET, PAD_ID
 from ..corpus.store import Corpus
 from ..data.host import Streams, ValWindows, val_windows
-from .similarity import char_error_rate, linear_cka, procrustes_residual, retrieval_top1
-from .metrics import VERSE, reconstruction_kinds
 from ..data.masks import MaskParams, make_mask
-from ..parallel.sharding import put
-from ..model.loss import make_eval_step
 from ..model.heads import pooled
-from ..core.tokenizer import BYTE_OFFSET, PAD_ID
+from ..model.loss import make_eval_step
+from ..parallel.sharding import put
+from .metrics import VERSE, reconstruction_kinds
+from .similarity import char_error_rate, linear_cka, procrustes_residual, retrieval_top1
 
 NEWLINE = ord("\n")
 RECONSTRUCTION_SEED = 1234  # the same masks at every evaluation, so scores compare across steps
@@ -30,8 +31,9 @@ RECONSTRUCTION_SEED = 1234  # the same masks at every evaluation, so scores comp
 WindowLossFn = Callable[[nnx.State, jax.Array, jax.Array], jax.Array]
 
 
-def window_losses(fn: WindowLossFn, params: nnx.State, w: ValWindows, batch: int,
-                  sharding: jax.sharding.Sharding | None = None) -> np.ndarray:
+def window_losses(
+    fn: WindowLossFn, params: nnx.State, w: ValWindows, batch: int, sharding: jax.sharding.Sharding | None = None
+) -> np.ndarray:
     """Per-window mean cross-entropy, in fixed-size batches (the last one wraps around and its
     extra rows are dropped), so every call reuses one compiled shape."""
     n = len(w.locale)
@@ -59,21 +61,34 @@ def ce_summary(per: np.ndarray, w: ValWindows, prefix: str = "val") -> dict[str,
     return out
 
 
-def jit_validation_step(graphdef: nnx.GraphDef, sharding: jax.sharding.Sharding | None = None, params_sharding: Any = None,
-                        out_sharding: jax.sharding.Sharding | None = None) -> jax.stages.Wrapped:
+def jit_validation_step(
+    graphdef: nnx.GraphDef,
+    sharding: jax.sharding.Sharding | None = None,
+    params_sharding: Any = None,
+    out_sharding: jax.sharding.Sharding | None = None,
+) -> jax.stages.Wrapped:
     """The jitted per-window loss of validation; explicit shardings when `params_sharding` is given
     (shared with `plan`, which compiles it for a GPU)."""
-    explicit = {} if params_sharding is None else {"in_shardings": (params_sharding, sharding, sharding),
-                                                   "out_shardings": out_sharding}
+    explicit = (
+        {}
+        if params_sharding is None
+        else {"in_shardings": (params_sharding, sharding, sharding), "out_shardings": out_sharding}
+    )
     return jax.jit(make_eval_step(graphdef), **explicit)
 
 
 class Validator:
     """Scores fixed held-out windows: global and per-locale CE, perplexity, bits per byte."""
 
-    def __init__(self, windows: ValWindows, batch_size: int, graphdef: nnx.GraphDef,
-                 sharding: jax.sharding.Sharding | None = None, params_sharding: Any = None,
-                 out_sharding: jax.sharding.Sharding | None = None):
+    def __init__(
+        self,
+        windows: ValWindows,
+        batch_size: int,
+        graphdef: nnx.GraphDef,
+        sharding: jax.sharding.Sharding | None = None,
+        params_sharding: Any = None,
+        out_sharding: jax.sharding.Sharding | None = None,
+    ):
         """`sharding`: of a batch of windows; with `params_sharding` and `out_sharding` (the
         training state's, and a replicated one on its mesh) the step has explicit shardings."""
         self.w, self.batch, self.sharding = windows, batch_size, sharding
@@ -84,11 +99,15 @@ class Validator:
 
 
 class EvalSuite:
-    def __init__(self, cfg: Config, corpus: Corpus, locales: list[str], graphdef: nnx.GraphDef,
-                 streams: Streams | None = None):
+    def __init__(
+        self, cfg: Config, corpus: Corpus, locales: list[str], graphdef: nnx.GraphDef, streams: Streams | None = None
+    ):
         """`streams`: (train, held-out) results of `corpus.stream` when the caller has them."""
         self.cfg, self.corpus, self.locales, self.graphdef = cfg, corpus, locales, graphdef
-        self.train, self.heldout = streams or (corpus.stream(locales, heldout=False), corpus.stream(locales, heldout=True))
+        self.train, self.heldout = streams or (
+            corpus.stream(locales, heldout=False),
+            corpus.stream(locales, heldout=True),
+        )
         self.ce = jax.jit(make_eval_step(graphdef))
         self.forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
         self.pooled = jax.jit(lambda p, x, valid: pooled(nnx.merge(graphdef, p).hidden(x), valid))
@@ -126,9 +145,9 @@ class EvalSuite:
         for r, row in enumerate(ids):
             nl = np.flatnonzero(row == NEWLINE + BYTE_OFFSET)
             if len(nl) >= 2:
-                mask[r, nl[0] + 1:nl[1]] = True
+                mask[r, nl[0] + 1 : nl[1]] = True
             elif len(nl) == 1:
-                mask[r, nl[0] + 1:] = True
+                mask[r, nl[0] + 1 :] = True
             else:
                 mask[r, 1:] = True
         return mask
@@ -142,15 +161,23 @@ class EvalSuite:
         e = self.cfg.eval
         out: dict[str, float] = {}
         key = jax.random.key(RECONSTRUCTION_SEED)
-        masks = {kind: np.array(self.mask_fn(key, jnp.asarray(words), MaskParams.make(kind, e.mask_prob, e.span_len, e.span_len)))
-                 for kind in reconstruction_kinds()[:-1]}
+        masks = {
+            kind: np.array(
+                self.mask_fn(key, jnp.asarray(words), MaskParams.make(kind, e.mask_prob, e.span_len, e.span_len))
+            )
+            for kind in reconstruction_kinds()[:-1]
+        }
         masks[VERSE] = self.verse_mask(ids)
         batch = self.cfg.training.batch_size
         for kind, mask in masks.items():
             mask[:, 0] = False  # the first byte has no history to predict it from
             corrupted = np.where(mask, self.cfg.data.mask_id, ids)
-            preds = np.concatenate([np.asarray(jnp.argmax(self.forward(params, jnp.asarray(corrupted[lo:lo + batch])), axis=-1))
-                                    for lo in range(0, len(ids), batch)])
+            preds = np.concatenate(
+                [
+                    np.asarray(jnp.argmax(self.forward(params, jnp.asarray(corrupted[lo : lo + batch])), axis=-1))
+                    for lo in range(0, len(ids), batch)
+                ]
+            )
             pred_at = np.zeros_like(ids)
             pred_at[:, 1:] = preds[:, :-1]  # prediction for position t comes from position t - 1
             hits = (pred_at == ids)[mask]
@@ -176,11 +203,17 @@ class EvalSuite:
         ids = np.full((len(texts), n), PAD_ID, np.int32)
         for i, t in enumerate(texts):
             b = np.frombuffer(t[:n], np.uint8)
-            ids[i, :len(b)] = b.astype(np.int32) + BYTE_OFFSET
+            ids[i, : len(b)] = b.astype(np.int32) + BYTE_OFFSET
         valid = ids != PAD_ID
         b = self.cfg.training.batch_size
-        return np.concatenate([np.asarray(self.pooled(params, jnp.asarray(ids[lo:lo + b]), jnp.asarray(valid[lo:lo + b])),
-                                          np.float64) for lo in range(0, len(ids), b)])
+        return np.concatenate(
+            [
+                np.asarray(
+                    self.pooled(params, jnp.asarray(ids[lo : lo + b]), jnp.asarray(valid[lo : lo + b])), np.float64
+                )
+                for lo in range(0, len(ids), b)
+            ]
+        )
 
     def alignment(self, params: nnx.State, n_keys: int) -> dict[str, float]:
         """For held-out keys present in every locale: top-1 retrieval of the same verse across
@@ -194,8 +227,10 @@ class EvalSuite:
         if len(self.locales) < 2 or len(keys) < 2:
             return {}
         keys = keys[:: max(1, len(keys) // n_keys)][:n_keys]
-        emb = {loc: self.embed(params, [c.record_text(by_key[k][loc]).encode("utf-8") for k in keys])
-               for loc in self.locales}
+        emb = {
+            loc: self.embed(params, [c.record_text(by_key[k][loc]).encode("utf-8") for k in keys])
+            for loc in self.locales
+        }
         out: dict[str, float] = {"align/keys": float(len(keys))}
         accs, res, ckas = [], [], []
         for a, b in itertools.combinations(self.locales, 2):
@@ -204,8 +239,14 @@ class EvalSuite:
             accs.append(acc)
             res.append(procrustes_residual(emb[a], emb[b]))
             ckas.append(linear_cka(emb[a], emb[b]))
-        out.update({"align/top1": float(np.mean(accs)), "align/procrustes": float(np.mean(res)),
-                    "align/cka": float(np.mean(ckas)), "align/chance": 1.0 / len(keys)})
+        out.update(
+            {
+                "align/top1": float(np.mean(accs)),
+                "align/procrustes": float(np.mean(res)),
+                "align/cka": float(np.mean(ckas)),
+                "align/chance": 1.0 / len(keys),
+            }
+        )
         return out
 
     # -- suites ---------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import numpy as np
 
 from ..config.schema import Config, ModelSpec
 from ..core.errors import UserError
-from ..model.llama import LAYER_NORM_EPS, RMS_EPS, deepnorm_alpha
 from ..core.tokenizer import BOS_ID, BYTE_OFFSET, EOS_ID, PAD_ID, UNK_ID, VOCAB_SIZE
+from ..model.llama import LAYER_NORM_EPS, RMS_EPS, deepnorm_alpha
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -35,6 +35,7 @@ def need(module: str) -> Any:
 
 # -- weights -----------------------------------------------------------------------------------
 
+
 def write_weights(tensors: dict[str, np.ndarray], out: Path, max_shard_bytes: int) -> list[str]:
     """Write the tensors as one safetensors file, or as shards in name order with an index when
     they exceed `max_shard_bytes` (a single tensor larger than the limit gets a shard of its own)."""
@@ -55,8 +56,10 @@ def write_weights(tensors: dict[str, np.ndarray], out: Path, max_shard_bytes: in
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
         numpy_io.save_file(shard, str(out / name), metadata=meta)
-    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-             "weight_map": {t: name for name, shard in zip(names, shards) for t in shard}}
+    index = {
+        "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+        "weight_map": {t: name for name, shard in zip(names, shards) for t in shard},
+    }
     (out / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return [*names, INDEX]
 
@@ -87,26 +90,50 @@ def read_weights(directory: Path) -> dict[str, np.ndarray]:
 
 # -- config --------------------------------------------------------------------------------------
 
+
 def hf_config(cfg: Config, dtype: str) -> dict[str, Any]:
     """config.json: a LlamaForCausalLM for rmsnorm models, our remote-code class for deepnorm."""
     m = cfg.model
     c: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB_SIZE,
-        "hidden_size": m.dim, "intermediate_size": m.intermediate_size, "num_hidden_layers": m.n_layers,
-        "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_dim,
-        "hidden_act": "silu", "max_position_embeddings": cfg.data.seq_len, "rms_norm_eps": RMS_EPS,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": m.dim,
+        "intermediate_size": m.intermediate_size,
+        "num_hidden_layers": m.n_layers,
+        "num_attention_heads": m.n_heads,
+        "num_key_value_heads": m.n_kv_heads,
+        "head_dim": m.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.data.seq_len,
+        "rms_norm_eps": RMS_EPS,
         # rope_parameters for transformers >= 5, rope_theta for older releases
-        "rope_theta": m.rope_base, "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_base},
-        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "tie_word_embeddings": True,
-        "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
-        "initializer_range": m.embed_init_std, "use_cache": True, "torch_dtype": dtype, "dtype": dtype,
+        "rope_theta": m.rope_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_base},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+        "initializer_range": m.embed_init_std,
+        "use_cache": True,
+        "torch_dtype": dtype,
+        "dtype": dtype,
     }
     if m.norm_type == "deepnorm":
         module = REMOTE_CODE.removesuffix(".py")
-        c.update(architectures=["GenesisDeepnormForCausalLM"], model_type=DEEPNORM_TYPE,
-                 deepnorm_alpha=deepnorm_alpha(m.n_layers), layer_norm_eps=LAYER_NORM_EPS,
-                 auto_map={"AutoConfig": f"{module}.GenesisDeepnormConfig",
-                           "AutoModelForCausalLM": f"{module}.GenesisDeepnormForCausalLM"})
+        c.update(
+            architectures=["GenesisDeepnormForCausalLM"],
+            model_type=DEEPNORM_TYPE,
+            deepnorm_alpha=deepnorm_alpha(m.n_layers),
+            layer_norm_eps=LAYER_NORM_EPS,
+            auto_map={
+                "AutoConfig": f"{module}.GenesisDeepnormConfig",
+                "AutoModelForCausalLM": f"{module}.GenesisDeepnormForCausalLM",
+            },
+        )
     return c
 
 
@@ -117,33 +144,47 @@ def generation_config() -> dict[str, Any]:
 def check_compatible(hf: dict[str, Any], spec: ModelSpec, where: Path) -> None:
     """Every shape and the norm type of a model directory against `[model]`, one line naming
     the first mismatch."""
-    norm = "deepnorm" if hf.get("model_type") == DEEPNORM_TYPE else "rmsnorm" if hf.get("model_type") == "llama" else None
+    norm = (
+        "deepnorm" if hf.get("model_type") == DEEPNORM_TYPE else "rmsnorm" if hf.get("model_type") == "llama" else None
+    )
     if norm is None:
         raise UserError(f"{where}: model_type {hf.get('model_type')!r} is not a Llama (llama or {DEEPNORM_TYPE})")
     if norm != spec.norm_type:
-        raise UserError(f"{where}: model_type {hf['model_type']!r} is a {norm} model, model.norm_type is {spec.norm_type!r}")
+        raise UserError(
+            f"{where}: model_type {hf['model_type']!r} is a {norm} model, model.norm_type is {spec.norm_type!r}"
+        )
     theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta"))
-    pairs = [("vocab_size", hf.get("vocab_size"), "the byte vocabulary", VOCAB_SIZE),
-             ("hidden_size", hf.get("hidden_size"), "model.dim", spec.dim),
-             ("num_hidden_layers", hf.get("num_hidden_layers"), "model.n_layers", spec.n_layers),
-             ("num_attention_heads", hf.get("num_attention_heads"), "model.n_heads", spec.n_heads),
-             ("num_key_value_heads", hf.get("num_key_value_heads", hf.get("num_attention_heads")), "model.n_kv_heads",
-              spec.n_kv_heads),
-             ("intermediate_size", hf.get("intermediate_size"), "model.intermediate_size", spec.intermediate_size),
-             ("head_dim", hf.get("head_dim", spec.head_dim), "model.dim / model.n_heads", spec.head_dim),
-             ("rope_theta", theta, "model.rope_base", spec.rope_base),
-             ("hidden_act", hf.get("hidden_act", "silu"), "our SwiGLU", "silu"),
-             ("attention_bias", bool(hf.get("attention_bias", False)), "our bias-free attention", False),
-             ("mlp_bias", bool(hf.get("mlp_bias", False)), "our bias-free MLP", False)]
+    pairs = [
+        ("vocab_size", hf.get("vocab_size"), "the byte vocabulary", VOCAB_SIZE),
+        ("hidden_size", hf.get("hidden_size"), "model.dim", spec.dim),
+        ("num_hidden_layers", hf.get("num_hidden_layers"), "model.n_layers", spec.n_layers),
+        ("num_attention_heads", hf.get("num_attention_heads"), "model.n_heads", spec.n_heads),
+        (
+            "num_key_value_heads",
+            hf.get("num_key_value_heads", hf.get("num_attention_heads")),
+            "model.n_kv_heads",
+            spec.n_kv_heads,
+        ),
+        ("intermediate_size", hf.get("intermediate_size"), "model.intermediate_size", spec.intermediate_size),
+        ("head_dim", hf.get("head_dim", spec.head_dim), "model.dim / model.n_heads", spec.head_dim),
+        ("rope_theta", theta, "model.rope_base", spec.rope_base),
+        ("hidden_act", hf.get("hidden_act", "silu"), "our SwiGLU", "silu"),
+        ("attention_bias", bool(hf.get("attention_bias", False)), "our bias-free attention", False),
+        ("mlp_bias", bool(hf.get("mlp_bias", False)), "our bias-free MLP", False),
+    ]
     if norm == "rmsnorm":
         pairs.append(("rms_norm_eps", hf.get("rms_norm_eps"), "our RMSNorm", RMS_EPS))
     for key, theirs, ours_name, ours in pairs:
-        if theirs != ours and not (isinstance(theirs, float | int) and isinstance(ours, float | int)
-                                   and np.isclose(float(theirs), float(ours), rtol=1e-9, atol=0)):
+        if theirs != ours and not (
+            isinstance(theirs, float | int)
+            and isinstance(ours, float | int)
+            and np.isclose(float(theirs), float(ours), rtol=1e-9, atol=0)
+        ):
             raise UserError(f"{where}: {key} is {theirs!r}, {ours_name} is {ours!r}")
 
 
 # -- tokenizer ------------------------------------------------------------------------------------
+
 
 def byte_alphabet() -> list[str]:
     """The printable character GPT-2's byte-level tokenizers use for each byte value."""
@@ -169,9 +210,16 @@ def write_tokenizer(out: Path, seq_len: int) -> list[str]:
     tokenizer.add_special_tokens([tk.AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     tokenizer.save(str(out / "tokenizer.json"))
     names = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "add_bos_token": False, "add_eos_token": False,
-              # "<s>" typed in a text stays its bytes, as our tokenizer reads it
-              "split_special_tokens": True, "model_max_length": seq_len, "clean_up_tokenization_spaces": False}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **names,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        # "<s>" typed in a text stays its bytes, as our tokenizer reads it
+        "split_special_tokens": True,
+        "model_max_length": seq_len,
+        "clean_up_tokenization_spaces": False,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (out / "special_tokens_map.json").write_text(json.dumps(names, indent=2) + "\n", encoding="utf-8")
     return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]

@@ -17,9 +17,15 @@ from ..core.tokenizer import VOCAB_SIZE
 Tree = dict[str, Any]
 
 # Ours (under `blocks`) -> transformers' names inside `model.layers.{i}.`, transposed.
-LINEAR = {("attn", "wq"): "self_attn.q_proj", ("attn", "wk"): "self_attn.k_proj", ("attn", "wv"): "self_attn.v_proj",
-          ("attn", "wo"): "self_attn.o_proj", ("mlp", "w1"): "mlp.gate_proj", ("mlp", "w3"): "mlp.up_proj",
-          ("mlp", "w2"): "mlp.down_proj"}
+LINEAR = {
+    ("attn", "wq"): "self_attn.q_proj",
+    ("attn", "wk"): "self_attn.k_proj",
+    ("attn", "wv"): "self_attn.v_proj",
+    ("attn", "wo"): "self_attn.o_proj",
+    ("mlp", "w1"): "mlp.gate_proj",
+    ("mlp", "w3"): "mlp.up_proj",
+    ("mlp", "w2"): "mlp.down_proj",
+}
 NORMS = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm"}
 ROTATED = {"wq": "n_heads", "wk": "n_kv_heads"}
 
@@ -56,8 +62,15 @@ def to_hf(params: Tree, spec: ModelSpec) -> dict[str, np.ndarray]:
 def hf_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """Every tensor of the export of a `spec` model, with its shape (torch's [out, in])."""
     d, ff, q, kv = spec.dim, spec.intermediate_size, spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
-    linear = {"self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
-              "self_attn.o_proj": (d, q), "mlp.gate_proj": (ff, d), "mlp.up_proj": (ff, d), "mlp.down_proj": (d, ff)}
+    linear = {
+        "self_attn.q_proj": (q, d),
+        "self_attn.k_proj": (kv, d),
+        "self_attn.v_proj": (kv, d),
+        "self_attn.o_proj": (d, q),
+        "mlp.gate_proj": (ff, d),
+        "mlp.up_proj": (ff, d),
+        "mlp.down_proj": (d, ff),
+    }
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB_SIZE, d), "model.norm.weight": (d,)}
     for i in range(spec.n_layers):
         shapes.update({f"model.layers.{i}.{name}.weight": shape for name, shape in linear.items()})

@@ -9,24 +9,33 @@ function for the KV-cache path: queries at positions `start..start+l` against a 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import jax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
+from ..core.errors import ConfigError, did_you_mean
 from ..kernels.blocked_attention import blocked_attention
 from ..kernels.flash_attention import flash_attention
 from ..kernels.platform import target_platform
 from ..kernels.reference import decode_attention, reference_attention
-
-from ..core.errors import ConfigError, did_you_mean
 from ..parallel.sharding import BATCH, attention_spec
 
 
 class AttentionFn(Protocol):
-    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-                 segment_ids: jax.Array | None = None, sm_scale: float | None = None) -> jax.Array: ...
+    def __call__(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        *,
+        causal: bool = True,
+        segment_ids: jax.Array | None = None,
+        sm_scale: float | None = None,
+    ) -> jax.Array: ...
 
 
 class DecodeFn(Protocol):
@@ -73,8 +82,9 @@ def check_name(name: str) -> None:
     """Refuse a `model.attention` that names no backend: commands call it right after loading a
     config (the config itself imports no kernel), and `backend` before choosing."""
     if name not in names():
-        raise ConfigError(f"model.attention = {name!r}: expected one of {', '.join(map(repr, names()))}"
-                          f"{did_you_mean(name, names())}")
+        raise ConfigError(
+            f"model.attention = {name!r}: expected one of {', '.join(map(repr, names()))}{did_you_mean(name, names())}"
+        )
 
 
 def auto_choice(platform: str) -> str:
@@ -96,15 +106,29 @@ def backend(name: str, platform: str | None = None) -> Backend:
     return b
 
 
-def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-           segment_ids: jax.Array | None = None, sm_scale: float | None = None) -> jax.Array:
+def _cudnn(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    segment_ids: jax.Array | None = None,
+    sm_scale: float | None = None,
+) -> jax.Array:
     if segment_ids is not None:
         raise ValueError("cudnn backend: segment_ids are not supported")
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale, implementation="cudnn")
 
 
-def _mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-            segment_ids: jax.Array | None = None, sm_scale: float | None = None) -> jax.Array:
+def _mosaic(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    segment_ids: jax.Array | None = None,
+    sm_scale: float | None = None,
+) -> jax.Array:
     """The Mosaic GPU kernel where it applies (bf16/fp16, head_dim <= 128), the Triton one elsewhere."""
     from ..kernels.mosaic.forward import HEAD_DIMS, SUPPORTED_DTYPES, flash_attention_mgpu
 
@@ -117,24 +141,60 @@ def _mosaic(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
 def _plain(fn: Callable[..., jax.Array]) -> AttentionFn:
     """The kernels' own keywords (block sizes, interpret) stay at their defaults here."""
 
-    def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-               segment_ids: jax.Array | None = None, sm_scale: float | None = None) -> jax.Array:
+    def attend(
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        *,
+        causal: bool = True,
+        segment_ids: jax.Array | None = None,
+        sm_scale: float | None = None,
+    ) -> jax.Array:
         return fn(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale)
 
     attend.__name__ = attend.__qualname__ = fn.__name__
     return attend
 
 
-register(Backend("xla", _plain(blocked_attention), decode_attention, None,
-                 "blocked jnp attention with a recomputing backward (kernels/blocked_attention.py): the fast path off the GPU"))
-register(Backend("reference", _plain(reference_attention), decode_attention, None,
-                 "plain jnp softmax attention (float32 softmax); the reference every other backend is checked against"))
+register(
+    Backend(
+        "xla",
+        _plain(blocked_attention),
+        decode_attention,
+        None,
+        "blocked jnp attention with a recomputing backward (kernels/blocked_attention.py): the fast path off the GPU",
+    )
+)
+register(
+    Backend(
+        "reference",
+        _plain(reference_attention),
+        decode_attention,
+        None,
+        "plain jnp softmax attention (float32 softmax); the reference every other backend is checked against",
+    )
+)
 # Off the GPU the Pallas kernel runs in interpret mode: correct and slow, for tests.
-register(Backend("pallas", _plain(flash_attention), decode_attention, None,
-                 "our fused flash-attention kernel (kernels/flash_attention.py)", compiled_on=("gpu",)))
+register(
+    Backend(
+        "pallas",
+        _plain(flash_attention),
+        decode_attention,
+        None,
+        "our fused flash-attention kernel (kernels/flash_attention.py)",
+        compiled_on=("gpu",),
+    )
+)
 # GPU only: off it the Mosaic kernel runs in GPU interpret mode, for its own tests (minutes per model step).
-register(Backend("mosaic", _mosaic, decode_attention, ("gpu",),
-                 "our Mosaic GPU kernel for Hopper (kernels/flash_attention_mgpu.py); float32 or head_dim > 128: pallas"))
+register(
+    Backend(
+        "mosaic",
+        _mosaic,
+        decode_attention,
+        ("gpu",),
+        "our Mosaic GPU kernel for Hopper (kernels/flash_attention_mgpu.py); float32 or head_dim > 128: pallas",
+    )
+)
 register(Backend("cudnn", _cudnn, decode_attention, ("gpu",), "cuDNN's fused attention through jax.nn"))
 
 
@@ -144,18 +204,29 @@ def per_shard(backend: Backend, mesh: Mesh) -> Backend:
     and per head, so no communication is needed inside."""
     spec = attention_spec()
 
-    def fn(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-           segment_ids: jax.Array | None = None, sm_scale: float | None = None) -> jax.Array:
+    def fn(
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        *,
+        causal: bool = True,
+        segment_ids: jax.Array | None = None,
+        sm_scale: float | None = None,
+    ) -> jax.Array:
         if segment_ids is None:
+
             def block(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
                 return backend.fn(q, k, v, causal=causal, sm_scale=sm_scale)
 
-            return jax.shard_map(block, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+            return jax.shard_map(block, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
+                q, k, v
+            )
 
         def block_seg(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array) -> jax.Array:
             return backend.fn(q, k, v, causal=causal, segment_ids=seg, sm_scale=sm_scale)
 
-        return jax.shard_map(block_seg, mesh=mesh, in_specs=(spec, spec, spec, P(BATCH, None)), out_specs=spec,
-                             check_vma=False)(q, k, v, segment_ids)
+        return jax.shard_map(
+            block_seg, mesh=mesh, in_specs=(spec, spec, spec, P(BATCH, None)), out_specs=spec, check_vma=False
+        )(q, k, v, segment_ids)
 
     return dataclasses.replace(backend, fn=fn)

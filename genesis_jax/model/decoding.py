@@ -7,14 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .memory import check_generation
 from ..core.errors import UserError
-from .llama import KVCache, Llama
 from ..core.tokenizer import BYTE_OFFSET, VOCAB_SIZE
+from .llama import KVCache, Llama
+from .memory import check_generation
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                  top_p: jax.Array) -> jax.Array:
+def sample_logits(
+    logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+) -> jax.Array:
     """One byte token per row: greedy at temperature 0, else softmax sampling after top-k and
     top-p (nucleus) filtering; special ids are never produced."""
     logits = logits.astype(jnp.float32).at[:, :BYTE_OFFSET].set(-jnp.inf)
@@ -33,9 +34,18 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
     return jnp.where(temperature <= 0.0, greedy, sampled).astype(jnp.int32)
 
 
-def generate(model: Llama, prompt: bytes, *, max_tokens: int, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, stop: list[str | bytes] | None = None, seed: int = 0,
-             num_samples: int = 1) -> list[bytes]:
+def generate(
+    model: Llama,
+    prompt: bytes,
+    *,
+    max_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop: list[str | bytes] | None = None,
+    seed: int = 0,
+    num_samples: int = 1,
+) -> list[bytes]:
     """Continue `prompt` with a KV cache; each sample stops at its first stop sequence (which is
     cut off) or after `max_tokens` bytes."""
     if not prompt:
@@ -48,8 +58,9 @@ def generate(model: Llama, prompt: bytes, *, max_tokens: int, temperature: float
     knobs = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
 
     @jax.jit
-    def advance(params: nnx.State, toks: jax.Array, start: jax.Array, cache: KVCache,
-                key: jax.Array) -> tuple[jax.Array, KVCache]:
+    def advance(
+        params: nnx.State, toks: jax.Array, start: jax.Array, cache: KVCache, key: jax.Array
+    ) -> tuple[jax.Array, KVCache]:
         logits, cache = nnx.merge(graphdef, params).cached(toks, start, cache)
         return sample_logits(logits[:, -1], key, *knobs), cache
 
@@ -66,7 +77,7 @@ def generate(model: Llama, prompt: bytes, *, max_tokens: int, temperature: float
             out[i].append(int(host[i]) - BYTE_OFFSET)
             hit = [bytes(out[i]).find(s) for s in stops if s in out[i]]
             if hit:
-                del out[i][min(hit):]
+                del out[i][min(hit) :]
                 done[i] = True
         if done.all() or t == max_tokens - 1:
             break

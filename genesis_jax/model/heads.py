@@ -1,10 +1,13 @@
-"""TODO(tasks)."""
+"""The multi-task heads (docs/design.md, "Multi-task learning") on mean-pooled final hidden states
+(padding excluded): coherence is an MLP on [a; b], cross_ref and paraphrase are projections
+compared by cosine."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
 from ..config.schema import ModelSpec, MTLConfig
 from .attention import Backend
 from .llama import Llama
@@ -36,7 +39,9 @@ class MultiTaskLlama(Llama):
     """The decoder with the task heads trained beside it; the heads sit under `heads` in the
     parameter tree, where checkpoints keep them."""
 
-    def __init__(self, cfg: ModelSpec, mtl: MTLConfig, rngs: nnx.Rngs, head_rngs: nnx.Rngs, attn: Backend | None = None):
+    def __init__(
+        self, cfg: ModelSpec, mtl: MTLConfig, rngs: nnx.Rngs, head_rngs: nnx.Rngs, attn: Backend | None = None
+    ):
         super().__init__(cfg, rngs, attn)
         self.heads = TaskHeads(cfg.dim, mtl, head_rngs)
 

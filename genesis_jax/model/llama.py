@@ -16,14 +16,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import attention
-from .attention import Backend
 from ..config.schema import ModelSpec
 from ..core.tokenizer import VOCAB_SIZE
+from . import attention
+from .attention import Backend
 
 RMS_EPS, LAYER_NORM_EPS = 1e-6, 1e-5  # the norms' epsilons (an export's config.json states them)
 
-KVCache = tuple[jax.Array, jax.Array]  # keys, values [batch, max_len, n_kv_heads, head_dim], stacked over layers in Llama
+KVCache = tuple[
+    jax.Array, jax.Array
+]  # keys, values [batch, max_len, n_kv_heads, head_dim], stacked over layers in Llama
 
 
 def deepnorm_alpha(n_layers: int) -> float:
@@ -71,11 +73,19 @@ class LayerNorm(nnx.Module):
         return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
-def _linear(din: int, dout: int, init: nnx.Initializer, dtype: jnp.dtype, rngs: nnx.Rngs,
-            axes: tuple[str, str]) -> nnx.Linear:
+def _linear(
+    din: int, dout: int, init: nnx.Initializer, dtype: jnp.dtype, rngs: nnx.Rngs, axes: tuple[str, str]
+) -> nnx.Linear:
     """A bias-free projection whose kernel carries logical axis names (sharding.RULES maps them)."""
-    return nnx.Linear(din, dout, use_bias=False, kernel_init=nnx.with_partitioning(init, axes), dtype=dtype,
-                      param_dtype=jnp.float32, rngs=rngs)
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=False,
+        kernel_init=nnx.with_partitioning(init, axes),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
 
 
 def _inits(cfg: ModelSpec) -> tuple[nnx.Initializer, nnx.Initializer, nnx.Initializer]:
@@ -117,8 +127,7 @@ class Attention(nnx.Module):
         o = self.attn.fn(q, k, v, causal=True, segment_ids=segment_ids)
         return self.wo(o.reshape(b * l, self.n_heads * self.head_dim)).reshape(b, l, -1)
 
-    def cached(self, x: jax.Array, start: jax.Array, cache: KVCache
-               ) -> tuple[jax.Array, KVCache]:
+    def cached(self, x: jax.Array, start: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """New tokens at positions start.. attend to the cache and themselves; the cache is updated."""
         b, l, _ = x.shape
         positions = start + jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
@@ -168,8 +177,7 @@ class Block(nnx.Module):
         x = x + self.attn(self.norm1(x), positions, segment_ids)
         return x + self.mlp(self.norm2(x))
 
-    def cached(self, x: jax.Array, start: jax.Array, cache: KVCache
-               ) -> tuple[jax.Array, KVCache]:
+    def cached(self, x: jax.Array, start: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         if self.deepnorm:
             a, cache = self.attn.cached(x, start, cache)
             x = self.norm1(self.alpha * x + a)
@@ -227,8 +235,7 @@ class Llama(nnx.Module):
         shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
         return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
 
-    def cached(self, tokens: jax.Array, start: jax.Array, cache: KVCache
-               ) -> tuple[jax.Array, KVCache]:
+    def cached(self, tokens: jax.Array, start: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Logits of `tokens` placed at positions start.. after the cached prefix, and the new cache.
 
         A prompt is one call from start 0 (prefill); each generated token is one more call, so

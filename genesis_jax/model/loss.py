@@ -1,12 +1,15 @@
-"""TODO(step)."""
+"""Next-byte cross-entropy of the language model, per batch or per sequence, and the jitted
+evaluation step that validation and the evaluation suite share."""
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
+
 import jax
 import optax
 from flax import nnx
+
 from ..data.sampler import Batch
 
 

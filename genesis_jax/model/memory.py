@@ -81,8 +81,10 @@ def refuse_if_over(parts: dict[str, tuple[int, str]], what: str, have: tuple[int
         return
     label, (_, knobs) = max(parts.items(), key=lambda kv: kv[1][0])
     detail = ", ".join(f"{size(b)} {name}" for name, (b, _) in parts.items())
-    raise ResourceError(f"{what} needs at least {size(need)} ({detail}), but {have[1]} has {size(have[0])}; "
-                        f"the largest part is {label}: lower {knobs}")
+    raise ResourceError(
+        f"{what} needs at least {size(need)} ({detail}), but {have[1]} has {size(have[0])}; "
+        f"the largest part is {label}: lower {knobs}"
+    )
 
 
 def check_training(cfg: Config) -> None:
@@ -90,15 +92,24 @@ def check_training(cfg: Config) -> None:
     the windows of a whole step (every micro-batch's are drawn together)."""
     m, t = cfg.model, cfg.training
     tokens = t.batch_size * cfg.data.seq_len
-    refuse_if_over({
-        "the parameters with gradients and Adam moments": (
-            TRAINING_BYTES_PER_PARAMETER * parameter_count(m), "model.dim, model.n_layers or model.intermediate_size"),
-        "one micro-batch's logits and residual stream": (
-            tokens * (2 * VOCAB_SIZE + m.n_layers * m.dim) * FLOAT32, "training.batch_size or data.seq_len"),
-        "one step's windows (inputs, labels, masks), drawn at once": (
-            tokens * t.grad_accum_steps * 3 * FLOAT32, "training.grad_accum_steps, training.batch_size or data.seq_len"),
-        **(task_parts(cfg) if cfg.mtl.enabled else {}),
-    }, "training")
+    refuse_if_over(
+        {
+            "the parameters with gradients and Adam moments": (
+                TRAINING_BYTES_PER_PARAMETER * parameter_count(m),
+                "model.dim, model.n_layers or model.intermediate_size",
+            ),
+            "one micro-batch's logits and residual stream": (
+                tokens * (2 * VOCAB_SIZE + m.n_layers * m.dim) * FLOAT32,
+                "training.batch_size or data.seq_len",
+            ),
+            "one step's windows (inputs, labels, masks), drawn at once": (
+                tokens * t.grad_accum_steps * 3 * FLOAT32,
+                "training.grad_accum_steps, training.batch_size or data.seq_len",
+            ),
+            **(task_parts(cfg) if cfg.mtl.enabled else {}),
+        },
+        "training",
+    )
 
 
 def task_parts(cfg: Config) -> dict[str, tuple[int, str]]:
@@ -107,18 +118,30 @@ def task_parts(cfg: Config) -> dict[str, tuple[int, str]]:
     m, h = cfg.model, cfg.mtl.head_dim
     heads = 2 * m.dim * h + h + h + 1 + 2 * (m.dim * h + h + h * h + h)  # coherence, cross_ref, paraphrase
     pairs = cfg.training.batch_size * 2 * cfg.mtl.max_len
-    return {"the task heads with gradients and Adam moments": (TRAINING_BYTES_PER_PARAMETER * heads, "mtl.head_dim"),
-            "one micro-batch's verse pairs through the model": (pairs * m.n_layers * m.dim * FLOAT32,
-                                                                "mtl.max_len or training.batch_size")}
+    return {
+        "the task heads with gradients and Adam moments": (TRAINING_BYTES_PER_PARAMETER * heads, "mtl.head_dim"),
+        "one micro-batch's verse pairs through the model": (
+            pairs * m.n_layers * m.dim * FLOAT32,
+            "mtl.max_len or training.batch_size",
+        ),
+    }
 
 
 def check_generation(m: ModelSpec, samples: int, prompt_len: int, max_tokens: int) -> None:
     """Before the KV cache is allocated: weights, cache and the prompt's logits for every sample."""
     cache_bytes = 2 if m.compute_dtype == "bfloat16" else FLOAT32
     length = prompt_len + max_tokens
-    refuse_if_over({
-        "the weights": (FLOAT32 * parameter_count(m), "the model (it is the checkpoint's)"),
-        "the KV cache": (samples * length * m.n_layers * 2 * m.n_kv_heads * m.head_dim * cache_bytes,
-                         "--num-samples or --max-tokens"),
-        "the prompt's logits": (samples * prompt_len * VOCAB_SIZE * FLOAT32, "--num-samples or the prompt's length"),
-    }, f"generating {samples} sample(s) of up to {length} bytes")
+    refuse_if_over(
+        {
+            "the weights": (FLOAT32 * parameter_count(m), "the model (it is the checkpoint's)"),
+            "the KV cache": (
+                samples * length * m.n_layers * 2 * m.n_kv_heads * m.head_dim * cache_bytes,
+                "--num-samples or --max-tokens",
+            ),
+            "the prompt's logits": (
+                samples * prompt_len * VOCAB_SIZE * FLOAT32,
+                "--num-samples or the prompt's length",
+            ),
+        },
+        f"generating {samples} sample(s) of up to {length} bytes",
+    )

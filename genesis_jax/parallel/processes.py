@@ -22,10 +22,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ..core.compat import persistent_cache_unsafe
-from ..core.errors import UserError
-from ..core.errors import print_err
 from ..config.ranges import COUNT, COUNT0, flag
+from ..core.compat import persistent_cache_unsafe
+from ..core.errors import UserError, print_err
 
 
 class DisagreementError(UserError):
@@ -36,13 +35,26 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("multi-process (jax.distributed)")
     g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address; starts one process of a run")
     g.add_argument("--num-processes", type=flag(COUNT), help="processes in the run (with --coordinator)")
-    g.add_argument("--process-id", type=flag(COUNT0), help="this process's rank, 0..num-processes-1 (with --coordinator)")
-    g.add_argument("--distributed", action="store_true",
-                   help="let JAX detect the cluster (SLURM, Open MPI) and initialise from it")
-    g.add_argument("--heartbeat-timeout", type=flag(COUNT), default=60, metavar="S",
-                   help="seconds after which the others stop when a process is gone (default 60)")
-    g.add_argument("--join-timeout", type=flag(COUNT), default=300, metavar="S",
-                   help="seconds a process waits for all the others to join and agree before it gives up (default 300)")
+    g.add_argument(
+        "--process-id", type=flag(COUNT0), help="this process's rank, 0..num-processes-1 (with --coordinator)"
+    )
+    g.add_argument(
+        "--distributed", action="store_true", help="let JAX detect the cluster (SLURM, Open MPI) and initialise from it"
+    )
+    g.add_argument(
+        "--heartbeat-timeout",
+        type=flag(COUNT),
+        default=60,
+        metavar="S",
+        help="seconds after which the others stop when a process is gone (default 60)",
+    )
+    g.add_argument(
+        "--join-timeout",
+        type=flag(COUNT),
+        default=300,
+        metavar="S",
+        help="seconds a process waits for all the others to join and agree before it gives up (default 300)",
+    )
 
 
 class JoinWatchdog:
@@ -62,8 +74,10 @@ class JoinWatchdog:
         print_err(f"{self.who}: waiting for {self.waits_for} (gives up after {self.timeout} s: --join-timeout)")
         if self.done.wait(self.timeout - min(self.NOTICE_S, self.timeout / 2)):
             return
-        print_err(f"error: {self.who}: gave up after {self.timeout} s waiting for {self.waits_for}; start every process "
-                  "of the run with the same --coordinator and --num-processes, or raise --join-timeout")
+        print_err(
+            f"error: {self.who}: gave up after {self.timeout} s waiting for {self.waits_for}; start every process "
+            "of the run with the same --coordinator and --num-processes, or raise --join-timeout"
+        )
         sys.stderr.flush()
         os._exit(2)  # the main thread is blocked inside JAX's runtime; nothing has been written yet
 
@@ -83,8 +97,10 @@ def check_port_free(address: str) -> None:
             s.bind(("0.0.0.0", int(port)))
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                raise UserError(f"--coordinator {address}: port {port} is in use on this host (another run's "
-                                "coordinator?); choose a free port") from None
+                raise UserError(
+                    f"--coordinator {address}: port {port} is in use on this host (another run's "
+                    "coordinator?); choose a free port"
+                ) from None
             raise UserError(f"--coordinator {address}: cannot serve on port {port} ({e.strerror})") from None
 
 
@@ -102,16 +118,27 @@ def initialize(args: argparse.Namespace) -> JoinWatchdog | None:
         who, waits_for = "this process", "the cluster's other processes to join"
     else:
         who = f"process {args.process_id} of {args.num_processes}"
-        waits_for = (f"the other {args.num_processes - 1} process(es) to join at {args.coordinator}" if args.process_id == 0
-                     else f"process 0's coordinator at {args.coordinator} and the others to join")
+        waits_for = (
+            f"the other {args.num_processes - 1} process(es) to join at {args.coordinator}"
+            if args.process_id == 0
+            else f"process 0's coordinator at {args.coordinator} and the others to join"
+        )
         if args.process_id == 0:
             check_port_free(args.coordinator)
     watchdog = JoinWatchdog(args.join_timeout, who, waits_for)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # collectives of CPU devices across processes
-    kwargs = {} if args.distributed else {"coordinator_address": args.coordinator, "num_processes": args.num_processes,
-                                          "process_id": args.process_id}
-    jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=args.heartbeat_timeout,
-                               initialization_timeout=args.join_timeout + 60)  # ours fires first, in one line
+    kwargs = (
+        {}
+        if args.distributed
+        else {
+            "coordinator_address": args.coordinator,
+            "num_processes": args.num_processes,
+            "process_id": args.process_id,
+        }
+    )
+    jax.distributed.initialize(
+        **kwargs, heartbeat_timeout_seconds=args.heartbeat_timeout, initialization_timeout=args.join_timeout + 60
+    )  # ours fires first, in one line
     watchdog.waits_for = "the other processes to compare their settings"
     if why := persistent_cache_unsafe(jax.default_backend(), jax.process_count()):
         jax.config.update("jax_enable_compilation_cache", False)
@@ -130,11 +157,11 @@ def agree(fingerprint: dict[str, str], watchdog: JoinWatchdog | None) -> None:
     blob = np.frombuffer(json.dumps(list(fingerprint.items())).encode("utf-8"), np.uint8)
     lengths = np.asarray(multihost_utils.process_allgather(np.int32(blob.size))).reshape(-1)
     padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[:blob.size] = blob
+    padded[: blob.size] = blob
     blobs = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
     if watchdog:
         watchdog.stop()
-    read = lambda i: dict(json.loads(bytes(blobs[i, :lengths[i]]).decode("utf-8")))  # noqa: E731
+    read = lambda i: dict(json.loads(bytes(blobs[i, : lengths[i]]).decode("utf-8")))  # noqa: E731
     ref = read(0)
     for i in range(1, len(lengths)):
         other = read(i)
@@ -142,7 +169,8 @@ def agree(fingerprint: dict[str, str], watchdog: JoinWatchdog | None) -> None:
             if ref.get(key) != other.get(key):
                 raise DisagreementError(
                     f"the processes disagree: {key} is {other.get(key, '(absent)')} in process {i} and "
-                    f"{ref.get(key, '(absent)')} in process 0; start every process with the same config, corpus and run directory")
+                    f"{ref.get(key, '(absent)')} in process 0; start every process with the same config, corpus and run directory"
+                )
 
 
 def is_primary() -> bool:

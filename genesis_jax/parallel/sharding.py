@@ -15,10 +15,11 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from ..config.schema import Config, ParallelConfig
 from ..config.checks import check_tensor_split
+from ..config.schema import Config, ParallelConfig
 from ..core.errors import ConfigError
 
 DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
@@ -43,17 +44,21 @@ def mesh_shape(p: ParallelConfig, n_devices: int) -> dict[str, int]:
     for axis, n in sizes.items():
         if n == -1:
             if n_devices % fixed:
-                raise ConfigError(f"parallel.{axis} = -1: the other axes ({fixed} devices) do not divide the "
-                                  f"device count {n_devices}")
+                raise ConfigError(
+                    f"parallel.{axis} = -1: the other axes ({fixed} devices) do not divide the device count {n_devices}"
+                )
             sizes[axis] = n_devices // fixed
     if math.prod(sizes.values()) != n_devices:
-        raise ConfigError(f"parallel: data x fsdp x tensor = {sizes[DATA]} x {sizes[FSDP]} x {sizes[TENSOR]} = "
-                          f"{math.prod(sizes.values())}, but there are {n_devices} devices")
+        raise ConfigError(
+            f"parallel: data x fsdp x tensor = {sizes[DATA]} x {sizes[FSDP]} x {sizes[TENSOR]} = "
+            f"{math.prod(sizes.values())}, but there are {n_devices} devices"
+        )
     return sizes
 
 
-def make_mesh(n_devices: int | None = None, parallel: ParallelConfig | None = None,
-              devices: list[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    n_devices: int | None = None, parallel: ParallelConfig | None = None, devices: list[jax.Device] | None = None
+) -> Mesh:
     """The (data, fsdp, tensor) mesh over the first `n_devices` of `devices` (default: all of
     JAX's; `plan` passes the compile-only devices of a GPU it compiles for); without `parallel`,
     every device on `data`."""
@@ -68,8 +73,10 @@ def check_devices(cfg: Config, mesh: Mesh) -> None:
     """Checks that need the mesh: the batch splits over data x fsdp, heads and hidden over tensor."""
     split = batch_split(mesh)
     if cfg.training.batch_size % split:
-        raise ConfigError(f"training.batch_size = {cfg.training.batch_size} is not divisible by "
-                          f"parallel.data x parallel.fsdp = {split} (the devices a batch is split over)")
+        raise ConfigError(
+            f"training.batch_size = {cfg.training.batch_size} is not divisible by "
+            f"parallel.data x parallel.fsdp = {split} (the devices a batch is split over)"
+        )
     check_tensor_split(mesh.shape[TENSOR], cfg.model)
 
 
@@ -108,6 +115,7 @@ def state_shardings(mesh: Mesh, state: Any) -> Any:
 def put(tree: Any, shardings: Any) -> Any:
     """Host values onto the mesh (one sharding, or a tree of them): each process fills the
     blocks of its own devices from its copy of the same value, so this works across processes."""
+
     def one(x: Any, s: jax.sharding.Sharding) -> jax.Array:
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # a typed PRNG key: place its raw bits
             return jax.random.wrap_key_data(one(jax.random.key_data(x), s), impl=jax.random.key_impl(x))

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as config_lib
-from ..cli import ArgumentParser, run_cli
 from ..config.ranges import COUNT, flag
+from ..core.cli import ArgumentParser, run_cli
 from ..core.errors import UserError
 from ..core.writing import write_file
 from . import target as targets
@@ -28,13 +28,18 @@ MIB = 2**20
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = ArgumentParser(prog="python -m genesis_jax.plan", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(
+        prog="python -m genesis_jax.plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config", required=True, help="TOML run config")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
     ap.add_argument("--target", default="h200", help=f"GPU to compile for: {', '.join(targets.names())} (default h200)")
-    ap.add_argument("--devices", type=flag(COUNT), default=None,
-                    help="GPUs of one host to shard over (default: the product of [parallel] when it has no -1, else 1)")
+    ap.add_argument(
+        "--devices",
+        type=flag(COUNT),
+        default=None,
+        help="GPUs of one host to shard over (default: the product of [parallel] when it has no -1, else 1)",
+    )
     ap.add_argument("--json", type=Path, help="also write the whole plan as JSON here")
     ap.add_argument("--keep", type=Path, help="keep the compiler's logs and XLA dumps in this directory")
     return ap.parse_args(argv)
@@ -50,13 +55,17 @@ def kernel_table(kernels: list[dict[str, Any]]) -> list[str]:
         return "?" if v is None else str(v)
 
     w = max([24, *(len(k["name"]) for k in kernels)])
-    lines = [f"  {'kernel':<{w}} {'registers':>9} {'spill st/ld B':>14} {'stack B':>8} {'shared KiB':>10} "
-             f"{'threads':>7} {'blocks/SM':>9}"]
+    lines = [
+        f"  {'kernel':<{w}} {'registers':>9} {'spill st/ld B':>14} {'stack B':>8} {'shared KiB':>10} "
+        f"{'threads':>7} {'blocks/SM':>9}"
+    ]
     for k in kernels:
         shared = "?" if k["shared_memory"] is None else f"{k['shared_memory'] / 1024:.1f}"
         spill = f"{show(k['spill_stores'])}/{show(k['spill_loads'])}"
-        lines.append(f"  {k['name']:<{w}} {show(k['registers']):>9} {spill:>14} {show(k['stack']):>8} {shared:>10} "
-                     f"{show(k['threads']):>7} {show(k['blocks_per_sm']):>9}")
+        lines.append(
+            f"  {k['name']:<{w}} {show(k['registers']):>9} {spill:>14} {show(k['stack']):>8} {shared:>10} "
+            f"{show(k['threads']):>7} {show(k['blocks_per_sm']):>9}"
+        )
     return lines
 
 
@@ -66,18 +75,28 @@ def memory_lines(r: JobResult, c: Compiled) -> tuple[list[str], list[str]]:
     rows, peak = r.memory_rows()
     lines = [f"{'memory per device':<62} {'MiB':>10}"] + [f"  {label:<60} {b / MIB:>10,.1f}" for label, b in rows]
     fits = peak <= c.memory_limit
-    frac = "" if c.target is None else (f" ({targets.memory_fraction():.0%} of {c.target.memory_bytes / MIB:,.0f} MiB, "
-                                        "XLA_PYTHON_CLIENT_MEM_FRACTION)")
-    lines.append(f"  peak {peak / MIB:,.1f} MiB of {c.memory_limit / MIB:,.1f} MiB usable{frac}: "
-                 f"{'fits' if fits else 'DOES NOT FIT'}")
+    frac = (
+        ""
+        if c.target is None
+        else (
+            f" ({targets.memory_fraction():.0%} of {c.target.memory_bytes / MIB:,.0f} MiB, "
+            "XLA_PYTHON_CLIENT_MEM_FRACTION)"
+        )
+    )
+    lines.append(
+        f"  peak {peak / MIB:,.1f} MiB of {c.memory_limit / MIB:,.1f} MiB usable{frac}: "
+        f"{'fits' if fits else 'DOES NOT FIT'}"
+    )
     lines.append("largest temporaries of the train step (MiB each x count, shape, operation):")
     per_layer = False
     activations = f"[{info['n_layers']},{info['rows_per_device']},"  # per layer, per sequence
     for v in r.programs[0]["largest"]:
         layered = activations in v["shape"]
         per_layer |= layered
-        lines.append(f"  {v['bytes'] / MIB:>10,.1f} x {v['count']:<3} {v['shape']:<26} "
-                     + ("activations of every layer, kept for the backward pass" if layered else v["op"]))
+        lines.append(
+            f"  {v['bytes'] / MIB:>10,.1f} x {v['count']:<3} {v['shape']:<26} "
+            + ("activations of every layer, kept for the backward pass" if layered else v["op"])
+        )
     if per_layer and not info["remat"]:
         lines.append("  (model.remat = true recomputes each block in the backward pass instead of keeping these)")
     failures = [] if fits else [f"needs {peak / MIB:,.0f} MiB per device, {c.memory_limit / MIB:,.0f} MiB usable"]
@@ -101,14 +120,20 @@ def kernel_lines(r: JobResult) -> tuple[list[str], list[str]]:
 def report(args: argparse.Namespace, c: Compiled, n_devices: int) -> tuple[list[str], list[str]]:
     """The printed plan, and the reasons it fails (empty: exit 0)."""
     r = c.results[0]
-    where = c.device_kind + (f" (sm_{c.target.compute_capability.replace('.', '')}a, {c.target.sm_count} SMs)"
-                             if c.target else " (this machine)")
+    where = c.device_kind + (
+        f" (sm_{c.target.compute_capability.replace('.', '')}a, {c.target.sm_count} SMs)"
+        if c.target
+        else " (this machine)"
+    )
     lines = [f"plan: {args.config} for {n_devices} x {where}, target {args.target}"]
     if not r.ok:
         return lines + [f"compile failed: {r.error}"], [f"the compile failed: {r.error}"]
     info = r.info
-    lines += [f"model {info['model']}: {info['n_parameters']:,} parameters, attention {info['attention']}",
-              f"batch {info['batch']}; mesh {' x '.join(f'{k} {v}' for k, v in info['mesh'].items())}", ""]
+    lines += [
+        f"model {info['model']}: {info['n_parameters']:,} parameters, attention {info['attention']}",
+        f"batch {info['batch']}; mesh {' x '.join(f'{k} {v}' for k, v in info['mesh'].items())}",
+        "",
+    ]
     memory, memory_failures = memory_lines(r, c)
     kernel, kernel_failures = kernel_lines(r)
     lines += memory + ["compile: " + ", ".join(f"{p['name']} {p['compile_s']:.1f} s" for p in r.programs), ""] + kernel
@@ -130,11 +155,26 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(r.error)
         lines, failures = report(args, c, n)
         print("\n".join(lines))
-        print(f"\nverdict: {'; '.join(failures) if failures else 'fits, and every Pallas kernel compiles without spills'}")
+        print(
+            f"\nverdict: {'; '.join(failures) if failures else 'fits, and every Pallas kernel compiles without spills'}"
+        )
         if args.json:
-            write_file(args.json, json.dumps({"target": args.target, "device_kind": c.device_kind, "devices": n,
-                                              "memory_limit": c.memory_limit, "peak": r.memory_rows()[1] if r.ok else None,
-                                              "ok": not failures, "failures": failures, "job": r.__dict__}, indent=1))
+            write_file(
+                args.json,
+                json.dumps(
+                    {
+                        "target": args.target,
+                        "device_kind": c.device_kind,
+                        "devices": n,
+                        "memory_limit": c.memory_limit,
+                        "peak": r.memory_rows()[1] if r.ok else None,
+                        "ok": not failures,
+                        "failures": failures,
+                        "job": r.__dict__,
+                    },
+                    indent=1,
+                ),
+            )
         return 1 if failures else 0
 
     return run_cli("genesis_jax.plan", body, devices=False)

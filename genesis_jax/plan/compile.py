@@ -22,8 +22,13 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # holds genesis_jax/ and ker
 def program_total(p: dict[str, Any]) -> int:
     """Peak bytes of one program: its arguments, outputs that are not donated inputs, temporaries."""
     m = p["memory"]
-    return (m["argument_size_in_bytes"] + m["output_size_in_bytes"] - m["alias_size_in_bytes"]
-            + m["temp_size_in_bytes"] + m["generated_code_size_in_bytes"])
+    return (
+        m["argument_size_in_bytes"]
+        + m["output_size_in_bytes"]
+        - m["alias_size_in_bytes"]
+        + m["temp_size_in_bytes"]
+        + m["generated_code_size_in_bytes"]
+    )
 
 
 @dataclass
@@ -41,14 +46,23 @@ class JobResult:
         info, (train, val) = self.info, self.programs
         held = info["parameters"] + info["optimizer"] + info["corpus"]
         train_total = program_total(train)
-        val_total = (held + val["memory"]["temp_size_in_bytes"] + info["validation_batch"]
-                     + val["memory"]["output_size_in_bytes"])
+        val_total = (
+            held
+            + val["memory"]["temp_size_in_bytes"]
+            + info["validation_batch"]
+            + val["memory"]["output_size_in_bytes"]
+        )
         temps = train["memory"]["temp_size_in_bytes"]
-        rows = [("parameters", info["parameters"]), ("optimizer state", info["optimizer"]), ("corpus", info["corpus"]),
-                ("train step temporaries", temps), ("  of which the batch, drawn on the device", info["batch_bytes"]),
-                ("other (PRNG key, controls, metrics)", train_total - held - temps),
-                ("train step total", train_total),
-                ("validation total (state, corpus, its batch and temporaries)", val_total)]
+        rows = [
+            ("parameters", info["parameters"]),
+            ("optimizer state", info["optimizer"]),
+            ("corpus", info["corpus"]),
+            ("train step temporaries", temps),
+            ("  of which the batch, drawn on the device", info["batch_bytes"]),
+            ("other (PRNG key, controls, metrics)", train_total - held - temps),
+            ("train step total", train_total),
+            ("validation total (state, corpus, its batch and temporaries)", val_total),
+        ]
         return rows, max(train_total, val_total)
 
     def kernels(self, pallas_only: bool = True) -> list[dict[str, Any]]:
@@ -79,8 +93,9 @@ def _crash_reason(where: Path, stderr: str) -> str:
     return (fatal or lines or ["no message"])[-1][:300]
 
 
-def run(jobs: list[dict[str, Any]], target: str, devices: int = 1, workdir: Path | None = None,
-        timeout_s: float = 1800.0) -> Compiled:
+def run(
+    jobs: list[dict[str, Any]], target: str, devices: int = 1, workdir: Path | None = None, timeout_s: float = 1800.0
+) -> Compiled:
     """Compile every job for `target` (a shipped spec name, or "local") on `devices` devices.
 
     A compiler crash fails only the job that caused it; UserError for a missing toolchain or a
@@ -117,8 +132,12 @@ def run(jobs: list[dict[str, Any]], target: str, devices: int = 1, workdir: Path
                 progressed = True
             elif (where / "started").exists():  # it ended the process
                 reason = _crash_reason(where, proc.stderr)
-                results[i] = JobResult(job, ok=False, error=f"the compiler process died (exit {proc.returncode}): {reason}")
-                (where / "result.json").write_text(json.dumps({"ok": False, "error": results[i].error}), encoding="utf-8")
+                results[i] = JobResult(
+                    job, ok=False, error=f"the compiler process died (exit {proc.returncode}): {reason}"
+                )
+                (where / "result.json").write_text(
+                    json.dumps({"ok": False, "error": results[i].error}), encoding="utf-8"
+                )
                 progressed = True
         if all(r is not None for r in results):
             break

@@ -7,19 +7,20 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from ..model import attention
 from .. import config as config_lib
+from ..data.masks import MaskParams
 from ..evaluation.suite import jit_validation_step
 from ..kernels.flash_attention import BlockSizes
-from ..training.build import abstract_state, jit_step, load_data
-from ..data.masks import MaskParams
+from ..model import attention
 from ..parallel.sharding import batch_sharding, batch_split, check_devices, make_mesh, replicated, shard_bytes
+from ..training.build import abstract_state, jit_step, load_data
 from ..training.step import StepControls
 
 
@@ -46,8 +47,9 @@ def train_job(job: dict[str, Any], devices: list[jax.Device]) -> tuple[list[Prog
     everywhere = replicated(mesh)
     corpus = shaped(data.arrays, everywhere)
     key = shaped(jax.eval_shape(lambda: jax.random.key(cfg.training.seed)), everywhere)
-    controls = shaped(jax.eval_shape(lambda: StepControls.make(mask=MaskParams.make(mask_id=cfg.data.mask_id))),
-                      everywhere)
+    controls = shaped(
+        jax.eval_shape(lambda: StepControls.make(mask=MaskParams.make(mask_id=cfg.data.mask_id))), everywhere
+    )
     rows = batch_sharding(mesh)
     window = jax.ShapeDtypeStruct((cfg.training.batch_size, cfg.data.seq_len), jnp.int32, sharding=rows)
     t, m = cfg.training, cfg.model
@@ -62,18 +64,23 @@ def train_job(job: dict[str, Any], devices: list[jax.Device]) -> tuple[list[Prog
         "n_layers": m.n_layers,
         "remat": m.remat,
         "model": f"{m.preset} (dim {m.dim}, {m.n_layers} layers, {m.n_heads}/{m.n_kv_heads} heads of {m.head_dim}, "
-                 f"{m.compute_dtype})",
+        f"{m.compute_dtype})",
         "batch": f"{t.grad_accum_steps} x {t.batch_size} x {cfg.data.seq_len} tokens per step "
-                 f"({t.batch_size // split} sequences per device per micro-batch)",
+        f"({t.batch_size // split} sequences per device per micro-batch)",
         "rows_per_device": t.batch_size // split,
         # inputs and labels (int32), mask (bool) per token, a locale (int32) per row: drawn on the device
         "batch_bytes": t.grad_accum_steps * (t.batch_size // split) * (cfg.data.seq_len * 9 + 4),
         "mesh": dict(mesh.shape),
     }
     programs = [
-        Program("train step", jit_step(cfg, graphdef, mesh, shardings, len(data.locales)), (state, corpus, key, controls)),
-        Program("validation step", jit_validation_step(graphdef, rows, shardings.params, everywhere),
-                (state.params, window, window)),
+        Program(
+            "train step", jit_step(cfg, graphdef, mesh, shardings, len(data.locales)), (state, corpus, key, controls)
+        ),
+        Program(
+            "validation step",
+            jit_validation_step(graphdef, rows, shardings.params, everywhere),
+            (state.params, window, window),
+        ),
     ]
     return programs, info
 

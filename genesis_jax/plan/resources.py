@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from ..core.compat import GPU_LAUNCH_SEGMENTS, thunk_launches
 
@@ -166,9 +167,13 @@ def _launch(op: Any, name: str) -> Kernel:
         return ir.IntegerAttr(value).value if isinstance(value, ir.IntegerAttr) else None
 
     grid, block = [constant(i) for i in (1, 2, 3)], [constant(i) for i in (4, 5, 6)]
-    return Kernel(name, grid=tuple(grid) if None not in grid else None,  # type: ignore[arg-type]
-                  threads=math.prod(block) if None not in block else None,  # type: ignore[arg-type]
-                  shared_memory=constant(10) if sizes[10] else 0, pallas=True)
+    return Kernel(
+        name,
+        grid=tuple(grid) if None not in grid else None,  # type: ignore[arg-type]
+        threads=math.prod(block) if None not in block else None,  # type: ignore[arg-type]
+        shared_memory=constant(10) if sizes[10] else 0,
+        pallas=True,
+    )
 
 
 def pallas_names(hlo: str) -> set[str]:
@@ -195,8 +200,9 @@ def largest_temporaries(dump: Path, n: int = 5) -> list[dict[str, Any]]:
         elif in_temp and (m := _VALUE.search(line)):
             name, size, offset, shape = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
             if not shape.startswith("("):  # a tuple's index table is not data
-                buffers.setdefault((offset, size), (re.sub(r"\{[\d,]*\}$", "", shape),
-                                                    shorten(ops.get(name.split("{")[0], ""))))
+                buffers.setdefault(
+                    (offset, size), (re.sub(r"\{[\d,]*\}$", "", shape), shorten(ops.get(name.split("{")[0], "")))
+                )
     groups: dict[tuple[int, str, str], int] = {}
     for (_, size), (shape, op) in buffers.items():
         groups[(size, shape, op)] = groups.get((size, shape, op), 0) + 1
@@ -206,5 +212,9 @@ def largest_temporaries(dump: Path, n: int = 5) -> list[dict[str, Any]]:
 
 def shorten(op_name: str, parts: int = 5) -> str:
     """A JAX op_name without its wrappers (jit(step), closed_call, jvp(), transpose()), last parts."""
-    pieces = [p for p in op_name.split("/") if p and not re.fullmatch(r"(jit\(step\)|closed_call|jvp\(.*\)|transpose\(.*\))", p)]
+    pieces = [
+        p
+        for p in op_name.split("/")
+        if p and not re.fullmatch(r"(jit\(step\)|closed_call|jvp\(.*\)|transpose\(.*\))", p)
+    ]
     return "/".join(pieces[-parts:])

@@ -57,8 +57,14 @@ def load(name: str) -> Target:
     text = path.read_text(encoding="utf-8")
     cc = re.search(r"cuda_compute_capability\s*{\s*major:\s*(\d+)\s*minor:\s*(\d+)", text)
     assert cc is not None, path
-    return Target(name, text, _field(text, "device_description_str"), int(_field(text, "device_memory_size")),
-                  f"{cc.group(1)}.{cc.group(2)}", int(_field(text, "core_count")))
+    return Target(
+        name,
+        text,
+        _field(text, "device_description_str"),
+        int(_field(text, "device_memory_size")),
+        f"{cc.group(1)}.{cc.group(2)}",
+        int(_field(text, "core_count")),
+    )
 
 
 def jaxlib_version() -> str:
@@ -88,18 +94,25 @@ def check_toolchain() -> None:
     """The CUDA plugin at the installed jaxlib's version, and ptxas; else one line saying what to install."""
     plugin = next((dist for module, dist in CUDA_PLUGINS.items() if module_available(module)), None)
     if plugin is None and (sys.platform, platform.machine()) != ("linux", "x86_64"):
-        raise ToolchainMissing(f"compiling for a GPU needs JAX's CUDA plugin and ptxas, which exist for Linux x86_64 "
-                               f"only (this is {sys.platform} {platform.machine()}): run plan on a Linux x86_64 machine")
+        raise ToolchainMissing(
+            f"compiling for a GPU needs JAX's CUDA plugin and ptxas, which exist for Linux x86_64 "
+            f"only (this is {sys.platform} {platform.machine()}): run plan on a Linux x86_64 machine"
+        )
     if plugin is None:
-        raise ToolchainMissing(f"compiling for a GPU needs JAX's CUDA plugin, which is not installed; install it with: "
-                               f"{install_command()}")
+        raise ToolchainMissing(
+            f"compiling for a GPU needs JAX's CUDA plugin, which is not installed; install it with: {install_command()}"
+        )
     version = importlib.metadata.version(plugin)
     if version != jaxlib_version():
-        raise ToolchainMissing(f"{plugin} {version} does not match jaxlib {jaxlib_version()}; install the matching "
-                               f"one with: {install_command()}")
+        raise ToolchainMissing(
+            f"{plugin} {version} does not match jaxlib {jaxlib_version()}; install the matching "
+            f"one with: {install_command()}"
+        )
     if ptxas() is None:
-        raise ToolchainMissing(f"compiling for a GPU needs ptxas (CUDA's assembler), which was not found; install it "
-                               f"with: {install_command()}")
+        raise ToolchainMissing(
+            f"compiling for a GPU needs ptxas (CUDA's assembler), which was not found; install it "
+            f"with: {install_command()}"
+        )
 
 
 def worker_env(target: str, base: dict[str, str]) -> dict[str, str]:
@@ -125,8 +138,9 @@ def compile_only_devices(name: str, n: int = 1) -> list[jax.Device]:
 
     spec = load(name)
     check_toolchain()
-    return list(topologies.get_topology_desc(platform="cuda", target_config=spec.config_text,
-                                             topology=f"1x1x{n}").devices)
+    return list(
+        topologies.get_topology_desc(platform="cuda", target_config=spec.config_text, topology=f"1x1x{n}").devices
+    )
 
 
 def memory_fraction(env: dict[str, str] | None = None) -> float:

@@ -12,14 +12,16 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 
 from ..core.errors import UserError
-from . import resources, target as targets
+from . import resources
+from . import target as targets
 from .jobs import JOBS, Program
 
 
@@ -30,8 +32,10 @@ def open_target(name: str, n: int) -> tuple[list[jax.Device], int | None]:
         return targets.compile_only_devices(name, n), None
     gpus = [d for d in jax.devices() if d.platform == "gpu"]
     if len(gpus) < n:
-        raise UserError(f"--target local: {len(gpus)} GPU(s) here, {n} asked for (use --target h100 or h200 "
-                        "to compile for absent GPUs)")
+        raise UserError(
+            f"--target local: {len(gpus)} GPU(s) here, {n} asked for (use --target h100 or h200 "
+            "to compile for absent GPUs)"
+        )
     stats = gpus[0].memory_stats() or {}
     return gpus[:n], stats.get("bytes_limit")
 
@@ -62,13 +66,25 @@ def compile_program(p: Program, where: Path) -> dict[str, Any]:
         compiled = lowered.compile(compiler_options=options)
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    memory = {k: int(getattr(mem, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-                                                "temp_size_in_bytes", "generated_code_size_in_bytes")}
+    memory = {
+        k: int(getattr(mem, k))
+        for k in (
+            "argument_size_in_bytes",
+            "output_size_in_bytes",
+            "alias_size_in_bytes",
+            "temp_size_in_bytes",
+            "generated_code_size_in_bytes",
+        )
+    }
     text = log.read_text(encoding="utf-8", errors="replace")
     launches = resources.mosaic_launches(lowered.compiler_ir("stablehlo"))
-    return {"name": p.name, "compile_s": seconds, "memory": memory,
-            "kernels": [k.to_json() for k in resources.kernels(text, dump, launches)],
-            "largest": resources.largest_temporaries(dump)}
+    return {
+        "name": p.name,
+        "compile_s": seconds,
+        "memory": memory,
+        "kernels": [k.to_json() for k in resources.kernels(text, dump, launches)],
+        "largest": resources.largest_temporaries(dump),
+    }
 
 
 def run_job(job: dict[str, Any], devices: list[jax.Device], where: Path) -> dict[str, Any]:
@@ -97,7 +113,9 @@ def main(argv: list[str]) -> int:
         fatal = {"error": text.strip().splitlines()[0], "user_error": isinstance(e, UserError)}
         (root / "fatal.json").write_text(json.dumps(fatal), encoding="utf-8")
         return 1
-    (root / "device.json").write_text(json.dumps({"kind": devices[0].device_kind, "bytes_limit": limit}), encoding="utf-8")
+    (root / "device.json").write_text(
+        json.dumps({"kind": devices[0].device_kind, "bytes_limit": limit}), encoding="utf-8"
+    )
     for i, job in enumerate(spec["jobs"]):
         where = root / f"job{i:03d}"
         if (where / "result.json").exists() or (where / "started").exists():

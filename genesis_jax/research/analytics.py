@@ -72,17 +72,31 @@ class LossAnalytics:
         return {"slope": slope, "trend": trend, "noise_fraction": 1.0 - r2, "oscillation_rate": oscillation}
 
     def summary(self) -> dict[str, Any]:
-        return {"ema": self.ema, "min_loss": self.min_loss if self.count else None,
-                "min_ema": self.min_ema if self.count else None, "stagnation": self.stagnation,
-                "spikes": self.spikes, "count": self.count, **self.window_stats()}
+        return {
+            "ema": self.ema,
+            "min_loss": self.min_loss if self.count else None,
+            "min_ema": self.min_ema if self.count else None,
+            "stagnation": self.stagnation,
+            "spikes": self.spikes,
+            "count": self.count,
+            **self.window_stats(),
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"window": self.window, "min_delta": self.min_delta, "ema": self.ema, "min_loss": _finite(self.min_loss),
-                "min_ema": _finite(self.min_ema), "stagnation": self.stagnation, "spikes": self.spikes,
-                "count": self.count, "recent": [list(r) for r in self.recent]}
+        return {
+            "window": self.window,
+            "min_delta": self.min_delta,
+            "ema": self.ema,
+            "min_loss": _finite(self.min_loss),
+            "min_ema": _finite(self.min_ema),
+            "stagnation": self.stagnation,
+            "spikes": self.spikes,
+            "count": self.count,
+            "recent": [list(r) for r in self.recent],
+        }
 
     @classmethod
-    def from_state(cls, d: dict[str, Any]) -> "LossAnalytics":
+    def from_state(cls, d: dict[str, Any]) -> LossAnalytics:
         a = cls(int(d["window"]), float(d.get("min_delta", 0.0)))
         a.ema = d["ema"]
         a.min_loss = math.inf if d["min_loss"] is None else d["min_loss"]

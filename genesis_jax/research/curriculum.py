@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .analytics import LossAnalytics
 from ..config.schema import CurriculumConfig
+from .analytics import LossAnalytics
 
 BYTE, WWM, SPAN = 1, 2, 3
 PHASE_NAMES = {BYTE: "BYTE", WWM: "WWM", SPAN: "SPAN"}
@@ -49,8 +49,10 @@ class Curriculum:
         self.anchors: dict[int, float] = {}  # phase -> loss_ema when its ramp completed
         self.improvement: dict[int, float | None] = {WWM: None, SPAN: None}  # percent, phase-anchored
         self.stuns: list[tuple[int, int]] = []  # (observation step, first step it applies to)
-        self.analytics = {name: LossAnalytics(cfg.analytics_window, cfg.plateau_min_delta)
-                          for name in ("lifetime", *PHASE_TRACKERS.values())}
+        self.analytics = {
+            name: LossAnalytics(cfg.analytics_window, cfg.plateau_min_delta)
+            for name in ("lifetime", *PHASE_TRACKERS.values())
+        }
         self.last_observed = -1
 
     # -- what a step runs with ------------------------------------------------------------
@@ -65,8 +67,11 @@ class Curriculum:
         phase = self.phase_at(step)
         if phase == BYTE:
             return 0.0
-        target, ramp = ((self.cfg.wwm_mask_prob, self.cfg.wwm_ramp_steps) if phase == WWM
-                        else (self.cfg.span_mask_prob, self.cfg.span_ramp_steps))
+        target, ramp = (
+            (self.cfg.wwm_mask_prob, self.cfg.wwm_ramp_steps)
+            if phase == WWM
+            else (self.cfg.span_mask_prob, self.cfg.span_ramp_steps)
+        )
         into = step - self.starts[phase]
         frac = 1.0 if ramp == 0 else min(1.0, into / ramp)
         return self.cfg.mask_ramp_start + (target - self.cfg.mask_ramp_start) * frac
@@ -119,7 +124,14 @@ class Curriculum:
             self.anchors[phase] = loss_ema
             tracker.restart_minimum()  # stagnation counts from the anchor
             name = PHASE_NAMES[phase].lower()
-            return [Signal(step, f"{name}_anchor", loss_ema, f"{PHASE_NAMES[phase]} ramp complete; anchor loss EMA {loss_ema:.4f}")]
+            return [
+                Signal(
+                    step,
+                    f"{name}_anchor",
+                    loss_ema,
+                    f"{PHASE_NAMES[phase]} ramp complete; anchor loss EMA {loss_ema:.4f}",
+                )
+            ]
         return []
 
     def _update_improvements(self, phase: int, loss_ema: float) -> None:
@@ -143,9 +155,16 @@ class Curriculum:
         self.stuns.append((step, step + DECISION_LAG))
         tracker.reset_stagnation()
         after = self.lr_mult_at(step + DECISION_LAG)
-        return [Signal(step, "lr_stun", after, f"no new loss-EMA minimum (by {c.plateau_min_delta:.0e}) in {c.plateau_lr_patience} steps of "
-                       f"{PHASE_NAMES[phase]}; LR multiplier -> {after:.3g} and Adam first moment "
-                       f"x{c.plateau_lr_drop} from step {step + DECISION_LAG} (stun {len(self.stuns)}/{c.stun_max_count})")]
+        return [
+            Signal(
+                step,
+                "lr_stun",
+                after,
+                f"no new loss-EMA minimum (by {c.plateau_min_delta:.0e}) in {c.plateau_lr_patience} steps of "
+                f"{PHASE_NAMES[phase]}; LR multiplier -> {after:.3g} and Adam first moment "
+                f"x{c.plateau_lr_drop} from step {step + DECISION_LAG} (stun {len(self.stuns)}/{c.stun_max_count})",
+            )
+        ]
 
     def _phase_test(self, step: int, phase: int, loss_ema: float) -> list[Signal]:
         c = self.cfg
@@ -173,22 +192,39 @@ class Curriculum:
         self.starts[nxt] = start
         self.baseline = None  # the next test takes its own baseline inside the new phase
         name = "wwm_activation" if nxt == WWM else "span_activation"
-        return [Signal(step, name, rel, f"loss EMA improved {100 * rel:.2f}% over {step - base_step} steps "
-                       f"(< {100 * threshold:.2f}%): {PHASE_NAMES[nxt]} from step {start}")]
+        return [
+            Signal(
+                step,
+                name,
+                rel,
+                f"loss EMA improved {100 * rel:.2f}% over {step - base_step} steps "
+                f"(< {100 * threshold:.2f}%): {PHASE_NAMES[nxt]} from step {start}",
+            )
+        ]
 
     # -- reporting and checkpoints ------------------------------------------------------
     def status(self, step: int) -> dict[str, Any]:
         ctl = self.controls(step)
-        return {"phase": ctl.phase, "phase_name": PHASE_NAMES[ctl.phase], "mask_prob": ctl.mask_prob,
-                "lr_mult": ctl.lr_mult, "wwm_improvement": self.improvement[WWM],
-                "span_improvement": self.improvement[SPAN], "stuns": len(self.stuns)}
+        return {
+            "phase": ctl.phase,
+            "phase_name": PHASE_NAMES[ctl.phase],
+            "mask_prob": ctl.mask_prob,
+            "lr_mult": ctl.lr_mult,
+            "wwm_improvement": self.improvement[WWM],
+            "span_improvement": self.improvement[SPAN],
+            "stuns": len(self.stuns),
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"starts": {str(k): v for k, v in self.starts.items()}, "baseline": self.baseline,
-                "anchors": {str(k): v for k, v in self.anchors.items()},
-                "improvement": {str(k): v for k, v in self.improvement.items()},
-                "stuns": self.stuns, "last_observed": self.last_observed,
-                "analytics": {k: a.state_dict() for k, a in self.analytics.items()}}
+        return {
+            "starts": {str(k): v for k, v in self.starts.items()},
+            "baseline": self.baseline,
+            "anchors": {str(k): v for k, v in self.anchors.items()},
+            "improvement": {str(k): v for k, v in self.improvement.items()},
+            "stuns": self.stuns,
+            "last_observed": self.last_observed,
+            "analytics": {k: a.state_dict() for k, a in self.analytics.items()},
+        }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.starts = {int(k): int(v) for k, v in d["starts"].items()}

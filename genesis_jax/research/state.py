@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from .analytics import LocaleEMA, validation_drop
 from ..config.schema import Config, EvalConfig
-from .curriculum import Curriculum, Signal
 from ..data.verses import TASK_NAMES
+from .analytics import LocaleEMA, validation_drop
+from .curriculum import Curriculum, Signal
 
 
 @dataclass
@@ -31,14 +31,22 @@ class ResearchState:
     grokking: EvalConfig  # eval.grokking_* (configuration, not saved)
 
     @classmethod
-    def fresh(cls, cfg: Config, locales: list[str], has_words: bool) -> "ResearchState":
+    def fresh(cls, cfg: Config, locales: list[str], has_words: bool) -> ResearchState:
         """Every config key the research state reads enters here, once."""
-        return cls(Curriculum(cfg.curriculum, cfg.training.log_interval, has_words),
-                   LocaleEMA(locales, cfg.curriculum.locale_ema_decay), {}, [], None, 0, 1.0,
-                   cfg.mtl.task_ema_decay, cfg.eval)
+        return cls(
+            Curriculum(cfg.curriculum, cfg.training.log_interval, has_words),
+            LocaleEMA(locales, cfg.curriculum.locale_ema_decay),
+            {},
+            [],
+            None,
+            0,
+            1.0,
+            cfg.mtl.task_ema_decay,
+            cfg.eval,
+        )
 
     @classmethod
-    def restore(cls, cfg: Config, locales: list[str], has_words: bool, meta: dict[str, Any]) -> "ResearchState":
+    def restore(cls, cfg: Config, locales: list[str], has_words: bool, meta: dict[str, Any]) -> ResearchState:
         """From a checkpoint's metadata (fresh when it has none). Checkpoints written before the
         state was one object keep its parts at the top level of the metadata."""
         r = cls.fresh(cfg, locales, has_words)
@@ -56,9 +64,14 @@ class ResearchState:
         return r
 
     def state_dict(self) -> dict[str, Any]:
-        return {"curriculum": self.curriculum.state_dict(), "locale_ema": self.locale_ema.state_dict(),
-                "task_ema": self.task_ema, "val_history": self.val_history, "last_grokking": self.last_grokking,
-                "nonfinite": {"events": self.nonfinite_events, "lr_scale": self.lr_scale}}
+        return {
+            "curriculum": self.curriculum.state_dict(),
+            "locale_ema": self.locale_ema.state_dict(),
+            "task_ema": self.task_ema,
+            "val_history": self.val_history,
+            "last_grokking": self.last_grokking,
+            "nonfinite": {"events": self.nonfinite_events, "lr_scale": self.lr_scale},
+        }
 
     def observe(self, step: int, m: dict[str, np.ndarray]) -> list[Signal]:
         """The finite metrics of one step (fetched to the host): EMAs, then the curriculum."""
@@ -81,7 +94,12 @@ class ResearchState:
             drop = validation_drop(self.val_history, step, loss, e.grokking_window)
             if drop is not None and drop >= e.grokking_drop:
                 self.last_grokking = step
-                signal = Signal(step, "grokking", drop, f"validation loss fell {100 * drop:.1f}% within "
-                                f"{e.grokking_window} steps (>= {100 * e.grokking_drop:.0f}%); checkpoint {step} pinned")
+                signal = Signal(
+                    step,
+                    "grokking",
+                    drop,
+                    f"validation loss fell {100 * drop:.1f}% within "
+                    f"{e.grokking_window} steps (>= {100 * e.grokking_drop:.0f}%); checkpoint {step} pinned",
+                )
         self.val_history.append((step, loss))
         return signal

@@ -1,14 +1,16 @@
-"""TODO(logs)."""
+"""The console: one line per log interval and, on a terminal, a progress bar redrawn on its own
+last line; the console sink that writes the train, validation and evaluation lines."""
 
 from __future__ import annotations
 
 import sys
 import time
 from typing import Any, TextIO
+
 from ..config.schema import Config
-from ..research.curriculum import PHASE_NAMES, WWM, Signal
-from ..evaluation.metrics import console_summary, go_no_go
 from ..data.verses import TASK_NAMES
+from ..evaluation.metrics import console_summary, go_no_go
+from ..research.curriculum import PHASE_NAMES, WWM, Signal
 from .sink import Metrics, RunEnd, scoped
 
 
@@ -66,9 +68,11 @@ def format_line(m: dict[str, Any], max_steps: int, eta_s: float | None) -> str:
     imp = m.get("improvement")
     imp_s = f" {imp:+5.1f}%" if imp is not None else ""
     stun = f" | lr x{m['lr_mult']:.2f} (stun {m['stuns']}/{m['stun_max']})" if m.get("stuns") else ""
-    return (f"step {m['step']:>7d}/{max_steps} | loss {m['loss']:.4f} | ema {m['loss_ema']:.4f} | "
-            f"lr {m['lr']:.2e} | gnorm {m['grad_norm']:6.3f} | {m.get('phase_name', 'BYTE'):4s} mask "
-            f"{100 * m.get('mask_prob', 0.0):4.1f}%{imp_s}{stun} | {tps_s} | ETA {eta}")
+    return (
+        f"step {m['step']:>7d}/{max_steps} | loss {m['loss']:.4f} | ema {m['loss_ema']:.4f} | "
+        f"lr {m['lr']:.2e} | gnorm {m['grad_norm']:6.3f} | {m.get('phase_name', 'BYTE'):4s} mask "
+        f"{100 * m.get('mask_prob', 0.0):4.1f}%{imp_s}{stun} | {tps_s} | ETA {eta}"
+    )
 
 
 class ConsoleSink:
@@ -83,28 +87,45 @@ class ConsoleSink:
             self.console.print(self.train_line(step, metrics))
         if "val/loss" in metrics:
             per_locale = " ".join(f"{loc} {v:.3f}" for loc, v in scoped(metrics, "val/loss").items())
-            self.console.print(f"val  {step:>7d}/{max_steps} | loss {metrics['val/loss']:.4f} | ppl {metrics['val/ppl']:.2f} | "
-                               f"bpb {metrics['val/bpb']:.3f} | {per_locale}")
+            self.console.print(
+                f"val  {step:>7d}/{max_steps} | loss {metrics['val/loss']:.4f} | ppl {metrics['val/ppl']:.2f} | "
+                f"bpb {metrics['val/bpb']:.3f} | {per_locale}"
+            )
         if "quick/go" in metrics:
             results = scoped(metrics, "quick")
             failed = go_no_go(results, self.cfg)
             headline = console_summary(results)
-            self.console.print(f"eval {step:>7d}/{max_steps} | quick suite: "
-                               + ("GO" if not failed else "NO-GO (" + "; ".join(failed) + ")")
-                               + (f" | {headline}" if headline else ""))
+            self.console.print(
+                f"eval {step:>7d}/{max_steps} | quick suite: "
+                + ("GO" if not failed else "NO-GO (" + "; ".join(failed) + ")")
+                + (f" | {headline}" if headline else "")
+            )
 
     def train_line(self, step: int, m: Metrics) -> str:
         phase = int(m["train/phase"])
         improvement = m.get("curriculum/wwm_improvement" if phase == WWM else "curriculum/span_improvement")
-        row = {"step": step, "loss": m["train/loss"], "loss_ema": m["train/loss_ema"], "lr": m["train/lr"],
-               "grad_norm": m["train/grad_norm"], "mask_prob": m["train/mask_prob"], "phase_name": PHASE_NAMES[phase],
-               "improvement": improvement, "lr_mult": m["train/lr_multiplier"], "stuns": int(m["curriculum/stuns"]),
-               "stun_max": self.cfg.curriculum.stun_max_count, "tokens_per_sec": m.get("system/tokens_per_sec")}
+        row = {
+            "step": step,
+            "loss": m["train/loss"],
+            "loss_ema": m["train/loss_ema"],
+            "lr": m["train/lr"],
+            "grad_norm": m["train/grad_norm"],
+            "mask_prob": m["train/mask_prob"],
+            "phase_name": PHASE_NAMES[phase],
+            "improvement": improvement,
+            "lr_mult": m["train/lr_multiplier"],
+            "stuns": int(m["curriculum/stuns"]),
+            "stun_max": self.cfg.curriculum.stun_max_count,
+            "tokens_per_sec": m.get("system/tokens_per_sec"),
+        }
         line = format_line(row, self.cfg.training.max_steps, m.get("system/eta_s"))
         tasks = scoped(m, "task_ema")
         if tasks:
-            line += " | " + " ".join(f"{n[:4]} {tasks[f'{n}/loss']:.3f}/{100 * tasks[f'{n}/acc']:.0f}%"
-                                     for n in TASK_NAMES[1:] if f"{n}/loss" in tasks)
+            line += " | " + " ".join(
+                f"{n[:4]} {tasks[f'{n}/loss']:.3f}/{100 * tasks[f'{n}/acc']:.0f}%"
+                for n in TASK_NAMES[1:]
+                if f"{n}/loss" in tasks
+            )
         return line
 
     def signal(self, sig: Signal) -> None:

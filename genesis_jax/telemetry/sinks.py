@@ -1,14 +1,13 @@
-"""TODO(sinks)."""
+"""The sinks a run writes to, opened from its `[logging]` section."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
 from ..config.schema import Config
-from .console import Console
-from .sqlite import MetricsDB
-from .console import ConsoleSink
-from .sqlite import SQLiteSink
+from .console import Console, ConsoleSink
 from .sink import Sink
+from .sqlite import MetricsDB, SQLiteSink
 from .tensorboard import TensorBoardSink
 
 

@@ -1,4 +1,5 @@
-"""TODO(logs)."""
+"""The run's SQLite database (WAL, kept across resumes: rows keyed by step are replaced, so steps
+replayed after a crash keep one row), and the sink that fills it."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+
 from ..core.errors import UserError
 from ..research.curriculum import Signal
 from .sink import Metrics, RunEnd, scoped
-
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS experiments (
@@ -42,7 +43,9 @@ class MetricsDB:
             self.con.commit()
             row = self.con.execute("SELECT run_id, duration_s FROM experiments LIMIT 1").fetchone()
         except sqlite3.DatabaseError as e:
-            raise UserError(f"{path}: not a usable metrics database ({e}); move it aside and the run starts a new one") from None
+            raise UserError(
+                f"{path}: not a usable metrics database ({e}); move it aside and the run starts a new one"
+            ) from None
         self.launch_time = time.time()
         self.run_id = row[0] if row else uuid.uuid4().hex[:12]
         self.prior_duration = float(row[1] or 0.0) if row else 0.0
@@ -54,27 +57,51 @@ class MetricsDB:
             " launches, duration_s) VALUES (?, ?, ?, ?, 'running', ?, ?, 1, ?) ON CONFLICT(run_id) DO UPDATE SET"
             " config_hash=excluded.config_hash, model_shape=excluded.model_shape, hyperparams=excluded.hyperparams,"
             " status='running', updated_at=excluded.updated_at, launches=launches+1",
-            (self.run_id, config_hash, json.dumps(model_shape), json.dumps(hyperparams), now, now, self.prior_duration))
+            (self.run_id, config_hash, json.dumps(model_shape), json.dumps(hyperparams), now, now, self.prior_duration),
+        )
         self.con.commit()
 
     def finish(self, status: str, step: int, loss: float | None, val_loss: float | None) -> None:
         self.con.execute(
             "UPDATE experiments SET status=?, updated_at=?, final_step=?, final_loss=COALESCE(?, final_loss),"
             " final_val_loss=COALESCE(?, final_val_loss), duration_s=? WHERE run_id=?",
-            (status, time.time(), step, loss, val_loss, self.prior_duration + time.time() - self.launch_time, self.run_id))
+            (
+                status,
+                time.time(),
+                step,
+                loss,
+                val_loss,
+                self.prior_duration + time.time() - self.launch_time,
+                self.run_id,
+            ),
+        )
         self.con.commit()
 
     def log_train(self, row: dict[str, Any]) -> None:
-        cols = ["step", "loss", "loss_ema", "grad_norm", "lr", "mask_prob", "phase", "wwm_improvement",
-                "span_improvement", "tokens_per_sec", "wall_time"]
-        self.con.execute(f"INSERT OR REPLACE INTO training_logs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                         [row.get(c) for c in cols])
+        cols = [
+            "step",
+            "loss",
+            "loss_ema",
+            "grad_norm",
+            "lr",
+            "mask_prob",
+            "phase",
+            "wwm_improvement",
+            "span_improvement",
+            "tokens_per_sec",
+            "wall_time",
+        ]
+        self.con.execute(
+            f"INSERT OR REPLACE INTO training_logs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+            [row.get(c) for c in cols],
+        )
         self.con.commit()
 
     def log_eval(self, step: int, values: dict[str, float]) -> None:
         now = time.time()
-        self.con.executemany("INSERT OR REPLACE INTO evaluation_logs VALUES (?, ?, ?, ?)",
-                             [(step, k, v, now) for k, v in values.items()])
+        self.con.executemany(
+            "INSERT OR REPLACE INTO evaluation_logs VALUES (?, ?, ?, ?)", [(step, k, v, now) for k, v in values.items()]
+        )
         self.con.commit()
 
     def log_languages(self, step: int, rows: dict[str, tuple[float | None, float | None]]) -> None:
@@ -82,24 +109,35 @@ class MetricsDB:
         self.con.executemany(
             "INSERT INTO language_logs VALUES (?, ?, ?, ?) ON CONFLICT(step, locale) DO UPDATE SET"
             " ema_loss=COALESCE(excluded.ema_loss, ema_loss), val_loss=COALESCE(excluded.val_loss, val_loss)",
-            [(step, loc, ema, val) for loc, (ema, val) in rows.items()])
+            [(step, loc, ema, val) for loc, (ema, val) in rows.items()],
+        )
         self.con.commit()
 
     def log_signal(self, step: int, kind: str, value: float, description: str) -> None:
         """One row per (step, kind): a signal replayed after a resume replaces its row."""
         self.con.execute("DELETE FROM grokking_signals WHERE step = ? AND type = ?", (step, kind))
-        self.con.execute("INSERT INTO grokking_signals (step, type, value, description) VALUES (?, ?, ?, ?)",
-                         (step, kind, value, description))
+        self.con.execute(
+            "INSERT INTO grokking_signals (step, type, value, description) VALUES (?, ?, ?, ?)",
+            (step, kind, value, description),
+        )
         self.con.commit()
 
     def close(self) -> None:
         self.con.close()
 
 
-TRAIN_COLUMNS = {"loss": "train/loss", "loss_ema": "train/loss_ema", "grad_norm": "train/grad_norm", "lr": "train/lr",
-                 "mask_prob": "train/mask_prob", "phase": "train/phase",
-                 "wwm_improvement": "curriculum/wwm_improvement", "span_improvement": "curriculum/span_improvement",
-                 "tokens_per_sec": "system/tokens_per_sec", "wall_time": "system/wall_time"}
+TRAIN_COLUMNS = {
+    "loss": "train/loss",
+    "loss_ema": "train/loss_ema",
+    "grad_norm": "train/grad_norm",
+    "lr": "train/lr",
+    "mask_prob": "train/mask_prob",
+    "phase": "train/phase",
+    "wwm_improvement": "curriculum/wwm_improvement",
+    "span_improvement": "curriculum/span_improvement",
+    "tokens_per_sec": "system/tokens_per_sec",
+    "wall_time": "system/wall_time",
+}
 
 
 class SQLiteSink:
@@ -115,7 +153,8 @@ class SQLiteSink:
             row["phase"] = int(metrics["train/phase"])
             self.db.log_train(row)
         languages: dict[str, tuple[float | None, float | None]] = {
-            loc: (v, None) for loc, v in scoped(metrics, "locale_ema").items()}
+            loc: (v, None) for loc, v in scoped(metrics, "locale_ema").items()
+        }
         for key, v in scoped(metrics, "val/loss").items():
             languages[key] = (languages.get(key, (None, None))[0], v)
         if languages:

@@ -1,9 +1,12 @@
-"""TODO(logs)."""
+"""TensorBoard scalars through the `tensorboard` package's own writer (no TensorFlow), and the
+sink that maps our metric names onto the tags the PyTorch engine used."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
 from tensorboard.summary import Writer
+
 from ..research.curriculum import Signal
 from .sink import Metrics, RunEnd
 
@@ -22,12 +25,22 @@ class TensorBoard:
         self.writer.close()
 
 
-TB_TAGS = {"train/loss": "Train/Loss", "train/loss_ema": "Train/LossEMA", "train/lr": "Train/LR",
-           "train/grad_norm": "Train/GradNorm", "train/mask_prob": "Train/MaskProb", "train/phase": "Train/Phase",
-           "train/lr_multiplier": "Train/LRMultiplier", "system/tokens_per_sec": "System/TokensPerSec",
-           "system/mfu": "System/MFU", "curriculum/wwm_improvement": "Research/WWM_Improvement",
-           "curriculum/span_improvement": "Research/Span_Improvement", "analytics/loss_slope": "Research/LossSlope",
-           "analytics/noise_fraction": "Research/NoiseFraction", "analytics/oscillation_rate": "Research/OscillationRate"}
+TB_TAGS = {
+    "train/loss": "Train/Loss",
+    "train/loss_ema": "Train/LossEMA",
+    "train/lr": "Train/LR",
+    "train/grad_norm": "Train/GradNorm",
+    "train/mask_prob": "Train/MaskProb",
+    "train/phase": "Train/Phase",
+    "train/lr_multiplier": "Train/LRMultiplier",
+    "system/tokens_per_sec": "System/TokensPerSec",
+    "system/mfu": "System/MFU",
+    "curriculum/wwm_improvement": "Research/WWM_Improvement",
+    "curriculum/span_improvement": "Research/Span_Improvement",
+    "analytics/loss_slope": "Research/LossSlope",
+    "analytics/noise_fraction": "Research/NoiseFraction",
+    "analytics/oscillation_rate": "Research/OscillationRate",
+}
 
 
 TB_PREFIXES = {"locale_ema/": "Research/EMA_Loss_", "task_ema/": "Tasks/", "val/": "Eval/", "quick/": "Eval/quick_"}
@@ -39,7 +52,7 @@ def tensorboard_tag(key: str) -> str | None:
         return TB_TAGS[key]
     for prefix, tag in TB_PREFIXES.items():
         if key.startswith(prefix):
-            return tag + key[len(prefix):].replace("/", "_")
+            return tag + key[len(prefix) :].replace("/", "_")
     return None
 
 

@@ -12,15 +12,15 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ..config.schema import Config
-from ..model.memory import check_training
-from ..corpus.store import Corpus
-from ..data.host import Streams, ValWindows, open_configured, selected_locales, val_windows
 from ..core.errors import UserError
+from ..corpus.store import Corpus
 from ..data.device import DeviceCorpus, corpus_arrays
-from ..parallel.sharding import check_devices, make_mesh, put, replicated, state_shardings
-from .step import StepControls, StepFn, make_train_step
-from .state import TrainState, init_model, init_state
+from ..data.host import Streams, ValWindows, open_configured, selected_locales, val_windows
 from ..data.verses import build_verse_index, check_possible
+from ..model.memory import check_training
+from ..parallel.sharding import check_devices, make_mesh, put, replicated, state_shardings
+from .state import TrainState, init_model, init_state
+from .step import StepControls, StepFn, make_train_step
 
 
 @dataclass
@@ -75,8 +75,18 @@ def build(cfg: Config) -> Setup:
     data = load_data(cfg)
     device_corpus = put(data.arrays, replicated(mesh))
     graphdef, state, shardings = placed_state(cfg, mesh)
-    return Setup(mesh, data.locales, device_corpus, data.windows, graphdef, state, shardings, data.has_words,
-                 data.corpus, data.streams)
+    return Setup(
+        mesh,
+        data.locales,
+        device_corpus,
+        data.windows,
+        graphdef,
+        state,
+        shardings,
+        data.has_words,
+        data.corpus,
+        data.streams,
+    )
 
 
 def placed_state(cfg: Config, mesh: Mesh) -> tuple[nnx.GraphDef, TrainState, Any]:
@@ -97,13 +107,19 @@ def abstract_state(cfg: Config, mesh: Mesh) -> tuple[nnx.GraphDef, TrainState, A
     return graphdef, state, shardings
 
 
-def jit_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, state_sharding: Any, n_locales: int) -> jax.stages.Wrapped:
+def jit_step(
+    cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, state_sharding: Any, n_locales: int
+) -> jax.stages.Wrapped:
     """The train step under `jax.jit` with explicit shardings (the state's from its logical axes,
     everything else replicated) and the state donated."""
     step = make_train_step(cfg, graphdef, mesh, n_locales=n_locales)
     everywhere = replicated(mesh)
-    return jax.jit(step, donate_argnums=0, in_shardings=(state_sharding, everywhere, everywhere, everywhere),
-                   out_shardings=(state_sharding, everywhere))
+    return jax.jit(
+        step,
+        donate_argnums=0,
+        in_shardings=(state_sharding, everywhere, everywhere, everywhere),
+        out_shardings=(state_sharding, everywhere),
+    )
 
 
 def compile_step(cfg: Config, s: Setup, controls: StepControls) -> StepFn:

@@ -6,16 +6,16 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from ..config.schema import CheckpointConfig, Config
-from ..core.errors import ResumeError
-from ..core.errors import print_err
+from ..core.errors import ResumeError, print_err
 from ..core.writing import write_file
 
 State = TypeVar("State")  # the train state pytree (any pytree of arrays)
@@ -83,8 +83,11 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return False
         snapshot = json.loads(json.dumps(meta))
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(snapshot)), force=True)
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(snapshot)),
+            force=True,
+        )
 
     def read_meta(self, step: int) -> Meta:
         path = self.directory / str(step) / "meta"
@@ -99,7 +102,9 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         except Exception as e:  # noqa: BLE001
-            raise ResumeError(f"{self.directory / str(step)}: cannot restore the train state ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            raise ResumeError(
+                f"{self.directory / str(step)}: cannot restore the train state ({type(e).__name__}: {str(e).splitlines()[0]})"
+            ) from None
         return restored["state"]
 
     def resume(self, target: State, accept: Callable[[int, Meta], None]) -> tuple[int, State, Meta] | None:
@@ -125,8 +130,10 @@ class Checkpointer:
                 continue
             return step, state, meta
         if failures:
-            raise ResumeError(f"{self.directory}: no checkpoint restores ({len(failures)} tried and moved to "
-                              f"{self.directory.parent / UNRESTORABLE}); move one back or use a new --run-dir")
+            raise ResumeError(
+                f"{self.directory}: no checkpoint restores ({len(failures)} tried and moved to "
+                f"{self.directory.parent / UNRESTORABLE}); move one back or use a new --run-dir"
+            )
         return None
 
     def set_aside(self, step: int) -> Path:
@@ -153,8 +160,10 @@ def read_pinned(path: Path) -> set[int]:
         steps = json.loads(path.read_text(encoding="utf-8"))
         return {int(x) for x in steps}
     except (ValueError, TypeError, UnicodeDecodeError) as e:
-        raise ResumeError(f"{path}: damaged list of pinned checkpoint steps ({e}); fix it (a JSON list of steps) "
-                          "or remove it to unpin them") from None
+        raise ResumeError(
+            f"{path}: damaged list of pinned checkpoint steps ({e}); fix it (a JSON list of steps) "
+            "or remove it to unpin them"
+        ) from None
 
 
 SHAPE_DEFAULTS = {"mtl_head_dim": 0}  # what a checkpoint written before a key existed had
@@ -162,13 +171,19 @@ SHAPE_DEFAULTS = {"mtl_head_dim": 0}  # what a checkpoint written before a key e
 
 def model_shape(cfg: Config) -> dict[str, Any]:
     """What a checkpoint's parameter shapes depend on (a resume must match it)."""
-    return {**{k: getattr(cfg.model, k) for k in SHAPE_KEYS}, "mtl_head_dim": cfg.mtl.head_dim if cfg.mtl.enabled else 0}
+    return {
+        **{k: getattr(cfg.model, k) for k in SHAPE_KEYS},
+        "mtl_head_dim": cfg.mtl.head_dim if cfg.mtl.enabled else 0,
+    }
 
 
 def check_shape(meta: dict[str, Any], cfg: Config, where: Path) -> None:
     """Refuse a resume whose checkpoint (its `meta`) holds a model of another shape."""
     saved, current = meta.get("model_shape", {}), model_shape(cfg)
-    diffs = [f"{'model.' + k if k in SHAPE_KEYS else k}: checkpoint {saved.get(k, SHAPE_DEFAULTS.get(k))!r}, config {v!r}"
-             for k, v in current.items() if saved.get(k, SHAPE_DEFAULTS.get(k)) != v]
+    diffs = [
+        f"{'model.' + k if k in SHAPE_KEYS else k}: checkpoint {saved.get(k, SHAPE_DEFAULTS.get(k))!r}, config {v!r}"
+        for k, v in current.items()
+        if saved.get(k, SHAPE_DEFAULTS.get(k)) != v
+    ]
     if diffs:
         raise RefusedResume(f"{where}: checkpoint has another model shape ({'; '.join(diffs)}); use a new --run-dir")

@@ -18,26 +18,25 @@ import numpy as np
 from flax import nnx
 
 from .. import config as config_lib
-from .checkpoint import Checkpointer, model_shape
-from ..cli import EXIT_ENVIRONMENT, first_line, out_of_memory, write_traceback
 from ..config.schema import Config
-from ..research.curriculum import Controls, Signal
-from ..parallel.processes import any_process, is_primary
+from ..core.cli import EXIT_ENVIRONMENT, first_line, out_of_memory, write_traceback
+from ..core.errors import print_err
+from ..data.masks import MaskParams
 from ..evaluation.metrics import go_no_go
 from ..evaluation.suite import EvalSuite, Validator
 from ..model.flops import peak_flops, train_flops_per_token
-from ..telemetry.console import Console
-from ..telemetry.sqlite import MetricsDB
-from ..core.errors import print_err
-from ..research.state import ResearchState
-from .build import Setup
-from ..data.masks import MaskParams
+from ..parallel.processes import any_process, is_primary
 from ..parallel.sharding import batch_sharding, put, replicated
+from ..research.curriculum import Controls, Signal
+from ..research.state import ResearchState
+from ..telemetry.console import Console
 from ..telemetry.sink import Metrics, RunEnd, Sink
 from ..telemetry.sinks import open_sinks
-from .step import StepControls, StepFn
+from ..telemetry.sqlite import MetricsDB
+from .build import Setup
+from .checkpoint import Checkpointer, model_shape
 from .state import TrainState
-
+from .step import StepControls, StepFn
 
 EXIT_DIVERGED = 4
 
@@ -100,17 +99,33 @@ class TrainLoop:
         self.sinks: list[Sink] = []
         if is_primary():  # one process writes what the run reports
             db = MetricsDB(run_dir / "metrics.sqlite")
-            db.start(config_lib.config_hash(cfg), model_shape(cfg),
-                     {"lr": cfg.optim.lr, "batch_size": tc.batch_size, "grad_accum_steps": tc.grad_accum_steps,
-                      "seq_len": cfg.data.seq_len, "max_steps": tc.max_steps, "seed": tc.seed})
+            db.start(
+                config_lib.config_hash(cfg),
+                model_shape(cfg),
+                {
+                    "lr": cfg.optim.lr,
+                    "batch_size": tc.batch_size,
+                    "grad_accum_steps": tc.grad_accum_steps,
+                    "seq_len": cfg.data.seq_len,
+                    "max_steps": tc.max_steps,
+                    "seed": tc.seed,
+                },
+            )
             self.console = Console(tc.max_steps, cfg.logging.progress)
             self.sinks = open_sinks(cfg, run_dir, db, self.console)
         else:
             self.console = Console(tc.max_steps, "lines", io.StringIO())
-        self.validator = Validator(setup.windows, tc.batch_size, setup.graphdef, batch_sharding(setup.mesh),
-                                   setup.state_sharding.params, replicated(setup.mesh))
-        self.suite = (EvalSuite(cfg, setup.corpus, setup.locales, setup.graphdef, setup.streams)
-                      if cfg.eval.interval else None)
+        self.validator = Validator(
+            setup.windows,
+            tc.batch_size,
+            setup.graphdef,
+            batch_sharding(setup.mesh),
+            setup.state_sharding.params,
+            replicated(setup.mesh),
+        )
+        self.suite = (
+            EvalSuite(cfg, setup.corpus, setup.locales, setup.graphdef, setup.streams) if cfg.eval.interval else None
+        )
         self.throughput = Throughput(tc.batch_size * tc.grad_accum_steps * cfg.data.seq_len, tc.max_steps)
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = peak_flops()
@@ -142,17 +157,31 @@ class TrainLoop:
         """The dict of one log step (sinks.py lists the namespaces)."""
         r = self.research
         status = r.curriculum.status(s)
-        out: Metrics = {"train/loss": float(m["loss"]), "train/loss_ema": float(m["loss_ema"]),
-                        "train/grad_norm": float(m["grad_norm"]), "train/lr": float(m["lr"]),
-                        "train/lr_multiplier": ctl.lr_mult, "train/mask_prob": ctl.mask_prob,
-                        "train/phase": float(ctl.phase), "curriculum/stuns": float(status["stuns"])}
+        out: Metrics = {
+            "train/loss": float(m["loss"]),
+            "train/loss_ema": float(m["loss_ema"]),
+            "train/grad_norm": float(m["grad_norm"]),
+            "train/lr": float(m["lr"]),
+            "train/lr_multiplier": ctl.lr_mult,
+            "train/mask_prob": ctl.mask_prob,
+            "train/phase": float(ctl.phase),
+            "curriculum/stuns": float(status["stuns"]),
+        }
         for phase in ("wwm", "span"):
             if status[f"{phase}_improvement"] is not None:
                 out[f"curriculum/{phase}_improvement"] = status[f"{phase}_improvement"]
         analytics = r.curriculum.analytics["lifetime"].window_stats()
-        out.update({f"analytics/{k}": v for k, v in (("loss_slope", analytics["slope"]),
-                                                      ("noise_fraction", analytics["noise_fraction"]),
-                                                      ("oscillation_rate", analytics["oscillation_rate"])) if v is not None})
+        out.update(
+            {
+                f"analytics/{k}": v
+                for k, v in (
+                    ("loss_slope", analytics["slope"]),
+                    ("noise_fraction", analytics["noise_fraction"]),
+                    ("oscillation_rate", analytics["oscillation_rate"]),
+                )
+                if v is not None
+            }
+        )
         out.update({f"locale_ema/{loc}": v for loc, v in r.locale_ema.ema.items() if v is not None})
         out.update({f"task_ema/{k}": v for k, v in r.task_ema.items()})
         tps = self.throughput.measure(s)
@@ -179,16 +208,26 @@ class TrainLoop:
         tc, r = self.cfg.training, self.research
         what = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {s} (loss {loss}, grad norm {grad_norm})"
         if tc.on_nonfinite == "stop":
-            raise Diverged(f"{what}; the update was not applied and nothing after it is saved; "
-                           f"hint: lower optim.lr or set training.on_nonfinite = \"rollback\"")
+            raise Diverged(
+                f"{what}; the update was not applied and nothing after it is saved; "
+                f'hint: lower optim.lr or set training.on_nonfinite = "rollback"'
+            )
         r.nonfinite_events += 1
         if r.nonfinite_events > tc.nonfinite_limit:
-            raise Diverged(f"{what}: more than training.nonfinite_limit = {tc.nonfinite_limit} "
-                           f"{'skipped updates' if tc.on_nonfinite == 'skip' else 'rollbacks'}; lower optim.lr")
+            raise Diverged(
+                f"{what}: more than training.nonfinite_limit = {tc.nonfinite_limit} "
+                f"{'skipped updates' if tc.on_nonfinite == 'skip' else 'rollbacks'}; lower optim.lr"
+            )
         if tc.on_nonfinite == "rollback":
             raise Rollback(what)
-        self.signal(Signal(s, "nonfinite_skip", float(r.nonfinite_events),
-                           f"{what}: update skipped ({r.nonfinite_events}/{tc.nonfinite_limit})"))
+        self.signal(
+            Signal(
+                s,
+                "nonfinite_skip",
+                float(r.nonfinite_events),
+                f"{what}: update skipped ({r.nonfinite_events}/{tc.nonfinite_limit})",
+            )
+        )
 
     def validate(self, params: nnx.State, done: int) -> bool:
         """Run validation; True when it raised a grokking signal (that step must be saved and pinned)."""
@@ -211,9 +250,15 @@ class TrainLoop:
 
     def meta(self, step: int) -> dict[str, Any]:
         cfg = self.cfg
-        return {"step": step, "model_shape": model_shape(cfg), "config": config_lib.to_dict(cfg),
-                "seed": cfg.training.seed, "sampler": {"kind": "fold_in(seed, step)", "next_step": step},
-                "research": self.research.state_dict(), "corpus_sha256": self.setup.corpus.manifest["content_sha256"]}
+        return {
+            "step": step,
+            "model_shape": model_shape(cfg),
+            "config": config_lib.to_dict(cfg),
+            "seed": cfg.training.seed,
+            "sampler": {"kind": "fold_in(seed, step)", "next_step": step},
+            "research": self.research.state_dict(),
+            "corpus_sha256": self.setup.corpus.manifest["content_sha256"],
+        }
 
     # -- the loop -----------------------------------------------------------------------
     def run(self, state: TrainState, step_fn: StepFn, stop: StopFlag) -> int:
@@ -243,13 +288,18 @@ class TrainLoop:
             saved = self._save_after_failure(self.state)
             if out_of_memory(e):  # not a bug: an allocation the estimates (budget.py) let through
                 code = EXIT_ENVIRONMENT
-                print_err(f"error: out of memory on the device after step {self.done} ({first_line(e)}){saved}; latest "
-                          f"checkpoint: {self.ckpt.latest_step() or 'none'}; ask for less: a smaller batch, model or "
-                          "evaluation")
+                print_err(
+                    f"error: out of memory on the device after step {self.done} ({first_line(e)}){saved}; latest "
+                    f"checkpoint: {self.ckpt.latest_step() or 'none'}; ask for less: a smaller batch, model or "
+                    "evaluation"
+                )
             else:
                 trace = write_traceback(e, self.run_dir / "logs", "train")
-                print_err(f"error: training failed after step {self.done}: {type(e).__name__}: {first_line(e)}{saved}; "
-                          f"latest checkpoint: {self.ckpt.latest_step() or 'none'}" + (f"; traceback in {trace}" if trace else ""))
+                print_err(
+                    f"error: training failed after step {self.done}: {type(e).__name__}: {first_line(e)}{saved}; "
+                    f"latest checkpoint: {self.ckpt.latest_step() or 'none'}"
+                    + (f"; traceback in {trace}" if trace else "")
+                )
         finally:
             self.close()
         return 1 if code == 0 and self.status == "failed" else code
@@ -302,8 +352,10 @@ class TrainLoop:
         self.ckpt.wait()
         step = self.ckpt.latest_step()
         if step is None:
-            raise Diverged(f"{why}; no checkpoint to roll back to yet (lower optim.lr, or save earlier with "
-                           "checkpoint.save_interval)")
+            raise Diverged(
+                f"{why}; no checkpoint to roll back to yet (lower optim.lr, or save earlier with "
+                "checkpoint.save_interval)"
+            )
         events = self.research.nonfinite_events
         scale = self.research.lr_scale * self.cfg.training.rollback_lr_scale
         meta = self.ckpt.read_meta(step)
@@ -311,9 +363,15 @@ class TrainLoop:
         self.research = ResearchState.restore(self.cfg, self.setup.locales, self.setup.has_words, meta)
         self.research.nonfinite_events, self.research.lr_scale = events, scale  # the rollback itself is not undone
         self.queue, self.done, self.observed = [], step, step - 1
-        self.signal(Signal(step, "nonfinite_rollback", scale,
-                           f"{why}: rolled back to step {step}, learning rate x{scale:g} "
-                           f"({events}/{self.cfg.training.nonfinite_limit})"))
+        self.signal(
+            Signal(
+                step,
+                "nonfinite_rollback",
+                scale,
+                f"{why}: rolled back to step {step}, learning rate x{scale:g} "
+                f"({events}/{self.cfg.training.nonfinite_limit})",
+            )
+        )
         return restored
 
     def close(self) -> None:
@@ -321,7 +379,8 @@ class TrainLoop:
         and none fails silently."""
         end = RunEnd(self.status, self.done, self.last_loss, self.last_val)
         closers = [("checkpoint writer", self.ckpt.close)] + [
-            (type(sink).__name__, lambda sink=sink: sink.close(end)) for sink in self.sinks]
+            (type(sink).__name__, lambda sink=sink: sink.close(end)) for sink in self.sinks
+        ]
         for name, fn in closers:
             try:
                 fn()

@@ -1,14 +1,20 @@
-"""TODO(tasks)."""
+"""The multi-task objectives (docs/design.md, "Multi-task learning"):
+- coherence: are verses A and B consecutive (key + 1, same locale)? BCE on the head's logit;
+- cross_ref: triplet max(0, cos(a, neg) - cos(a, pos) + margin) on projections; positive within
+  +-window keys of the anchor (not itself), negative at least min_distance keys away;
+- paraphrase: same key in two different locales (positive) or different keys (negative);
+  logit = scale * cos of projections, BCE."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from ..config.schema import MTLConfig
 from ..data.device import DeviceCorpus
+from ..data.sampler import verse_tokens
 from ..data.verses import COHERENCE, CROSS_REF, VerseIndex, coherence_examples, cross_ref_examples, paraphrase_examples
 from ..model.heads import MultiTaskLlama, _cos, pooled
-from ..data.sampler import verse_tokens
 
 
 def _bce(logits: jax.Array, labels: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -18,8 +24,9 @@ def _bce(logits: jax.Array, labels: jax.Array, weight: jax.Array) -> tuple[jax.A
     return (losses * w).sum() / jnp.maximum(w.sum(), 1.0), (acc * w).sum() / jnp.maximum(w.sum(), 1.0)
 
 
-def task_loss(model: MultiTaskLlama, task: int, corpus: DeviceCorpus, idx: VerseIndex, key: jax.Array, n: int,
-              cfg: MTLConfig) -> tuple[jax.Array, jax.Array]:
+def task_loss(
+    model: MultiTaskLlama, task: int, corpus: DeviceCorpus, idx: VerseIndex, key: jax.Array, n: int, cfg: MTLConfig
+) -> tuple[jax.Array, jax.Array]:
     """(loss, accuracy) of one auxiliary micro-batch of n examples built from `key`."""
     heads = model.heads
 

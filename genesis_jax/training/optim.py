@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +51,16 @@ def decay_mask(params: nnx.State, decay_embedding: bool) -> nnx.State:
 def make_optimizer(o: OptimConfig, max_steps: int) -> optax.GradientTransformation:
     """Clip -> AdamW(schedule) -> scale(stun multiplier); the last is an injectable hyperparameter."""
     parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-    parts.append(optax.adamw(lr_schedule(o, max_steps), b1=o.beta1, b2=o.beta2, eps=o.eps,
-                             weight_decay=o.weight_decay, mask=lambda p: decay_mask(p, o.decay_embedding)))
+    parts.append(
+        optax.adamw(
+            lr_schedule(o, max_steps),
+            b1=o.beta1,
+            b2=o.beta2,
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            mask=lambda p: decay_mask(p, o.decay_embedding),
+        )
+    )
     parts.append(optax.inject_hyperparams(optax.scale)(step_size=1.0))
     return optax.chain(*parts)
 

@@ -17,17 +17,26 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .. import config as config_lib
-from .checkpoint import Checkpointer, check_shape
 from ..config.schema import Config
 from ..core.errors import UserError
+from ..core.writing import open_lock_file
 from ..model.llama import Llama
+from .checkpoint import Checkpointer, check_shape
 from .state import init_model, init_state
 from .step import tree_all_finite
-from ..core.writing import open_lock_file
 
 LOCK_NAME = "train.lock"
-WRITTEN = (LOCK_NAME, "metrics.sqlite", "metrics.sqlite-journal", "config.toml", "logs", "logs/libraries.log",
-           "checkpoints", "tensorboard", "reports")
+WRITTEN = (
+    LOCK_NAME,
+    "metrics.sqlite",
+    "metrics.sqlite-journal",
+    "config.toml",
+    "logs",
+    "logs/libraries.log",
+    "checkpoints",
+    "tensorboard",
+    "reports",
+)
 
 
 class RunLockedError(UserError):
@@ -70,8 +79,9 @@ class RunLock:
             holder = self._read(fd)
             os.close(fd)
             who = describe(holder) if holder else "another process"
-            raise RunLockedError(f"{self.path.parent}: run directory in use by {who}; wait for it to finish or "
-                                 "choose another --run-dir") from None
+            raise RunLockedError(
+                f"{self.path.parent}: run directory in use by {who}; wait for it to finish or choose another --run-dir"
+            ) from None
         previous = self._read(fd)
         mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         os.ftruncate(fd, 0)
@@ -113,8 +123,10 @@ def prepare(run_dir: Path) -> None:
         raise UserError(f"--run-dir {run_dir}: not writable")
     for name in WRITTEN:  # files a run opens for appending or in place: a planted link would redirect them
         if (run_dir / name).is_symlink():
-            raise UserError(f"{run_dir / name}: a symbolic link where the run writes its own file; remove it "
-                            "(genesis-jax never writes through links)")
+            raise UserError(
+                f"{run_dir / name}: a symbolic link where the run writes its own file; remove it "
+                "(genesis-jax never writes through links)"
+            )
 
 
 @dataclass
@@ -140,7 +152,9 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
             raise UserError(f"{run_dir}: no checkpoints yet")
         chosen = max(steps) if step is None else step
         if chosen not in steps:
-            raise UserError(f"--step {step}: no such checkpoint in {run_dir} (have {', '.join(map(str, sorted(steps)))})")
+            raise UserError(
+                f"--step {step}: no such checkpoint in {run_dir} (have {', '.join(map(str, sorted(steps)))})"
+            )
         meta = ckpt.read_meta(chosen)
         check_shape(meta, cfg, run_dir)
         model = init_model(cfg)
@@ -148,9 +162,14 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
     finally:
         ckpt.close()
     if not bool(tree_all_finite(state.params)):
-        bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(state.params)
-               if not bool(jnp.isfinite(x).all())]
-        raise UserError(f"{run_dir}: checkpoint {chosen} has non-finite parameters ({len(bad)} arrays, e.g. {bad[0]}): "
-                        "it was saved after training diverged; choose an earlier one with --step")
+        bad = [
+            jax.tree_util.keystr(path)
+            for path, x in jax.tree_util.tree_leaves_with_path(state.params)
+            if not bool(jnp.isfinite(x).all())
+        ]
+        raise UserError(
+            f"{run_dir}: checkpoint {chosen} has non-finite parameters ({len(bad)} arrays, e.g. {bad[0]}): "
+            "it was saved after training diverged; choose an earlier one with --step"
+        )
     nnx.update(model, state.params)
     return LoadedRun(cfg=cfg, model=model, step=chosen, meta=meta)

@@ -1,19 +1,22 @@
-"""TODO(step)."""
+"""The training state (parameters, optimizer state, step) and how a model and its state are
+initialised, on one device or across a mesh."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh
-from ..model import attention
+
 from ..config.schema import Config
-from ..model.llama import Llama
-from .optim import make_optimizer, set_lr_multiplier
+from ..model import attention
 from ..model.attention import per_shard
 from ..model.heads import MultiTaskLlama
+from ..model.llama import Llama
+from .optim import make_optimizer, set_lr_multiplier
 
 
 @jax.tree_util.register_dataclass
@@ -22,7 +25,9 @@ class TrainState:
     params: nnx.State  # the model's Params, float32
     opt_state: optax.OptState
     step: jax.Array  # int32 number of updates done
-    loss_ema: jax.Array  # float32 d * ema + (1 - d) * LM loss, d = curriculum.loss_ema_decay (first = first loss; NaN before)
+    loss_ema: (
+        jax.Array
+    )  # float32 d * ema + (1 - d) * LM loss, d = curriculum.loss_ema_decay (first = first loss; NaN before)
 
 
 def init_model(cfg: Config, mesh: Mesh | None = None) -> Llama:
@@ -43,5 +48,6 @@ def init_state(cfg: Config, model: Llama) -> TrainState:
     # Strongly typed leaves, so the state returned by the step never retraces it.
     opt_state = set_lr_multiplier(tx.init(params), jnp.float32(1.0))
     # loss_ema starts as NaN: "no LM loss seen yet" (with multi-task learning a step may have none).
-    return TrainState(params=params, opt_state=opt_state, step=jnp.asarray(0, jnp.int32),
-                      loss_ema=jnp.asarray(jnp.nan, jnp.float32))
+    return TrainState(
+        params=params, opt_state=opt_state, step=jnp.asarray(0, jnp.int32), loss_ema=jnp.asarray(jnp.nan, jnp.float32)
+    )

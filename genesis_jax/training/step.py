@@ -1,26 +1,31 @@
-"""TODO(step)."""
+"""The jitted train step over one state pytree (nanodo style): gradient accumulation over
+micro-batches, the task mixture when multi-task learning is on, the AdamW update with the
+curriculum's runtime controls (learning-rate multiplier, first-moment scale, masking), and the
+non-finite guard."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh
+
 from ..config.schema import Config
-from .optim import lr_schedule, make_optimizer, scale_first_moment, set_lr_multiplier
-from ..data.sampler import Batch, lm_batch
 from ..data.device import DeviceCorpus
 from ..data.masks import MaskParams
-from ..parallel.sharding import batch_sharding as batch_sharding_of
+from ..data.sampler import Batch, lm_batch
 from ..data.verses import N_TASKS, TASK_IDS, TASK_NAMES
 from ..model.heads import MultiTaskLlama
-from .objectives import task_loss
-from .state import TrainState
 from ..model.loss import make_loss_fn
-
+from ..parallel.sharding import batch_sharding as batch_sharding_of
+from .objectives import task_loss
+from .optim import lr_schedule, make_optimizer, scale_first_moment, set_lr_multiplier
+from .state import TrainState
 
 TASK_STREAM = 7  # fold_in constant of the multi-task draws (task choice, examples), apart from the LM batch's
 
@@ -61,11 +66,11 @@ class StepControls:
     mask: MaskParams
 
     @staticmethod
-    def make(lr_mult: float = 1.0, mu_scale: float = 1.0, mask: MaskParams | None = None) -> "StepControls":
+    def make(lr_mult: float = 1.0, mu_scale: float = 1.0, mask: MaskParams | None = None) -> StepControls:
         return StepControls(jnp.float32(lr_mult), jnp.float32(mu_scale), mask or MaskParams.make())
 
 
-def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, n_locales: int = 1) -> "StepFn":
+def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, n_locales: int = 1) -> StepFn:
     """Build `step(state, corpus, seed_key, controls) -> (state, metrics)` (not yet jitted).
 
     The batch of update s is drawn from fold_in(seed_key, s) as accum x B windows, so an
@@ -88,8 +93,9 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, n_locales: 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     mixed = make_task_mixture(cfg, graphdef, grad_fn) if cfg.mtl.enabled else None
 
-    def step(state: TrainState, corpus: DeviceCorpus, seed_key: jax.Array,
-             controls: StepControls) -> tuple[TrainState, dict[str, jax.Array]]:
+    def step(
+        state: TrainState, corpus: DeviceCorpus, seed_key: jax.Array, controls: StepControls
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
         key = jax.random.fold_in(seed_key, state.step)
         flat = lm_batch(corpus, key, accum * micro, seq_len, controls.mask)
         batches = jax.tree.map(lambda x: x.reshape(accum, micro, *x.shape[1:]), flat)
@@ -112,14 +118,23 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, mesh: Mesh, n_locales: 
         params = jax.tree.map(lambda new, old: jnp.where(ok, new, old), params, state.params)
         opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), opt_state, state.opt_state)
         loss_ok = ok & ~jnp.isnan(loss)  # NaN LM loss with multi-task learning: no LM micro-batch this step
-        ema = jnp.where(loss_ok, jnp.where(jnp.isnan(state.loss_ema), loss, decay * state.loss_ema + (1 - decay) * loss),
-                        state.loss_ema)
+        ema = jnp.where(
+            loss_ok,
+            jnp.where(jnp.isnan(state.loss_ema), loss, decay * state.loss_ema + (1 - decay) * loss),
+            state.loss_ema,
+        )
         locale = batches.locale.reshape(-1)
         lm_rows = is_lm.reshape(-1)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": ~ok, "lr": schedule(state.step) * controls.lr_mult,
-                   "loss_ema": ema,
-                   "locale_loss_sum": jax.ops.segment_sum(per_seq.reshape(-1) * lm_rows, locale, num_segments=n_locales),
-                   "locale_count": jax.ops.segment_sum(lm_rows, locale, num_segments=n_locales), **task_metrics}
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "nonfinite": ~ok,
+            "lr": schedule(state.step) * controls.lr_mult,
+            "loss_ema": ema,
+            "locale_loss_sum": jax.ops.segment_sum(per_seq.reshape(-1) * lm_rows, locale, num_segments=n_locales),
+            "locale_count": jax.ops.segment_sum(lm_rows, locale, num_segments=n_locales),
+            **task_metrics,
+        }
         return TrainState(params=params, opt_state=opt_state, step=state.step + 1, loss_ema=ema), metrics
 
     return step
@@ -134,8 +149,9 @@ def tree_all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def make_task_mixture(cfg: Config, graphdef: nnx.GraphDef,
-                      lm_grad_fn: GradFn) -> Callable[[nnx.State, Batch, DeviceCorpus, jax.Array], MixtureOut]:
+def make_task_mixture(
+    cfg: Config, graphdef: nnx.GraphDef, lm_grad_fn: GradFn
+) -> Callable[[nnx.State, Batch, DeviceCorpus, jax.Array], MixtureOut]:
     """Multi-task accumulation: each micro-batch is one task drawn by the mixture weights; the
     update is the mean over micro-batches of (task loss weight x task loss) gradients."""
     m = cfg.mtl
@@ -148,7 +164,9 @@ def make_task_mixture(cfg: Config, graphdef: nnx.GraphDef,
         k_task, k_ex = jax.random.split(jax.random.fold_in(key, TASK_STREAM))
         tasks = jax.random.categorical(k_task, mixture, shape=(accum,))
 
-        Branch = tuple[nnx.State, jax.Array, jax.Array, jax.Array]  # (weighted grads, loss, accuracy, per-sequence loss)
+        Branch = tuple[
+            nnx.State, jax.Array, jax.Array, jax.Array
+        ]  # (weighted grads, loss, accuracy, per-sequence loss)
 
         def lm_branch(batch: Batch, k: jax.Array) -> Branch:
             (loss, per_seq), g = lm_grad_fn(params, batch)
@@ -169,14 +187,17 @@ def make_task_mixture(cfg: Config, graphdef: nnx.GraphDef,
 
         branches = [lm_branch] + [aux_branch(t) for t in TASK_IDS[1:]]
 
-        def micro_step(g_acc: nnx.State, x: tuple[Batch, jax.Array, jax.Array]
-                       ) -> tuple[nnx.State, tuple[jax.Array, jax.Array, jax.Array]]:
+        def micro_step(
+            g_acc: nnx.State, x: tuple[Batch, jax.Array, jax.Array]
+        ) -> tuple[nnx.State, tuple[jax.Array, jax.Array, jax.Array]]:
             batch, task, k = x
             g, loss, acc, per_seq = jax.lax.switch(task, branches, batch, k)
             return jax.tree.map(jnp.add, g_acc, g), (loss, acc, per_seq)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, (losses, accs, per_seq) = jax.lax.scan(micro_step, zeros, (batches, tasks, jax.random.split(k_ex, accum)))
+        grads, (losses, accs, per_seq) = jax.lax.scan(
+            micro_step, zeros, (batches, tasks, jax.random.split(k_ex, accum))
+        )
         grads = jax.tree.map(lambda g: g / accum, grads)
         onehot = jax.nn.one_hot(tasks, N_TASKS)
         count = onehot.sum(axis=0)
@@ -185,10 +206,13 @@ def make_task_mixture(cfg: Config, graphdef: nnx.GraphDef,
         metrics = {}
         for i, name in enumerate(TASK_NAMES):
             metrics[f"task/{name}/count"] = count[i]
-            metrics[f"task/{name}/loss"] = jnp.where(count[i] > 0, (losses * onehot[:, i]).sum() / jnp.maximum(count[i], 1.0), jnp.nan)
+            metrics[f"task/{name}/loss"] = jnp.where(
+                count[i] > 0, (losses * onehot[:, i]).sum() / jnp.maximum(count[i], 1.0), jnp.nan
+            )
             if i:
-                metrics[f"task/{name}/acc"] = jnp.where(count[i] > 0, (jnp.nan_to_num(accs) * onehot[:, i]).sum()
-                                                        / jnp.maximum(count[i], 1.0), jnp.nan)
+                metrics[f"task/{name}/acc"] = jnp.where(
+                    count[i] > 0, (jnp.nan_to_num(accs) * onehot[:, i]).sum() / jnp.maximum(count[i], 1.0), jnp.nan
+                )
         losses_finite = jnp.isfinite(losses).all()  # every micro-batch's loss, whatever its task
         return lm_loss, grads, per_seq, jnp.broadcast_to(is_lm[:, None], per_seq.shape), metrics, losses_finite
 

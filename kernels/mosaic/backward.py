@@ -16,12 +16,22 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .common import Static, kv_copies, kv_steps, visible
-from .ops import (COLS, ROWS, TILED, accumulate, cols, load_tiles, produce, rows, share_registers,
-                       store_tiles, tiled)
+from .ops import COLS, ROWS, TILED, accumulate, cols, load_tiles, produce, rows, share_registers, store_tiles, tiled
 
 
-def _dq_kernel(st: Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, kseg_ref: Any, do_ref: Any,
-               lse_ref: Any, delta_ref: Any, dq_ref: Any, scratch: Any) -> None:
+def _dq_kernel(
+    st: Static,
+    q_ref: Any,
+    k_ref: Any,
+    v_ref: Any,
+    qseg_ref: Any,
+    kseg_ref: Any,
+    do_ref: Any,
+    lse_ref: Any,
+    delta_ref: Any,
+    dq_ref: Any,
+    scratch: Any,
+) -> None:
     bq, bk, stages, wgs = st.blocks.block_q, st.blocks.block_k, st.blocks.stages, st.blocks.compute_wgs_bwd
     (q_all, do_all, ds_all, k_smem, v_smem, qseg_all, kseg_smem, lse_all, delta_all), (q_bar, ready, consumed) = scratch
     b, h, block, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q"), lax.axis_index("wg")
@@ -35,9 +45,16 @@ def _dq_kernel(st: Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, ks
         qi = block * wgs + wg
         here = pl.ds(qi * bq, bq)
         q_smem, do_smem, ds_smem = q_all.at[wg], do_all.at[wg], None if ds_all is None else ds_all.at[wg]
-        load_tiles([(q_ref.at[b, here, h], q_smem), (do_ref.at[b, here, h], do_smem),
-                    (lse_ref.at[b, h, here], lse_all.at[wg]), (delta_ref.at[b, h, here], delta_all.at[wg])]
-                   + ([(qseg_ref.at[b, here], qseg_all.at[wg])] if st.segments else []), q_bar.at[wg])
+        load_tiles(
+            [
+                (q_ref.at[b, here, h], q_smem),
+                (do_ref.at[b, here, h], do_smem),
+                (lse_ref.at[b, h, here], lse_all.at[wg]),
+                (delta_ref.at[b, h, here], delta_all.at[wg]),
+            ]
+            + ([(qseg_ref.at[b, here], qseg_all.at[wg])] if st.segments else []),
+            q_bar.at[wg],
+        )
         lse, delta = ops.load(lse_all.at[wg], ROWS), ops.load(delta_all.at[wg], ROWS)
         qseg = ops.load(qseg_all.at[wg], ROWS) if st.segments else None
 
@@ -63,8 +80,13 @@ def _dq_kernel(st: Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, ks
     @pl.when(wg == wgs)
     def _memory() -> None:
         share_registers(wgs, st.blocks.registers, memory=True)
-        produce(n_kv, stages, ready, consumed,
-                kv_copies(st, (k_ref, v_ref, kseg_ref), (k_smem, v_smem, kseg_smem), ready, b, kvh))
+        produce(
+            n_kv,
+            stages,
+            ready,
+            consumed,
+            kv_copies(st, (k_ref, v_ref, kseg_ref), (k_smem, v_smem, kseg_smem), ready, b, kvh),
+        )
 
 
 def _q_tiles(st: Static, kj: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -85,13 +107,32 @@ def _q_tiles(st: Static, kj: jax.Array) -> tuple[jax.Array, jax.Array]:
     return first, jnp.where(padded | st.segments, n_q, whole)
 
 
-def _dkv_kernel(st: Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, kseg_ref: Any, do_ref: Any,
-                lse_ref: Any, delta_ref: Any, dk_ref: Any, dv_ref: Any, scratch: Any) -> None:
+def _dkv_kernel(
+    st: Static,
+    q_ref: Any,
+    k_ref: Any,
+    v_ref: Any,
+    qseg_ref: Any,
+    kseg_ref: Any,
+    do_ref: Any,
+    lse_ref: Any,
+    delta_ref: Any,
+    dk_ref: Any,
+    dv_ref: Any,
+    scratch: Any,
+) -> None:
     """dk and dv of one key tile per compute warpgroup, accumulated in place in two float32
     tiles (wgmma); the warpgroups share the ring of query tiles."""
-    bq, bk, stages, g, wgs = (st.blocks.block_q_dkv, st.blocks.block_k, st.blocks.stages, st.group,
-                              st.blocks.compute_wgs_bwd)
-    (k_all, v_all, p_all, q_smem, do_smem, kseg_all, qseg_smem, lse_smem, delta_smem), (k_bar, ready, consumed) = scratch
+    bq, bk, stages, g, wgs = (
+        st.blocks.block_q_dkv,
+        st.blocks.block_k,
+        st.blocks.stages,
+        st.group,
+        st.blocks.compute_wgs_bwd,
+    )
+    (k_all, v_all, p_all, q_smem, do_smem, kseg_all, qseg_smem, lse_smem, delta_smem), (k_bar, ready, consumed) = (
+        scratch
+    )
     b, kvh, block, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("k"), lax.axis_index("wg")
     first = _q_tiles(st, block * wgs)[0]  # the block's first key tile is seen first
     n_q = jnp.int32(pl.cdiv(st.sq, bq))
@@ -104,8 +145,11 @@ def _dkv_kernel(st: Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, k
         kj = block * wgs + wg
         here = pl.ds(kj * bk, bk)
         k_smem, v_smem, p_smem = k_all.at[wg], v_all.at[wg], None if p_all is None else p_all.at[wg]
-        load_tiles([(k_ref.at[b, here, kvh], k_smem), (v_ref.at[b, here, kvh], v_smem)]
-                   + ([(kseg_ref.at[b, here], kseg_all.at[wg])] if st.segments else []), k_bar.at[wg])
+        load_tiles(
+            [(k_ref.at[b, here, kvh], k_smem), (v_ref.at[b, here, kvh], v_smem)]
+            + ([(kseg_ref.at[b, here], kseg_all.at[wg])] if st.segments else []),
+            k_bar.at[wg],
+        )
         kseg = ops.load(kseg_all.at[wg], ROWS) if st.segments else None
         shape = (bk, bq)
 
@@ -143,8 +187,12 @@ def _dkv_kernel(st: Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, k
         def copies(t: jax.Array, slot: jax.Array) -> None:
             h = kvh * g + lax.div(t, per_head)
             rows_ = pl.ds((first + lax.rem(t, per_head)) * bq, bq)
-            for src, dst in ((q_ref.at[b, rows_, h], q_smem), (do_ref.at[b, rows_, h], do_smem),
-                             (lse_ref.at[b, h, rows_], lse_smem), (delta_ref.at[b, h, rows_], delta_smem)):
+            for src, dst in (
+                (q_ref.at[b, rows_, h], q_smem),
+                (do_ref.at[b, rows_, h], do_smem),
+                (lse_ref.at[b, h, rows_], lse_smem),
+                (delta_ref.at[b, h, rows_], delta_smem),
+            ):
                 plgpu.copy_gmem_to_smem(src, dst.at[slot], ready.at[slot])
             if st.segments:
                 plgpu.copy_gmem_to_smem(qseg_ref.at[b, rows_], qseg_smem.at[slot], ready.at[slot])
@@ -152,8 +200,17 @@ def _dkv_kernel(st: Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, k
         produce(g * per_head, stages, ready, consumed, copies)
 
 
-def backward(st: Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array, kseg: jax.Array,
-             o: jax.Array, lse: jax.Array, do: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def backward(
+    st: Static,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    qseg: jax.Array,
+    kseg: jax.Array,
+    o: jax.Array,
+    lse: jax.Array,
+    do: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """dq, dk, dv of the padded inputs."""
     bq, bk, stages, wgs = st.blocks.block_q, st.blocks.block_k, st.blocks.stages, st.blocks.compute_wgs_bwd
     b, sq_pad, hq, d = q.shape
@@ -162,21 +219,32 @@ def backward(st: Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Arr
     inputs = (q, k, v, qseg, kseg, do, lse, delta)
     extra = 1 if st.segments else 0
     staged = st.staged
-    params = dict(num_threads=wgs + 1, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
-                  interpret=st.interpret)
+    params = dict(
+        num_threads=wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=st.interpret,
+    )
 
     def genesis_flash_mgpu_dq(*refs: Any) -> None:
         pl.run_scoped(
             lambda *scratch: _dq_kernel(st, *refs, scratch),
-            (plgpu.SMEM((wgs, bq, d), q.dtype, transforms=TILED), plgpu.SMEM((wgs, bq, d), q.dtype, transforms=TILED),
-             plgpu.SMEM((wgs, bq, bk), q.dtype, transforms=TILED) if staged else None,
-             plgpu.SMEM((stages, bk, d), q.dtype, transforms=TILED),
-             plgpu.SMEM((stages, bk, d), q.dtype, transforms=TILED),
-             plgpu.SMEM((wgs, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32),
-             plgpu.SMEM((wgs, bq), jnp.float32), plgpu.SMEM((wgs, bq), jnp.float32)),
-            (plgpu.Barrier(num_arrivals=4 + extra, num_barriers=wgs),
-             plgpu.Barrier(num_arrivals=2 + extra, num_barriers=stages),
-             plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)),
+            (
+                plgpu.SMEM((wgs, bq, d), q.dtype, transforms=TILED),
+                plgpu.SMEM((wgs, bq, d), q.dtype, transforms=TILED),
+                plgpu.SMEM((wgs, bq, bk), q.dtype, transforms=TILED) if staged else None,
+                plgpu.SMEM((stages, bk, d), q.dtype, transforms=TILED),
+                plgpu.SMEM((stages, bk, d), q.dtype, transforms=TILED),
+                plgpu.SMEM((wgs, bq), jnp.int32),
+                plgpu.SMEM((stages, bk), jnp.int32),
+                plgpu.SMEM((wgs, bq), jnp.float32),
+                plgpu.SMEM((wgs, bq), jnp.float32),
+            ),
+            (
+                plgpu.Barrier(num_arrivals=4 + extra, num_barriers=wgs),
+                plgpu.Barrier(num_arrivals=2 + extra, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+            ),
             collective_axes="wg",
         )
 
@@ -187,18 +255,35 @@ def backward(st: Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Arr
         pl.run_scoped(lambda *scratch: _dkv_kernel(st, *refs, scratch), *dkv_scratch, collective_axes="wg")
 
     dkv_scratch = (
-        (plgpu.SMEM((wgs, bk, d), q.dtype, transforms=t), plgpu.SMEM((wgs, bk, d), q.dtype, transforms=t),
-         plgpu.SMEM((wgs, bk, bqk), q.dtype, transforms=t) if staged else None,
-         plgpu.SMEM((stages, bqk, d), q.dtype, transforms=t),
-         plgpu.SMEM((stages, bqk, d), q.dtype, transforms=t),
-         plgpu.SMEM((wgs, bk), jnp.int32), plgpu.SMEM((stages, bqk), jnp.int32),
-         plgpu.SMEM((stages, bqk), jnp.float32), plgpu.SMEM((stages, bqk), jnp.float32)),
-        (plgpu.Barrier(num_arrivals=2 + extra, num_barriers=wgs),
-         plgpu.Barrier(num_arrivals=4 + extra, num_barriers=stages),
-         plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)),
+        (
+            plgpu.SMEM((wgs, bk, d), q.dtype, transforms=t),
+            plgpu.SMEM((wgs, bk, d), q.dtype, transforms=t),
+            plgpu.SMEM((wgs, bk, bqk), q.dtype, transforms=t) if staged else None,
+            plgpu.SMEM((stages, bqk, d), q.dtype, transforms=t),
+            plgpu.SMEM((stages, bqk, d), q.dtype, transforms=t),
+            plgpu.SMEM((wgs, bk), jnp.int32),
+            plgpu.SMEM((stages, bqk), jnp.int32),
+            plgpu.SMEM((stages, bqk), jnp.float32),
+            plgpu.SMEM((stages, bqk), jnp.float32),
+        ),
+        (
+            plgpu.Barrier(num_arrivals=2 + extra, num_barriers=wgs),
+            plgpu.Barrier(num_arrivals=4 + extra, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+        ),
     )
-    dq = plgpu.kernel(genesis_flash_mgpu_dq, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-                      grid=(hq, sq_pad // (bq * wgs), b), grid_names=("heads", "q", "batch"), **params)(*inputs)
-    dk, dv = plgpu.kernel(genesis_flash_mgpu_dkdv, out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype),) * 2,
-                          grid=(hkv, skv_pad // (bk * wgs), b), grid_names=("heads", "k", "batch"), **params)(*inputs)
+    dq = plgpu.kernel(
+        genesis_flash_mgpu_dq,
+        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(hq, sq_pad // (bq * wgs), b),
+        grid_names=("heads", "q", "batch"),
+        **params,
+    )(*inputs)
+    dk, dv = plgpu.kernel(
+        genesis_flash_mgpu_dkdv,
+        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype),) * 2,
+        grid=(hkv, skv_pad // (bk * wgs), b),
+        grid_names=("heads", "k", "batch"),
+        **params,
+    )(*inputs)
     return dq, dk, dv

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from .ops import (Ops, cols, rows)
+
+from .ops import Ops, cols, rows
 
 LOG2E = math.log2(math.e)
 
@@ -40,15 +43,19 @@ class MosaicBlocks:
 
     def __post_init__(self) -> None:
         if self.block_q != 64 or self.block_k % 64 or self.block_k > 256 or self.stages < 1:
-            raise ValueError(f"MosaicBlocks: block_q must be 64, block_k a multiple of 64 up to 256, stages >= 1; got {self}")
+            raise ValueError(
+                f"MosaicBlocks: block_q must be 64, block_k a multiple of 64 up to 256, stages >= 1; got {self}"
+            )
         if self.block_q_dkv not in (32, 64):
             raise ValueError(f"MosaicBlocks: block_q_dkv must be 32 or 64; got {self.block_q_dkv}")
         if self.compute_wgs not in (1, 2) or self.compute_wgs_bwd not in (1, 2):
             raise ValueError(f"MosaicBlocks: compute_wgs and compute_wgs_bwd must be 1 or 2; got {self}")
         compute, memory = self.registers
         if compute % 8 or memory % 8 or not 24 <= memory <= compute <= 256 or (2 * compute + memory) * 128 > 65536:
-            raise ValueError(f"MosaicBlocks: registers (compute, memory) must be multiples of 8 in [24, 256] whose "
-                             f"2 x compute + memory warpgroups fit 65536 registers; got {self.registers}")
+            raise ValueError(
+                f"MosaicBlocks: registers (compute, memory) must be multiples of 8 in [24, 256] whose "
+                f"2 x compute + memory warpgroups fit 65536 registers; got {self.registers}"
+            )
 
     @property
     def rows(self) -> int:
@@ -108,8 +115,16 @@ def kv_steps(st: Static, qi: jax.Array) -> tuple[jax.Array, jax.Array]:
     return n, jnp.minimum(whole, n)
 
 
-def visible(st: Static, ops: Ops, q0: jax.Array, k0: jax.Array, shape: tuple[int, int], qseg: jax.Array | None,
-            kseg: jax.Array | None, keys_on_rows: bool = False) -> jax.Array:
+def visible(
+    st: Static,
+    ops: Ops,
+    q0: jax.Array,
+    k0: jax.Array,
+    shape: tuple[int, int],
+    qseg: jax.Array | None,
+    kseg: jax.Array | None,
+    keys_on_rows: bool = False,
+) -> jax.Array:
     """Which (query, key) pairs of a tile may attend: keys inside the true length, the causal
     rule, equal segments. Queries run along the rows (along the columns if `keys_on_rows`)."""
     qd, kd = (1, 0) if keys_on_rows else (0, 1)
@@ -123,8 +138,9 @@ def visible(st: Static, ops: Ops, q0: jax.Array, k0: jax.Array, shape: tuple[int
     return ok
 
 
-def kv_copies(st: Static, refs: tuple[Any, Any, Any], rings: tuple[Any, Any, Any], ready: Any, b: jax.Array,
-              kvh: jax.Array) -> Callable[[jax.Array, jax.Array], None]:
+def kv_copies(
+    st: Static, refs: tuple[Any, Any, Any], rings: tuple[Any, Any, Any], ready: Any, b: jax.Array, kvh: jax.Array
+) -> Callable[[jax.Array, jax.Array], None]:
     """The memory warpgroup's copies of key tile j (keys, values, key segment ids) of KV head
     `kvh` into ring slot `slot`, for the kernels that loop over key tiles."""
     (k_ref, v_ref, kseg_ref), (k_ring, v_ring, kseg_ring), bk = refs, rings, st.blocks.block_k

@@ -23,12 +23,22 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .ops import (COLS, ROWS, TILED, accumulate, interpret_params, load_tiles, produce, rows,
-                       share_registers, store_tiles)
 from ..platform import target_platform
 from ..reference import check_segments, check_shapes
 from .backward import backward
 from .common import EMPTY_ROW_LSE, LOG2E, MASK_VALUE, MosaicBlocks, Static, kv_copies, kv_steps, visible
+from .ops import (
+    COLS,
+    ROWS,
+    TILED,
+    accumulate,
+    interpret_params,
+    load_tiles,
+    produce,
+    rows,
+    share_registers,
+    store_tiles,
+)
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 # Padded head dims: a 128-byte swizzle needs 64 two-byte elements per row. 256 is not offered:
@@ -36,18 +46,9 @@ SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 HEAD_DIMS = (64, 128)
 
 
-
-
-
-
-
-
-
-
-
-
-def _fwd_kernel(st: Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, kseg_ref: Any, o_ref: Any,
-                lse_ref: Any, scratch: Any) -> None:
+def _fwd_kernel(
+    st: Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, kseg_ref: Any, o_ref: Any, lse_ref: Any, scratch: Any
+) -> None:
     blocks = st.blocks
     bq, bk, stages, wgs = blocks.block_q, blocks.block_k, blocks.stages, blocks.compute_wgs
     (q_all, k_smem, v_smem, p_all, qseg_all, kseg_smem, lse_all), (q_bar, ready, consumed, schedule) = scratch
@@ -69,8 +70,10 @@ def _fwd_kernel(st: Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, k
         share_registers(wgs, blocks.registers, memory=False)
         qi = block * wgs + wg  # this warpgroup's query tile
         q_smem, lse_smem, q_rows = q_all.at[wg], lse_all.at[wg], pl.ds(qi * bq, bq)
-        load_tiles([(q_ref.at[b, q_rows, h], q_smem)]
-                   + ([(qseg_ref.at[b, q_rows], qseg_all.at[wg])] if st.segments else []), q_bar.at[wg])
+        load_tiles(
+            [(q_ref.at[b, q_rows, h], q_smem)] + ([(qseg_ref.at[b, q_rows], qseg_all.at[wg])] if st.segments else []),
+            q_bar.at[wg],
+        )
         qseg = ops.load(qseg_all.at[wg], ROWS) if st.segments else None
         m, l = ops.full((bq,), MASK_VALUE, ROWS), ops.full((bq,), 0.0, ROWS)
         acc = ops.full((bq, q_smem.shape[-1]), 0.0, plgpu.Layout.WGMMA)
@@ -114,12 +117,18 @@ def _fwd_kernel(st: Static, q_ref: Any, k_ref: Any, v_ref: Any, qseg_ref: Any, k
     @pl.when(wg == wgs)
     def _memory() -> None:
         share_registers(wgs, blocks.registers, memory=True)
-        produce(n_kv, stages, ready, consumed,
-                kv_copies(st, (k_ref, v_ref, kseg_ref), (k_smem, v_smem, kseg_smem), ready, b, kvh))
+        produce(
+            n_kv,
+            stages,
+            ready,
+            consumed,
+            kv_copies(st, (k_ref, v_ref, kseg_ref), (k_smem, v_smem, kseg_smem), ready, b, kvh),
+        )
 
 
-def _forward(st: Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array, kseg: jax.Array
-             ) -> tuple[jax.Array, jax.Array]:
+def _forward(
+    st: Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array, kseg: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Output (padded) and each row's base-2 log-sum-exp `[batch, heads, seq]`."""
     blocks = st.blocks
     bq, bk, stages, wgs = blocks.block_q, blocks.block_k, blocks.stages, blocks.compute_wgs
@@ -130,25 +139,33 @@ def _forward(st: Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Arr
     def genesis_flash_mgpu_fwd(*refs: Any) -> None:
         pl.run_scoped(
             lambda *scratch: _fwd_kernel(st, *refs, scratch),
-            (plgpu.SMEM((wgs, bq, d), q.dtype, transforms=TILED),
-             plgpu.SMEM((stages, bk, d), q.dtype, transforms=TILED),
-             plgpu.SMEM((stages, bk, d), q.dtype, transforms=TILED),
-             p_smem,
-             plgpu.SMEM((wgs, bq), jnp.int32),
-             plgpu.SMEM((stages, bk), jnp.int32),
-             plgpu.SMEM((wgs, bq), jnp.float32)),
-            (plgpu.Barrier(num_arrivals=2 if st.segments else 1, num_barriers=wgs),
-             plgpu.Barrier(num_arrivals=3 if st.segments else 2, num_barriers=stages),
-             plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-             schedule),
+            (
+                plgpu.SMEM((wgs, bq, d), q.dtype, transforms=TILED),
+                plgpu.SMEM((stages, bk, d), q.dtype, transforms=TILED),
+                plgpu.SMEM((stages, bk, d), q.dtype, transforms=TILED),
+                p_smem,
+                plgpu.SMEM((wgs, bq), jnp.int32),
+                plgpu.SMEM((stages, bk), jnp.int32),
+                plgpu.SMEM((wgs, bq), jnp.float32),
+            ),
+            (
+                plgpu.Barrier(num_arrivals=2 if st.segments else 1, num_barriers=wgs),
+                plgpu.Barrier(num_arrivals=3 if st.segments else 2, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+                schedule,
+            ),
             collective_axes="wg",
         )
 
     return plgpu.kernel(
         genesis_flash_mgpu_fwd,
         out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, sq_pad), jnp.float32)),
-        grid=(hq, sq_pad // blocks.rows, b), grid_names=("heads", "q", "batch"), num_threads=wgs + 1,
-        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True), interpret=st.interpret,
+        grid=(hq, sq_pad // blocks.rows, b),
+        grid_names=("heads", "q", "batch"),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=st.interpret,
     )(q, k, v, qseg, kseg)
 
 
@@ -157,8 +174,9 @@ def _attend(st: Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Arra
     return _forward(st, q, k, v, qseg, kseg)[0]
 
 
-def _attend_fwd(st: Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array, kseg: jax.Array
-                ) -> tuple[jax.Array, tuple[Any, ...]]:
+def _attend_fwd(
+    st: Static, q: jax.Array, k: jax.Array, v: jax.Array, qseg: jax.Array, kseg: jax.Array
+) -> tuple[jax.Array, tuple[Any, ...]]:
     o, lse = _forward(st, q, k, v, qseg, kseg)
     return o, (q, k, v, qseg, kseg, o, lse)
 
@@ -177,20 +195,32 @@ def _fit(x: jax.Array, length: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, max(0, length - x.shape[1]))))[:, :length]
 
 
-def flash_attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-                         segment_ids: jax.Array | None = None, sm_scale: float | None = None,
-                         block_sizes: MosaicBlocks | None = None, interpret: Any = None) -> jax.Array:
+def flash_attention_mgpu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    segment_ids: jax.Array | None = None,
+    sm_scale: float | None = None,
+    block_sizes: MosaicBlocks | None = None,
+    interpret: Any = None,
+) -> jax.Array:
     """Attention forward with `flash_attention`'s contract (bf16/fp16 only; float32 goes to
     `flash_attention`). `interpret=None` interprets off the GPU (GPU interpret mode);
     `True` or an `InterpretGPUParams` forces it (race detection: `detect_races=True`)."""
     check_shapes(q, k, v)
     check_segments(q, k, segment_ids)
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"flash_attention_mgpu: q, k, v must all be bfloat16 or float16 (got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}); float32 runs in kernels.flash_attention")
+        raise ValueError(
+            f"flash_attention_mgpu: q, k, v must all be bfloat16 or float16 (got {q.dtype}, {k.dtype}, "
+            f"{v.dtype}); float32 runs in kernels.flash_attention"
+        )
     d = q.shape[3]
     if d > HEAD_DIMS[-1]:
-        raise ValueError(f"flash_attention_mgpu: head_dim {d} > {HEAD_DIMS[-1]} (kernels.flash_attention takes up to 256)")
+        raise ValueError(
+            f"flash_attention_mgpu: head_dim {d} > {HEAD_DIMS[-1]} (kernels.flash_attention takes up to 256)"
+        )
     blocks = block_sizes or MosaicBlocks()
     interpret = interpret_params(interpret, target_platform())
     b, sq, hq, _ = q.shape
@@ -203,8 +233,15 @@ def flash_attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bo
         return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dp - d)))
 
     seg = jnp.zeros((b, max(sq, skv)), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-    st = Static(sq, skv, hq // hkv, causal, (d**-0.5 if sm_scale is None else float(sm_scale)) * LOG2E,
-                 segment_ids is not None, blocks, interpret)
-    out = _attend(st, pad(q, sq_pad), pad(k, skv_pad), pad(v, skv_pad),
-                _fit(seg, sq_pad), _fit(seg, skv_pad))
+    st = Static(
+        sq,
+        skv,
+        hq // hkv,
+        causal,
+        (d**-0.5 if sm_scale is None else float(sm_scale)) * LOG2E,
+        segment_ids is not None,
+        blocks,
+        interpret,
+    )
+    out = _attend(st, pad(q, sq_pad), pad(k, skv_pad), pad(v, skv_pad), _fit(seg, sq_pad), _fit(seg, skv_pad))
     return out[:, :sq, :, :d]

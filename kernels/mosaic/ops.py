@@ -4,7 +4,8 @@ form where JAX 0.10's interpreter has no rule for the compiled one (kernels/READ
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,7 @@ class Ops:
 
     def mm(self, a: Any, b: Any) -> jax.Array:
         """a @ b of two shared-memory tiles, float32, by wgmma."""
+
         def run(acc: Any) -> jax.Array:
             plgpu.wgmma(acc, a, b)
             return acc[...]
@@ -129,11 +131,13 @@ def cols(x: jax.Array, shape: tuple[int, int]) -> jax.Array:
     return lax.broadcast_in_dim(x, shape, [1])
 
 
-def produce(n: jax.Array, stages: int, ready: Any, consumed: Any,
-            copies: Callable[[jax.Array, jax.Array], None]) -> None:
+def produce(
+    n: jax.Array, stages: int, ready: Any, consumed: Any, copies: Callable[[jax.Array, jax.Array], None]
+) -> None:
     """The memory warpgroup: for steps 0..n, wait until the consumer released the step's slot,
     then issue `copies(step, slot)` (TMA copies that arrive on `ready.at[slot]`). Waits for the
     last slots' release before returning, so that no arrival outlives the block."""
+
     @pl.loop(0, n)
     def _(j: jax.Array) -> None:
         slot = lax.rem(j, jnp.int32(stages))

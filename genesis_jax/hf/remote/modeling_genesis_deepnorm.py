@@ -40,5 +40,7 @@ class GenesisDeepnormForCausalLM(LlamaForCausalLM):
 
     def __init__(self, config: GenesisDeepnormConfig):
         super().__init__(config)
-        self.model.layers = nn.ModuleList(GenesisDeepnormDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.model.layers = nn.ModuleList(
+            GenesisDeepnormDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
         self.post_init()

@@ -10,13 +10,12 @@ import tempfile
 import time
 import traceback
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from .core import platforms
-from .core.errors import UserError
-from .core.errors import print_err
-from .core.writing import write_file
+from . import platforms
+from .errors import UserError, print_err
+from .writing import write_file
 
 EXIT_ENVIRONMENT = 2  # a path that cannot be read or written, a full disk, a damaged database
 EXIT_INTERNAL = 1
@@ -62,8 +61,9 @@ def write_traceback(e: BaseException, directory: Path | None, prog: str) -> Path
     return None
 
 
-def run_cli(prog: str, body: Callable[[], int], traceback_dir: Callable[[], Path | None] = lambda: None,
-            devices: bool = True) -> int:
+def run_cli(
+    prog: str, body: Callable[[], int], traceback_dir: Callable[[], Path | None] = lambda: None, devices: bool = True
+) -> int:
     """Run a command's body and turn any exception into one line and an exit code. `devices`: start
     the accelerator first (a command that joins a multi-process run does it after joining)."""
     try:
@@ -87,8 +87,10 @@ def run_cli(prog: str, body: Callable[[], int], traceback_dir: Callable[[], Path
         return EXIT_ENVIRONMENT
     except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in a file
         if out_of_memory(e):  # an allocation the estimates (budget.py) let through
-            print_err(f"error: out of memory on the device ({first_line(e)}); ask for less: a smaller batch, model "
-                      "or --num-samples")
+            print_err(
+                f"error: out of memory on the device ({first_line(e)}); ask for less: a smaller batch, model "
+                "or --num-samples"
+            )
             return EXIT_ENVIRONMENT
         path = write_traceback(e, traceback_dir(), prog)
         where = f"; traceback in {path}" if path else ""
