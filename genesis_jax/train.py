@@ -23,7 +23,7 @@ from . import config as config_lib
 from .config.schema import Config
 from .core import platforms
 from .core.cli import ArgumentParser, run_cli
-from .core.errors import ConfigError, UserError, print_err
+from .core.errors import UserError, print_err
 from .core.writing import write_file
 from .data.host import corpus_identity
 from .data.masks import MaskParams
@@ -282,11 +282,6 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
         watchdog = initialize_distributed(args)
         platforms.require()
         agree(fingerprint(cfg, run_dir, args.num_processes), watchdog)
-        if jax.process_count() > 1 and cfg.eval.interval:
-            raise ConfigError(
-                f"eval.interval = {cfg.eval.interval}: the quick suite during training runs in single-process "
-                "runs only; set it to 0 and evaluate checkpoints with python -m genesis_jax.eval"
-            )
         return train(cfg, run_dir, args.allow_corpus_change, own_process)
 
     return run_cli("genesis_jax.train", body, lambda: run_dir / "logs" if run_dir.is_dir() else None, devices=False)

@@ -49,6 +49,8 @@ def command(cfg, run) -> list[str]:
         "checkpoint.save_interval=20",
         "--set",
         "logging.tensorboard=false",
+        "--set",
+        "eval.interval=20",  # the quick suite runs in every process of a multi-process run too
     ]
 
 
@@ -103,7 +105,9 @@ def test_two_processes_match_one_and_survive_a_killed_peer(fixture_corpus, tmp_p
     np.testing.assert_allclose(np.array(rb, dtype=float)[:, 1:], np.array(ra, dtype=float)[:, 1:], rtol=1e-5)
     val = lambda d: logged(d, "evaluation_logs", "step, name, value")  # noqa: E731
     assert [x[:2] for x in val(run)] == [x[:2] for x in val(ref)]
-    np.testing.assert_allclose([x[2] for x in val(run)], [x[2] for x in val(ref)], rtol=1e-5)
+    # atol: quick/align/procrustes is a small residual; 2 x 2 and 1 x 4 devices sum in other orders
+    np.testing.assert_allclose([x[2] for x in val(run)], [x[2] for x in val(ref)], rtol=1e-5, atol=1e-6)
+    assert {x[0] for x in val(run) if x[1].startswith("quick/align")} == {20, 40}
 
 
 def test_sigterm_to_either_process_stops_both_with_a_checkpoint(fixture_corpus, tmp_path):

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from ..config.schema import Config
 from ..core.tokenizer import BYTE_OFFSET, PAD_ID
@@ -20,7 +21,7 @@ from ..data.host import Streams, ValWindows, val_windows
 from ..data.masks import MaskParams, make_mask
 from ..model.heads import pooled
 from ..model.loss import make_eval_step
-from ..parallel.sharding import put
+from ..parallel.sharding import put, replicated
 from .metrics import VERSE, reconstruction_kinds
 from .similarity import char_error_rate, linear_cka, procrustes_residual, retrieval_top1
 
@@ -100,18 +101,31 @@ class Validator:
 
 class EvalSuite:
     def __init__(
-        self, cfg: Config, corpus: Corpus, locales: list[str], graphdef: nnx.GraphDef, streams: Streams | None = None
+        self,
+        cfg: Config,
+        corpus: Corpus,
+        locales: list[str],
+        graphdef: nnx.GraphDef,
+        streams: Streams | None = None,
+        mesh: Mesh | None = None,
     ):
-        """`streams`: (train, held-out) results of `corpus.stream` when the caller has them."""
+        """`streams`: (train, held-out) results of `corpus.stream` when the caller has them.
+        `mesh`: the parameters' mesh during training; inputs and results are then replicated
+        on it, so every process of a multi-process run computes and reads the same numbers."""
         self.cfg, self.corpus, self.locales, self.graphdef = cfg, corpus, locales, graphdef
         self.train, self.heldout = streams or (
             corpus.stream(locales, heldout=False),
             corpus.stream(locales, heldout=True),
         )
-        self.ce = jax.jit(make_eval_step(graphdef))
-        self.forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
-        self.pooled = jax.jit(lambda p, x, valid: pooled(nnx.merge(graphdef, p).hidden(x), valid))
-        self.mask_fn = jax.jit(make_mask)
+        self.everywhere = None if mesh is None else replicated(mesh)
+        out = {} if self.everywhere is None else {"out_shardings": self.everywhere}
+        self.ce = jax.jit(make_eval_step(graphdef), **out)
+        self.predict = jax.jit(lambda p, x: jnp.argmax(nnx.merge(graphdef, p)(x), axis=-1), **out)
+        self.pooled = jax.jit(lambda p, x, valid: pooled(nnx.merge(graphdef, p).hidden(x), valid), **out)
+        self.mask_fn = jax.jit(make_mask)  # no parameters: each process draws the same masks itself
+
+    def place(self, x: np.ndarray) -> jax.Array:
+        return jnp.asarray(x) if self.everywhere is None else put(np.asarray(x), self.everywhere)
 
     # -- cross-entropy --------------------------------------------------------------------
     def cross_entropy(self, params: nnx.State, per_locale: int) -> dict[str, float]:
@@ -120,9 +134,9 @@ class EvalSuite:
         L, batch = self.cfg.data.seq_len, self.cfg.training.batch_size
         vt, _, vs = self.heldout
         w = val_windows(vt, vs, self.locales, L, per_locale)
-        out = ce_summary(window_losses(self.ce, params, w, batch), w)
+        out = ce_summary(window_losses(self.ce, params, w, batch, self.everywhere), w)
         tt, _, ts = self.train
-        train = window_losses(self.ce, params, val_windows(tt, ts, self.locales, L, per_locale), batch)
+        train = window_losses(self.ce, params, val_windows(tt, ts, self.locales, L, per_locale), batch, self.everywhere)
         if len(train):
             out["train/loss"] = float(train.mean())
             if "val/loss" in out:
@@ -174,7 +188,7 @@ class EvalSuite:
             corrupted = np.where(mask, self.cfg.data.mask_id, ids)
             preds = np.concatenate(
                 [
-                    np.asarray(jnp.argmax(self.forward(params, jnp.asarray(corrupted[lo : lo + batch])), axis=-1))
+                    np.asarray(self.predict(params, self.place(corrupted[lo : lo + batch])))
                     for lo in range(0, len(ids), batch)
                 ]
             )
@@ -209,7 +223,7 @@ class EvalSuite:
         return np.concatenate(
             [
                 np.asarray(
-                    self.pooled(params, jnp.asarray(ids[lo : lo + b]), jnp.asarray(valid[lo : lo + b])), np.float64
+                    self.pooled(params, self.place(ids[lo : lo + b]), self.place(valid[lo : lo + b])), np.float64
                 )
                 for lo in range(0, len(ids), b)
             ]

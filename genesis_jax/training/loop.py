@@ -1,7 +1,9 @@
-"""The training loop: dispatch, cadence (log, validate, evaluate, save) and checkpoints.
+"""The training loop: dispatch, the one-step-late metric queue, the stop agreement, and the
+non-finite policies. What happens on a cadence of its own (validation, the quick evaluation,
+checkpoint saves) is a hook (hooks.py).
 
-What the run knows lives in `ResearchState` (research.py); where its numbers go, in the sinks
-(sinks.py). The loop turns fetched metrics into one namespaced dict per event and hands it on.
+What the run knows lives in `ResearchState` (research/state.py); where its numbers go, in the
+sinks (telemetry/). The loop turns fetched metrics into one namespaced dict per event and hands it on.
 """
 
 from __future__ import annotations
@@ -15,14 +17,12 @@ from typing import Any, Protocol
 
 import jax
 import numpy as np
-from flax import nnx
 
 from .. import config as config_lib
 from ..config.schema import Config
 from ..core.cli import EXIT_ENVIRONMENT, first_line, out_of_memory, write_traceback
 from ..core.errors import print_err
 from ..data.masks import MaskParams
-from ..evaluation.metrics import go_no_go
 from ..evaluation.suite import EvalSuite, Validator
 from ..model.flops import peak_flops, train_flops_per_token
 from ..parallel.processes import any_process, is_primary
@@ -35,6 +35,7 @@ from ..telemetry.sinks import open_sinks
 from ..telemetry.sqlite import MetricsDB
 from .build import Setup
 from .checkpoint import Checkpointer, model_shape
+from .hooks import Hook, StepEnd, Validation, default_hooks
 from .state import TrainState
 from .step import StepControls, StepFn
 
@@ -115,7 +116,7 @@ class TrainLoop:
             self.sinks = open_sinks(cfg, run_dir, db, self.console)
         else:
             self.console = Console(tc.max_steps, "lines", io.StringIO())
-        self.validator = Validator(
+        validator = Validator(
             setup.windows,
             tc.batch_size,
             setup.graphdef,
@@ -123,9 +124,12 @@ class TrainLoop:
             setup.state_sharding.params,
             replicated(setup.mesh),
         )
-        self.suite = (
-            EvalSuite(cfg, setup.corpus, setup.locales, setup.graphdef, setup.streams) if cfg.eval.interval else None
+        suite = (
+            EvalSuite(cfg, setup.corpus, setup.locales, setup.graphdef, setup.streams, setup.mesh)
+            if cfg.eval.interval
+            else None
         )
+        self.hooks: list[Hook] = default_hooks(self, cfg, validator, suite, ckpt)
         self.throughput = Throughput(tc.batch_size * tc.grad_accum_steps * cfg.data.seq_len, tc.max_steps)
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = peak_flops()
@@ -229,25 +233,6 @@ class TrainLoop:
             )
         )
 
-    def validate(self, params: nnx.State, done: int) -> bool:
-        """Run validation; True when it raised a grokking signal (that step must be saved and pinned)."""
-        vals = self.validator(params)
-        if not vals:
-            return False
-        self.last_val = vals["val/loss"]
-        grokking = self.research.validated(done, vals["val/loss"])
-        if grokking is not None:
-            self.signal(grokking)
-        self.write(done, vals)
-        return grokking is not None
-
-    def evaluate(self, params: nnx.State, done: int) -> None:
-        """The quick evaluation suite during training: evaluation_logs and TensorBoard Eval/quick_*."""
-        assert self.suite is not None
-        results = self.suite.run(params, quick=True)
-        results["go"] = float(not go_no_go(results, self.cfg))
-        self.write(done, {f"quick/{k}": v for k, v in results.items()})
-
     def meta(self, step: int) -> dict[str, Any]:
         cfg = self.cfg
         return {
@@ -262,14 +247,14 @@ class TrainLoop:
 
     # -- the loop -----------------------------------------------------------------------
     def run(self, state: TrainState, step_fn: StepFn, stop: StopFlag) -> int:
-        tc = self.cfg.training
         self.done = int(state.step)
         self.throughput.restart(self.done)  # its `start`: the step this launch began at
         self.observed = self.done - 1
         code = 0
         self.state = state
-        if self.done == 0 and tc.val_interval:
-            self.validate(state.params, 0)
+        for hook in self.hooks:  # a fresh run is validated before its first step
+            if isinstance(hook, Validation) and self.done == 0 and hook.every:
+                hook.run(state.params, 0)
         try:
             while True:
                 try:
@@ -324,23 +309,18 @@ class TrainLoop:
             while len(self.queue) > 1:  # metrics one step late: step s - 1 is done by now
                 self.observe(*self.queue.pop(0))
             self.console.progress(self.done, self.throughput.eta(self.done))
-            val_due = tc.val_interval and (self.done % tc.val_interval == 0 or self.done == tc.max_steps)
             # One decision for every process: a signal to any of them stops all of them at this step.
             agreed = any_process(stop.signum or 0)
             if agreed and stop.signum is None:
                 stop.signum = agreed
-            save_due = self.done % cfg.checkpoint.save_interval == 0 or self.done == tc.max_steps or bool(agreed)
-            if val_due or save_due:
+            end = StepEnd(self.done, state, self.done == tc.max_steps, bool(agreed))
+            if any(hook.due(end) for hook in self.hooks):
                 # Decisions from step s only act from step s + 2, so observing it now is safe.
                 while self.queue:
                     self.observe(*self.queue.pop(0))
-            if val_due and self.validate(state.params, self.done):
-                self.ckpt.pin(self.done)
-                save_due = True
-            if self.suite is not None and self.done % cfg.eval.interval == 0:
-                self.evaluate(state.params, self.done)
-            if save_due:
-                self.ckpt.save(self.done, state, self.meta(self.done))
+            for hook in self.hooks:  # in order: a hook may keep the step for the ones after it
+                if hook.due(end):
+                    hook(end)
             if agreed:
                 return
         while self.queue:
