@@ -38,7 +38,7 @@ def evaluate(run_dir: Path, step: int | None, suite: str) -> int:
     locales = selected_locales(corpus, run.cfg.data)
     graphdef, params = nnx.split(run.model)
     results = EvalSuite(run.cfg, corpus, locales, graphdef).run(params, quick=suite == "quick")
-    failed = go_no_go(results, run.cfg)
+    failed = go_no_go(results, run.cfg.eval)
     report = {
         "run": str(run_dir),
         "step": run.step,

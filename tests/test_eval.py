@@ -77,8 +77,8 @@ def test_alignment_and_cross_entropy_shapes(suite):
 def test_go_no_go_names_each_failed_threshold():
     cfg = C.from_dict({"eval": {"max_val_ppl": 5.0, "max_train_val_gap": 0.1, "min_alignment_acc": 0.5}})
     ok = {"val/ppl": 4.0, "gap/val_minus_train": 0.05, "align/top1": 0.6}
-    assert go_no_go(ok, cfg) == []
-    bad = go_no_go({"val/ppl": 6.0, "gap/val_minus_train": 0.2, "align/top1": 0.1}, cfg)
+    assert go_no_go(ok, cfg.eval) == []
+    bad = go_no_go({"val/ppl": 6.0, "gap/val_minus_train": 0.2, "align/top1": 0.1}, cfg.eval)
     assert (
         len(bad) == 3
         and "eval.max_val_ppl" in bad[0]
@@ -193,7 +193,7 @@ def test_every_gate_is_an_eval_key_and_a_missing_metric_fails_it():
 
     assert gated_keys() == ["max_val_ppl", "max_train_val_gap", "min_alignment_acc"]
     assert set(gated_keys()) <= {f.name for f in dataclasses.fields(C.EvalConfig)}
-    assert len(go_no_go({}, C.from_dict({}))) == 3
+    assert len(go_no_go({}, C.from_dict({}).eval)) == 3
 
 
 def test_eval_table_against_a_hand_written_one():

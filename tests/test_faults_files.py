@@ -360,7 +360,7 @@ def test_a_gate_the_corpus_cannot_measure_says_so_instead_of_comparing_none():
     from genesis_jax import config as C
     from genesis_jax.evaluation.metrics import go_no_go
 
-    failed = go_no_go({"val/ppl": 2.0, "gap/val_minus_train": 0.0}, C.from_dict({}))  # one locale: no alignment
+    failed = go_no_go({"val/ppl": 2.0, "gap/val_minus_train": 0.0}, C.from_dict({}).eval)  # one locale: no alignment
     assert failed == [
         "alignment top-1 not measured (this corpus or run cannot give it), so eval.min_alignment_acc cannot pass"
     ]

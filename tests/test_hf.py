@@ -398,7 +398,7 @@ def test_a_directory_transformers_saved_reads_back_the_same(runs, exports, hf_mo
     model, _ = hf_models["rmsnorm"]
     model.save_pretrained(str(tmp_path / "saved"))
     cfg = load_run(runs["rmsnorm"]).cfg
-    a, b = read_pretrained(exports["rmsnorm"], cfg), read_pretrained(tmp_path / "saved", cfg)
+    a, b = read_pretrained(exports["rmsnorm"], cfg.model), read_pretrained(tmp_path / "saved", cfg.model)
 
     def flat(t: dict, p: str = "") -> dict:
         return {

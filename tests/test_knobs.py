@@ -387,7 +387,7 @@ def evaluation_observable(cfg: C.Config) -> dict[str, Any]:
     results = EvalSuite(cfg, setup.corpus, setup.locales, setup.graphdef, setup.streams).run(
         setup.state.params, quick=False
     )
-    return {"results": results, "go_no_go": go_no_go(results, cfg)}
+    return {"results": results, "go_no_go": go_no_go(results, cfg.eval)}
 
 
 def run_observable(cfg: C.Config, tmp: Path) -> dict[str, Any]:

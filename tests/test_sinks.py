@@ -89,7 +89,9 @@ def test_sqlite_and_console_read_the_same_dict(tmp_path):
 
     cfg = C.from_dict({"training": {"max_steps": 1500}, "curriculum": {"stun_max_count": 1}})
     stream = io.StringIO()
-    ConsoleSink(Console(1500, "plain", stream), cfg).write(1200, LOG)
+    ConsoleSink(Console(1500, "plain", stream), cfg.training.max_steps, cfg.curriculum.stun_max_count, cfg.eval).write(
+        1200, LOG
+    )
     assert stream.getvalue() == (
         "step    1200/1500 | loss 1.8314 | ema 1.9965 | lr 2.47e-03 | gnorm  0.557 | WWM  mask  6.2%  +1.6% | "
         "lr x0.56 (stun 1/1) |    15.1k tok/s | ETA 2m18s | cohe 0.500/75%\n"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config.schema import Config
+from ..config.schema import EvalConfig
 from ..data.masks import MASK_KINDS
 
 VERSE = "verse"  # the reconstruction of a whole verse: a host-side mask, not a sampler kind
@@ -82,13 +82,13 @@ def gated_keys() -> list[str]:
     return [m.gate for m in eval_metrics() if m.gate]
 
 
-def go_no_go(results: dict[str, float], cfg: Config) -> list[str]:
+def go_no_go(results: dict[str, float], gates: EvalConfig) -> list[str]:
     """The thresholds that failed (empty: go); a gated metric that is missing fails."""
     failed = []
     for m in eval_metrics():
         if m.gate is None:
             continue
-        limit = float(getattr(cfg.eval, m.gate))
+        limit = float(getattr(gates, m.gate))
         value = results.get(m.key)
         if value is None:  # the corpus or the run could not give it (alignment needs two locales)
             failed.append(f"{m.label} not measured (this corpus or run cannot give it), so eval.{m.gate} cannot pass")

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ..config.schema import Config
+from ..config.schema import Config, ModelSpec
 from ..core.errors import UserError
 from ..parallel.sharding import put
 from ..training.state import TrainState
@@ -19,7 +19,7 @@ from .files import check_compatible, read_weights
 from .layout import from_hf
 
 
-def read_pretrained(directory: Path, cfg: Config) -> dict[str, Any]:
+def read_pretrained(directory: Path, model: ModelSpec) -> dict[str, Any]:
     """The decoder's parameter tree from `directory`, or one line naming what does not fit."""
     where = f"training.init_from = {directory}"
     if not directory.is_dir():
@@ -32,9 +32,9 @@ def read_pretrained(directory: Path, cfg: Config) -> dict[str, Any]:
         raise UserError(f"{where}: config.json unreadable ({e})") from None
     if not isinstance(hf, dict):
         raise UserError(f"{where}: config.json is not a JSON object")
-    check_compatible(hf, cfg.model, directory)
+    check_compatible(hf, model, directory)
     try:
-        return from_hf(read_weights(directory), cfg.model)
+        return from_hf(read_weights(directory), model)
     except ValueError as e:
         raise UserError(f"{where}: {e.args[0] if e.args else e}") from None
 
@@ -42,7 +42,7 @@ def read_pretrained(directory: Path, cfg: Config) -> dict[str, Any]:
 def start_from_pretrained(state: TrainState, shardings: Any, cfg: Config) -> TrainState:
     """`state` with the decoder's parameters read from `training.init_from` (task heads and the
     optimizer state stay as initialised), placed like the parameters they replace."""
-    loaded = read_pretrained(Path(cfg.training.init_from).expanduser(), cfg)
+    loaded = read_pretrained(Path(cfg.training.init_from).expanduser(), cfg.model)
     pure = nnx.to_pure_dict(state.params)
 
     def merge(ours: dict[str, Any], theirs: dict[str, Any]) -> None:

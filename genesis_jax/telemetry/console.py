@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from ..config.schema import Config
+from ..config.schema import EvalConfig
 from ..data.verses import TASK_NAMES
 from ..evaluation.metrics import console_summary, go_no_go
 from ..research.curriculum import PHASE_NAMES, WWM, Signal
@@ -78,11 +78,12 @@ def format_line(m: dict[str, Any], max_steps: int, eta_s: float | None) -> str:
 class ConsoleSink:
     """One line per event: the training line, the validation line, the quick-evaluation verdict."""
 
-    def __init__(self, console: Console, cfg: Config):
-        self.console, self.cfg = console, cfg
+    def __init__(self, console: Console, max_steps: int, stun_max: int, gates: EvalConfig):
+        """`stun_max`: curriculum.stun_max_count; `gates`: the [eval] thresholds of the verdict."""
+        self.console, self.max_steps, self.stun_max, self.gates = console, max_steps, stun_max, gates
 
     def write(self, step: int, metrics: Metrics) -> None:
-        max_steps = self.cfg.training.max_steps
+        max_steps = self.max_steps
         if "train/loss" in metrics:
             self.console.print(self.train_line(step, metrics))
         if "val/loss" in metrics:
@@ -93,7 +94,7 @@ class ConsoleSink:
             )
         if "quick/go" in metrics:
             results = scoped(metrics, "quick")
-            failed = go_no_go(results, self.cfg)
+            failed = go_no_go(results, self.gates)
             headline = console_summary(results)
             self.console.print(
                 f"eval {step:>7d}/{max_steps} | quick suite: "
@@ -115,10 +116,10 @@ class ConsoleSink:
             "improvement": improvement,
             "lr_mult": m["train/lr_multiplier"],
             "stuns": int(m["curriculum/stuns"]),
-            "stun_max": self.cfg.curriculum.stun_max_count,
+            "stun_max": self.stun_max,
             "tokens_per_sec": m.get("system/tokens_per_sec"),
         }
-        line = format_line(row, self.cfg.training.max_steps, m.get("system/eta_s"))
+        line = format_line(row, self.max_steps, m.get("system/eta_s"))
         tasks = scoped(m, "task_ema")
         if tasks:
             line += " | " + " ".join(

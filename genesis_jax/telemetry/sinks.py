@@ -16,5 +16,5 @@ def open_sinks(cfg: Config, run_dir: Path, db: MetricsDB, console: Console) -> l
     sinks: list[Sink] = [SQLiteSink(db)]
     if cfg.logging.tensorboard:
         sinks.append(TensorBoardSink(run_dir / "tensorboard"))
-    sinks.append(ConsoleSink(console, cfg))
+    sinks.append(ConsoleSink(console, cfg.training.max_steps, cfg.curriculum.stun_max_count, cfg.eval))
     return sinks

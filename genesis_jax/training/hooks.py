@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from flax import nnx
 
-from ..config.schema import Config
+from ..config.schema import Config, EvalConfig
 from ..evaluation.metrics import go_no_go
 from ..evaluation.suite import EvalSuite, Validator
 from ..research.curriculum import Signal
@@ -86,15 +86,15 @@ class QuickEvaluation:
     """The quick evaluation suite every `eval.interval` steps: evaluation_logs and TensorBoard
     Eval/quick_*, with the go/no-go verdict as quick/go."""
 
-    def __init__(self, host: Host, suite: EvalSuite, cfg: Config):
-        self.host, self.suite, self.cfg, self.every = host, suite, cfg, cfg.eval.interval
+    def __init__(self, host: Host, suite: EvalSuite, gates: EvalConfig):
+        self.host, self.suite, self.gates, self.every = host, suite, gates, gates.interval
 
     def due(self, end: StepEnd) -> bool:
         return on_cadence(self.every, end, at_last=False)
 
     def __call__(self, end: StepEnd) -> None:
         results = self.suite.run(end.state.params, quick=True)
-        results["go"] = float(not go_no_go(results, self.cfg))
+        results["go"] = float(not go_no_go(results, self.gates))
         self.host.write(end.done, {f"quick/{k}": v for k, v in results.items()})
 
 
@@ -120,6 +120,6 @@ def default_hooks(
     """In the order they run: validation may keep a step, so the save comes after it."""
     hooks: list[Hook] = [Validation(host, validator, cfg.training.val_interval)]
     if suite is not None:
-        hooks.append(QuickEvaluation(host, suite, cfg))
+        hooks.append(QuickEvaluation(host, suite, cfg.eval))
     hooks.append(CheckpointSave(host, ckpt, cfg.checkpoint.save_interval))
     return hooks
