@@ -19,9 +19,9 @@ ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
 
 @pytest.fixture(scope="module")
 def meshes() -> dict:
-    """One subprocess runs every mesh (tests/multidevice_check.py)."""
+    """One subprocess runs every mesh (tests/e2e/multidevice_check.py)."""
     r = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "multidevice_check.py")],
+        [sys.executable, str(ROOT / "tests" / "e2e" / "multidevice_check.py")],
         capture_output=True,
         text=True,
         env=ENV,

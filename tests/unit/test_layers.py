@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 PACKAGE = "genesis_jax"
 
 # Bottom to top: a module may import its own layer and the layers below it, nothing above.

@@ -12,16 +12,17 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import compiles, exit_code
+from conftest import (
+    ROOT,  # noqa: E402
+    compiles,
+    exit_code,
+)
 
 from genesis_jax.core.compat import thunk_launches
 from genesis_jax.plan import resources
 from genesis_jax.plan import target as targets
 from genesis_jax.plan.__main__ import main as plan_main
 from genesis_jax.plan.compile import JobResult, run
-
-ROOT = Path(__file__).resolve().parent.parent
-
 
 PTXAS_LOG = """I1130 15:24:43.160571 31978 subprocess_compilation.cc:356] ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function 'genesis_flash_dq' for 'sm_90a'
