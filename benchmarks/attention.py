@@ -1,4 +1,4 @@
-"""Attention kernels side by side: every backend the engine registers (genesis_jax/attention.py:
+"""Attention kernels side by side: every backend the engine registers (genesis_jax/model/attention.py:
 our Triton and Mosaic kernels, the XLA references, cuDNN), then baselines outside the engine:
 JAX's own `dot_product_attention` (XLA), JAX's bundled Pallas `mha`, and PyTorch SDPA (flash,
 cuDNN) in a separate process; on request, the Mosaic kernel's design variants. Forward and

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU suite for an H100/H200 (see README "GPU suite"). Runs from the checkout with
+# One-shot GPU suite for an H100/H200 (see benchmarks/README.md, "GPU suite"). Runs from the checkout with
 # PYTHONPATH=. (nothing needs to be pip-installed) on a synthetic corpus, and writes its tables
 # under $OUT (default ./gpu_out). Budget: each stage has its own timeout (90 + 220 + 60 + 200 s,
 # at most 9.5 minutes together); a stage that times out leaves the others' tables.

@@ -86,7 +86,7 @@ def run_cli(
         print_err("error: out of memory (ask for less: fewer tokens, a smaller batch)")
         return EXIT_ENVIRONMENT
     except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in a file
-        if out_of_memory(e):  # an allocation the estimates (budget.py) let through
+        if out_of_memory(e):  # an allocation the estimates (model/memory.py) let through
             print_err(
                 f"error: out of memory on the device ({first_line(e)}); ask for less: a smaller batch, model "
                 "or --num-samples"

@@ -1,7 +1,7 @@
 """What the evaluation suite reports: one registry of its metrics, read by the go/no-go check,
 the `eval` table, the training console, TensorBoard and the report's plots.
 
-The suite (eval_suite.py) computes results under these keys; a new metric is computed there
+The suite (suite.py) computes results under these keys; a new metric is computed there
 and declared here once (docs/design.md, "Adding a metric"). Per-locale and per-pair entries
 (`val/loss/<locale>`, `align/top1/<a>-<b>`) are details of their family and are not listed.
 """

@@ -1,5 +1,5 @@
 """The evaluation suite: validation, masked reconstruction, cross-lingual alignment (what each
-result means and how it is gated: eval_metrics.py)."""
+result means and how it is gated: metrics.py)."""
 
 from __future__ import annotations
 

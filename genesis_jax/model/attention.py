@@ -192,7 +192,7 @@ register(
         _mosaic,
         decode_attention,
         ("gpu",),
-        "our Mosaic GPU kernel for Hopper (kernels/flash_attention_mgpu.py); float32 or head_dim > 128: pallas",
+        "our Mosaic GPU kernel for Hopper (kernels/mosaic/); float32 or head_dim > 128: pallas",
     )
 )
 register(Backend("cudnn", _cudnn, decode_attention, ("gpu",), "cuDNN's fused attention through jax.nn"))

@@ -193,7 +193,7 @@ class Llama(nnx.Module):
     `attn` overrides the backend `cfg.attention` names (tests and `verify` compare backends)."""
 
     def __init__(self, cfg: ModelSpec, rngs: nnx.Rngs, attn: Backend | None = None):
-        # Parameters are born unplaced; runtime.py puts the state on the mesh by its logical names.
+        # Parameters are born unplaced; training/build.py puts the state on the mesh by its logical names.
         with nnx.use_eager_sharding(False):
             self.cfg = cfg
             self.dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32

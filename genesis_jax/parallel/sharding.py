@@ -26,7 +26,7 @@ DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
 AXES = (DATA, FSDP, TENSOR)
 BATCH = (DATA, FSDP)  # the mesh axes a batch is split over
 
-# Logical axis names (model.py puts them on every parameter) -> mesh axis (None: not split).
+# Logical axis names (model/llama.py puts them on every parameter) -> mesh axis (None: not split).
 RULES: dict[str, str | None] = {
     "layers": None,  # the stacked blocks' leading axis
     "vocab": None,

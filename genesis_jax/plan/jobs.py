@@ -85,8 +85,12 @@ def train_job(job: dict[str, Any], devices: list[jax.Device]) -> tuple[list[Prog
     return programs, info
 
 
+KERNEL_MODULES = {"flash_attention": "flash_attention", "flash_attention_mgpu": "mosaic.forward"}  # kernel -> module
+
+
 def attention_job(job: dict[str, Any], devices: list[jax.Device]) -> tuple[list[Program], dict[str, Any]]:
-    """One kernel call (`job["kernel"]`: a module of `genesis_jax.kernels` and its function), forward or forward and backward, compiled
+    """One kernel call (`job["kernel"]`: a kernel function of `genesis_jax.kernels`, found through
+    KERNEL_MODULES), forward or forward and backward, compiled
     (never interpreted) at the job's shape, dtype and block sizes."""
     b, sq, skv, hq, hkv, d = job["shape"]
     dtype = jnp.dtype(job["dtype"])
@@ -98,7 +102,8 @@ def attention_job(job: dict[str, Any], devices: list[jax.Device]) -> tuple[list[
     if job.get("block_sizes"):
         options["block_sizes"] = BlockSizes(**job["block_sizes"])
     name = job.get("kernel", "flash_attention")
-    kernel = functools.partial(getattr(importlib.import_module(f"..kernels.{name}", __package__), name), **options)
+    module = importlib.import_module(f"..kernels.{KERNEL_MODULES[name]}", __package__)
+    kernel = functools.partial(getattr(module, name), **options)
 
     def forward(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None) -> jax.Array:
         return kernel(q, k, v, segment_ids=seg)

@@ -158,7 +158,7 @@ class TrainLoop:
             self.write(s, self.train_metrics(s, m, ctl))
 
     def train_metrics(self, s: int, m: dict[str, np.ndarray], ctl: Controls) -> Metrics:
-        """The dict of one log step (sinks.py lists the namespaces)."""
+        """The dict of one log step (telemetry/sink.py lists the namespaces)."""
         r = self.research
         status = r.curriculum.status(s)
         out: Metrics = {
@@ -271,7 +271,7 @@ class TrainLoop:
         except Exception as e:  # noqa: BLE001 - report in one line, keep what is valid
             self.status, code = "failed", 1
             saved = self._save_after_failure(self.state)
-            if out_of_memory(e):  # not a bug: an allocation the estimates (budget.py) let through
+            if out_of_memory(e):  # not a bug: an allocation the estimates (model/memory.py) let through
                 code = EXIT_ENVIRONMENT
                 print_err(
                     f"error: out of memory on the device after step {self.done} ({first_line(e)}){saved}; latest "

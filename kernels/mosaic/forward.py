@@ -4,10 +4,10 @@ a ring of key/value tiles filled while the compute warpgroup multiplies). Layout
 heads, head_dim]`, the contract of `flash_attention` (kernels/README.md, "Mosaic GPU kernels").
 
 Differentiable: a custom VJP whose dq and dk/dv passes are Mosaic GPU kernels too
-(flash_attention_mgpu_bwd.py). `model.attention = "mosaic"` uses it on a GPU.
+(backward.py; the parts both passes share are in common.py). `model.attention = "mosaic"` uses it on a GPU.
 
 In GPU interpret mode (CPU, `interpret=True` or an `InterpretGPUParams`) the kernels run as
-written except where JAX 0.10's interpreter has no rule (mgpu_ops.Ops): layout casts and
+written except where JAX 0.10's interpreter has no rule (ops.Ops): layout casts and
 layout-carrying loads become plain reads, and a product with a transposed shared-memory operand
 (Q K^T and the like) becomes a jnp dot of the same tiles; the other products run as wgmma.
 """

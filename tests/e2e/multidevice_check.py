@@ -1,5 +1,5 @@
 """Run by the tests in a subprocess with 4 simulated CPU devices: losses and per-device bytes
-on meshes of 1 and 4 devices (sharding.py), from the same seed and the same batches."""
+on meshes of 1 and 4 devices (parallel/sharding.py), from the same seed and the same batches."""
 
 import json
 import os

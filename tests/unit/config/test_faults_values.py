@@ -1,5 +1,5 @@
 """Fault class 2, numbers the program cannot hold: every numeric config key and command-line flag
-has a range (genesis_jax/ranges.py) derived from the type that carries it to the device. Random
+has a range (genesis_jax/config/ranges.py) derived from the type that carries it to the device. Random
 values (huge, negative, non-finite, of the wrong type) end in exit 2 and one line naming the key or
 flag, or are accepted inside the carrier's range; values at the ranges' ends train."""
 

@@ -208,7 +208,7 @@ def _bce_ref(logits: np.ndarray, labels: np.ndarray, w: np.ndarray) -> tuple[flo
 
 def test_task_losses_match_a_per_verse_float64_reference(setup):
     """Verses embedded with random filler instead of padding, mean-pooled over their own bytes in
-    float64; heads and losses recomputed in NumPy from the formulas in tasks.py's docstring."""
+    float64; heads and losses recomputed in NumPy from the formulas in training/objectives.py's docstring."""
     c, dc, idx = setup
     dc = dataclasses.replace(dc, verses=idx)
     cfg = C.from_dict(

@@ -250,7 +250,9 @@ def test_every_key_is_probed_or_listed_inert():
     neither = [k for k in keys if k not in PROBES and k not in INERT]
     both = [k for k in keys if k in PROBES and k in INERT]
     stale = [k for k in [*PROBES, *INERT] if k not in keys]
-    assert not neither, f"config keys neither probed nor listed inert (with a reason) in tests/unit/training/test_knobs.py: {neither}"
+    assert not neither, (
+        f"config keys neither probed nor listed inert (with a reason) in tests/unit/training/test_knobs.py: {neither}"
+    )
     assert not both and not stale, (both, stale)
     assert all(len(reason) > 20 for reason in INERT.values())
 
