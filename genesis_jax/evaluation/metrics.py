@@ -2,7 +2,7 @@
 the `eval` table, the training console, TensorBoard and the report's plots.
 
 The suite (suite.py) computes results under these keys; a new metric is computed there
-and declared here once (docs/design.md, "Adding a metric"). Per-locale and per-pair entries
+and declared here once (docs/design.md, "Where to add things"). Per-locale and per-pair entries
 (`val/loss/<locale>`, `align/top1/<a>-<b>`) are details of their family and are not listed.
 """
 
