@@ -135,6 +135,7 @@ class CheckpointConfig:
 class LoggingConfig:
     tensorboard: bool = True  # write TensorBoard scalars under <run>/tensorboard
     progress: Literal["auto", "bar", "lines"] = "auto"  # bar on a terminal, lines otherwise
+    report_interval: Count0 = 0  # steps between report snapshots, PNG plots in <run>/reports/ (report extra; 0 = never)
 
 
 @dataclass(frozen=True)

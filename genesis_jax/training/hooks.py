@@ -1,5 +1,5 @@
 """What happens between steps on a cadence of its own (Levanter's hooks): validation, the quick
-evaluation, checkpoint saves. Each hook has its `every` from the config; the loop keeps only
+evaluation, checkpoint saves, report snapshots. Each hook has its `every` from the config; the loop keeps only
 dispatch, the one-step-late metric queue and the stop agreement, and after each step runs the
 hooks that are due, in order. A new cadence is one class here and one line in `default_hooks`.
 """
@@ -7,15 +7,20 @@ hooks that are due, in order. A new cadence is one class here and one line in `d
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from flax import nnx
 
 from ..config.schema import Config, EvalConfig
+from ..core.compat import module_available
+from ..core.errors import ConfigError, UserError, print_err
 from ..evaluation.metrics import go_no_go
 from ..evaluation.suite import EvalSuite, Validator
+from ..parallel.processes import is_primary
 from ..research.curriculum import Signal
 from ..research.state import ResearchState
+from ..telemetry.report import plot_run
 from ..telemetry.sink import Metrics
 from .checkpoint import Checkpointer
 from .state import TrainState
@@ -114,12 +119,40 @@ class CheckpointSave:
         self.ckpt.save(end.done, end.state, self.host.meta(end.done))
 
 
+class ReportSnapshot:
+    """The run's report plots (telemetry/report.py) every `logging.report_interval` steps and at
+    the last, from process 0. A snapshot that cannot be written is one warning line; training
+    goes on (the plots can be made again at any time with `python -m genesis_jax.report`)."""
+
+    def __init__(self, run_dir: Path, every: int):
+        if every and not module_available("matplotlib"):
+            raise ConfigError(
+                f"logging.report_interval = {every}: report snapshots need matplotlib: "
+                "pip install 'genesis-jax[report]', or set it to 0"
+            )
+        self.run_dir, self.every = run_dir, every
+
+    def due(self, end: StepEnd) -> bool:  # the same in every process: due hooks drain the metric queue
+        return on_cadence(self.every, end, at_last=True)
+
+    def __call__(self, end: StepEnd) -> None:
+        if not is_primary():
+            return
+        try:
+            plot_run(self.run_dir)
+        except (UserError, OSError) as e:
+            print_err(f"warning: report snapshot at step {end.done} not written ({e}); training goes on")
+
+
 def default_hooks(
-    host: Host, cfg: Config, validator: Validator, suite: EvalSuite | None, ckpt: Checkpointer
+    host: Host, cfg: Config, run_dir: Path, validator: Validator, suite: EvalSuite | None, ckpt: Checkpointer
 ) -> list[Hook]:
-    """In the order they run: validation may keep a step, so the save comes after it."""
+    """In the order they run: validation may keep a step, so the save comes after it; the report
+    plots what the step logged."""
     hooks: list[Hook] = [Validation(host, validator, cfg.training.val_interval)]
     if suite is not None:
         hooks.append(QuickEvaluation(host, suite, cfg.eval))
     hooks.append(CheckpointSave(host, ckpt, cfg.checkpoint.save_interval))
+    if cfg.logging.report_interval:
+        hooks.append(ReportSnapshot(run_dir, cfg.logging.report_interval))
     return hooks

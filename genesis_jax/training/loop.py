@@ -129,7 +129,7 @@ class TrainLoop:
             if cfg.eval.interval
             else None
         )
-        self.hooks: list[Hook] = default_hooks(self, cfg, validator, suite, ckpt)
+        self.hooks: list[Hook] = default_hooks(self, cfg, run_dir, validator, suite, ckpt)
         self.throughput = Throughput(tc.batch_size * tc.grad_accum_steps * cfg.data.seq_len, tc.max_steps)
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = peak_flops()

@@ -169,6 +169,7 @@ PROBES: dict[str, Probe] = {
     "checkpoint.permanent_interval": Probe(4, "run", (RUN_CTX,)),
     "logging.tensorboard": Probe(True, "run", (RUN_CTX,)),
     "logging.progress": Probe("bar", "run", (RUN_CTX,)),
+    "logging.report_interval": Probe(4, "run", (RUN_CTX,)),
     "curriculum.enabled": step_probe(False, WWM_CTX, phase="wwm"),
     "curriculum.wwm_mask_prob": step_probe(0.8, WWM_CTX, phase="wwm"),
     "curriculum.wwm_ramp_steps": step_probe(1, WWM_CTX, phase="wwm"),
