@@ -109,7 +109,7 @@ def write_export(
     try:
         names = hf_files.write_weights(tensors, tmp, max_shard)
         names += hf_files.write_tokenizer(tmp, run.cfg.data.seq_len)
-        write_json(tmp / "config.json", hf_files.hf_config(run.cfg, dtype))
+        write_json(tmp / "config.json", hf_files.hf_config(run.cfg.model, run.cfg.data.seq_len, dtype))
         write_json(tmp / "generation_config.json", hf_files.generation_config())
         if run.cfg.model.norm_type == "deepnorm":
             shutil.copyfile(Path(__file__).parent / "hf" / "remote" / hf_files.REMOTE_CODE, tmp / hf_files.REMOTE_CODE)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config.schema import Config, ModelSpec
+from ..config.schema import ModelSpec
 from ..core.errors import UserError
 from ..core.tokenizer import BOS_ID, BYTE_OFFSET, EOS_ID, PAD_ID, UNK_ID, VOCAB_SIZE
 from ..model.llama import LAYER_NORM_EPS, RMS_EPS, deepnorm_alpha
@@ -91,9 +91,9 @@ def read_weights(directory: Path) -> dict[str, np.ndarray]:
 # -- config --------------------------------------------------------------------------------------
 
 
-def hf_config(cfg: Config, dtype: str) -> dict[str, Any]:
-    """config.json: a LlamaForCausalLM for rmsnorm models, our remote-code class for deepnorm."""
-    m = cfg.model
+def hf_config(m: ModelSpec, max_positions: int, dtype: str) -> dict[str, Any]:
+    """config.json: a LlamaForCausalLM for rmsnorm models, our remote-code class for deepnorm.
+    `max_positions`: the window the model was trained on (data.seq_len)."""
     c: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -105,7 +105,7 @@ def hf_config(cfg: Config, dtype: str) -> dict[str, Any]:
         "num_key_value_heads": m.n_kv_heads,
         "head_dim": m.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": cfg.data.seq_len,
+        "max_position_embeddings": max_positions,
         "rms_norm_eps": RMS_EPS,
         # rope_parameters for transformers >= 5, rope_theta for older releases
         "rope_theta": m.rope_base,

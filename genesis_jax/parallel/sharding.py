@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ..config.checks import check_tensor_split
-from ..config.schema import Config, ParallelConfig
+from ..config.schema import ModelSpec, ParallelConfig
 from ..core.errors import ConfigError
 
 DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
@@ -69,15 +69,16 @@ def make_mesh(
     return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
-def check_devices(cfg: Config, mesh: Mesh) -> None:
-    """Checks that need the mesh: the batch splits over data x fsdp, heads and hidden over tensor."""
+def check_devices(batch_size: int, model: ModelSpec, mesh: Mesh) -> None:
+    """Checks that need the mesh: the batch (training.batch_size) splits over data x fsdp, heads
+    and hidden over tensor."""
     split = batch_split(mesh)
-    if cfg.training.batch_size % split:
+    if batch_size % split:
         raise ConfigError(
-            f"training.batch_size = {cfg.training.batch_size} is not divisible by "
+            f"training.batch_size = {batch_size} is not divisible by "
             f"parallel.data x parallel.fsdp = {split} (the devices a batch is split over)"
         )
-    check_tensor_split(mesh.shape[TENSOR], cfg.model)
+    check_tensor_split(mesh.shape[TENSOR], model)
 
 
 def batch_split(mesh: Mesh) -> int:

@@ -41,7 +41,7 @@ def train_job(job: dict[str, Any], devices: list[jax.Device]) -> tuple[list[Prog
     would hold, sharded over `devices` as `[parallel]` says."""
     cfg = config_lib.load(job["config"], job["set"])
     mesh = make_mesh(len(devices), cfg.parallel, devices)
-    check_devices(cfg, mesh)
+    check_devices(cfg.training.batch_size, cfg.model, mesh)
     data = load_data(cfg)
     graphdef, state, shardings = abstract_state(cfg, mesh)
     everywhere = replicated(mesh)

@@ -71,7 +71,7 @@ def build(cfg: Config) -> Setup:
     """Open the corpus, put its training split on the devices, initialise the state."""
     check_training(cfg)  # before anything is allocated
     mesh = make_mesh(parallel=cfg.parallel)
-    check_devices(cfg, mesh)
+    check_devices(cfg.training.batch_size, cfg.model, mesh)
     data = load_data(cfg)
     device_corpus = put(data.arrays, replicated(mesh))
     graphdef, state, shardings = placed_state(cfg, mesh)

@@ -90,7 +90,7 @@ def test_batch_not_divisible_by_devices():
     with pytest.raises(
         ConfigError, match="training.batch_size = 6 is not divisible by parallel.data x parallel.fsdp = 4"
     ):
-        check_devices(cfg, FakeMesh({"data": 4, "fsdp": 1, "tensor": 1}))
+        check_devices(cfg.training.batch_size, cfg.model, FakeMesh({"data": 4, "fsdp": 1, "tensor": 1}))
 
 
 def test_diff_lists_changes():

@@ -289,7 +289,7 @@ def write_export(out: Path) -> Path:
     cfg = C.from_dict(merged(BASE, {"training": {"seed": 7}}))
     out.mkdir()
     files.write_weights(layout.to_hf(nnx.to_pure_dict(nnx.state(init_model(cfg), nnx.Param)), cfg.model), out, 1 << 30)
-    (out / "config.json").write_text(json.dumps(files.hf_config(cfg, "float32")))
+    (out / "config.json").write_text(json.dumps(files.hf_config(cfg.model, cfg.data.seq_len, "float32")))
     return out
 
 
