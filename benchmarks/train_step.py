@@ -42,8 +42,8 @@ from genesis_jax.data.masks import MASK_KINDS, MaskParams
 from genesis_jax.model.flops import peak_flops, train_flops_per_token
 from genesis_jax.parallel.sharding import bytes_per_device
 from genesis_jax.plan import compile as plan_compile
-from genesis_jax.train import train
 from genesis_jax.training.build import build, compile_step
+from genesis_jax.training.run import train
 from genesis_jax.training.step import StepControls
 
 

@@ -1,20 +1,15 @@
-"""`train --init-from DIR`: a new run starts from the weights of a Hugging Face model directory
-(an export, or any Llama with the 260-byte vocabulary), checked against `[model]` first."""
+"""`train --init-from DIR`: the decoder's weights read from a Hugging Face model directory (an
+export, or any Llama with the 260-byte vocabulary), checked against `[model]` first; the run
+places them (training/state.py, `start_from_pretrained`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-import jax
-from flax import nnx
-
-from ..config.schema import Config, ModelSpec
+from ..config.schema import ModelSpec
 from ..core.errors import UserError
-from ..parallel.sharding import put
-from ..training.state import TrainState
 from .files import check_compatible, read_weights
 from .layout import from_hf
 
@@ -37,22 +32,3 @@ def read_pretrained(directory: Path, model: ModelSpec) -> dict[str, Any]:
         return from_hf(read_weights(directory), model)
     except ValueError as e:
         raise UserError(f"{where}: {e.args[0] if e.args else e}") from None
-
-
-def start_from_pretrained(state: TrainState, shardings: Any, cfg: Config) -> TrainState:
-    """`state` with the decoder's parameters read from `training.init_from` (task heads and the
-    optimizer state stay as initialised), placed like the parameters they replace."""
-    loaded = read_pretrained(Path(cfg.training.init_from).expanduser(), cfg.model)
-    pure = nnx.to_pure_dict(state.params)
-
-    def merge(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
-        for key, value in theirs.items():
-            if isinstance(value, dict):
-                merge(ours[key], value)
-            else:
-                ours[key] = value
-
-    merge(pure, loaded)
-    params = jax.tree.map(lambda x: x, state.params)  # a new State to fill
-    nnx.replace_by_pure_dict(params, pure)
-    return dataclasses.replace(state, params=put(params, shardings.params))

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import jax
-from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from ..core.errors import ConfigError, did_you_mean
 from ..kernels.blocked_attention import blocked_attention

@@ -15,8 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..config.checks import check_tensor_split
 from ..config.schema import ModelSpec, ParallelConfig

@@ -20,8 +20,7 @@ from typing import Any
 import jax
 
 from ..core.errors import UserError
-from . import resources
-from . import target as targets
+from . import resources, target as targets
 from .jobs import JOBS, Program
 
 

@@ -1,9 +1,12 @@
 """The training state (parameters, optimizer state, step) and how a model and its state are
-initialised, on one device or across a mesh."""
+initialised, on one device or across a mesh, or started from an export's weights."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +15,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ..config.schema import Config
+from ..hf.pretrained import read_pretrained
 from ..model import attention
 from ..model.attention import per_shard
 from ..model.heads import MultiTaskLlama
 from ..model.llama import Llama
+from ..parallel.sharding import put
 from .optim import make_optimizer, set_lr_multiplier
 
 
@@ -51,3 +56,22 @@ def init_state(cfg: Config, model: Llama) -> TrainState:
     return TrainState(
         params=params, opt_state=opt_state, step=jnp.asarray(0, jnp.int32), loss_ema=jnp.asarray(jnp.nan, jnp.float32)
     )
+
+
+def start_from_pretrained(state: TrainState, shardings: Any, cfg: Config) -> TrainState:
+    """`state` with the decoder's parameters read from `training.init_from` (task heads and the
+    optimizer state stay as initialised), placed like the parameters they replace."""
+    loaded = read_pretrained(Path(cfg.training.init_from).expanduser(), cfg.model)
+    pure = nnx.to_pure_dict(state.params)
+
+    def merge(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
+        for key, value in theirs.items():
+            if isinstance(value, dict):
+                merge(ours[key], value)
+            else:
+                ours[key] = value
+
+    merge(pure, loaded)
+    params = jax.tree.map(lambda x: x, state.params)  # a new State to fill
+    nnx.replace_by_pure_dict(params, pure)
+    return dataclasses.replace(state, params=put(params, shardings.params))

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, one_error_line, write_small_run_config, write_textdir
 
-from genesis_jax import eval as eval_cli
-from genesis_jax import export, report, train, verify
+from genesis_jax import eval as eval_cli, export, report, train, verify
 from genesis_jax.core import writing
 from genesis_jax.core.errors import UserError
 from genesis_jax.corpus import __main__ as corpus_cli

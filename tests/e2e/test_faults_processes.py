@@ -228,7 +228,7 @@ def test_the_fingerprint_holds_the_run_directory_the_process_count_and_every_key
     from jax.experimental import multihost_utils
 
     from genesis_jax import config as C
-    from genesis_jax.train import fingerprint
+    from genesis_jax.training.run import fingerprint
 
     def of(run_dir: str = "a", num_processes: int = 2, overrides: list[str] = []) -> dict[str, str]:  # noqa: B006
         return fingerprint(C.from_dict(C.apply_overrides({}, overrides)), tmp_path / run_dir, num_processes)

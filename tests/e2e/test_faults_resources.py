@@ -13,8 +13,7 @@ import pytest
 from conftest import ROOT, exit_code, one_error_line, write_small_run_config
 from flax import nnx
 
-from genesis_jax import config as C
-from genesis_jax import generate, train
+from genesis_jax import config as C, generate, train
 from genesis_jax.core import cli
 from genesis_jax.model import memory as budget
 from genesis_jax.model.llama import Llama

@@ -16,8 +16,7 @@ import pytest
 from conftest import ROOT, one_error_line, write_small_run_config, write_textdir
 from test_resume import logged
 
-from genesis_jax import eval as eval_cli
-from genesis_jax import generate, train
+from genesis_jax import eval as eval_cli, generate, train
 from genesis_jax.config.load import load
 from genesis_jax.corpus.importers import import_textdir
 from genesis_jax.corpus.store import CorpusWriter

@@ -23,9 +23,9 @@ LAYERS = (
     "model",  # the Llama, attention backends, heads, losses, decoding, FLOP and memory counts
     "research",  # curriculum, analytics, the research state
     "evaluation",  # the suite and its metrics
-    "telemetry",  # sinks: SQLite, TensorBoard, console
-    "training",  # state, step, objectives, optimizer, build, loop and hooks, checkpoints, run directories
-    "hf",  # Hugging Face export and import
+    "telemetry",  # sinks: SQLite, TensorBoard, console, report plots
+    "hf",  # Hugging Face's layout, files, export, reading an export back
+    "training",  # state, step, objectives, optimizer, build, loop and hooks, checkpoints, run directories, a run
     "plan",  # compiling for an absent GPU
     "commands",  # python -m genesis_jax.<verb>: argparse and one library call
 )

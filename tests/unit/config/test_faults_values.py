@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import ROOT, one_error_line, write_small_run_config
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from genesis_jax import config as C
 from genesis_jax.config.ranges import FLOAT32_MAX, INT32_MAX, UINT32_MAX, Range

@@ -88,8 +88,7 @@ def test_go_no_go_names_each_failed_threshold():
 
 
 def test_eval_cli_quick_go_and_no_go(fixture_corpus, tmp_path, capsys):
-    from genesis_jax import eval as eval_cli
-    from genesis_jax import train
+    from genesis_jax import eval as eval_cli, train
 
     cfg = write_small_run_config(
         tmp_path / "run.toml",

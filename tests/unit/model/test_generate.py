@@ -73,8 +73,7 @@ def test_stop_sequences_and_max_tokens(model):
 
 
 def test_cli_on_a_trained_run(fixture_corpus, tmp_path, capsys):
-    from genesis_jax import generate as gen_cli
-    from genesis_jax import train
+    from genesis_jax import generate as gen_cli, train
 
     cfg = write_small_run_config(tmp_path / "run.toml", fixture_corpus, max_steps=4, val_interval=0)
     assert train.main(["--config", str(cfg), "--run-dir", str(tmp_path / "run")]) == 0

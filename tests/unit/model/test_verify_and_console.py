@@ -5,8 +5,7 @@ import io
 
 import jax.numpy as jnp
 
-from genesis_jax import config as C
-from genesis_jax import verify
+from genesis_jax import config as C, verify
 from genesis_jax.config.schema import CheckpointConfig
 from genesis_jax.kernels.reference import decode_attention, reference_attention
 from genesis_jax.model import attention

@@ -19,8 +19,7 @@ from conftest import (
 )
 
 from genesis_jax.core.compat import thunk_launches
-from genesis_jax.plan import resources
-from genesis_jax.plan import target as targets
+from genesis_jax.plan import resources, target as targets
 from genesis_jax.plan.__main__ import main as plan_main
 from genesis_jax.plan.compile import JobResult, run
 

@@ -5,8 +5,7 @@ import math
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from genesis_jax import config as C
 from genesis_jax.data.device import build_device_corpus
