@@ -17,6 +17,7 @@ from genesis_jax import config as C, generate, train
 from genesis_jax.core import cli
 from genesis_jax.model import memory as budget
 from genesis_jax.model.llama import Llama
+from genesis_jax.training import run
 
 
 @pytest.mark.parametrize(
@@ -184,7 +185,7 @@ def test_running_out_of_memory_in_training_is_one_line_exit_2_and_keeps_the_run(
     def exhausted(*args: object) -> None:
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123456789 bytes.\ndetail")
 
-    monkeypatch.setattr(train, "compile_step", lambda *a, **k: exhausted)
+    monkeypatch.setattr(run, "compile_step", lambda *a, **k: exhausted)
     code = train.main(["--config", str(small_run / "run.toml"), "--run-dir", str(tmp_path / "r")])
     line = one_error_line(capsys.readouterr().err)
     assert code == 2 and "out of memory on the device after step 0 (RESOURCE_EXHAUSTED" in line, line
