@@ -10,7 +10,8 @@ they hold compilation and the final checkpoint), the loop/bare ratio, MFU where 
 peak is known, XLA's memory estimate, the mesh and the bytes of parameters + optimizer state each device
 holds (measured from the shards; a variant may set `parallel.*` keys), the device's measured peak
 memory (where the device reports it; per process, so only the first variant's is its own) and,
-with `--plan-target`, the peak `python -m genesis_jax.plan` predicts for the first variant, and
+with `--plan-target`, the peak memory and step time `python -m genesis_jax.plan` predicts (with
+`--calibration`, also the calibrated step time; measured_over_plan uses the last), and
 each variant's step time relative to the first
 (masking rows: WWM/span mask probability from the config's [curriculum]). A CPU time is not a
 GPU kernel speed.
@@ -41,7 +42,9 @@ from genesis_jax.core.errors import UserError
 from genesis_jax.data.masks import MASK_KINDS, MaskParams
 from genesis_jax.model.flops import peak_flops, train_flops_per_token
 from genesis_jax.parallel.sharding import bytes_per_device
-from genesis_jax.plan import compile as plan_compile
+from genesis_jax.plan import compile as plan_compile, target as plan_target_lib
+from genesis_jax.plan.rates import Rates, load_calibration
+from genesis_jax.plan.speed import Device, predict
 from genesis_jax.training.build import build, compile_step
 from genesis_jax.training.run import train
 from genesis_jax.training.step import StepControls
@@ -80,18 +83,32 @@ def bare_step(cfg: C.Config, steps: int, mask: MaskParams) -> dict[str, Any]:
     }
 
 
-def planned_peak_mib(config: str, overrides: list[str], target: str) -> float | None:
-    """The train step's peak memory per device as `python -m genesis_jax.plan` predicts it."""
+def planned(config: str, overrides: list[str], target: str, rates: list[Rates]) -> dict[str, Any]:
+    """What `python -m genesis_jax.plan` predicts for this variant on `target`: the train step's
+    peak memory per device and its step time (with each of `rates`: the published constants,
+    then a calibration's)."""
     job = {"kind": "train", "config": str(Path(config).resolve()), "set": overrides}
     try:
-        result = plan_compile.run([job], target).results[0]
+        c = plan_compile.run([job], target)
     except UserError as e:  # no toolchain here: the table still has the measurements
         print(f"# plan for {target} skipped: {e}", file=sys.stderr)
-        return None
+        return {}
+    result = c.results[0]
     if not result.ok:
         print(f"# plan for {target} failed: {result.error}", file=sys.stderr)
-        return None
-    return result.memory_rows()[1] / 2**20
+        return {}
+    assert c.target is not None
+    device = Device(c.target.description, c.target.sm_count, c.target.memory_bandwidth)
+    steps = [predict(result.programs, result.info, device, r).step_s for r in rates]
+    return {"peak_mib": result.memory_rows()[1] / 2**20, "step_ms": [1000 * s for s in steps]}
+
+
+def plan_target(name: str) -> str:
+    """`auto`: the shipped spec of this machine's GPU, else h200."""
+    if name != "auto":
+        return name
+    spec = plan_target_lib.for_device_kind(jax.devices()[0].device_kind)
+    return spec.name if spec else "h200"
 
 
 def loop_tokens_per_sec(cfg: C.Config, steps: int) -> float | None:
@@ -136,8 +153,13 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="CSV file to write")
     ap.add_argument(
         "--plan-target",
-        help="also compile the first variant with `genesis_jax.plan` for this target "
-        "(h100, h200, local) and report its predicted peak memory beside the measured one",
+        help="also compile each variant with `genesis_jax.plan` for this target (h100, h200, or auto: "
+        "this GPU's) and report its predicted peak memory and step time beside the measured ones",
+    )
+    ap.add_argument(
+        "--calibration",
+        type=Path,
+        help="with --plan-target: also predict with this calibration file (benchmarks/calibrate.py)",
     )
     args = ap.parse_args()
 
@@ -150,7 +172,9 @@ def main() -> int:
     variants = [v.split(":", 1) for v in args.variant] or [["default", ""]]
     device = jax.devices()[0]
     print(f"# {device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)), jax {jax.__version__}")
-    rows = []
+    rows: list[dict[str, Any]] = []
+    plans: dict[tuple[str, ...], dict[str, Any]] = {}
+    rates = [Rates()] + ([load_calibration(args.calibration)[0]] if args.calibration else [])
     for name, sets in variants:
         items = [s for s in sets.split(",") if s]
         kind = next((i.split("=", 1)[1] for i in items if i.startswith("mask=")), args.mask)
@@ -168,7 +192,9 @@ def main() -> int:
             k.span_max_len,
             cfg.data.mask_id,
         )
-        planned = planned_peak_mib(args.config, overrides, args.plan_target) if args.plan_target and not rows else None
+        if args.plan_target and tuple(overrides) not in plans:  # masks are step inputs: one program
+            plans[tuple(overrides)] = planned(args.config, overrides, plan_target(args.plan_target), rates)
+        plan = plans.get(tuple(overrides), {})
         r = bare_step(cfg, args.steps, mask)
         stats = device.memory_stats() or {}
         tps = tokens / (r["step_ms"] / 1000)
@@ -197,7 +223,10 @@ def main() -> int:
                 "state_mib_per_device": round(r["state_mib"], 3),  # params + optimizer state, measured from the shards
                 # the device's peak is per process: only the first variant's is its own
                 "peak_mib": round(stats["peak_bytes_in_use"] / 2**20, 1) if "peak_bytes_in_use" in stats else None,
-                "plan_peak_mib": round(planned, 1) if planned else None,
+                "plan_peak_mib": round(plan["peak_mib"], 1) if plan else None,
+                "plan_step_ms": round(plan["step_ms"][0], 3) if plan else None,
+                "plan_step_ms_calibrated": round(plan["step_ms"][1], 3) if len(plan.get("step_ms", [])) > 1 else None,
+                "measured_over_plan": round(r["step_ms"] / plan["step_ms"][-1], 3) if plan else None,
             }
         )
     cols = list(rows[0])

@@ -2,7 +2,8 @@
 
 Compiles the config's train step and validation step for a GPU, on a machine without one (or
 for the local GPU), and says per device whether the run fits in memory and whether each Pallas
-kernel compiles without spilling registers. Exit 0: it fits and no kernel spills; 1: it does
+kernel compiles without spilling registers, and predicts the step time, tokens/s, MFU and the
+run's wall time there (docs/plan.md). Exit 0: it fits and no kernel spills; 1: it does
 not fit, a kernel spills, or a compile failed (the report says which); 2: a usage error or a
 missing toolchain (one line, with the install command).
 """
@@ -22,6 +23,7 @@ from ..core.errors import UserError
 from ..core.writing import write_file
 from . import target as targets
 from .compile import run
+from .rates import Rates, load_calibration
 from .tables import report
 
 
@@ -40,6 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--json", type=Path, help="also write the whole plan as JSON here")
     ap.add_argument("--keep", type=Path, help="keep the compiler's logs and XLA dumps in this directory")
+    ap.add_argument(
+        "--calibration",
+        type=Path,
+        help="a GPU's measured rates (benchmarks/calibrate.py, written by benchmarks/gpu_suite.sh) in place "
+        "of the published constants the speed prediction starts from",
+    )
     return ap.parse_args(argv)
 
 
@@ -57,11 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         if n < 1:
             raise UserError(f"--devices {n}: expected at least 1")
         job = {"kind": "train", "config": str(Path(args.config).resolve()), "set": args.set}
+        calibration = load_calibration(args.calibration)[0] if args.calibration else Rates()
         c = run([job], args.target, n, workdir=args.keep)
         r = c.results[0]
         if r.user_error:
             raise UserError(r.error)
-        lines, failures = report(args, c, n)
+        lines, failures, prediction = report(args, c, n, calibration)
         print("\n".join(lines))
         print(
             f"\nverdict: {'; '.join(failures) if failures else 'fits, and every Pallas kernel compiles without spills'}"
@@ -78,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                         "peak": r.memory_rows()[1] if r.ok else None,
                         "ok": not failures,
                         "failures": failures,
+                        "speed": prediction.to_json() if prediction else None,
                         "job": r.__dict__,
                     },
                     indent=1,

@@ -19,6 +19,7 @@ from ..data.masks import MaskParams
 from ..evaluation.suite import jit_validation_step
 from ..kernels.flash_attention import BlockSizes
 from ..model import attention
+from ..model.flops import train_flops_per_token
 from ..parallel.sharding import batch_sharding, batch_split, check_devices, make_mesh, replicated, shard_bytes
 from ..training.build import abstract_state, jit_step, load_data
 from ..training.step import StepControls
@@ -71,6 +72,14 @@ def train_job(job: dict[str, Any], devices: list[jax.Device]) -> tuple[list[Prog
         # inputs and labels (int32), mask (bool) per token, a locale (int32) per row: drawn on the device
         "batch_bytes": t.grad_accum_steps * (t.batch_size // split) * (cfg.data.seq_len * 9 + 4),
         "mesh": dict(mesh.shape),
+        # what the speed prediction needs (speed.py)
+        "devices": len(devices),
+        "batch_size": t.batch_size,
+        "tokens_per_step": t.grad_accum_steps * t.batch_size * cfg.data.seq_len,
+        "model_flops_per_token": train_flops_per_token(m, cfg.data.seq_len),
+        "max_steps": t.max_steps,
+        "val_interval": t.val_interval,
+        "val_windows": len(data.windows.inputs),
     }
     programs = [
         Program(

@@ -77,7 +77,7 @@ def ptxas_report(log: str) -> dict[str, Kernel]:
     return kernels
 
 
-def _latest(dump: Path, suffix: str) -> str:
+def latest(dump: Path, suffix: str) -> str:
     files = sorted(dump.glob(f"*{suffix}"))
     return files[-1].read_text(encoding="utf-8", errors="replace") if files else ""
 
@@ -91,11 +91,11 @@ def kernels(log: str, dump: Path, launches: Sequence[Kernel] = ()) -> list[Kerne
         k.grid, k.threads = launch.grid or k.grid, launch.threads or k.threads
         if launch.shared_memory is not None:
             k.shared_memory = max(k.shared_memory or 0, launch.shared_memory)
-    for name, grid, threads, shared in thunk_launches(_latest(dump, ".thunk_sequence.txt")):
+    for name, grid, threads, shared in thunk_launches(latest(dump, ".thunk_sequence.txt")):
         k = found.setdefault(name, Kernel(name))
         k.grid, k.threads = grid, math.prod(threads)
         k.shared_memory = max(k.shared_memory or 0, shared)
-    for name in pallas_names(_latest(dump, "_gpu_after_optimizations.txt")):
+    for name in pallas_names(latest(dump, "_gpu_after_optimizations.txt")):
         found.setdefault(name, Kernel(name)).pallas = True
     for name, k in found.items():
         if name.endswith(MOSAIC_SUFFIX):  # launched by the custom call, absent from the thunk sequence
@@ -191,10 +191,10 @@ def largest_temporaries(dump: Path, n: int = 5) -> list[dict[str, Any]]:
     """The biggest buffers in the program's temporary allocation (values XLA places at the same
     offset share one buffer, counted once), alike ones counted together: bytes each, count,
     shape, and the JAX operation that made the first value (op_name without its wrappers)."""
-    ops = {m.group(1): m.group(2) for m in _INSTR.finditer(_latest(dump, "_gpu_after_optimizations.txt"))}
+    ops = {m.group(1): m.group(2) for m in _INSTR.finditer(latest(dump, "_gpu_after_optimizations.txt"))}
     buffers: dict[tuple[int, int], tuple[str, str]] = {}  # (offset, size) -> (shape, op)
     in_temp = False
-    for line in _latest(dump, "_gpu_after_optimizations-buffer-assignment.txt").splitlines():
+    for line in latest(dump, "_gpu_after_optimizations-buffer-assignment.txt").splitlines():
         if line.startswith("allocation "):
             in_temp = "preallocated-temp" in line
         elif in_temp and (m := _VALUE.search(line)):

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import target as targets
+from . import speed, target as targets
 from .compile import Compiled, JobResult
+from .rates import Rates
+from .speed import Device, Prediction, predict
 
 MIB = 2**20
 
@@ -79,8 +81,22 @@ def kernel_lines(r: JobResult) -> tuple[list[str], list[str]]:
     return lines, [f"kernels spill registers: {', '.join(spilling)}"] if spilling else []
 
 
-def report(args: argparse.Namespace, c: Compiled, n_devices: int) -> tuple[list[str], list[str]]:
-    """The printed plan, and the reasons it fails (empty: exit 0)."""
+def speed_lines(r: JobResult, c: Compiled, rates: Rates) -> tuple[list[str], Prediction | None]:
+    """The predicted speed (speed.py) on the target, where its rates are known."""
+    spec = c.target or targets.for_device_kind(c.device_kind)
+    if spec is None:
+        return [
+            f"speed: not predicted (no rates for {c.device_kind}; shipped: {', '.join(targets.names()[:-1])})"
+        ], None
+    device = Device(spec.description, spec.sm_count, spec.memory_bandwidth)
+    p = predict(r.programs, r.info, device, rates)
+    return speed.lines(p, device, rates), p
+
+
+def report(
+    args: argparse.Namespace, c: Compiled, n_devices: int, rates: Rates
+) -> tuple[list[str], list[str], Prediction | None]:
+    """The printed plan, the reasons it fails (empty: exit 0) and the speed prediction."""
     r = c.results[0]
     where = c.device_kind + (
         f" (sm_{c.target.compute_capability.replace('.', '')}a, {c.target.sm_count} SMs)"
@@ -89,7 +105,7 @@ def report(args: argparse.Namespace, c: Compiled, n_devices: int) -> tuple[list[
     )
     lines = [f"plan: {args.config} for {n_devices} x {where}, target {args.target}"]
     if not r.ok:
-        return lines + [f"compile failed: {r.error}"], [f"the compile failed: {r.error}"]
+        return lines + [f"compile failed: {r.error}"], [f"the compile failed: {r.error}"], None
     info = r.info
     lines += [
         f"model {info['model']}: {info['n_parameters']:,} parameters, attention {info['attention']}",
@@ -99,4 +115,5 @@ def report(args: argparse.Namespace, c: Compiled, n_devices: int) -> tuple[list[
     memory, memory_failures = memory_lines(r, c)
     kernel, kernel_failures = kernel_lines(r)
     lines += memory + ["compile: " + ", ".join(f"{p['name']} {p['compile_s']:.1f} s" for p in r.programs), ""] + kernel
-    return lines, memory_failures + kernel_failures
+    fast, prediction = speed_lines(r, c, rates)
+    return lines + [""] + fast, memory_failures + kernel_failures, prediction

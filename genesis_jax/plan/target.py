@@ -36,6 +36,7 @@ class Target:
     memory_bytes: int  # device memory the driver reports as usable
     compute_capability: str  # e.g. "9.0"
     sm_count: int
+    memory_bandwidth: float  # HBM bytes/s (the spec's figure: the datasheet's)
 
 
 def names() -> list[str]:
@@ -64,7 +65,14 @@ def load(name: str) -> Target:
         int(_field(text, "device_memory_size")),
         f"{cc.group(1)}.{cc.group(2)}",
         int(_field(text, "core_count")),
+        float(_field(text, "memory_bandwidth")),
     )
+
+
+def for_device_kind(kind: str) -> Target | None:
+    """The shipped spec of a GPU by the name JAX gives it (a local H100 or H200), if there is one."""
+    specs = [load(n) for n in names() if n != LOCAL]
+    return next((t for t in specs if t.description == kind), None)
 
 
 def jaxlib_version() -> str:

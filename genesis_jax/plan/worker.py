@@ -20,7 +20,7 @@ from typing import Any
 import jax
 
 from ..core.errors import UserError
-from . import resources, target as targets
+from . import hlo, resources, target as targets
 from .jobs import JOBS, Program
 
 
@@ -55,7 +55,7 @@ def native_log(path: Path) -> Iterator[None]:
         os.close(saved)
 
 
-def compile_program(p: Program, where: Path) -> dict[str, Any]:
+def compile_program(p: Program, where: Path, devices: int) -> dict[str, Any]:
     dump = where / "dump"
     options = {"xla_dump_to": str(dump), "xla_gpu_enable_libnvptxcompiler": False}  # ptxas as a process: it logs
     log = where / "compile.log"
@@ -83,6 +83,7 @@ def compile_program(p: Program, where: Path) -> dict[str, Any]:
         "memory": memory,
         "kernels": [k.to_json() for k in resources.kernels(text, dump, launches)],
         "largest": resources.largest_temporaries(dump),
+        "profile": hlo.profile(resources.latest(dump, "_gpu_after_optimizations.txt"), devices).to_json(),
     }
 
 
@@ -93,7 +94,7 @@ def run_job(job: dict[str, Any], devices: list[jax.Device], where: Path) -> dict
             compiled = []
             for i, p in enumerate(programs):
                 (where / str(i)).mkdir(parents=True, exist_ok=True)
-                compiled.append(compile_program(p, where / str(i)))
+                compiled.append(compile_program(p, where / str(i), len(devices)))
         return {"ok": True, "info": info, "programs": compiled}
     except UserError as e:
         return {"ok": False, "user_error": True, "error": str(e)}
