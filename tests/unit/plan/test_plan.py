@@ -343,6 +343,26 @@ def test_sharded_state_per_device_matches_the_hand_count(sharded_mosaic_plan: tu
 
 
 @compiles
+def test_the_json_plan_carries_the_speed_prediction_with_the_sharded_steps_collectives(
+    sharded_mosaic_plan: tuple[int, str, dict],
+):
+    """fsdp = 2: parameters are gathered and gradients reduced between the two devices, so the
+    prediction has collective time; the Mosaic kernels' calls are timed as attention."""
+    code, out, plan = sharded_mosaic_plan
+    assert code == 0, out
+    speed = plan["speed"]
+    train = speed["train"]
+    assert train["collective_s"] > 0 and train["attention_s"] > 0 and train["gemm_s"] > 0
+    parts = ("gemm_s", "attention_s", "memory_s", "collective_s", "launch_s")
+    assert train["device_s"] == pytest.approx(sum(train[k] for k in parts))
+    assert speed["step_s"] == max(train["device_s"], 4.1e-4)  # the host loop's measured time per step
+    assert speed["tokens_per_step"] == 4 * 512 and speed["tokens_per_s"] == pytest.approx(4 * 512 / speed["step_s"])
+    assert "speed on NVIDIA H200" in out and f"MFU {speed['mfu']:.1%}" in out
+    kernels = {a["kernel"] for a in plan["job"]["programs"][0]["profile"]["attention"]}
+    assert kernels == {"genesis_flash_mgpu_fwd", "genesis_flash_mgpu_dq", "genesis_flash_mgpu_dkdv"}
+
+
+@compiles
 def test_a_mesh_the_batch_cannot_split_is_a_usage_error(fixture_corpus: Path, capsys: pytest.CaptureFixture[str]):
     code, out = plan_cli(capsys, fixture_corpus, "--set", "parallel.data=2", "--set", "training.batch_size=3")
     assert code == 2 and "training.batch_size = 3 is not divisible" in out

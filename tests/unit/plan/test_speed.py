@@ -184,3 +184,28 @@ def test_standard_on_an_h200_at_2048_tokens_lands_in_the_small_model_mfu_band(st
     text = "\n".join(speed.lines(p, H200, R.Rates()))
     assert f"MFU {p.mfu:.1%} (inside the 20%-45% band" in text and "uncalibrated constants" in text
     assert math.isclose(p.run_s, 1000 * p.step_s)  # gpu_bench.toml: 1000 steps, no validation
+
+
+def test_calibration_reads_our_kernels_rates_from_the_attention_table(tmp_path: Path):
+    """benchmarks/calibrate.py turns benchmarks/attention.py's rows into rates: the forward's
+    FLOPs over its time, the backward's executed FLOPs (3.5 x the forward's, dq and dkv kernels)
+    over the fwd+bwd time less the forward's; the share of FA3's anchor from head_dim >= 64."""
+    from benchmarks.calibrate import attention_rates
+
+    head = "backend,mode,name,batch,seq,heads_q,heads_kv,head_dim,causal,ms,tflops,pct_matmul,rel_err,error\n"
+    rows = [
+        "pallas,fwd,fa-grid,8,2048,16,16,128,True,1.0,,,,",
+        "pallas,fwd+bwd,fa-grid,8,2048,16,16,128,True,3.0,,,,",
+        "pallas,fwd,standard,32,512,12,12,32,True,0.5,,,,",
+        "reference,fwd,fa-grid,8,2048,16,16,128,True,9.0,,,,",
+        "mosaic,fwd,fa-grid,8,2048,16,16,128,True,,,,,RuntimeError: refused",
+    ]
+    path = tmp_path / "attention.csv"
+    path.write_text(head + "\n".join(rows) + "\n")
+    measured, fraction = attention_rates(path)
+    flops = 4.0 * 8 * 16 * 2048 * 2048 * 128 / 2
+    assert measured["pallas/forward/128/2048"] == pytest.approx(flops / 1e-3)
+    assert measured["pallas/backward/128/2048"] == pytest.approx(3.5 * flops / 2e-3)
+    assert measured["pallas/forward/32/512"] == pytest.approx(4.0 * 32 * 12 * 512 * 512 * 32 / 2 / 0.5e-3)
+    assert set(measured) == {"pallas/forward/128/2048", "pallas/backward/128/2048", "pallas/forward/32/512"}
+    assert fraction == pytest.approx({"forward": flops / 1e-3 / 560e12, "backward": 3.5 * flops / 2e-3 / 316e12})
