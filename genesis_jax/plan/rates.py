@@ -19,20 +19,22 @@ from ..core.errors import UserError
 PEAK_BY_DTYPE = {"bf16": 989.4e12, "f16": 989.4e12, "f32": 494.7e12, "f8e4m3fn": 1978.9e12, "f8e5m2": 1978.9e12}
 # NVLink 4 on H100/H200 SXM: 900 GB/s per GPU in both directions together (datasheets).
 NVLINK_BYTES_PER_S = 450e9
-# FlashAttention-3 (Shah et al. 2024, arXiv:2407.08608, figures 5 and 7; H100 SXM5, causal,
-# head_dim 128, bf16): forward about 560 TFLOP/s at 2k tokens and 685 at 8k; backward about 316
-# and 539 over the same lengths. Between and beyond the anchors: linear in log2(length).
-FA3_FORWARD = {2048: 560e12, 8192: 685e12}
-FA3_BACKWARD = {2048: 316e12, 8192: 539e12}
+# FlashAttention-3 on H100 SXM5, head_dim 128, bf16, 16k tokens per call, by sequence length:
+# forward from the pytorch/benchmark FA3 rows (pull request 2391: 430 TFLOP/s at 512 tokens to
+# 621 at 16k), backward from the FA3 paper (Shah et al. 2024, arXiv:2407.08608, figure 6: 316 at
+# 512 to 561 at 16k). Between the points: linear in log2(length); beyond them: the last value,
+# and below 512 the first segment's slope, floored at a quarter of the first value.
+FA3_FORWARD = {512: 430e12, 1024: 517e12, 2048: 566e12, 4096: 590e12, 8192: 614e12, 16384: 621e12}
+FA3_BACKWARD = {512: 316e12, 1024: 424e12, 2048: 501e12, 4096: 542e12, 8192: 559e12, 16384: 561e12}
 # The exponential unit: 3.9 TFLOP/s of special functions on H100 SXM5 (FlashAttention-3 paper,
 # section 3.1). One exp per score, so a kernel doing `matmuls` matmuls of head_dim D per score
 # is capped at exp_rate * 2 * D * matmuls FLOP/s: 374 TFLOP/s forward at head_dim 24, 499 at 32.
 EXP_PER_S = 3.9e12
 # Our kernels against FlashAttention-3: JAX's Mosaic GPU flash-attention example reports about
 # 406 TFLOP/s forward at head_dim 128 on H100 (jax/experimental/pallas/ops/gpu/attention_mgpu.py's
-# benchmark); 406 / 685 of FA3's best. Used for both our kernels and both directions until a GPU
-# measures them (benchmarks/attention.py through the GPU suite).
-KERNEL_FRACTION = 406.0 / 685.0
+# benchmark), about two thirds of FA3 at the same lengths (406 / 614). Used for both our kernels
+# and both directions until a GPU measures them (benchmarks/attention.py through the GPU suite).
+KERNEL_FRACTION = 406.0 / 614.0
 # Small models in practice: MosaicML's 760M model at about 34-35% MFU on H100 (llm-foundry's
 # throughput table); modded-nanogpt's 124M GPT-2 runs at a similar share. The band `plan`
 # compares its MFU with, for models under a billion parameters.
@@ -74,11 +76,14 @@ CALIBRATED = (
 
 
 def anchor(table: dict[int, float], seq: int) -> float:
-    """FA3's rate at `seq` tokens: linear in log2(seq) through the two anchors, floored at a
-    quarter of the lower one (short sequences leave most SMs idle)."""
-    (s0, r0), (s1, r1) = sorted(table.items())
-    slope = (r1 - r0) / math.log2(s1 / s0)
-    return max(r0 + slope * math.log2(max(seq, 1) / s0), r0 / 4)
+    """FA3's rate at `seq` tokens from a table of (length, rate) points (see FA3_FORWARD)."""
+    points = sorted(table.items())
+    if seq >= points[-1][0]:
+        return points[-1][1]
+    i = max(1, next(n for n, (s, _) in enumerate(points) if s > seq))
+    (s0, r0), (s1, r1) = points[i - 1], points[i]
+    rate = r0 + (r1 - r0) * math.log2(max(seq, 1) / s0) / math.log2(s1 / s0)
+    return max(rate, points[0][1] / 4)
 
 
 def exp_cap(head_dim: int, matmuls: int, rates: Rates) -> float:

@@ -41,10 +41,12 @@ def test_a_loop_without_a_known_trip_count_is_counted_once_and_said():
 
 
 def test_rates_follow_their_anchors():
-    assert R.anchor(R.FA3_FORWARD, 2048) == pytest.approx(560e12)
-    assert R.anchor(R.FA3_FORWARD, 8192) == pytest.approx(685e12)
-    assert R.anchor(R.FA3_FORWARD, 4096) == pytest.approx((560e12 + 685e12) / 2)  # linear in log2(length)
-    assert R.anchor(R.FA3_BACKWARD, 4096) == pytest.approx((316e12 + 539e12) / 2)
+    assert R.anchor(R.FA3_FORWARD, 2048) == pytest.approx(566e12)
+    assert R.anchor(R.FA3_BACKWARD, 512) == pytest.approx(316e12)
+    assert R.anchor(R.FA3_FORWARD, 2896) == pytest.approx((566e12 + 590e12) / 2, rel=1e-4)  # linear in log2
+    assert R.anchor(R.FA3_BACKWARD, 65536) == pytest.approx(561e12)  # beyond the table: its last value
+    assert R.anchor(R.FA3_BACKWARD, 256) == pytest.approx(316e12 - (424e12 - 316e12))  # the first slope
+    assert R.anchor(R.FA3_BACKWARD, 8) == pytest.approx(316e12 / 4)  # floored
     # The exponential unit: 3.9e12 exp/s x 2 x head_dim x 2 matmuls in the forward.
     assert R.exp_cap(24, 2, R.Rates()) == pytest.approx(374.4e12)
     assert R.exp_cap(32, 2, R.Rates()) == pytest.approx(499.2e12)
@@ -208,4 +210,4 @@ def test_calibration_reads_our_kernels_rates_from_the_attention_table(tmp_path: 
     assert measured["pallas/backward/128/2048"] == pytest.approx(3.5 * flops / 2e-3)
     assert measured["pallas/forward/32/512"] == pytest.approx(4.0 * 32 * 12 * 512 * 512 * 32 / 2 / 0.5e-3)
     assert set(measured) == {"pallas/forward/128/2048", "pallas/backward/128/2048", "pallas/forward/32/512"}
-    assert fraction == pytest.approx({"forward": flops / 1e-3 / 560e12, "backward": 3.5 * flops / 2e-3 / 316e12})
+    assert fraction == pytest.approx({"forward": flops / 1e-3 / 566e12, "backward": 3.5 * flops / 2e-3 / 501e12})
