@@ -187,7 +187,7 @@ def lines(p: Prediction, device: Device, rates: Rates) -> list[str]:
         return f"  {label:<13} {seconds * ms:>9.2f} ms {share:>5.0%}  {what}"
 
     lo, hi = MFU_BAND
-    verdict = "inside" if p.in_band else "OUTSIDE"
+    verdict = "inside" if p.in_band else ("below" if p.mfu < lo else "above")
     out = [
         f"speed on {device.name} (predicted; {'calibrated' if rates.source else 'uncalibrated constants'}):",
         f"  step {p.step_s * ms:,.2f} ms, {p.tokens_per_s:,.0f} tokens/s, MFU {p.mfu:.1%} "
