@@ -37,7 +37,7 @@ exec 9>"$root.lock"
 flock 9  # one run at a time: runs share the root filesystem and its mount points
 
 unmount_under() {  # a failed debootstrap can leave its /proc mounted: never delete through a mount
-    grep -F " $1/" /proc/mounts | awk '{print $2}' | sort -r | xargs -r -n 1 umount -l
+    { grep -F " $1/" /proc/mounts || true; } | awk '{print $2}' | sort -r | xargs -r -n 1 umount -l
 }
 if [ ! -x "$root/usr/bin/python3" ]; then
     echo "debian-python: bootstrapping Debian 13 into $root" >&2
