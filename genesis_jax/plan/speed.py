@@ -210,8 +210,9 @@ def lines(p: Prediction, device: Device, rates: Rates) -> list[str]:
         f"  model FLOPs {p.model_flops_per_step / 1e12:,.2f} TFLOP a step (6 x parameters + attention; "
         f"executed {(t.gemm_flops + t.attention_flops) / 1e12:,.2f}, remat and recomputation included)",
         "rates used:",
-        f"  gemm_efficiency {rates.gemm_efficiency:.2f} of the dense peak (bf16 {PEAK_BY_DTYPE['bf16'] / 1e12:.0f} "
-        f"TFLOP/s), tiles {rates.gemm_tile}x{rates.gemm_tile} [{rates.describe('gemm_efficiency')}]",
+        f"  gemm_efficiency {rates.gemm_efficiency:.2f} of the dense peak (bf16 {PEAK_BY_DTYPE['bf16'] / 1e12:.0f}, "
+        f"TF32 {PEAK_BY_DTYPE['f32'] / 1e12:.0f} TFLOP/s), tiles {rates.gemm_tile}x{rates.gemm_tile} "
+        f"[{rates.describe('gemm_efficiency')}]",
         f"  HBM {device.hbm_bytes_per_s / 1e12:.2f} TB/s x hbm_efficiency {rates.hbm_efficiency:.2f} "
         f"[{rates.describe('hbm_efficiency')}]",
         f"  attention: FA3 anchors x {rates.attention_fraction['forward']:.2f} forward, "
@@ -219,6 +220,7 @@ def lines(p: Prediction, device: Device, rates: Rates) -> list[str]:
         f"[{rates.describe('attention_fraction')}]"
         + (f"; {len(rates.attention_measured)} measured rates" if rates.attention_measured else ""),
         f"  kernel_gap_s {rates.kernel_gap_s * 1e6:.1f} us [{rates.describe('kernel_gap_s')}], host_step_s "
-        f"{rates.host_step_s * ms:.2f} ms [{rates.describe('host_step_s')}]",
+        f"{rates.host_step_s * ms:.2f} ms [{rates.describe('host_step_s')}], NVLink "
+        f"{rates.nvlink_bytes_per_s / 1e9:.0f} GB/s a direction",
     ]
     return out
