@@ -70,9 +70,14 @@ def load(name: str) -> Target:
 
 
 def for_device_kind(kind: str) -> Target | None:
-    """The shipped spec of a GPU by the name JAX gives it (a local H100 or H200), if there is one."""
+    """The shipped spec of a GPU by the name JAX gives it, if there is one: the spec's own name
+    ("NVIDIA H100 80GB HBM3"), or its model alone ("NVIDIA H200", as some drivers name the SXM
+    part); never a PCIe or NVL part, whose memory and SM count differ."""
     specs = [load(n) for n in names() if n != LOCAL]
-    return next((t for t in specs if t.description == kind), None)
+    exact = next((t for t in specs if t.description == kind), None)
+    if exact or any(w in kind for w in ("PCIe", "NVL")):
+        return exact
+    return next((t for t in specs if kind.split()[:2] == t.description.split()[:2]), None)
 
 
 def jaxlib_version() -> str:

@@ -211,3 +211,12 @@ def test_calibration_reads_our_kernels_rates_from_the_attention_table(tmp_path: 
     assert measured["pallas/forward/32/512"] == pytest.approx(4.0 * 32 * 12 * 512 * 512 * 32 / 2 / 0.5e-3)
     assert set(measured) == {"pallas/forward/128/2048", "pallas/backward/128/2048", "pallas/forward/32/512"}
     assert fraction == pytest.approx({"forward": flops / 1e-3 / 566e12, "backward": 3.5 * flops / 2e-3 / 501e12})
+
+
+def test_a_local_gpu_finds_its_spec_by_name():
+    from genesis_jax.plan import target as targets
+
+    assert targets.for_device_kind("NVIDIA H100 80GB HBM3").name == "h100"
+    assert targets.for_device_kind("NVIDIA H200").name == "h200"  # the SXM part as some drivers name it
+    assert targets.for_device_kind("NVIDIA H100 PCIe") is None  # 114 SMs, 2 TB/s: not the SXM spec
+    assert targets.for_device_kind("NVIDIA A100-SXM4-80GB") is None and targets.for_device_kind("cpu") is None
