@@ -194,6 +194,25 @@ def test_torch_step_benchmark_ends_with_the_ratio():
     assert float(lines[-1].split()[1]) > 0
 
 
+def test_block_parts_benchmark_times_every_part_on_both_sides():
+    pytest.importorskip("torch", reason="PyTorch is an optional benchmark dependency")
+    r = subprocess.run(
+        [sys.executable, "benchmarks/block_parts.py", "--dims", "32,2,2,64", "--seq", "16", "--batch", "2"]
+        + ["--rounds", "1", "--iters", "1"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[2:]}
+    assert set(rows) == {"qkv+rope", "attention", "wo", "swiglu", "norms", "embed+head+loss", "optimizer", "sum"}
+    for name, cells in rows.items():
+        if name != "sum":
+            assert float(cells[1]) > 0 and float(cells[2]) > 0 and int(cells[4]) in (1, 2), cells
+
+
 def test_profile_step_charges_self_time_to_our_functions():
     r = subprocess.run(
         [
