@@ -37,7 +37,7 @@ FREE = {
 _HEADER = re.compile(r"^(ENTRY )?%(\S+) \(.*\) -> .* \{$")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9\-]*)\(([^)]*)\)(.*)$")
 _ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
-_OPERAND = re.compile(r"%([\w.\-]+)")
+_OPERAND = re.compile(r"%([\w.\-]+(?:#\d+)?)")  # JAX 0.12's HLO names a tuple's element as %name#index
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
@@ -147,9 +147,24 @@ class Profile:
         }
 
 
+def tuple_elements(shape: str) -> list[str]:
+    """The top-level elements of a tuple shape "(a, (b, c), d)"."""
+    inner, depth, start, out = shape.strip()[1:-1], 0, 0, []
+    for n, ch in enumerate(inner):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            out.append(inner[start:n].strip())
+            start = n + 1
+    return out + [inner[start:].strip()] if inner.strip() else out
+
+
 def _operand_shape(comp: Computation, name: str) -> str:
-    i = comp.by_name.get(name)
-    return i.shape if i is not None else ""
+    base, _, index = name.partition("#")
+    i = comp.by_name.get(base)
+    if i is None:
+        return ""
+    return tuple_elements(i.shape)[int(index)] if index else i.shape
 
 
 def _read_bytes(fused: Computation, index: int, full: int) -> int:
@@ -190,14 +205,28 @@ def _written_bytes(comp: Computation, i: Instr) -> int:
     return nbytes(i.shape)
 
 
-def _dots(comps: dict[str, Computation], comp: Computation) -> list[tuple[Computation, Instr]]:
+def _target(i: Instr) -> str:
+    m = re.search(r'custom_call_target="([^"]+)"', i.attrs)
+    return m.group(1) if m else ""
+
+
+def _inside(comps: dict[str, Computation], comp: Computation, wanted: Any) -> list[tuple[Computation, Instr]]:
+    """The instructions of a fused computation (and the fusions nested in it) that `wanted` picks."""
     out: list[tuple[Computation, Instr]] = []
     for i in comp.instrs:
-        if i.op == "dot":
+        if wanted(i):
             out.append((comp, i))
         elif i.op == "fusion" and (callee := i.attr("calls")) in comps:
-            out += _dots(comps, comps[callee])
+            out += _inside(comps, comps[callee], wanted)
     return out
+
+
+def _is_gemm(i: Instr) -> bool:
+    return i.op == "dot" or (i.op == "custom-call" and _target(i) in GEMM_TARGETS)
+
+
+def _is_pallas(i: Instr) -> bool:
+    return i.op == "custom-call" and _target(i) in PALLAS_TARGETS
 
 
 def _gemm_key(comp: Computation, dot: Instr) -> tuple[int, int, int, int, str]:
@@ -225,11 +254,19 @@ def _kernel_name(i: Instr) -> str:
 
 
 def _group_size(i: Instr, default: int) -> int:
+    """Devices in each group of a collective: `{{0,1},{2,3}}`, `[2,2]<=[4]`, or (JAX 0.12) the
+    mesh axes it spans, `mesh['data'=2,'fsdp'=2] {'fsdp'}`."""
     m = re.search(r"replica_groups=\{\{([\d,]*)\}", i.attrs)
     if m:
         return len(m.group(1).split(","))
     m = re.search(r"replica_groups=\[(\d+),(\d+)\]", i.attrs)
-    return int(m.group(2)) if m else default
+    if m:
+        return int(m.group(2))
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", i.attrs)
+    if m:
+        sizes = {a: int(n) for a, n in re.findall(r"'([^']+)'=(\d+)", m.group(1))}
+        return math.prod(sizes.get(a, 1) for a in re.findall(r"'([^']+)'", m.group(2)))
+    return default
 
 
 def profile(text: str, devices: int = 1) -> Profile:
@@ -266,15 +303,16 @@ def profile(text: str, devices: int = 1) -> Profile:
             size = nbytes(_operand_shape(comp, i.operands[0])) if base == "reduce-scatter" else nbytes(i.shape)
             p.collectives[key] = p.collectives.get(key, 0.0) + weight * size
             return
-        target = re.search(r'custom_call_target="([^"]+)"', i.attrs)
-        target_name = target.group(1) if target else ""
-        if i.op == "custom-call" and target_name in PALLAS_TARGETS:
-            q = arrays(_operand_shape(comp, i.operands[0]))
-            kv = arrays(_operand_shape(comp, i.operands[1])) if len(i.operands) > 1 else q
-            key = (_kernel_name(i), tuple(q[0][1]) if q else (), tuple(kv[0][1]) if kv else ())
-            p.attention[key] = p.attention.get(key, 0.0) + weight
-            return
         fused = comps.get(i.attr("calls") or "") if i.op == "fusion" else None
+        # A Pallas call is launched by itself, or (JAX 0.12) inside a fusion that hands it slices.
+        calls = [(comp, i)] if _is_pallas(i) else (_inside(comps, fused, _is_pallas) if fused else [])
+        for c, call in calls:
+            q = arrays(_operand_shape(c, call.operands[0]))
+            kv = arrays(_operand_shape(c, call.operands[1])) if len(call.operands) > 1 else q
+            key = (_kernel_name(call), tuple(q[0][1]) if q else (), tuple(kv[0][1]) if kv else ())
+            p.attention[key] = p.attention.get(key, 0.0) + weight
+        if calls:
+            return
         moved = sum(
             _read_bytes(fused, n, nbytes(_operand_shape(comp, o))) if fused else nbytes(_operand_shape(comp, o))
             for n, o in enumerate(i.operands)
@@ -283,9 +321,7 @@ def profile(text: str, devices: int = 1) -> Profile:
             moved = 2 * _written_bytes(comp, i)
         elif i.op in ("dynamic-slice", "slice"):
             moved = 2 * nbytes(i.shape)
-        dots = _dots(comps, fused) if fused else ([(comp, i)] if i.op == "dot" else [])
-        if i.op == "custom-call" and target_name in GEMM_TARGETS:
-            dots = [(comp, i)]
+        dots = _inside(comps, fused, _is_gemm) if fused else ([(comp, i)] if _is_gemm(i) else [])
         if dots:
             for c, d in dots:
                 key = _gemm_key(c, d)

@@ -35,6 +35,19 @@ def test_hlo_reader_counts_loop_bodies_by_their_trip_counts_and_moves_only_slice
     assert p["launches"] == 12 + 3 + 12 + 0.5 + 1 + 1 and p["unknown_trips"] == 0
 
 
+def test_hlo_reader_reads_jax_012s_tuple_elements_sliced_calls_and_mesh_groups():
+    """JAX 0.12 writes a tuple's element as %name#index (no get-tuple-element), hands a Pallas
+    call its slices inside a fusion, and names a collective's groups by mesh axes."""
+    p = hlo.profile((Path(__file__).parent / "hand_counted_jax012.hlo").read_text(), devices=4).to_json()
+    # The negation reads and writes f32[64,16] (the loop's element 1, not the whole tuple), 6 times.
+    assert p["memory_bytes"] == 6 * 2 * 64 * 16 * 4 and p["memory_launches"] == 6
+    kernel = "genesis_flash_mgpu_fwd"
+    assert p["attention"] == [{"kernel": kernel, "q": [2, 128, 4, 32], "k": [2, 128, 4, 32], "count": 6.0}]
+    # An all-gather over the fsdp axis of a data 2 x fsdp 2 mesh: groups of 2, its output gathered.
+    assert p["collectives"] == [{"op": "all-gather", "group": 2, "bytes": 6 * 64 * 16 * 4}]
+    assert p["launches"] == 6 * 3
+
+
 def test_a_loop_without_a_known_trip_count_is_counted_once_and_said():
     p = hlo.profile(HLO.replace(',"known_trip_count":{"n":"4"}', "").replace('{"known_trip_count":{"n":"4"}}', "{}"))
     assert p.unknown_trips == 1 and next(iter(p.gemms.values()))["count"] == 3
