@@ -24,6 +24,7 @@ NVLINK_BYTES_PER_S = 450e9
 # 621 at 16k), backward from the FA3 paper (Shah et al. 2024, arXiv:2407.08608, figure 6: 316 at
 # 512 to 561 at 16k). Between the points: linear in log2(length); beyond them: the last value,
 # and below 512 the first segment's slope, floored at a quarter of the first value.
+ANCHOR_FLOOR = 0.25  # below 512 tokens the rate falls with the first segment's slope to this share of it
 FA3_FORWARD = {512: 430e12, 1024: 517e12, 2048: 566e12, 4096: 590e12, 8192: 614e12, 16384: 621e12}
 FA3_BACKWARD = {512: 316e12, 1024: 424e12, 2048: 501e12, 4096: 542e12, 8192: 559e12, 16384: 561e12}
 # The exponential unit: 3.9 TFLOP/s of special functions on H100 SXM5 (FlashAttention-3 paper,
@@ -47,6 +48,7 @@ class Rates:
 
     gemm_efficiency: float = 0.70  # share of the dense peak a large GEMM reaches (cuBLAS on H100: 650-750 of 989)
     gemm_tile: int = 128  # output tile edge of a GEMM's blocks (128x128: cuBLAS's and Triton's usual Hopper tile)
+    split_k_tiles: int = 4  # a GEMM with fewer tiles than SMs splits K in parts of at least this many tiles' depth
     hbm_efficiency: float = (
         0.85  # share of HBM bandwidth a streaming kernel reaches (H100 STREAM copy ~2.9 of 3.35 TB/s)
     )
@@ -83,7 +85,7 @@ def anchor(table: dict[int, float], seq: int) -> float:
     i = max(1, next(n for n, (s, _) in enumerate(points) if s > seq))
     (s0, r0), (s1, r1) = points[i - 1], points[i]
     rate = r0 + (r1 - r0) * math.log2(max(seq, 1) / s0) / math.log2(s1 / s0)
-    return max(rate, points[0][1] / 4)
+    return max(rate, points[0][1] * ANCHOR_FLOOR)
 
 
 def exp_cap(head_dim: int, matmuls: int, rates: Rates) -> float:

@@ -18,7 +18,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .rates import MFU_BAND, PEAK_BY_DTYPE, Rates, attention_rate
+from .rates import ANCHOR_FLOOR, MFU_BAND, PEAK_BY_DTYPE, Rates, attention_rate
 
 # Matmuls per score element of each of our attention kernels (their names end in these): the
 # forward does QK^T and PV; the backward's dq kernel recomputes QK^T, then dP = dO V^T and
@@ -59,12 +59,13 @@ class ProgramTime:
         return self.gemm_s + self.attention_s + self.memory_s + self.collective_s + self.launch_s
 
 
-def wave_share(batch: int, m: int, n: int, k: int, sms: int, tile: int) -> float:
+def wave_share(batch: int, m: int, n: int, k: int, sms: int, tile: int, split_k_tiles: int = 4) -> float:
     """The share of the SMs a GEMM's output tiles keep busy over its waves. A GEMM with fewer
-    tiles than SMs splits K across them (split-K) when K is deep enough (a tile's worth per split)."""
+    tiles than SMs splits K across them (split-K) when K is deep enough (split_k_tiles tiles'
+    depth per split)."""
     tiles = batch * math.ceil(m / tile) * math.ceil(n / tile)
     if tiles < sms:
-        tiles *= max(1, min(math.ceil(sms / tiles), k // (4 * tile)))
+        tiles *= max(1, min(math.ceil(sms / tiles), k // (split_k_tiles * tile)))
     waves = math.ceil(tiles / sms)
     return tiles / (waves * sms)
 
@@ -79,7 +80,7 @@ def program_time(profile: dict[str, Any], backend: str, device: Device, rates: R
     for g in profile["gemms"]:
         flops = 2.0 * g["batch"] * g["m"] * g["n"] * g["k"]
         peak = PEAK_BY_DTYPE.get(g["dtype"], PEAK_BY_DTYPE["f32"])
-        share = wave_share(g["batch"], g["m"], g["n"], g["k"], device.sm_count, rates.gemm_tile)
+        share = wave_share(g["batch"], g["m"], g["n"], g["k"], device.sm_count, rates.gemm_tile, rates.split_k_tiles)
         compute = flops / (peak * rates.gemm_efficiency * share)
         per_call_bytes = g["bytes"] / g["count"] if g["count"] else 0.0
         memory = per_call_bytes / (device.hbm_bytes_per_s * rates.hbm_efficiency)
@@ -211,12 +212,14 @@ def lines(p: Prediction, device: Device, rates: Rates) -> list[str]:
         f"executed {(t.gemm_flops + t.attention_flops) / 1e12:,.2f}, remat and recomputation included)",
         "rates used:",
         f"  gemm_efficiency {rates.gemm_efficiency:.2f} of the dense peak (bf16 {PEAK_BY_DTYPE['bf16'] / 1e12:.0f}, "
-        f"TF32 {PEAK_BY_DTYPE['f32'] / 1e12:.0f} TFLOP/s), tiles {rates.gemm_tile}x{rates.gemm_tile} "
+        f"TF32 {PEAK_BY_DTYPE['f32'] / 1e12:.0f} TFLOP/s), tiles {rates.gemm_tile}x{rates.gemm_tile}, "
+        f"split-K from {rates.split_k_tiles} tiles deep "
         f"[{rates.describe('gemm_efficiency')}]",
         f"  HBM {device.hbm_bytes_per_s / 1e12:.2f} TB/s x hbm_efficiency {rates.hbm_efficiency:.2f} "
         f"[{rates.describe('hbm_efficiency')}]",
         f"  attention: FA3 anchors x {rates.attention_fraction['forward']:.2f} forward, "
-        f"{rates.attention_fraction['backward']:.2f} backward, exp unit {rates.exp_per_s / 1e12:.1f} T/s "
+        f"{rates.attention_fraction['backward']:.2f} backward, exp unit {rates.exp_per_s / 1e12:.1f} T/s, "
+        f"floor {ANCHOR_FLOOR:.0%} of the shortest anchor "
         f"[{rates.describe('attention_fraction')}]"
         + (f"; {len(rates.attention_measured)} measured rates" if rates.attention_measured else ""),
         f"  kernel_gap_s {rates.kernel_gap_s * 1e6:.1f} us [{rates.describe('kernel_gap_s')}], host_step_s "
