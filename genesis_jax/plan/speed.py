@@ -132,6 +132,7 @@ class Prediction:
     run_s: float
     max_steps: int
     in_band: bool
+    unknown_trips: int  # loops of the train step without a known trip count, counted once
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -167,6 +168,7 @@ def predict(programs: list[dict[str, Any]], info: dict[str, Any], device: Device
         run_s,
         info["max_steps"],
         MFU_BAND[0] <= mfu <= MFU_BAND[1],
+        programs[0]["profile"]["unknown_trips"],
     )
 
 
@@ -210,6 +212,11 @@ def lines(p: Prediction, device: Device, rates: Rates) -> list[str]:
         + ("(the host is slower: it sets the pace)" if p.host_bound else "(hidden behind the device)"),
         f"  model FLOPs {p.model_flops_per_step / 1e12:,.2f} TFLOP a step (6 x parameters + attention; "
         f"executed {(t.gemm_flops + t.attention_flops) / 1e12:,.2f}, remat and recomputation included)",
+        *(
+            [f"  ({p.unknown_trips} loops without a known trip count were counted once: the step takes longer)"]
+            if p.unknown_trips
+            else []
+        ),
         "rates used:",
         f"  gemm_efficiency {rates.gemm_efficiency:.2f} of the dense peak (bf16 {PEAK_BY_DTYPE['bf16'] / 1e12:.0f}, "
         f"TF32 {PEAK_BY_DTYPE['f32'] / 1e12:.0f} TFLOP/s), tiles {rates.gemm_tile}x{rates.gemm_tile}, "

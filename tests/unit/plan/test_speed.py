@@ -233,3 +233,21 @@ def test_a_local_gpu_finds_its_spec_by_name():
     assert targets.for_device_kind("NVIDIA H200").name == "h200"  # the SXM part as some drivers name it
     assert targets.for_device_kind("NVIDIA H100 PCIe") is None  # 114 SMs, 2 TB/s: not the SXM spec
     assert targets.for_device_kind("NVIDIA A100-SXM4-80GB") is None and targets.for_device_kind("cpu") is None
+
+
+def test_a_host_bound_step_and_unknown_loop_counts_are_said():
+    """A program too small to hide the host's work per step runs at the host's pace; loops whose
+    trip count the HLO does not give are counted once, and the table says so."""
+    prof = {"gemms": [], "attention": [], "memory_bytes": 1e6, "collectives": [], "launches": 10.0, "unknown_trips": 2}
+    info = {"attention": "pallas", "tokens_per_step": 1000, "model_flops_per_token": 1e6, "devices": 1}
+    info |= {"max_steps": 100, "val_interval": 50, "val_windows": 5, "batch_size": 2}
+    h200, rates = speed.Device("H200", 132, 4.8e12), R.Rates()
+    p = speed.predict([{"profile": prof}, {"profile": prof}], info, h200, rates)
+    device = 1e6 / (4.8e12 * rates.hbm_efficiency) + 10 * rates.kernel_gap_s
+    assert p.train.device_s == pytest.approx(device) and device < rates.host_step_s
+    assert p.step_s == rates.host_step_s and p.host_bound
+    # 2 validations of ceil(5 / 2) = 3 calls each, at the host's pace too.
+    assert (p.validations, p.validation_calls) == (2, 3)
+    assert p.run_s == pytest.approx(100 * rates.host_step_s + 6 * rates.host_step_s)
+    text = "\n".join(speed.lines(p, h200, rates))
+    assert "the host is slower: it sets the pace" in text and "2 loops without a known trip count" in text
