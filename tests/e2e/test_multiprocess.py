@@ -80,7 +80,8 @@ def test_two_processes_match_one_and_survive_a_killed_peer(fixture_corpus, tmp_p
     deadline = time.time() + 240
     while time.time() < deadline and p0.poll() is None:
         rows = logged(run, cols="step") if (run / "metrics.sqlite").exists() else []
-        if rows and rows[-1][0] >= 25:  # past the checkpoint at 20
+        # past the checkpoint at 20, and its background write finished (Orbax renames it into place)
+        if rows and rows[-1][0] >= 25 and (run / "checkpoints" / "20").is_dir():
             break
         time.sleep(0.05)
     p1.send_signal(signal.SIGKILL)
