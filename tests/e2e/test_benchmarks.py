@@ -12,23 +12,15 @@ pytestmark = pytest.mark.slow
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
 
 
+def script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """A benchmark script run from the checkout on the CPU, its output captured."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
 def test_attention_benchmark_dry_run():
     # The Mosaic variants' dry run (GPU interpret mode, half a minute more) is the GPU suite
     # rehearsal's (benchmarks/gpu_suite.sh --rehearse); their numerics are test_flash_attention_mgpu's.
-    r = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/attention.py",
-            "--dry-run",
-            "--backends",
-            "xla,reference,pallas,cudnn,jax_xla,jax_mha",
-        ],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = script("benchmarks/attention.py", "--dry-run", "--backends", "xla,reference,pallas,cudnn,jax_xla,jax_mha")
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [x for x in r.stdout.splitlines() if x.startswith(("pallas", "xla", "jax_mha"))]
     assert len(lines) == 12
@@ -51,23 +43,7 @@ def test_attention_benchmark_dry_run():
 
 
 def test_attention_sweep_dry_run(tmp_path):
-    r = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/attention.py",
-            "--dry-run",
-            "--sweep",
-            "--sweep-limit",
-            "2",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = script("benchmarks/attention.py", "--dry-run", "--sweep", "--sweep-limit", "2", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("best q") == 4 and "2 settings" in r.stdout
     assert (tmp_path / "attention_sweep.csv").read_text().count("\n") == 5
@@ -79,51 +55,28 @@ def test_train_step_benchmark_runs(tmp_path):
     benchmarks/calibrate.py writes one of this CPU's rates); the CPU reports no measured peak."""
     plan = [] if toolchain_missing() else ["--plan-target", "h200", "--calibration", str(tmp_path / "cal.json")]
     if plan:
-        r = subprocess.run(
-            [
-                sys.executable,
-                "benchmarks/calibrate.py",
-                "--dry-run",
-                "--iters",
-                "2",
-                "--out",
-                str(tmp_path / "cal.json"),
-            ],
-            cwd=ROOT,
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        r = script("benchmarks/calibrate.py", "--dry-run", "--iters", "2", "--out", str(tmp_path / "cal.json"))
         assert r.returncode == 0, r.stderr[-2000:]
         assert "gemm_efficiency" in r.stdout and "kernel_gap_s" in r.stdout
-    r = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/train_step.py",
-            "--set",
-            "model.preset=test",
-            "--set",
-            "data.seq_len=32",
-            "--set",
-            "training.batch_size=4",
-            "--steps",
-            "2",
-            "--loop-steps",
-            "8",
-            *plan,
-            "--variant",
-            "a:",
-            "--variant",
-            "wwm:model.remat=true",
-            "--out",
-            str(tmp_path / "t.csv"),
-        ],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    r = script(
+        "benchmarks/train_step.py",
+        "--set",
+        "model.preset=test",
+        "--set",
+        "data.seq_len=32",
+        "--set",
+        "training.batch_size=4",
+        "--steps",
+        "2",
+        "--loop-steps",
+        "8",
+        *plan,
+        "--variant",
+        "a:",
+        "--variant",
+        "wwm:model.remat=true",
+        "--out",
+        str(tmp_path / "t.csv"),
     )
     assert r.returncode == 0, r.stderr[-2000:]
     rows = list(csv.DictReader((tmp_path / "t.csv").open()))
@@ -138,25 +91,17 @@ def test_train_step_benchmark_runs(tmp_path):
 
 @compiles
 def test_kernel_resources_benchmark_chooses_a_setting(tmp_path):
-    r = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/kernel_resources.py",
-            "--quick",
-            "--head-dims",
-            "64",
-            "--dtypes",
-            "bfloat16",
-            "--seq",
-            "256",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    r = script(
+        "benchmarks/kernel_resources.py",
+        "--quick",
+        "--head-dims",
+        "64",
+        "--dtypes",
+        "bfloat16",
+        "--seq",
+        "256",
+        "--out",
+        str(tmp_path),
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "chosen bfloat16 hd64 forward: " in r.stdout and "chosen bfloat16 hd64 backward: " in r.stdout
@@ -167,26 +112,18 @@ def test_kernel_resources_benchmark_chooses_a_setting(tmp_path):
 
 def test_torch_step_benchmark_ends_with_the_ratio():
     pytest.importorskip("torch", reason="PyTorch is an optional benchmark dependency")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/torch_step.py",
-            "--dims",
-            "32,2,2,64",
-            "--seq",
-            "16",
-            "--batch",
-            "2",
-            "--rounds",
-            "1",
-            "--steps",
-            "1",
-        ],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    r = script(
+        "benchmarks/torch_step.py",
+        "--dims",
+        "32,2,2,64",
+        "--seq",
+        "16",
+        "--batch",
+        "2",
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
     )
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
@@ -196,14 +133,18 @@ def test_torch_step_benchmark_ends_with_the_ratio():
 
 def test_block_parts_benchmark_times_every_part_on_both_sides():
     pytest.importorskip("torch", reason="PyTorch is an optional benchmark dependency")
-    r = subprocess.run(
-        [sys.executable, "benchmarks/block_parts.py", "--dims", "32,2,2,64", "--seq", "16", "--batch", "2"]
-        + ["--rounds", "1", "--iters", "1"],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    r = script(
+        "benchmarks/block_parts.py",
+        "--dims",
+        "32,2,2,64",
+        "--seq",
+        "16",
+        "--batch",
+        "2",
+        "--rounds",
+        "1",
+        "--iters",
+        "1",
     )
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[2:]}
@@ -214,26 +155,18 @@ def test_block_parts_benchmark_times_every_part_on_both_sides():
 
 
 def test_profile_step_charges_self_time_to_our_functions():
-    r = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/profile_step.py",
-            "--dims",
-            "32,2,2,64",
-            "--seq",
-            "32",
-            "--batch",
-            "2",
-            "--steps",
-            "1",
-            "--top",
-            "50",
-        ],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    r = script(
+        "benchmarks/profile_step.py",
+        "--dims",
+        "32,2,2,64",
+        "--seq",
+        "32",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--top",
+        "50",
     )
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {
