@@ -97,10 +97,13 @@ def planned(config: str, overrides: list[str], target: str, rates: list[Rates]) 
     if not result.ok:
         print(f"# plan for {target} failed: {result.error}", file=sys.stderr)
         return {}
-    assert c.target is not None
-    device = Device(c.target.description, c.target.sm_count, c.target.memory_bandwidth)
+    peak = result.memory_rows()[1] / 2**20
+    spec = c.target or plan_target_lib.for_device_kind(c.device_kind)
+    if spec is None:  # a local GPU without a shipped spec: its rates are unknown
+        return {"peak_mib": peak, "step_ms": []}
+    device = Device(spec.description, spec.sm_count, spec.memory_bandwidth)
     steps = [predict(result.programs, result.info, device, r).step_s for r in rates]
-    return {"peak_mib": result.memory_rows()[1] / 2**20, "step_ms": [1000 * s for s in steps]}
+    return {"peak_mib": peak, "step_ms": [1000 * s for s in steps]}
 
 
 def plan_target(name: str) -> str:
@@ -224,9 +227,9 @@ def main() -> int:
                 # the device's peak is per process: only the first variant's is its own
                 "peak_mib": round(stats["peak_bytes_in_use"] / 2**20, 1) if "peak_bytes_in_use" in stats else None,
                 "plan_peak_mib": round(plan["peak_mib"], 1) if plan else None,
-                "plan_step_ms": round(plan["step_ms"][0], 3) if plan else None,
+                "plan_step_ms": round(plan["step_ms"][0], 3) if plan.get("step_ms") else None,
                 "plan_step_ms_calibrated": round(plan["step_ms"][1], 3) if len(plan.get("step_ms", [])) > 1 else None,
-                "measured_over_plan": round(r["step_ms"] / plan["step_ms"][-1], 3) if plan else None,
+                "measured_over_plan": round(r["step_ms"] / plan["step_ms"][-1], 3) if plan.get("step_ms") else None,
             }
         )
     cols = list(rows[0])
