@@ -44,7 +44,7 @@ from genesis_jax.model.flops import peak_flops, train_flops_per_token
 from genesis_jax.parallel.sharding import bytes_per_device
 from genesis_jax.plan import compile as plan_compile, target as plan_target_lib
 from genesis_jax.plan.rates import Rates, load_calibration
-from genesis_jax.plan.speed import Device, predict
+from genesis_jax.plan.speed import device_for, predict
 from genesis_jax.training.build import build, compile_step
 from genesis_jax.training.run import train
 from genesis_jax.training.step import StepControls
@@ -98,10 +98,9 @@ def planned(config: str, overrides: list[str], target: str, rates: list[Rates]) 
         print(f"# plan for {target} failed: {result.error}", file=sys.stderr)
         return {}
     peak = result.memory_rows()[1] / 2**20
-    spec = c.target or plan_target_lib.for_device_kind(c.device_kind)
-    if spec is None:  # a local GPU without a shipped spec: its rates are unknown
+    device = device_for(c.target, c.device_kind)
+    if device is None:  # a local GPU without a shipped spec: its rates are unknown
         return {"peak_mib": peak, "step_ms": []}
-    device = Device(spec.description, spec.sm_count, spec.memory_bandwidth)
     steps = [predict(result.programs, result.info, device, r).step_s for r in rates]
     return {"peak_mib": peak, "step_ms": [1000 * s for s in steps]}
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .rates import ANCHOR_FLOOR, MFU_BAND, PEAK_BY_DTYPE, Rates, attention_rate
+from .target import Target, for_device_kind
 
 # Matmuls per score element of each of our attention kernels (their names end in these): the
 # forward does QK^T and PV; the backward's dq kernel recomputes QK^T, then dP = dO V^T and
@@ -40,6 +41,13 @@ class Device:
     name: str
     sm_count: int
     hbm_bytes_per_s: float
+
+
+def device_for(target: Target | None, kind: str) -> Device | None:
+    """The compile's target as the speed model sees it (a local GPU by its shipped spec), or None
+    where no spec gives its rates."""
+    spec = target or for_device_kind(kind)
+    return Device(spec.description, spec.sm_count, spec.memory_bandwidth) if spec else None
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any
 from . import speed, target as targets
 from .compile import Compiled, JobResult
 from .rates import Rates
-from .speed import Device, Prediction, predict
+from .speed import Prediction, device_for, predict
 
 MIB = 2**20
 
@@ -83,12 +83,11 @@ def kernel_lines(r: JobResult) -> tuple[list[str], list[str]]:
 
 def speed_lines(r: JobResult, c: Compiled, rates: Rates) -> tuple[list[str], Prediction | None]:
     """The predicted speed (speed.py) on the target, where its rates are known."""
-    spec = c.target or targets.for_device_kind(c.device_kind)
-    if spec is None:
+    device = device_for(c.target, c.device_kind)
+    if device is None:
         return [
             f"speed: not predicted (no rates for {c.device_kind}; shipped: {', '.join(targets.names()[:-1])})"
         ], None
-    device = Device(spec.description, spec.sm_count, spec.memory_bandwidth)
     p = predict(r.programs, r.info, device, rates)
     return speed.lines(p, device, rates), p
 

@@ -110,21 +110,13 @@ def test_kernel_resources_benchmark_chooses_a_setting(tmp_path):
     assert all(row["registers"] and row["spill_stores"] for row in rows)
 
 
+# a model small enough to time against PyTorch in a second: dims, sequence, batch, one round
+TINY_AGAINST_TORCH = ("--dims", "32,2,2,64", "--seq", "16", "--batch", "2", "--rounds", "1")
+
+
 def test_torch_step_benchmark_ends_with_the_ratio():
     pytest.importorskip("torch", reason="PyTorch is an optional benchmark dependency")
-    r = script(
-        "benchmarks/torch_step.py",
-        "--dims",
-        "32,2,2,64",
-        "--seq",
-        "16",
-        "--batch",
-        "2",
-        "--rounds",
-        "1",
-        "--steps",
-        "1",
-    )
+    r = script("benchmarks/torch_step.py", *TINY_AGAINST_TORCH, "--steps", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
     assert lines[-3].startswith("jax ") and lines[-2].startswith("torch ") and lines[-1].startswith("ratio ")
@@ -133,19 +125,7 @@ def test_torch_step_benchmark_ends_with_the_ratio():
 
 def test_block_parts_benchmark_times_every_part_on_both_sides():
     pytest.importorskip("torch", reason="PyTorch is an optional benchmark dependency")
-    r = script(
-        "benchmarks/block_parts.py",
-        "--dims",
-        "32,2,2,64",
-        "--seq",
-        "16",
-        "--batch",
-        "2",
-        "--rounds",
-        "1",
-        "--iters",
-        "1",
-    )
+    r = script("benchmarks/block_parts.py", *TINY_AGAINST_TORCH, "--iters", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[2:]}
     assert set(rows) == {"qkv+rope", "attention", "wo", "swiglu", "norms", "embed+head+loss", "optimizer", "sum"}
