@@ -154,13 +154,15 @@ def test_profile_step_charges_self_time_to_our_functions():
         for line in r.stdout.splitlines()
         if line.strip() and not line.startswith(("#", "function "))
     }  # a name may hold spaces
-    # The model's and the attention's operations are charged to functions of this repo (which of
-    # the model's functions a matmul lands in depends on the JAX version's stack frames), most of
-    # the time is ours, and both columns are filled.
+    # The operations of the model, the attention, the sampler and the step are charged to functions
+    # of this repo (which of the model's functions a matmul lands in depends on the JAX version's
+    # stack frames), and both columns are filled. How the time splits between ours and JAX's own
+    # operations at these shapes depends on the machine's load, so it is not asserted.
     ours = {fn: float(v[2]) for fn, v in rows.items() if fn != "(jax internals)"}
     assert any(fn.startswith("model.") and t > 0 for fn, t in ours.items()), rows
     assert ours.get("blocked_attention.blocked_attention", 0) > 0, rows
-    assert sum(ours.values()) > float(rows.get("(jax internals)", ["0"] * 4)[2]), rows
+    for module in ("model.llama.", "data.sampler.", "training.step."):
+        assert any(fn.startswith(module) for fn in ours), (module, rows)
     assert sum(float(v[0]) for v in rows.values()) > 0 and sum(float(v[1]) for v in rows.values()) > 0
     assert sum(float(v[3].rstrip("%")) for v in rows.values()) == pytest.approx(100, abs=0.5)
 
