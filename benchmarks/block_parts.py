@@ -38,7 +38,8 @@ from genesis_jax.config.ranges import COUNT, flag  # noqa: E402
 from genesis_jax.core.cli import ArgumentParser, run_cli  # noqa: E402
 from genesis_jax.core.tokenizer import VOCAB_SIZE  # noqa: E402
 from genesis_jax.model import attention as attention_lib  # noqa: E402
-from genesis_jax.model.llama import Attention, LayerNorm, Llama, SwiGLU, deepnorm_alpha  # noqa: E402
+from genesis_jax.model.llama import Attention, Llama, SwiGLU, deepnorm_alpha  # noqa: E402
+from genesis_jax.model.norms import LayerNorm  # noqa: E402
 
 
 def jax_parts(dims: list[int], seq: int, batch: int) -> dict[str, Callable[[], Any]]:

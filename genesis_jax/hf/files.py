@@ -12,7 +12,8 @@ import numpy as np
 from ..config.schema import ModelSpec
 from ..core.errors import UserError
 from ..core.tokenizer import BOS_ID, BYTE_OFFSET, EOS_ID, PAD_ID, UNK_ID, VOCAB_SIZE
-from ..model.llama import LAYER_NORM_EPS, RMS_EPS, deepnorm_alpha
+from ..model.llama import deepnorm_alpha
+from ..model.norms import LAYER_NORM_EPS, RMS_EPS
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"

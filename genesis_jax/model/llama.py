@@ -20,8 +20,7 @@ from ..config.schema import ModelSpec
 from ..core.tokenizer import VOCAB_SIZE
 from . import attention
 from .attention import Backend
-
-RMS_EPS, LAYER_NORM_EPS = 1e-6, 1e-5  # the norms' epsilons (an export's config.json states them)
+from .norms import LayerNorm, RMSNorm
 
 KVCache = tuple[
     jax.Array, jax.Array
@@ -46,31 +45,6 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     xe, xo = xf[..., 0::2], xf[..., 1::2]
     out = jnp.stack([xe * cos - xo * sin, xe * sin + xo * cos], axis=-1)
     return out.reshape(x.shape).astype(x.dtype)
-
-
-class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float = RMS_EPS):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
-        self.eps = eps
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...]).astype(x.dtype)
-
-
-class LayerNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float = LAYER_NORM_EPS):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
-        self.eps = eps
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        mu = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
-        y = (xf - mu) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
 def _linear(
@@ -148,14 +122,15 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         rows = x.reshape(-1, x.shape[-1])  # 2-D matmuls: XLA:CPU runs [B, L, D] dots about 2x slower
-        return self.w2(_gate(self.w1(rows), self.w3(rows))).reshape(x.shape)
+        dtype = self.w2.dtype
+        return _gated_down(self.w1(rows), self.w3(rows), self.w2.kernel[...].astype(dtype)).reshape(x.shape)
 
 
 @jax.checkpoint
-def _gate(a: jax.Array, b: jax.Array) -> jax.Array:
-    """silu(a) * b, recomputed in the backward: the layer scan then saves the two matmul outputs
-    only, not also the sigmoid and the product (three more [tokens, hidden] buffers per layer)."""
-    return jax.nn.silu(a) * b
+def _gated_down(a: jax.Array, b: jax.Array, w2: jax.Array) -> jax.Array:
+    """(silu(a) * b) @ w2, the gate recomputed in the backward: the layer scan then keeps the two
+    up-projections only, not also the sigmoid, the gate and its product (each [tokens, hidden])."""
+    return (jax.nn.silu(a) * b).astype(w2.dtype) @ w2
 
 
 class Block(nnx.Module):

@@ -203,7 +203,8 @@ def test_remat_puts_a_checkpoint_around_each_block():
     remat_names = {"checkpoint", "remat", "remat2"}
 
     def checkpointed_matmuls(model) -> int:
-        """Checkpoints holding a matmul: the block's (SwiGLU's elementwise gate is one without)."""
+        """Matmuls inside checkpoints: the whole block's under remat; SwiGLU's down projection
+        (checkpointed with its gate) in every model."""
         graphdef, params = nnx.split(model)
         loss = lambda p: nnx.merge(graphdef, p)(tokens).mean()  # noqa: E731
 
@@ -220,8 +221,7 @@ def test_remat_puts_a_checkpoint_around_each_block():
 
         return walk(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, False)
 
-    assert checkpointed_matmuls(_model(remat=True)[1]) > 0
-    assert checkpointed_matmuls(_model(remat=False)[1]) == 0
+    assert checkpointed_matmuls(_model(remat=True)[1]) > checkpointed_matmuls(_model(remat=False)[1])
 
 
 def test_scan_unroll_reaches_the_layer_scan_and_changes_no_value():
