@@ -68,6 +68,7 @@ mount_in() {  # mount_in TARGET MOUNT-ARGS...
     mounted+=("$target")
 }
 mount_in /proc -t proc proc
+mount_in /sys --bind /sys  # glibc reads the transparent huge page mode there
 mount_in /dev --bind /dev
 mount_in /dev/shm --bind /dev/shm
 mount_in /src --bind "$src"

@@ -12,6 +12,7 @@ from pathlib import Path
 from . import config as config_lib
 from .core import platforms
 from .core.cli import ArgumentParser, run_cli
+from .core.host_memory import relaunch_with_huge_pages
 from .model.attention import check_name
 from .parallel.processes import add_arguments as add_distributed_arguments, agree, initialize as initialize_distributed
 from .training.run import fingerprint, train
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     def body() -> int:
         overrides = args.set + ([f"training.init_from={args.init_from}"] if args.init_from else [])
         cfg = config_lib.load(args.config, overrides)
+        if own_process and cfg.training.host_huge_pages:
+            relaunch_with_huge_pages()
         check_name(cfg.model.attention)
         watchdog = initialize_distributed(args)
         platforms.require()

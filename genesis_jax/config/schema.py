@@ -107,6 +107,7 @@ class TrainingConfig:
     nonfinite_limit: Count0 = 3  # skipped updates or rollbacks allowed in a run before it stops
     rollback_lr_scale: Factor = 0.5  # each rollback multiplies the learning rate by this
     init_from: str = ""  # a Hugging Face model directory whose weights start a new run ("" = random init)
+    host_huge_pages: bool = True  # the train command relaunches itself with glibc's huge pages for host memory (README)
 
 
 @dataclass(frozen=True)

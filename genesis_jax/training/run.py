@@ -20,6 +20,7 @@ import jax
 from .. import config as config_lib
 from ..config.schema import Config
 from ..core.errors import UserError, print_err
+from ..core.host_memory import huge_pages_state
 from ..core.writing import write_file
 from ..data.host import corpus_identity
 from ..data.masks import MaskParams
@@ -168,7 +169,8 @@ def train_locked(cfg: Config, run_dir: Path, allow_corpus_change: bool) -> int:
     loop.console.print(
         f"run {run_dir} | {n_params:,} parameters | {len(setup.locales)} locales | "
         f"{int(setup.device_corpus.valid_cum[-1]):,} train windows | {len(setup.windows.locale)} val windows | "
-        f"{setup.mesh.size} {jax.default_backend()} device(s) | step compiled in {compile_s:.1f}s"
+        f"{setup.mesh.size} {jax.default_backend()} device(s) | step compiled in {compile_s:.1f}s | "
+        f"host huge pages {huge_pages_state()}"
     )
     stop = StopRequested()
     stop.install()
