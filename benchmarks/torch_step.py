@@ -1,16 +1,19 @@
 """Train-step throughput against an equivalent PyTorch model, measured side by side in one run.
 
   python benchmarks/torch_step.py --dims 192,16,6,768 --seq 256 --batch 8 [--dtype float32|bfloat16]
-      [--rounds 5] [--steps 5] [--pause 0.5] [--threads N]
+      [--rounds 5] [--steps 5] [--pause 0.5] [--threads N] [--torch-huge-pages]
 
 dims = dim, layers, heads, SwiGLU width. Both sides run the same decoder: tied 260-byte
 embedding, post-norm DeepNet blocks (LayerNorm, residual x alpha), interleaved RoPE, causal
 attention, SwiGLU, a final RMSNorm, float32 logits and cross-entropy; AdamW (0.9, 0.95, eps
 1e-8, weight decay 0.1) after a global-norm clip at 1.0, one update per step. JAX: the engine's
 own compiled train step (runtime.build + compile_step, `xla` attention, batches drawn on the
-device from a synthetic corpus). PyTorch: the model below (its optimizer's foreach path,
-`scaled_dot_product_attention`, bf16 by autocast). Timing is interleaved: each round times
-`--steps` JAX steps then `--steps` PyTorch steps, each after `--pause` idle seconds; the
+device from a synthetic corpus), in this process, launched as `python -m genesis_jax.train`
+launches (relaunched with glibc's huge pages unless `--set training.host_huge_pages=false`;
+genesis_jax/core/host_memory.py). PyTorch: the model below (its optimizer's foreach path,
+`scaled_dot_product_attention`, bf16 by autocast) in a process of its own with glibc's
+defaults (`--torch-huge-pages` gives it the same tunable). Timing is interleaved: each round
+times `--steps` JAX steps then `--steps` PyTorch steps, each after `--pause` idle seconds; the
 median round per side is reported. The last line is `ratio <jax tokens/s / torch tokens/s>`.
 PyTorch is an optional dependency.
 """
@@ -18,8 +21,10 @@ PyTorch is an optional dependency.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +41,8 @@ from benchmarks.synthetic import synthetic_corpus  # noqa: E402
 from genesis_jax import config as C
 from genesis_jax.config.ranges import COUNT, NONNEGATIVE, flag
 from genesis_jax.core.cli import ArgumentParser, run_cli
+from genesis_jax.core.errors import UserError
+from genesis_jax.core.host_memory import TUNABLE, huge_pages_state, relaunch_with_huge_pages
 from genesis_jax.core.tokenizer import VOCAB_SIZE
 from genesis_jax.data.masks import MaskParams
 from genesis_jax.model.llama import deepnorm_alpha
@@ -128,8 +135,8 @@ def jax_step_fn(args: argparse.Namespace, dims: list[int]) -> Callable[[int], No
     return jax_step(args, dims)[0]
 
 
-def jax_step(args: argparse.Namespace, dims: list[int]) -> tuple[Callable[[int], None], Any]:
-    """One train step of the engine at these dims (args: seq, batch, dtype), and its compiled program."""
+def jax_config(args: argparse.Namespace, dims: list[int]) -> C.Config:
+    """The engine's config for this comparison (args: seq, batch, dtype, --set)."""
     dim, layers, heads, ffn = dims
     corpus = synthetic_corpus(Path(tempfile.gettempdir()) / "genesis_jax_bench_corpus")
     cfg = C.load(
@@ -152,6 +159,12 @@ def jax_step(args: argparse.Namespace, dims: list[int]) -> tuple[Callable[[int],
             *(args.set or []),
         ],
     )
+    return cfg
+
+
+def jax_step(args: argparse.Namespace, dims: list[int]) -> tuple[Callable[[int], None], Any]:
+    """One train step of the engine at these dims (args: seq, batch, dtype), and its compiled program."""
+    cfg = jax_config(args, dims)
     setup = build(cfg)
     controls = StepControls.make(mask=MaskParams.make(mask_id=cfg.data.mask_id))
     t0 = time.perf_counter()
@@ -195,6 +208,30 @@ def parse_dims(text: str) -> list[int] | None:
     return dims
 
 
+def torch_environment(env: dict[str, str], huge_pages: bool) -> dict[str, str]:
+    """PyTorch's process environment: glibc's defaults, as the PyTorch engine launches, unless
+    `--torch-huge-pages` gives it the tunable our command relaunches with."""
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(TUNABLE + "=")]
+    if huge_pages:
+        tunables.append(f"{TUNABLE}=1")
+    out = {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}
+    return out | ({"GLIBC_TUNABLES": ":".join(tunables)} if tunables else {})
+
+
+def torch_worker(args: argparse.Namespace, dims: list[int]) -> int:
+    """The PyTorch side in its own process: warms up, says `ready`, then times `run N START`."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    step = torch_step_fn(args, dims)
+    timed(step, 2, 0)  # allocator, first-touch
+    print(f"ready {torch.__version__} {torch.get_num_threads()}", flush=True)
+    for line in sys.stdin:
+        n, start = (int(x) for x in line.split()[1:3])
+        print(timed(step, n, start), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_step_arguments(ap)
@@ -210,29 +247,64 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--threads", type=flag(COUNT), default=len(os.sched_getaffinity(0)), help="PyTorch intra-op threads"
     )
+    ap.add_argument(
+        "--torch-huge-pages",
+        action="store_true",
+        help=f"run PyTorch with {TUNABLE}=1 too (default: glibc's defaults, as it launches)",
+    )
+    ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    try:
-        import torch
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:
         print("error: PyTorch is not installed (pip install torch)", file=sys.stderr)
         return 2
     dims = parse_dims(args.dims)
     if dims is None:
         return 2
-    torch.set_num_threads(args.threads)
+    if args.torch_worker:
+        return torch_worker(args, dims)
+    if jax_config(args, dims).training.host_huge_pages:
+        relaunch_with_huge_pages()  # as `python -m genesis_jax.train` does
+    worker = subprocess.Popen(
+        [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv), "--torch-worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=torch_environment(dict(os.environ), args.torch_huge_pages),
+    )
+    try:
+        return compare(args, dims, worker)
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def compare(args: argparse.Namespace, dims: list[int], worker: subprocess.Popen[str]) -> int:
+    def ask(line: str) -> str:
+        assert worker.stdin is not None and worker.stdout is not None
+        if line:
+            worker.stdin.write(line + "\n")
+            worker.stdin.flush()
+        answer = worker.stdout.readline()
+        if not answer:
+            raise UserError(f"the PyTorch process ended (exit code {worker.wait()}); its error is above")
+        return answer.strip()
+
+    jax_side = jax_step_fn(args, dims)
+    timed(jax_side, 2, 0)  # compilation, allocator, first-touch
+    _, torch_version, threads = ask("").split()
     print(
         f"# dims {args.dims}, seq {args.seq}, batch {args.batch}, {args.dtype}; jax {jax.__version__} on "
-        f"{jax.devices()[0].device_kind}, torch {torch.__version__} with {torch.get_num_threads()} threads",
+        f"{jax.devices()[0].device_kind} (host huge pages {huge_pages_state()}), torch {torch_version} with "
+        f"{threads} threads in its own process (host huge pages "
+        f"{huge_pages_state(torch_environment(dict(os.environ), args.torch_huge_pages))})",
         flush=True,
     )
-    sides = {"jax": jax_step_fn(args, dims), "torch": torch_step_fn(args, dims)}
-    for step in sides.values():  # warm-up: compilation, allocator, first-touch
-        timed(step, 2, 0)
-    times: dict[str, list[float]] = {name: [] for name in sides}
+    times: dict[str, list[float]] = {"jax": [], "torch": []}
     for r in range(args.rounds):
-        for name, step in sides.items():
-            time.sleep(args.pause)  # the other side's worker threads stop spin-waiting for work
-            times[name].append(timed(step, args.steps, 2 + r * args.steps))
+        time.sleep(args.pause)  # the other side's worker threads stop spin-waiting for work
+        times["jax"].append(timed(jax_side, args.steps, 2 + r * args.steps))
+        time.sleep(args.pause)
+        times["torch"].append(float(ask(f"run {args.steps} {2 + r * args.steps}")))
     tokens = args.batch * args.seq
     rate = {name: tokens / statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
