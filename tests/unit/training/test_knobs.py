@@ -42,6 +42,7 @@ INERT = {
     "data.cache_dir": "where the embedded corpus is imported; a path",
     "data.verify_corpus": "re-hashes the corpus at start and refuses altered bytes (test_survival); trains the same",
     "checkpoint.async_save": "when the checkpoint is written, not what (test_checkpoint checks the meta of an async save)",
+    "training.host_huge_pages": "how the train command's process is launched, not what it computes (test_relaunch)",
     "parallel.data": "a layout: every mesh follows the one-device losses (test_sharding); one device here",
     "parallel.fsdp": "a layout: every mesh follows the one-device losses (test_sharding); one device here",
     "parallel.tensor": "a layout: every mesh follows the one-device losses (test_sharding); one device here",
