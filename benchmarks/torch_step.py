@@ -42,7 +42,7 @@ from genesis_jax import config as C
 from genesis_jax.config.ranges import COUNT, NONNEGATIVE, flag
 from genesis_jax.core.cli import ArgumentParser, run_cli
 from genesis_jax.core.errors import UserError
-from genesis_jax.core.host_memory import TUNABLE, huge_pages_state, relaunch_with_huge_pages
+from genesis_jax.core.host_memory import TUNABLE, huge_pages_state, relaunch_with_huge_pages, with_huge_pages
 from genesis_jax.core.tokenizer import VOCAB_SIZE
 from genesis_jax.data.masks import MaskParams
 from genesis_jax.model.llama import deepnorm_alpha
@@ -208,16 +208,6 @@ def parse_dims(text: str) -> list[int] | None:
     return dims
 
 
-def torch_environment(env: dict[str, str], huge_pages: bool) -> dict[str, str]:
-    """PyTorch's process environment: glibc's defaults, as the PyTorch engine launches, unless
-    `--torch-huge-pages` gives it the tunable our command relaunches with."""
-    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(TUNABLE + "=")]
-    if huge_pages:
-        tunables.append(f"{TUNABLE}=1")
-    out = {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}
-    return out | ({"GLIBC_TUNABLES": ":".join(tunables)} if tunables else {})
-
-
 def torch_worker(args: argparse.Namespace, dims: list[int]) -> int:
     """The PyTorch side in its own process: warms up, says `ready`, then times `run N START`."""
     import torch
@@ -262,14 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.torch_worker:
         return torch_worker(args, dims)
-    if jax_config(args, dims).training.host_huge_pages:
-        relaunch_with_huge_pages()  # as `python -m genesis_jax.train` does
+    if argv is None and jax_config(args, dims).training.host_huge_pages:
+        relaunch_with_huge_pages()  # as `python -m genesis_jax.train` does (never for a caller's argv)
     worker = subprocess.Popen(
         [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv), "--torch-worker"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        env=torch_environment(dict(os.environ), args.torch_huge_pages),
+        env=with_huge_pages(os.environ, args.torch_huge_pages),
     )
     try:
         return compare(args, dims, worker)
@@ -296,7 +286,7 @@ def compare(args: argparse.Namespace, dims: list[int], worker: subprocess.Popen[
         f"# dims {args.dims}, seq {args.seq}, batch {args.batch}, {args.dtype}; jax {jax.__version__} on "
         f"{jax.devices()[0].device_kind} (host huge pages {huge_pages_state()}), torch {torch_version} with "
         f"{threads} threads in its own process (host huge pages "
-        f"{huge_pages_state(torch_environment(dict(os.environ), args.torch_huge_pages))})",
+        f"{huge_pages_state(with_huge_pages(os.environ, args.torch_huge_pages))})",
         flush=True,
     )
     times: dict[str, list[float]] = {"jax": [], "torch": []}

@@ -60,8 +60,15 @@ def relaunch_environment(
     already given a value (the launcher's choice, `0` included)."""
     if glibc is None or glibc < MIN_GLIBC or mode != "madvise" or tunable_value(env) is not None:
         return None
-    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-    return {**env, "GLIBC_TUNABLES": ":".join([*tunables, f"{TUNABLE}=1"])}
+    return with_huge_pages(env, True)
+
+
+def with_huge_pages(env: Mapping[str, str], on: bool) -> dict[str, str]:
+    """`env` with the huge-page tunable set to 1 (`on`) or removed, other tunables kept."""
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t.partition("=")[0] != TUNABLE]
+    tunables += [f"{TUNABLE}=1"] if on else []
+    out = {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}
+    return out | ({"GLIBC_TUNABLES": ":".join(tunables)} if tunables else {})
 
 
 def huge_pages_state(env: Mapping[str, str] | None = None) -> str:

@@ -80,3 +80,10 @@ def test_state_names_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     assert hm.huge_pages_state({}) == "off (kernel: madvise)"
     monkeypatch.setattr(hm, "thp_mode", lambda: "always")
     assert hm.huge_pages_state({}) == "on (kernel: always)"
+
+
+def test_with_huge_pages_sets_or_removes_only_its_tunable() -> None:
+    env = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0", "X": "1"}
+    assert hm.with_huge_pages(env, True)["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert hm.with_huge_pages(env, False) == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "X": "1"}
+    assert hm.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, False) == {}
