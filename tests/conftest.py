@@ -26,10 +26,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 # The training processes tests launch start with glibc's huge-page tunable already given, so the
 # train command does not exec itself again in each (tests/e2e/test_relaunch.py checks that it does).
-from genesis_jax.core.host_memory import TUNABLE, tunable_value  # noqa: E402
+from genesis_jax.core.host_memory import tunable_value, with_huge_pages  # noqa: E402
 
 if tunable_value(os.environ) is None:
-    os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES", ""), f"{TUNABLE}=1"]))
+    os.environ["GLIBC_TUNABLES"] = with_huge_pages(os.environ, True)["GLIBC_TUNABLES"]
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -58,9 +58,14 @@ def relaunch_environment(
     """The environment to exec again with, or None when a relaunch would change nothing: not
     glibc >= 2.35, huge pages `always` (every large mapping has them) or off, or the tunable
     already given a value (the launcher's choice, `0` included)."""
-    if glibc is None or glibc < MIN_GLIBC or mode != "madvise" or tunable_value(env) is not None:
+    if not tunable_applies(glibc, mode) or tunable_value(env) is not None:
         return None
     return with_huge_pages(env, True)
+
+
+def tunable_applies(glibc: tuple[int, int] | None, mode: str | None) -> bool:
+    """Whether the tunable changes anything: glibc >= 2.35 and the kernel's mode `madvise`."""
+    return glibc is not None and glibc >= MIN_GLIBC and mode == "madvise"
 
 
 def with_huge_pages(env: Mapping[str, str], on: bool) -> dict[str, str]:
@@ -78,7 +83,7 @@ def huge_pages_state(env: Mapping[str, str] | None = None) -> str:
     if mode == "always":
         return "on (kernel: always)"
     value = tunable_value(env)
-    if mode == "madvise" and glibc is not None and glibc >= MIN_GLIBC and value == "1":
+    if tunable_applies(glibc, mode) and value == "1":
         return f"on ({TUNABLE}=1)"
     if value is not None and value != "1":
         return f"off ({TUNABLE}={value})"
